@@ -1,0 +1,20 @@
+//! # fogmesh-actors
+//!
+//! The ractor actors that serve a model across peers, and the sans-I/O cores
+//! they are driven by.
+//!
+//! What it will own (see the distributed-inference and scheduling issues):
+//! - `ShardActor`: one loaded layer range ([`fogmesh_models::Shard`]), per-session
+//!   KV caches with eviction, a bounded work queue, load reports;
+//! - `SessionActor`: tokenize, route, drive prefill and decode, retry and fail over
+//!   by replaying a session's history;
+//! - `PlacementActor`: the exact linear-partition plan of layer ranges over peers;
+//! - the scheduler: gossiped load, calls for bids, awards;
+//! - the handle trait through which actors reach peers (implemented by
+//!   `fogmesh-node` over libp2p and by tests in memory).
+//!
+//! ## Layout
+//! - `lib.rs`: this overview.
+
+pub use fogmesh_models as models;
+pub use fogmesh_protocols as protocols;

@@ -1,0 +1,75 @@
+//! # fogmesh-models
+//!
+//! The model engine: runs any contiguous layer range of a Llama-family GGUF
+//! model, token-for-token right, on candle-core's quantized types plus fused
+//! CPU kernels for the hot path. It knows nothing about peers.
+//!
+//! ```no_run
+//! # fn main() -> fogmesh_models::Result<()> {
+//! use fogmesh_models::{LocalModel, SamplingParams};
+//! let model = LocalModel::load(&fogmesh_models::default_model_path(), None, 2)?;
+//! let prompt = model.tokenizer().encode("The capital of France is")?;
+//! let out = model.generate(prompt, 16, SamplingParams::greedy(), vec![], 0, |_| {})?;
+//! println!("{}", out.text);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Layout
+//! - `gguf.rs`: bounded GGUF reader (metadata, tensor directory, tensor bytes).
+//! - `config.rs`: [`LlamaConfig`] from metadata.
+//! - `quant.rs` (+ `quant/`): the weight layout, activation quantization and the
+//!   matrix kernels (`repack.rs` GGUF blocks → affine layout, `x86.rs` AVX-512
+//!   VNNI / AVX2 kernels, `generic.rs` candle `vec_dot` for other types).
+//! - `pool.rs`: the fork-join [`ThreadPool`].
+//! - `ops.rs`: RMSNorm, RoPE, SiLU, attention.
+//! - `shard.rs`: [`Shard`] (a loaded layer range) and [`SessionCache`] (its KV
+//!   cache for one session).
+//! - `tokenizer.rs`: [`Tokenizer`] and chat template from metadata.
+//! - `sampling.rs`: [`Sampler`].
+//! - `generate.rs`: [`GenerationState`] (the token loop) and [`LocalModel`].
+//! - `profile.rs`: per-layer cost for placement.
+//! - `paths.rs`: cache directory and the default model's identity.
+
+mod config;
+mod error;
+pub mod gguf;
+mod generate;
+mod ops;
+mod paths;
+mod pool;
+mod profile;
+mod quant;
+mod sampling;
+mod shard;
+mod tokenizer;
+
+pub use config::LlamaConfig;
+pub use error::{ModelError, Result};
+pub use generate::{
+    FinishReason, Generation, GenerationState, LocalModel, PREFILL_CHUNK, Step, Timings, uneven_ranges,
+};
+pub use paths::{
+    DEFAULT_MODEL_FILE, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_PIP, DEFAULT_MODEL_SHA256, default_model_cache_path,
+    default_model_path, home_dir,
+};
+pub use pool::ThreadPool;
+pub use profile::{LayerCost, ModelProfile};
+pub use sampling::{Sampler, SamplingParams, TokenLogit, argmax, top_logits};
+pub use shard::{LogitsFor, SessionCache, Shard, ShardInput, ShardOutput};
+pub use tokenizer::{ChatMessage, Tokenizer};
+
+/// The name of the matrix kernel this process uses (`vnni`, `avx2` or `portable`).
+pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match quant::x86_level() {
+            quant::KernelLevel::Vnni => "vnni",
+            quant::KernelLevel::Avx2 => "avx2",
+            quant::KernelLevel::Portable => "portable",
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "portable"
+    }
+}

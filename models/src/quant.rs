@@ -1,0 +1,367 @@
+//! Weight matrices in the engine's own layout, and the matrix products on them.
+//!
+//! Most GGUF quantizations store, per block of 32 weights, small integers `q`
+//! and an affine map `w = scale * q + min` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the
+//! 32-weight sub-blocks of Q4_K and Q5_K). At load, such a tensor is repacked
+//! losslessly into [`AffineMatrix`]: per row, the integers of each pair of blocks
+//! laid out for 512-bit integer dot products, and the scales and minimums as
+//! `f32` arrays. Activations are quantized per block of 32 to `i8` in the same
+//! layout ([`QActs`], as llama.cpp does with Q8_0/Q8_1), so a row times an
+//! activation is one integer dot product per block plus one `f32` dot product of
+//! the minimums with the activation block sums. Kernels are chosen at run time
+//! (AVX-512 VNNI, AVX2, portable), so one binary is fast on every x86-64 host.
+//!
+//! Any other type (F32, F16, BF16, Q6_K, Q2_K, Q3_K, Q8_K) keeps its GGUF bytes
+//! and uses candle's `GgmlType::vec_dot` ([`GenericMatrix`]).
+//!
+//! Every row is reduced by one thread in a fixed order, so results do not depend
+//! on how many threads run or how rows are split between them.
+
+mod generic;
+mod repack;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+pub(crate) use generic::GenericMatrix;
+
+use crate::error::{ModelError, Result};
+use crate::pool::ThreadPool;
+
+/// Weights per quantization block.
+pub(crate) const BLOCK: usize = 32;
+/// Bytes of activation integers per pair of blocks.
+const PAIR: usize = 2 * BLOCK;
+
+/// How the integers of an [`AffineMatrix`] are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IntKind {
+    /// Unsigned 4-bit values, two per byte (32 bytes per pair of blocks).
+    U4,
+    /// Unsigned values below 32, one per byte (64 bytes per pair of blocks).
+    U5,
+    /// Signed 8-bit values, no minimum (64 bytes per pair of blocks).
+    I8,
+}
+
+impl IntKind {
+    fn pair_bytes(self) -> usize {
+        match self {
+            IntKind::U4 => 32,
+            IntKind::U5 | IntKind::I8 => 64,
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]` in the repacked affine layout.
+#[derive(Debug, Clone)]
+pub(crate) struct AffineMatrix {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// Blocks per row, padded to even (pairs).
+    pub(crate) nb: usize,
+    pub(crate) kind: IntKind,
+    /// Integers, `rows * nb/2 * kind.pair_bytes()` bytes, see [`pair_pos`].
+    pub(crate) q: Vec<u8>,
+    /// Per block scale, `rows * nb`.
+    pub(crate) scale: Vec<f32>,
+    /// Per block minimum (`w = scale*q + min`); for [`IntKind::I8`] it holds
+    /// `-128 * scale`, the correction for kernels that offset `q` by 128.
+    pub(crate) min: Vec<f32>,
+}
+
+/// Position, inside a pair of blocks, of element `e` of block `b` (0 or 1).
+///
+/// Groups of four consecutive elements alternate between the two blocks, so
+/// that after a 4-byte integer dot product, even `i32` lanes belong to the first
+/// block and odd lanes to the second.
+#[inline]
+pub(crate) const fn pair_pos(b: usize, e: usize) -> usize {
+    ((e / 4) * 2 + b) * 4 + e % 4
+}
+
+/// A weight matrix in whichever layout its type allows.
+#[derive(Debug, Clone)]
+pub(crate) enum Weights {
+    Affine(AffineMatrix),
+    Generic(GenericMatrix),
+}
+
+impl Weights {
+    /// Builds a matrix of `rows` rows of `cols` weights from GGUF bytes.
+    pub(crate) fn from_gguf(name: &str, dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        let bs = dtype.block_size();
+        let expect = rows * cols / bs * dtype.type_size();
+        if cols % bs != 0 || data.len() != expect {
+            return Err(ModelError::Tensor {
+                name: name.into(),
+                problem: format!(
+                    "{dtype:?} data of {} bytes does not hold {rows}x{cols} weights",
+                    data.len()
+                ),
+            });
+        }
+        match repack::affine(dtype, rows, cols, data) {
+            Some(m) => Ok(Weights::Affine(m)),
+            None => Ok(Weights::Generic(GenericMatrix::new(name, dtype, rows, cols, data)?)),
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Weights::Affine(m) => m.rows,
+            Weights::Generic(m) => m.rows,
+        }
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        match self {
+            Weights::Affine(m) => m.cols,
+            Weights::Generic(m) => m.cols,
+        }
+    }
+
+    /// Bytes held in memory.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        match self {
+            Weights::Affine(m) => m.q.len() + 4 * (m.scale.len() + m.min.len()),
+            Weights::Generic(m) => m.memory_bytes(),
+        }
+    }
+
+    /// Writes row `r` as `f32` into `out` (`cols` values); used for embeddings.
+    pub(crate) fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Weights::Affine(m) => {
+                m.row_f32(r, out);
+                Ok(())
+            }
+            Weights::Generic(m) => m.row_f32(r, out),
+        }
+    }
+
+    /// Stacks matrices with the same columns and layout into one (e.g. Q, K and
+    /// V), so one parallel product serves them all. `None` when they differ.
+    pub(crate) fn concat(parts: &[Weights]) -> Option<Weights> {
+        let first = match parts.first()? {
+            Weights::Affine(m) => m,
+            Weights::Generic(_) => return None,
+        };
+        let mut out = AffineMatrix { rows: 0, q: vec![], scale: vec![], min: vec![], ..first.clone() };
+        for p in parts {
+            match p {
+                Weights::Affine(m) if m.cols == first.cols && m.kind == first.kind => {
+                    out.rows += m.rows;
+                    out.q.extend_from_slice(&m.q);
+                    out.scale.extend_from_slice(&m.scale);
+                    out.min.extend_from_slice(&m.min);
+                }
+                _ => return None,
+            }
+        }
+        Some(Weights::Affine(out))
+    }
+
+    /// `out[t * rows + r] = row r · x[t]` for every token `t` of `x`, the rows split
+    /// over the pool's threads. `x` holds `tokens * cols` values.
+    pub(crate) fn matmul(&self, pool: &ThreadPool, x: &[f32], acts: &mut ActBuf, out: &mut [f32]) -> Result<()> {
+        let cols = self.cols();
+        let tokens = x.len() / cols;
+        let rows = self.rows();
+        if x.len() != tokens * cols || out.len() != tokens * rows {
+            return Err(ModelError::Input(format!(
+                "matmul shape mismatch: {} inputs for {cols} columns, {} outputs for {rows} rows",
+                x.len(),
+                out.len()
+            )));
+        }
+        match self {
+            Weights::Affine(m) => {
+                acts.q.quantize(x, cols, m.nb);
+                let q = &acts.q;
+                let out_ptr = SendPtr(out.as_mut_ptr());
+                pool.run_split(rows, 4, &|r0, r1| {
+                    // SAFETY: each thread writes the disjoint rows [r0, r1) of
+                    // every token, and `out` outlives `run_split`.
+                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
+                    m.dot_rows(r0, r1, q, out);
+                });
+            }
+            Weights::Generic(m) => {
+                m.quantize_acts(x, &mut acts.generic)?;
+                let out_ptr = SendPtr(out.as_mut_ptr());
+                let failed = std::sync::atomic::AtomicBool::new(false);
+                let g = &acts.generic;
+                pool.run_split(rows, 1, &|r0, r1| {
+                    // SAFETY: as above, disjoint rows per thread.
+                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
+                    if m.dot_rows(r0, r1, g, tokens, out).is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+                if failed.into_inner() {
+                    return Err(ModelError::Input("candle vec_dot failed".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A raw pointer that may cross to pool threads; users guarantee disjoint writes.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used to hand disjoint sub-slices of one buffer to pool threads
+// that all finish before the buffer's borrow ends.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    #[inline]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Reusable buffers for quantized activations.
+#[derive(Debug, Default)]
+pub(crate) struct ActBuf {
+    q: QActs,
+    generic: generic::GenericActs,
+}
+
+/// Activations of several tokens quantized per block of 32 to `i8`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct QActs {
+    /// Blocks per token (even).
+    pub(crate) nb: usize,
+    pub(crate) tokens: usize,
+    /// `tokens * nb * 32` integers in the pair layout.
+    pub(crate) q: Vec<i8>,
+    /// Per block scale.
+    pub(crate) d: Vec<f32>,
+    /// Per block `d * sum(q)`.
+    pub(crate) s: Vec<f32>,
+}
+
+impl QActs {
+    /// Quantizes `x` (`tokens * cols` values) into `nb` blocks per token; blocks
+    /// past `cols` are zero.
+    pub(crate) fn quantize(&mut self, x: &[f32], cols: usize, nb: usize) {
+        let tokens = x.len() / cols;
+        self.nb = nb;
+        self.tokens = tokens;
+        self.q.clear();
+        self.q.resize(tokens * nb * BLOCK, 0);
+        self.d.clear();
+        self.d.resize(tokens * nb, 0.0);
+        self.s.clear();
+        self.s.resize(tokens * nb, 0.0);
+        for t in 0..tokens {
+            let row = &x[t * cols..(t + 1) * cols];
+            for j in 0..cols / BLOCK {
+                let xb = &row[j * BLOCK..(j + 1) * BLOCK];
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let base = (t * nb + (j & !1)) * BLOCK;
+                let mut sum = 0i32;
+                for (e, &v) in xb.iter().enumerate() {
+                    let qv = (v * id).round() as i32;
+                    sum += qv;
+                    self.q[base + pair_pos(j & 1, e)] = qv as i8;
+                }
+                // As in ggml: the scale is kept as f16.
+                let d = f16::from_f32(d).to_f32();
+                self.d[t * nb + j] = d;
+                self.s[t * nb + j] = d * sum as f32;
+            }
+        }
+    }
+}
+
+impl AffineMatrix {
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let pb = self.kind.pair_bytes();
+        let qrow = &self.q[r * self.nb / 2 * pb..(r + 1) * self.nb / 2 * pb];
+        for j in 0..self.cols / BLOCK {
+            let s = self.scale[r * self.nb + j];
+            let m = if self.kind == IntKind::I8 { 0.0 } else { self.min[r * self.nb + j] };
+            for e in 0..BLOCK {
+                out[j * BLOCK + e] = s * self.int_at(qrow, j, e) as f32 + m;
+            }
+        }
+    }
+
+    /// The integer of element `e` of block `j` in a row's bytes.
+    #[inline]
+    fn int_at(&self, qrow: &[u8], j: usize, e: usize) -> i32 {
+        let p = pair_pos(j & 1, e);
+        let pair = &qrow[(j / 2) * self.kind.pair_bytes()..];
+        match self.kind {
+            IntKind::U4 => {
+                if p < 32 {
+                    (pair[p] & 0x0f) as i32
+                } else {
+                    (pair[p - 32] >> 4) as i32
+                }
+            }
+            IntKind::U5 => pair[p] as i32,
+            IntKind::I8 => pair[p] as i8 as i32,
+        }
+    }
+
+    /// Rows `[r0, r1)` times every token of `a`, into `out[t * rows + r]`.
+    pub(crate) fn dot_rows(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::dot_rows(self, r0, r1, a, out) {
+                return;
+            }
+        }
+        self.dot_rows_portable(r0, r1, a, out);
+    }
+
+    /// The portable kernel, and the reference the SIMD kernels are tested against.
+    pub(crate) fn dot_rows_portable(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+        let nb = self.nb;
+        let pb = self.kind.pair_bytes();
+        for r in r0..r1 {
+            let qrow = &self.q[r * nb / 2 * pb..(r + 1) * nb / 2 * pb];
+            for t in 0..a.tokens {
+                let aq = &a.q[t * nb * BLOCK..(t + 1) * nb * BLOCK];
+                let mut acc = 0f32;
+                for p in 0..nb / 2 {
+                    let mut isum = [0i32; 2];
+                    for k in 0..PAIR {
+                        let w = match self.kind {
+                            IntKind::U4 => {
+                                let byte = qrow[p * 32 + (k % 32)];
+                                (if k < 32 { byte & 0x0f } else { byte >> 4 }) as i32
+                            }
+                            IntKind::U5 => qrow[p * 64 + k] as i32,
+                            IntKind::I8 => qrow[p * 64 + k] as i8 as i32,
+                        };
+                        isum[(k / 4) % 2] += w * aq[p * PAIR + k] as i32;
+                    }
+                    for (b, &is) in isum.iter().enumerate() {
+                        let j = 2 * p + b;
+                        acc += is as f32 * (self.scale[r * nb + j] * a.d[t * nb + j]);
+                    }
+                }
+                if self.kind != IntKind::I8 {
+                    for j in 0..nb {
+                        acc += self.min[r * nb + j] * a.s[t * nb + j];
+                    }
+                }
+                out[t * self.rows + r] = acc;
+            }
+        }
+    }
+}
+
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Level as KernelLevel, level as x86_level};

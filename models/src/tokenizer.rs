@@ -1,0 +1,214 @@
+//! The tokenizer and chat template a GGUF file carries.
+//!
+//! Built with the `tokenizers` crate from `tokenizer.ggml.*` metadata: a
+//! GPT-2-style byte-level BPE with the pre-tokenizer the file names
+//! (`tokenizer.ggml.pre`), special tokens from the token types, and the
+//! file's own Jinja chat template rendered by `minijinja`.
+
+use serde::Serialize;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::Gguf;
+
+/// GGUF token type of control tokens.
+const TOKEN_CONTROL: i64 = 3;
+/// GGUF token type of user-defined tokens.
+const TOKEN_USER_DEFINED: i64 = 4;
+
+/// The Llama-3 pre-tokenizer split pattern.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Texts of special tokens that end a generation wherever a file has them.
+const END_OF_GENERATION: &[&str] = &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|end_of_text|>"];
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: &str, content: &str) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// Text to token ids and back, as the model file defines it.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    end_ids: Vec<u32>,
+    tokens: Vec<String>,
+    chat_template: Option<String>,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer described by the file's metadata.
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let model = g.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(ModelError::Unsupported(format!(
+                "tokenizer model `{model}` (only gpt2-style byte-level BPE is supported)"
+            )));
+        }
+        let meta = |key: &str, problem: String| ModelError::Metadata { key: key.into(), problem };
+        let tokens: Vec<String> = g
+            .get_array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or_else(|| meta("tokenizer.ggml.tokens", "holds a non-string".into()))?;
+        let types: Vec<i64> = match g.metadata.get("tokenizer.ggml.token_type") {
+            Some(_) => g
+                .get_array("tokenizer.ggml.token_type")?
+                .iter()
+                .map(|v| v.as_i64())
+                .collect::<Option<_>>()
+                .ok_or_else(|| meta("tokenizer.ggml.token_type", "holds a non-integer".into()))?,
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(meta("tokenizer.ggml.token_type", format!("{} types for {} tokens", types.len(), tokens.len())));
+        }
+        let merges: Vec<(String, String)> = g
+            .get_array("tokenizer.ggml.merges")?
+            .iter()
+            .map(|v| v.as_str().and_then(|s| s.split_once(' ')).map(|(a, b)| (a.to_owned(), b.to_owned())))
+            .collect::<Option<_>>()
+            .ok_or_else(|| meta("tokenizer.ggml.merges", "holds an entry that is not `left right`".into()))?;
+        let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.entry(t.clone()).or_insert(i as u32);
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = match g.metadata.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default") {
+            "default" | "gpt2" | "gpt-2" => PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            ])),
+            "llama-bpe" | "llama3" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Split(
+                    Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                        .map_err(tok_err)?,
+                ),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+            ])),
+            other => return Err(ModelError::Unsupported(format!("pre-tokenizer `{other}`"))),
+        };
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
+            .map(|(s, t)| AddedToken::from(s.clone(), *t == TOKEN_CONTROL))
+            .collect();
+        inner.add_special_tokens(&specials);
+        let id_key = |key: &str| -> Result<Option<u32>> {
+            match g.metadata.get(key) {
+                None => Ok(None),
+                Some(_) => {
+                    let id = g.get_usize(key)?;
+                    if id >= tokens.len() {
+                        return Err(meta(key, format!("token id {id} is outside the vocabulary")));
+                    }
+                    Ok(Some(id as u32))
+                }
+            }
+        };
+        let bos = id_key("tokenizer.ggml.bos_token_id")?;
+        let eos = id_key("tokenizer.ggml.eos_token_id")?;
+        let add_bos = g.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let mut end_ids: Vec<u32> = eos.into_iter().collect();
+        for (i, t) in tokens.iter().enumerate() {
+            if types[i] == TOKEN_CONTROL && END_OF_GENERATION.contains(&t.as_str()) && !end_ids.contains(&(i as u32)) {
+                end_ids.push(i as u32);
+            }
+        }
+        let chat_template = g.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned);
+        Ok(Tokenizer { inner, bos, eos, add_bos, end_ids, tokens, chat_template })
+    }
+
+    /// Token ids of `text`, with BOS first when the file asks for it.
+    /// Special-token texts in `text` (e.g. `<|im_start|>`) become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The text of `ids`; special tokens are dropped when `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.tokens.len()) {
+            return Err(ModelError::Tokenizer(format!("token id {bad} is outside the vocabulary")));
+        }
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The end-of-sequence token id, if the file names one.
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Whether `id` ends a generation (EOS and end-of-turn control tokens).
+    pub fn is_end(&self, id: u32) -> bool {
+        self.end_ids.contains(&id)
+    }
+
+    /// The chat template carried by the file, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Renders `messages` through the file's chat template, ending with the
+    /// prompt for the assistant's turn.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::Template("the model file carries no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let name = |id: Option<u32>| id.and_then(|i| self.tokens.get(i as usize)).cloned().unwrap_or_default();
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => name(self.bos),
+            eos_token => name(self.eos),
+        };
+        env.render_str(template, ctx).map_err(|e| ModelError::Template(e.to_string()))
+    }
+}

