@@ -502,3 +502,96 @@ fn kind(v: &Value) -> &'static str {
         _ => "an integer",
     }
 }
+
+/// A tensor to write with [`write_gguf`].
+#[derive(Debug, Clone)]
+pub struct TensorData {
+    /// Name.
+    pub name: String,
+    /// Dimensions in GGUF order (innermost first).
+    pub dims: Vec<usize>,
+    /// Element type.
+    pub dtype: GgmlDType,
+    /// Encoded bytes.
+    pub data: Vec<u8>,
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn write_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(u8::from(*x)),
+        Value::String(s) => write_str(out, s),
+        Value::Array(items) => {
+            let elem = items.first().map_or(4, value_type);
+            out.extend_from_slice(&elem.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for i in items {
+                write_value(out, i);
+            }
+        }
+    }
+}
+
+/// Encodes a GGUF v3 file (32-byte alignment). Used to build test models and
+/// fuzz seeds; arrays must hold values of one type.
+pub fn write_gguf(metadata: &[(String, Value)], tensors: &[TensorData]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&GGUF_MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        write_str(&mut out, k);
+        out.extend_from_slice(&value_type(v).to_le_bytes());
+        write_value(&mut out, v);
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        write_str(&mut out, &t.name);
+        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            out.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        out.extend_from_slice(&dtype_to_u32(t.dtype).to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset += (t.data.len() as u64).div_ceil(32) * 32;
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    for t in tensors {
+        out.extend_from_slice(&t.data);
+        out.resize(out.len().div_ceil(32) * 32, 0);
+    }
+    out
+}

@@ -29,6 +29,7 @@
 //! - `generate.rs`: [`GenerationState`] (the token loop) and [`LocalModel`].
 //! - `profile.rs`: per-layer cost for placement.
 //! - `paths.rs`: cache directory and the default model's identity.
+//! - `reference.rs`: a slow f32 forward pass on candle tensors, the test oracle.
 
 mod config;
 mod error;
@@ -39,6 +40,7 @@ mod paths;
 mod pool;
 mod profile;
 mod quant;
+pub mod reference;
 mod sampling;
 mod shard;
 mod tokenizer;

@@ -365,3 +365,6 @@ impl AffineMatrix {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Level as KernelLevel, level as x86_level};
+
+#[cfg(test)]
+mod tests;

@@ -16,21 +16,29 @@ pub(crate) enum Level {
     Vnni,
 }
 
+/// The best level this CPU supports.
+pub(crate) fn best_level() -> Level {
+    static BEST: OnceLock<Level> = OnceLock::new();
+    *BEST.get_or_init(|| {
+        let vnni = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("fma");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if vnni {
+            Level::Vnni
+        } else if avx2 {
+            Level::Avx2
+        } else {
+            Level::Portable
+        }
+    })
+}
+
 fn detect() -> Level {
-    let vnni = is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512dq")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("fma");
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    let best = if vnni {
-        Level::Vnni
-    } else if avx2 {
-        Level::Avx2
-    } else {
-        Level::Portable
-    };
+    let best = best_level();
     let wanted = match std::env::var("FOGMESH_KERNEL").as_deref() {
         Ok("portable") => Level::Portable,
         Ok("avx2") => Level::Avx2,
@@ -51,10 +59,16 @@ const K_I8: u8 = 2;
 
 /// Runs the best available kernel; `false` when only the portable one applies.
 pub(super) fn dot_rows(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) -> bool {
-    debug_assert!(a.nb == m.nb && out.len() >= a.tokens * m.rows && r1 <= m.rows);
-    match level() {
-        // SAFETY: the CPU supports the features (checked in `detect`); slices
-        // were sized by the caller (asserted above, and by construction).
+    dot_rows_at(level(), m, r0, r1, a, out)
+}
+
+/// Runs the kernel of `lvl`, which must not exceed [`detect`]'s best level.
+pub(super) fn dot_rows_at(lvl: Level, m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) -> bool {
+    assert!(a.nb == m.nb && out.len() >= a.tokens * m.rows && r1 <= m.rows && a.q.len() >= a.tokens * a.nb * 32);
+    assert!(lvl <= best_level(), "kernel level {lvl:?} is not supported by this CPU");
+    match lvl {
+        // SAFETY: the CPU supports the features (asserted above); the slices
+        // hold every row, token and output the kernel touches (asserted above).
         Level::Vnni => unsafe {
             match m.kind {
                 IntKind::U4 => vnni_rows::<K_U4>(m, r0, r1, a, out),

@@ -1,0 +1,189 @@
+//! Kernel and repacking tests against candle's own quantizers and dequantizers.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::k_quants::{
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+};
+use half::f16;
+use proptest::prelude::*;
+
+use super::*;
+
+/// Quantizes `x` with candle and returns the GGUF bytes and candle's own
+/// dequantization of them.
+fn candle_encode<T: GgmlType>(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let mut blocks = vec![T::zeros(); x.len() / T::BLCK_SIZE];
+    T::from_float(x, &mut blocks);
+    let mut deq = vec![0f32; x.len()];
+    T::to_float(&blocks, &mut deq);
+    let n = std::mem::size_of_val(&blocks[..]);
+    // SAFETY: candle blocks are plain data; we view their bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, n) }.to_vec();
+    (bytes, deq)
+}
+
+fn encode(dtype: GgmlDType, x: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    match dtype {
+        GgmlDType::Q4_0 => candle_encode::<BlockQ4_0>(x),
+        GgmlDType::Q4_1 => candle_encode::<BlockQ4_1>(x),
+        GgmlDType::Q5_0 => candle_encode::<BlockQ5_0>(x),
+        GgmlDType::Q5_1 => candle_encode::<BlockQ5_1>(x),
+        GgmlDType::Q8_0 => candle_encode::<BlockQ8_0>(x),
+        GgmlDType::Q4K => candle_encode::<BlockQ4K>(x),
+        GgmlDType::Q5K => candle_encode::<BlockQ5K>(x),
+        GgmlDType::Q6K => candle_encode::<BlockQ6K>(x),
+        GgmlDType::F16 => {
+            let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            (h.iter().flat_map(|v| v.to_le_bytes()).collect(), h.iter().map(|v| v.to_f32()).collect())
+        }
+        GgmlDType::F32 => (x.iter().flat_map(|v| v.to_le_bytes()).collect(), x.to_vec()),
+        other => panic!("no encoder for {other:?}"),
+    }
+}
+
+const ALL: [GgmlDType; 10] = [
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        })
+        .collect()
+}
+
+#[test]
+fn repacked_rows_equal_candle_dequantization() {
+    let (rows, cols) = (5, 512);
+    for dtype in ALL {
+        let x = pseudo_random(rows * cols, dtype as u64 + 1);
+        let (bytes, deq) = encode(dtype, &x);
+        let w = Weights::from_gguf("t", dtype, rows, cols, &bytes).unwrap();
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            w.row_f32(r, &mut row).unwrap();
+            for (c, (a, b)) in row.iter().zip(&deq[r * cols..(r + 1) * cols]).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{dtype:?} row {r} col {c}: {a} vs {b}");
+            }
+        }
+        let affine = matches!(w, Weights::Affine(_));
+        let expect_affine = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::Q6K);
+        assert_eq!(affine, expect_affine, "{dtype:?} layout");
+    }
+}
+
+/// The product of every layout against an f64 product of the dequantized
+/// weights with the exact activations: only activation rounding may differ.
+#[test]
+fn matmul_matches_dequantized_reference_for_every_type() {
+    let (rows, cols, tokens) = (37, 256, 3);
+    let x = pseudo_random(tokens * cols, 99);
+    for dtype in ALL {
+        let w = pseudo_random(rows * cols, dtype as u64 + 7);
+        let (bytes, deq) = encode(dtype, &w);
+        let m = Weights::from_gguf("t", dtype, rows, cols, &bytes).unwrap();
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut out = vec![0f32; tokens * rows];
+            m.matmul(&pool, &x, &mut ActBuf::default(), &mut out).unwrap();
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let exact: f64 =
+                        (0..cols).map(|c| deq[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+                    let norm: f64 = (0..cols).map(|c| (deq[r * cols + c] as f64 * x[t * cols + c] as f64).abs()).sum();
+                    let got = out[t * rows + r] as f64;
+                    // int8 activations: relative error of the terms ~ 1/127.
+                    assert!((got - exact).abs() <= 0.02 * norm + 1e-3, "{dtype:?} t{t} r{r}: {got} vs {exact}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_kernels_agree_with_portable_kernel() {
+    use super::x86::{Level, best_level, dot_rows_at};
+    let (rows, tokens) = (13, 4);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K] {
+        let cols = if dtype.block_size() == 256 { 768 } else { 576 };
+        let x = pseudo_random(tokens * cols, 5);
+        let (bytes, _) = encode(dtype, &pseudo_random(rows * cols, 11));
+        let Weights::Affine(m) = Weights::from_gguf("t", dtype, rows, cols, &bytes).unwrap() else {
+            panic!("{dtype:?} not affine")
+        };
+        let mut a = QActs::default();
+        a.quantize(&x, cols, m.nb);
+        let mut want = vec![0f32; tokens * rows];
+        m.dot_rows_portable(0, rows, &a, &mut want);
+        for lvl in [Level::Avx2, Level::Vnni] {
+            if lvl > best_level() {
+                eprintln!("skipping {lvl:?}: not supported by this CPU");
+                continue;
+            }
+            let mut got = vec![0f32; tokens * rows];
+            assert!(dot_rows_at(lvl, &m, 0, rows, &a, &mut got));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{dtype:?} {lvl:?}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn odd_block_counts_are_padded() {
+    // 96 columns = 3 blocks: the pair layout pads a fourth, zero block.
+    let (rows, cols) = (4, 96);
+    let (bytes, deq) = encode(GgmlDType::Q8_0, &pseudo_random(rows * cols, 3));
+    let m = Weights::from_gguf("t", GgmlDType::Q8_0, rows, cols, &bytes).unwrap();
+    let x = vec![1.0f32; cols];
+    let mut out = vec![0f32; rows];
+    m.matmul(&ThreadPool::new(1), &x, &mut ActBuf::default(), &mut out).unwrap();
+    for r in 0..rows {
+        let exact: f32 = deq[r * cols..(r + 1) * cols].iter().sum();
+        assert!((out[r] - exact).abs() < 1e-3 * (1.0 + exact.abs()), "{} vs {exact}", out[r]);
+    }
+}
+
+#[test]
+fn wrong_sizes_are_errors() {
+    assert!(Weights::from_gguf("t", GgmlDType::Q4_1, 2, 64, &[0u8; 79]).is_err());
+    assert!(Weights::from_gguf("t", GgmlDType::Q4_1, 2, 48, &[0u8; 60]).is_err());
+    let m = Weights::from_gguf("t", GgmlDType::Q8_0, 2, 64, &[0u8; 136]).unwrap();
+    let mut out = vec![0f32; 3];
+    assert!(m.matmul(&ThreadPool::new(1), &[0.0; 64], &mut ActBuf::default(), &mut out).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn activation_quantization_round_trips_within_half_a_step(x in proptest::collection::vec(-100f32..100.0, 64)) {
+        let mut a = QActs::default();
+        a.quantize(&x, 64, 2);
+        for j in 0..2 {
+            let d = a.d[j];
+            let mut sum = 0i32;
+            for e in 0..32 {
+                let q = a.q[pair_pos(j, e)] as i32;
+                sum += q;
+                // f16 rounding of d adds a relative error of at most 2^-11 per value.
+                prop_assert!((q as f32 * d - x[j * 32 + e]).abs() <= 0.5 * d + 127.0 * d / 2048.0 + 1e-6);
+            }
+            prop_assert!((a.s[j] - d * sum as f32).abs() <= 1e-3 * (1.0 + a.s[j].abs()));
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The `fogmesh` binary: JSON shapes, split equivalence through the CLI, and
+//! clear errors (never panics) for bad arguments. Needs the default model.
+
+mod common;
+
+use std::process::Command;
+
+fn fogmesh(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fogmesh")).args(args).output().expect("run fogmesh");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = fogmesh(args);
+    assert!(ok, "fogmesh {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn generate_json_has_the_documented_shape_and_split_changes_nothing() {
+    let Some(model) = common::model_path() else { return };
+    let m = model.to_str().unwrap();
+    let base = ["generate", "--model", m, "--raw", "--prompt", "The capital of France is", "--temperature", "0"];
+    let mut args = base.to_vec();
+    args.extend(["--max-tokens", "8", "--json", "--top-logits", "3"]);
+    let one = json(&args);
+    assert_eq!(one["prompt_tokens"], serde_json::json!([504, 3575, 282, 4649, 314]));
+    assert_eq!(one["tokens"].as_array().unwrap().len(), 8);
+    assert_eq!(one["tokens"][0], 7042);
+    assert!(one["text"].as_str().unwrap().starts_with(" Paris"));
+    for k in ["prefill_tokens", "prefill_ms", "decode_tokens", "decode_ms"] {
+        assert!(one["timings"][k].is_number(), "timings.{k}");
+    }
+    let top = one["top_logits"].as_array().unwrap();
+    assert_eq!(top.len(), 8);
+    assert_eq!(top[0].as_array().unwrap().len(), 3);
+    assert!(top[0][0]["id"].is_number() && top[0][0]["logit"].is_number());
+    args.extend(["--split", "3"]);
+    let split = json(&args);
+    assert_eq!(split["tokens"], one["tokens"]);
+    assert_eq!(split["top_logits"], one["top_logits"]);
+}
+
+#[test]
+fn chat_mode_and_streaming_text_work() {
+    let Some(model) = common::model_path() else { return };
+    let (ok, out, err) = fogmesh(&["generate", "--model", model.to_str().unwrap(), "-p", "Name a color.", "-n", "12"]);
+    assert!(ok, "{err}");
+    assert!(!out.trim().is_empty(), "no text streamed");
+    assert!(err.contains("tok/s"), "no timing line: {err}");
+}
+
+#[test]
+fn score_json_reports_top_logits_per_position() {
+    let Some(model) = common::model_path() else { return };
+    let v = json(&["score", "--model", model.to_str().unwrap(), "--tokens", "504,3575,282,4649,314", "--json"]);
+    assert_eq!(v["tokens"], serde_json::json!([504, 3575, 282, 4649, 314]));
+    let top = v["top_logits"].as_array().unwrap();
+    assert_eq!(top.len(), 5);
+    assert_eq!(top[4][0]["id"], 7042, "after 'is' comes ' Paris'");
+    assert_eq!(top[4].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn bad_arguments_give_clear_errors() {
+    let Some(model) = common::model_path() else { return };
+    let m = model.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["generate", "--model", "/nonexistent.gguf", "-p", "x"], "does not exist"),
+        (&["generate", "--model", m, "-p", "x", "--split", "31"], "cannot cut 30 layers into 31"),
+        (&["generate", "--model", m, "-p", "x", "--temperature=-1"], "temperature"),
+        (&["generate", "--model", m, "-p", "x", "--top-p", "0"], "top_p"),
+        (&["generate", "--model", m, "-p", "x", "--threads", "0"], "--threads"),
+        (&["score", "--model", m, "--tokens", "1,99999999"], "outside the vocabulary"),
+        (&["score", "--model", m, "--tokens", "1,x"], "invalid"),
+        (&["generate", "--model", "Cargo.toml", "-p", "x"], "bad magic"),
+    ];
+    for (args, needle) in cases {
+        let (ok, _, err) = fogmesh(args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: stderr {err:?} lacks {needle:?}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
