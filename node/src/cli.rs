@@ -35,6 +35,27 @@ enum Command {
     /// Score token ids: the best next-token logits after every position.
     #[command(after_help = "Example:\n  fogmesh score --tokens 504,3575,282,4649,314 --top-logits 5 --json")]
     Score(ScoreArgs),
+    /// Measure prefill and decode speed of this host (like llama-bench's pp/tg).
+    #[command(after_help = "Example:\n  fogmesh bench --threads 1 --prompt-tokens 128 --gen-tokens 64 --reps 5")]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length of the prefill test.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens of the decode test (one at a time from an empty context).
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Repetitions of each test (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate(a) => generate(a),
         Command::Score(a) => score(a),
+        Command::Bench(a) => bench(a),
     }
 }
 
@@ -275,6 +297,72 @@ fn score(a: ScoreArgs) -> Result<()> {
                 .collect();
             println!("{i:4} {:>8} -> {}", t, shown.join(", "));
         }
+    }
+    Ok(())
+}
+
+/// Median of `xs` (which must not be empty).
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.reps == 0 || a.prompt_tokens == 0 || a.gen_tokens == 0 {
+        bail!("--reps, --prompt-tokens and --gen-tokens must be at least 1");
+    }
+    let model = load(&a.model)?;
+    let vocab = model.config().vocab as u32;
+    if a.prompt_tokens + a.gen_tokens + 1 > model.config().context {
+        bail!("--prompt-tokens + --gen-tokens exceed the model's context of {}", model.config().context);
+    }
+    // Deterministic, varied token ids (as llama-bench uses random ones).
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab).collect();
+    let run_prefill = || -> Result<f64> {
+        let mut caches = model.new_session();
+        let t = std::time::Instant::now();
+        for chunk in prompt.chunks(fogmesh_models::PREFILL_CHUNK) {
+            model.forward(&mut caches, chunk, fogmesh_models::LogitsFor::Last)?;
+        }
+        Ok(a.prompt_tokens as f64 / t.elapsed().as_secs_f64())
+    };
+    let run_decode = || -> Result<f64> {
+        let mut caches = model.new_session();
+        let mut next = prompt[0];
+        let t = std::time::Instant::now();
+        for _ in 0..a.gen_tokens {
+            let l = model.forward(&mut caches, &[next], fogmesh_models::LogitsFor::Last)?;
+            next = fogmesh_models::argmax(&l);
+        }
+        Ok(a.gen_tokens as f64 / t.elapsed().as_secs_f64())
+    };
+    run_prefill()?; // warm-up
+    run_decode()?;
+    let mut pp = (0..a.reps).map(|_| run_prefill()).collect::<Result<Vec<_>>>()?;
+    let mut tg = (0..a.reps).map(|_| run_decode()).collect::<Result<Vec<_>>>()?;
+    let threads = model.shards()[0].pool().threads();
+    let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "threads": threads, "split": a.model.split, "kernel": fogmesh_models::kernel_name(),
+                "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen_tokens, "reps": a.reps,
+                "prefill_tok_s_median": pp_med, "decode_tok_s_median": tg_med,
+                "prefill_tok_s": pp, "decode_tok_s": tg,
+            })
+        );
+    } else {
+        println!(
+            "threads {threads} kernel {}: pp{} {:.1} tok/s, tg{} {:.1} tok/s (median of {})",
+            fogmesh_models::kernel_name(),
+            a.prompt_tokens,
+            pp_med,
+            a.gen_tokens,
+            tg_med,
+            a.reps
+        );
     }
     Ok(())
 }

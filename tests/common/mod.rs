@@ -71,33 +71,45 @@ pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Shape of the tiny synthetic model.
-pub const TINY_LAYERS: usize = 3;
-pub const TINY_D: usize = 256;
-pub const TINY_FFN: usize = 512;
-pub const TINY_VOCAB: usize = 64;
-pub const TINY_HEADS: usize = 4;
-pub const TINY_KV_HEADS: usize = 2;
+/// Shape of a synthetic Llama model.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub layers: usize,
+    pub d: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
 
-pub fn tiny_metadata() -> Vec<(String, Value)> {
+/// The tiny model of most tests (K-quants need rows of 256).
+pub const TINY: Shape = Shape { layers: 3, d: 256, ffn: 512, vocab: 64, heads: 4, kv_heads: 2 };
+pub const TINY_LAYERS: usize = TINY.layers;
+pub const TINY_D: usize = TINY.d;
+
+pub fn metadata(s: Shape) -> Vec<(String, Value)> {
     let kv = |k: &str, v: Value| (k.to_string(), v);
     vec![
         kv("general.architecture", Value::String("llama".into())),
-        kv("llama.block_count", Value::U32(TINY_LAYERS as u32)),
+        kv("llama.block_count", Value::U32(s.layers as u32)),
         kv("llama.context_length", Value::U32(128)),
-        kv("llama.embedding_length", Value::U32(TINY_D as u32)),
-        kv("llama.feed_forward_length", Value::U32(TINY_FFN as u32)),
-        kv("llama.attention.head_count", Value::U32(TINY_HEADS as u32)),
-        kv("llama.attention.head_count_kv", Value::U32(TINY_KV_HEADS as u32)),
+        kv("llama.embedding_length", Value::U32(s.d as u32)),
+        kv("llama.feed_forward_length", Value::U32(s.ffn as u32)),
+        kv("llama.attention.head_count", Value::U32(s.heads as u32)),
+        kv("llama.attention.head_count_kv", Value::U32(s.kv_heads as u32)),
         kv("llama.rope.freq_base", Value::F32(10000.0)),
         kv("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        kv("llama.vocab_size", Value::U32(TINY_VOCAB as u32)),
+        kv("llama.vocab_size", Value::U32(s.vocab as u32)),
     ]
 }
 
-/// The tensors of a tiny Llama model whose matrices are stored as `dtype`.
-pub fn tiny_tensors(dtype: GgmlDType, tied: bool) -> Vec<TensorData> {
-    let kvd = TINY_D / TINY_HEADS * TINY_KV_HEADS;
+pub fn tiny_metadata() -> Vec<(String, Value)> {
+    metadata(TINY)
+}
+
+/// The tensors of a Llama model whose matrices are stored as `dtype`.
+pub fn tensors(s: Shape, dtype: GgmlDType, tied: bool) -> Vec<TensorData> {
+    let kvd = s.d / s.heads * s.kv_heads;
     let mut seed = 1;
     let mut mat = |name: String, cols: usize, rows: usize, dtype: GgmlDType| {
         seed += 1;
@@ -106,31 +118,54 @@ pub fn tiny_tensors(dtype: GgmlDType, tied: bool) -> Vec<TensorData> {
     };
     let norm = |name: String| TensorData {
         name,
-        dims: vec![TINY_D],
+        dims: vec![s.d],
         dtype: GgmlDType::F32,
-        data: (0..TINY_D).flat_map(|i| (1.0 + 0.01 * (i % 7) as f32).to_le_bytes()).collect(),
+        data: (0..s.d).flat_map(|i| (1.0 + 0.01 * (i % 7) as f32).to_le_bytes()).collect(),
     };
-    let mut t = vec![mat("token_embd.weight".into(), TINY_D, TINY_VOCAB, GgmlDType::Q8_0)];
-    for l in 0..TINY_LAYERS {
-        let n = |s: &str| format!("blk.{l}.{s}.weight");
+    let mut t = vec![mat("token_embd.weight".into(), s.d, s.vocab, GgmlDType::Q8_0)];
+    for l in 0..s.layers {
+        let n = |x: &str| format!("blk.{l}.{x}.weight");
         t.push(norm(n("attn_norm")));
-        t.push(mat(n("attn_q"), TINY_D, TINY_D, dtype));
-        t.push(mat(n("attn_k"), TINY_D, kvd, dtype));
-        t.push(mat(n("attn_v"), TINY_D, kvd, dtype));
-        t.push(mat(n("attn_output"), TINY_D, TINY_D, dtype));
+        t.push(mat(n("attn_q"), s.d, s.d, dtype));
+        t.push(mat(n("attn_k"), s.d, kvd, dtype));
+        t.push(mat(n("attn_v"), s.d, kvd, dtype));
+        t.push(mat(n("attn_output"), s.d, s.d, dtype));
         t.push(norm(n("ffn_norm")));
-        t.push(mat(n("ffn_gate"), TINY_D, TINY_FFN, dtype));
-        t.push(mat(n("ffn_up"), TINY_D, TINY_FFN, dtype));
-        t.push(mat(n("ffn_down"), TINY_FFN, TINY_D, dtype));
+        t.push(mat(n("ffn_gate"), s.d, s.ffn, dtype));
+        t.push(mat(n("ffn_up"), s.d, s.ffn, dtype));
+        t.push(mat(n("ffn_down"), s.ffn, s.d, dtype));
     }
     t.push(norm("output_norm.weight".into()));
     if !tied {
-        t.push(mat("output.weight".into(), TINY_D, TINY_VOCAB, dtype));
+        t.push(mat("output.weight".into(), s.d, s.vocab, dtype));
     }
     t
+}
+
+pub fn tiny_tensors(dtype: GgmlDType, tied: bool) -> Vec<TensorData> {
+    tensors(TINY, dtype, tied)
 }
 
 /// A complete tiny GGUF file.
 pub fn tiny_gguf(dtype: GgmlDType, tied: bool) -> Vec<u8> {
     write_gguf(&tiny_metadata(), &tiny_tensors(dtype, tied))
+}
+
+/// Metadata of a byte-level BPE tokenizer over a handful of tokens.
+pub fn tokenizer_metadata() -> Vec<(String, Value)> {
+    let s = |x: &str| Value::String(x.into());
+    let toks = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "\u{120}", "\u{120}a", "1", "2"];
+    vec![
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s("smollm")),
+        ("tokenizer.ggml.tokens".into(), Value::Array(toks.iter().map(|t| s(t)).collect())),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(toks.iter().enumerate().map(|(i, _)| Value::I32(if i < 3 { 3 } else { 1 })).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![s("a b"), s("\u{120} a")])),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.chat_template".into(), s("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")),
+    ]
 }
