@@ -56,6 +56,9 @@ struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Only load layers START..END as one shard and report its memory.
+    #[arg(long, value_name = "START..END")]
+    shard: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -308,7 +311,51 @@ fn median(xs: &mut [f64]) -> f64 {
     if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
 }
 
+/// Resident set size of this process, from /proc (Linux), in bytes.
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn parse_range(s: &str) -> Result<std::ops::Range<usize>> {
+    let (a, b) = s.split_once("..").context("expected START..END, e.g. 10..20")?;
+    Ok(a.trim().parse().context("range start")?..b.trim().parse().context("range end")?)
+}
+
+/// Loads one shard and reports its weight bytes and the process's RSS.
+fn bench_shard_memory(a: &BenchArgs, range: &str) -> Result<()> {
+    let path = model_path(&a.model)?;
+    let range = parse_range(range)?;
+    let before = rss_bytes().unwrap_or(0);
+    let pool = std::sync::Arc::new(fogmesh_models::ThreadPool::new(1));
+    let shard = fogmesh_models::Shard::load(&path, range.clone(), pool)?;
+    let after = rss_bytes().unwrap_or(0);
+    let file = std::fs::metadata(&path)?.len();
+    let j = serde_json::json!({
+        "layers": [range.start, range.end], "weights_bytes": shard.memory_bytes(),
+        "rss_bytes": after, "rss_growth_bytes": after.saturating_sub(before), "file_bytes": file,
+    });
+    if a.json {
+        println!("{j}");
+    } else {
+        println!(
+            "layers {}..{}: weights {:.1} MiB, process RSS {:.1} MiB (file {:.1} MiB)",
+            range.start,
+            range.end,
+            shard.memory_bytes() as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            file as f64 / 1048576.0
+        );
+    }
+    Ok(())
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(r) = &a.shard {
+        return bench_shard_memory(&a, r);
+    }
     if a.reps == 0 || a.prompt_tokens == 0 || a.gen_tokens == 0 {
         bail!("--reps, --prompt-tokens and --gen-tokens must be at least 1");
     }
