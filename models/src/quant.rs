@@ -5,7 +5,8 @@
 //! 32-weight sub-blocks of Q4_K and Q5_K). At load, such a tensor is repacked
 //! losslessly into [`AffineMatrix`]: per row, the integers of each pair of blocks
 //! laid out for 512-bit integer dot products, and the scales and minimums as
-//! `f32` arrays. Activations are quantized per block of 32 to `i8` in the same
+//! `f16` arrays where that is exact (Q4_0, Q4_1, Q5_x and Q8_0 store f16
+//! scales), `f32` otherwise (K-quant sub-block scales are products). Activations are quantized per block of 32 to `i8` in the same
 //! layout ([`QActs`], as llama.cpp does with Q8_0/Q8_1), so a row times an
 //! activation is one integer dot product per block plus one `f32` dot product of
 //! the minimums with the activation block sums. Kernels are chosen at run time
@@ -65,11 +66,78 @@ pub(crate) struct AffineMatrix {
     pub(crate) kind: IntKind,
     /// Integers, `rows * nb/2 * kind.pair_bytes()` bytes, see [`pair_pos`].
     pub(crate) q: Vec<u8>,
-    /// Per block scale, `rows * nb`.
-    pub(crate) scale: Vec<f32>,
-    /// Per block minimum (`w = scale*q + min`); for [`IntKind::I8`] it holds
-    /// `-128 * scale`, the correction for kernels that offset `q` by 128.
-    pub(crate) min: Vec<f32>,
+    /// Per block scale and minimum (`w = scale*q + min`), `rows * nb` each; for
+    /// [`IntKind::I8`] the minimum is `-128 * scale`, the correction for
+    /// kernels that offset `q` by 128.
+    pub(crate) scales: Scales,
+}
+
+/// Per-block scales and minimums, as narrow as they can be stored exactly:
+/// decode streams every weight byte once per token, so bytes are time.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Scales {
+    F16 { scale: Vec<f16>, min: Vec<f16> },
+    F32 { scale: Vec<f32>, min: Vec<f32> },
+}
+
+impl Scales {
+    /// Picks f16 storage when every value survives the round trip.
+    pub(crate) fn new(scale: Vec<f32>, min: Vec<f32>) -> Self {
+        let exact = |v: &[f32]| v.iter().all(|&x| f16::from_f32(x).to_f32() == x);
+        if exact(&scale) && exact(&min) {
+            let h = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect();
+            Scales::F16 { scale: h(scale), min: h(min) }
+        } else {
+            Scales::F32 { scale, min }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn scale(&self, i: usize) -> f32 {
+        match self {
+            Scales::F16 { scale, .. } => scale[i].to_f32(),
+            Scales::F32 { scale, .. } => scale[i],
+        }
+    }
+
+    #[inline]
+    pub(crate) fn min(&self, i: usize) -> f32 {
+        match self {
+            Scales::F16 { min, .. } => min[i].to_f32(),
+            Scales::F32 { min, .. } => min[i],
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Scales::F16 { scale, min } => 2 * (scale.len() + min.len()),
+            Scales::F32 { scale, min } => 4 * (scale.len() + min.len()),
+        }
+    }
+
+    /// Appends `other`; `false` when the storage types differ.
+    fn extend(&mut self, other: &Scales) -> bool {
+        match (self, other) {
+            (Scales::F16 { scale, min }, Scales::F16 { scale: s, min: m }) => {
+                scale.extend_from_slice(s);
+                min.extend_from_slice(m);
+                true
+            }
+            (Scales::F32 { scale, min }, Scales::F32 { scale: s, min: m }) => {
+                scale.extend_from_slice(s);
+                min.extend_from_slice(m);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn empty_like(&self) -> Scales {
+        match self {
+            Scales::F16 { .. } => Scales::F16 { scale: vec![], min: vec![] },
+            Scales::F32 { .. } => Scales::F32 { scale: vec![], min: vec![] },
+        }
+    }
 }
 
 /// Position, inside a pair of blocks, of element `e` of block `b` (0 or 1).
@@ -126,7 +194,7 @@ impl Weights {
     /// Bytes held in memory.
     pub(crate) fn memory_bytes(&self) -> usize {
         match self {
-            Weights::Affine(m) => m.q.len() + 4 * (m.scale.len() + m.min.len()),
+            Weights::Affine(m) => m.q.len() + m.scales.bytes(),
             Weights::Generic(m) => m.memory_bytes(),
         }
     }
@@ -149,14 +217,15 @@ impl Weights {
             Weights::Affine(m) => m,
             Weights::Generic(_) => return None,
         };
-        let mut out = AffineMatrix { rows: 0, q: vec![], scale: vec![], min: vec![], ..first.clone() };
+        let mut out = AffineMatrix { rows: 0, q: vec![], scales: first.scales.empty_like(), ..first.clone() };
         for p in parts {
             match p {
                 Weights::Affine(m) if m.cols == first.cols && m.kind == first.kind => {
+                    if !out.scales.extend(&m.scales) {
+                        return None;
+                    }
                     out.rows += m.rows;
                     out.q.extend_from_slice(&m.q);
-                    out.scale.extend_from_slice(&m.scale);
-                    out.min.extend_from_slice(&m.min);
                 }
                 _ => return None,
             }
@@ -287,8 +356,8 @@ impl AffineMatrix {
         let pb = self.kind.pair_bytes();
         let qrow = &self.q[r * self.nb / 2 * pb..(r + 1) * self.nb / 2 * pb];
         for j in 0..self.cols / BLOCK {
-            let s = self.scale[r * self.nb + j];
-            let m = if self.kind == IntKind::I8 { 0.0 } else { self.min[r * self.nb + j] };
+            let s = self.scales.scale(r * self.nb + j);
+            let m = if self.kind == IntKind::I8 { 0.0 } else { self.scales.min(r * self.nb + j) };
             for e in 0..BLOCK {
                 out[j * BLOCK + e] = s * self.int_at(qrow, j, e) as f32 + m;
             }
@@ -348,12 +417,12 @@ impl AffineMatrix {
                     }
                     for (b, &is) in isum.iter().enumerate() {
                         let j = 2 * p + b;
-                        acc += is as f32 * (self.scale[r * nb + j] * a.d[t * nb + j]);
+                        acc += is as f32 * (self.scales.scale(r * nb + j) * a.d[t * nb + j]);
                     }
                 }
                 if self.kind != IntKind::I8 {
                     for j in 0..nb {
-                        acc += self.min[r * nb + j] * a.s[t * nb + j];
+                        acc += self.scales.min(r * nb + j) * a.s[t * nb + j];
                     }
                 }
                 out[t * self.rows + r] = acc;

@@ -125,7 +125,7 @@ impl Tokenizer {
             .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
             .map(|(s, t)| AddedToken::from(s.clone(), *t == TOKEN_CONTROL))
             .collect();
-        inner.add_special_tokens(&specials);
+        inner.add_special_tokens(specials).map_err(tok_err)?;
         let id_key = |key: &str| -> Result<Option<u32>> {
             match g.metadata.get(key) {
                 None => Ok(None),

@@ -1,19 +1,29 @@
 //! # fogmesh-protocols
 //!
 //! Every byte that crosses between fogmesh peers is defined here, and nothing in
-//! this crate does I/O or depends on an async runtime.
-//!
-//! What it will own (see the wire-protocol issue):
-//! - the framing (magic, protocol version, message kind, bounded length, checksum);
-//! - every wire message as a validated rkyv archive (capabilities, load reports,
-//!   shard adverts, bids, stage requests and replies, sessions, weight chunks,
-//!   errors);
-//! - the activation codec (f32, f16, bf16, int8 with per-row scale, then zstd) and
-//!   the choice of encoding for a link;
-//! - the protocol names and size limits shared by every peer.
+//! this crate does I/O or depends on an async runtime. Everything received is
+//! checked against [`Limits`] before anything is allocated for it.
 //!
 //! ## Layout
-//! - `lib.rs`: this overview and the protocol names.
+//! - `frame.rs`: framing (magic, version, kind, bounded length, CRC-32) and
+//!   [`Limits`].
+//! - `messages.rs`: every wire message as a validated rkyv archive.
+//! - `activation.rs`: the activation codec (f32, f16, bf16, int8 with per-row
+//!   scale, then optional zstd).
+//! - `choose.rs`: picking the activation encoding for a link.
+//! - `error.rs`: [`ProtocolError`].
+
+mod activation;
+mod choose;
+mod error;
+mod frame;
+mod messages;
+
+pub use activation::{ACT_HEADER_LEN, ActivationCodec, ActivationInfo, Encoding, WireDType};
+pub use choose::{CodecProfile, LinkStats, choose_encoding, default_profiles};
+pub use error::{ProtocolError, Result};
+pub use frame::{FrameHeader, HEADER_LEN, Limits, MAGIC, VERSION, read_frame, write_frame};
+pub use messages::*;
 
 /// The libp2p protocol name of the stage-traffic protocol.
 pub const STAGE_PROTOCOL: &str = "/fogmesh/stage/1.0.0";

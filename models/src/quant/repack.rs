@@ -7,7 +7,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{AffineMatrix, BLOCK, IntKind, pair_pos};
+use super::{AffineMatrix, BLOCK, IntKind, Scales, pair_pos};
 
 /// One decoded sub-block: 32 integers, a scale and a minimum.
 struct Sub {
@@ -116,15 +116,9 @@ pub(super) fn affine(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) ->
     let nb_real = cols / BLOCK;
     let nb = nb_real.next_multiple_of(2);
     let pb = kind.pair_bytes();
-    let mut m = AffineMatrix {
-        rows,
-        cols,
-        nb,
-        kind,
-        q: vec![0; rows * nb / 2 * pb],
-        scale: vec![0.0; rows * nb],
-        min: vec![0.0; rows * nb],
-    };
+    let mut q = vec![0u8; rows * nb / 2 * pb];
+    let mut scale = vec![0f32; rows * nb];
+    let mut min = vec![0f32; rows * nb];
     let mut subs = Vec::with_capacity(nb_real);
     let row_bytes = cols / bs * ts;
     for r in 0..rows {
@@ -132,10 +126,10 @@ pub(super) fn affine(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) ->
         for blk in data[r * row_bytes..(r + 1) * row_bytes].chunks_exact(ts) {
             decode(dtype, blk, &mut subs);
         }
-        let qrow = &mut m.q[r * nb / 2 * pb..(r + 1) * nb / 2 * pb];
+        let qrow = &mut q[r * nb / 2 * pb..(r + 1) * nb / 2 * pb];
         for (j, s) in subs.iter().enumerate() {
-            m.scale[r * nb + j] = s.scale;
-            m.min[r * nb + j] = s.min;
+            scale[r * nb + j] = s.scale;
+            min[r * nb + j] = s.min;
             let pair = &mut qrow[(j / 2) * pb..(j / 2 + 1) * pb];
             for (e, &v) in s.q.iter().enumerate() {
                 let p = pair_pos(j & 1, e);
@@ -152,5 +146,5 @@ pub(super) fn affine(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) ->
             }
         }
     }
-    Some(m)
+    Some(AffineMatrix { rows, cols, nb, kind, q, scales: Scales::new(scale, min) })
 }

@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{AffineMatrix, IntKind, QActs};
+use super::{AffineMatrix, IntKind, QActs, Scales};
 
 /// Instruction-set level of the kernels in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -25,8 +25,9 @@ pub(crate) fn best_level() -> Level {
             && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("fma");
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
         if vnni {
             Level::Vnni
         } else if avx2 {
@@ -70,18 +71,26 @@ pub(super) fn dot_rows_at(lvl: Level, m: &AffineMatrix, r0: usize, r1: usize, a:
         // SAFETY: the CPU supports the features (asserted above); the slices
         // hold every row, token and output the kernel touches (asserted above).
         Level::Vnni => unsafe {
-            match m.kind {
-                IntKind::U4 => vnni_rows::<K_U4>(m, r0, r1, a, out),
-                IntKind::U5 => vnni_rows::<K_U5>(m, r0, r1, a, out),
-                IntKind::I8 => vnni_rows::<K_I8>(m, r0, r1, a, out),
+            let h = matches!(m.scales, Scales::F16 { .. });
+            match (m.kind, h) {
+                (IntKind::U4, true) => vnni_rows::<K_U4, true>(m, r0, r1, a, out),
+                (IntKind::U5, true) => vnni_rows::<K_U5, true>(m, r0, r1, a, out),
+                (IntKind::I8, true) => vnni_rows::<K_I8, true>(m, r0, r1, a, out),
+                (IntKind::U4, false) => vnni_rows::<K_U4, false>(m, r0, r1, a, out),
+                (IntKind::U5, false) => vnni_rows::<K_U5, false>(m, r0, r1, a, out),
+                (IntKind::I8, false) => vnni_rows::<K_I8, false>(m, r0, r1, a, out),
             }
         },
         // SAFETY: as above.
         Level::Avx2 => unsafe {
-            match m.kind {
-                IntKind::U4 => avx2_rows::<K_U4>(m, r0, r1, a, out),
-                IntKind::U5 => avx2_rows::<K_U5>(m, r0, r1, a, out),
-                IntKind::I8 => avx2_rows::<K_I8>(m, r0, r1, a, out),
+            let h = matches!(m.scales, Scales::F16 { .. });
+            match (m.kind, h) {
+                (IntKind::U4, true) => avx2_rows::<K_U4, true>(m, r0, r1, a, out),
+                (IntKind::U5, true) => avx2_rows::<K_U5, true>(m, r0, r1, a, out),
+                (IntKind::I8, true) => avx2_rows::<K_I8, true>(m, r0, r1, a, out),
+                (IntKind::U4, false) => avx2_rows::<K_U4, false>(m, r0, r1, a, out),
+                (IntKind::U5, false) => avx2_rows::<K_U5, false>(m, r0, r1, a, out),
+                (IntKind::I8, false) => avx2_rows::<K_I8, false>(m, r0, r1, a, out),
             }
         },
         Level::Portable => return false,
@@ -89,20 +98,20 @@ pub(super) fn dot_rows_at(lvl: Level, m: &AffineMatrix, r0: usize, r1: usize, a:
     true
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")]
-unsafe fn vnni_rows<const K: u8>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
     let mut r = r0;
     while r + 4 <= r1 {
         for t in 0..a.tokens {
             // SAFETY: rows r..r+4 exist, token t exists.
-            unsafe { vnni_tile::<4, K>(m, r, t, a, out) };
+            unsafe { vnni_tile::<4, K, H>(m, r, t, a, out) };
         }
         r += 4;
     }
     while r < r1 {
         for t in 0..a.tokens {
             // SAFETY: as above.
-            unsafe { vnni_tile::<1, K>(m, r, t, a, out) };
+            unsafe { vnni_tile::<1, K, H>(m, r, t, a, out) };
         }
         r += 1;
     }
@@ -117,8 +126,8 @@ unsafe fn bcast2_512(p: *const f32) -> __m512 {
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")]
-unsafe fn vnni_tile<const R: usize, const K: u8>(m: &AffineMatrix, r: usize, t: usize, a: &QActs, out: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn vnni_tile<const R: usize, const K: u8, const H: bool>(m: &AffineMatrix, r: usize, t: usize, a: &QActs, out: &mut [f32]) {
     let nb = m.nb;
     let np = nb / 2;
     let pb = if K == K_U4 { 32 } else { 64 };
@@ -127,6 +136,7 @@ unsafe fn vnni_tile<const R: usize, const K: u8>(m: &AffineMatrix, r: usize, t: 
     unsafe {
         let aq = a.q.as_ptr().add(t * nb * 32);
         let ad = a.d.as_ptr().add(t * nb);
+        let (sp, mp) = scale_ptrs(m);
         let mut acc = [_mm512_setzero_ps(); R];
         let nib = _mm256_set1_epi8(0x0f);
         let flip = _mm512_set1_epi8(-128);
@@ -147,50 +157,49 @@ unsafe fn vnni_tile<const R: usize, const K: u8>(m: &AffineMatrix, r: usize, t: 
                     _mm512_xor_si512(_mm512_loadu_si512(qp as *const _), flip)
                 };
                 let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
-                let sw = bcast2_512(m.scale.as_ptr().add(row * nb + 2 * p));
+                let sw = scale_pair_512::<H>(sp, row * nb + 2 * p);
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, sa), *acc);
             }
         }
         let asum = a.s.as_ptr().add(t * nb);
         for (i, acc) in acc.iter().enumerate() {
             let row = r + i;
-            let mins = m.min.as_ptr().add(row * nb);
             let mut macc = _mm512_setzero_ps();
             let mut j = 0;
             while j + 16 <= nb {
-                macc = _mm512_fmadd_ps(_mm512_loadu_ps(mins.add(j)), _mm512_loadu_ps(asum.add(j)), macc);
+                macc = _mm512_fmadd_ps(mins16_512::<H>(mp, row * nb + j, !0), _mm512_loadu_ps(asum.add(j)), macc);
                 j += 16;
             }
             if j < nb {
                 let k: __mmask16 = ((1u32 << (nb - j)) - 1) as __mmask16;
-                macc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mins.add(j)), _mm512_maskz_loadu_ps(k, asum.add(j)), macc);
+                macc = _mm512_fmadd_ps(mins16_512::<H>(mp, row * nb + j, k), _mm512_maskz_loadu_ps(k, asum.add(j)), macc);
             }
             *out.get_unchecked_mut(t * m.rows + row) = _mm512_reduce_add_ps(*acc) + _mm512_reduce_add_ps(macc);
         }
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_rows<const K: u8>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
     let mut r = r0;
     while r + 4 <= r1 {
         for t in 0..a.tokens {
             // SAFETY: rows r..r+4 exist, token t exists.
-            unsafe { avx2_tile::<4, K>(m, r, t, a, out) };
+            unsafe { avx2_tile::<4, K, H>(m, r, t, a, out) };
         }
         r += 4;
     }
     while r < r1 {
         for t in 0..a.tokens {
             // SAFETY: as above.
-            unsafe { avx2_tile::<1, K>(m, r, t, a, out) };
+            unsafe { avx2_tile::<1, K, H>(m, r, t, a, out) };
         }
         r += 1;
     }
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum256(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -199,8 +208,8 @@ unsafe fn hsum256(v: __m256) -> f32 {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_tile<const R: usize, const K: u8>(m: &AffineMatrix, r: usize, t: usize, a: &QActs, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_tile<const R: usize, const K: u8, const H: bool>(m: &AffineMatrix, r: usize, t: usize, a: &QActs, out: &mut [f32]) {
     let nb = m.nb;
     let np = nb / 2;
     let pb = if K == K_U4 { 32 } else { 64 };
@@ -208,6 +217,7 @@ unsafe fn avx2_tile<const R: usize, const K: u8>(m: &AffineMatrix, r: usize, t: 
     unsafe {
         let aq = a.q.as_ptr().add(t * nb * 32);
         let ad = a.d.as_ptr().add(t * nb);
+        let (sp, mp) = scale_ptrs(m);
         let mut acc = [_mm256_setzero_ps(); R];
         let nib = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
@@ -236,7 +246,7 @@ unsafe fn avx2_tile<const R: usize, const K: u8>(m: &AffineMatrix, r: usize, t: 
                     )
                 };
                 let dot = _mm256_add_epi32(_mm256_madd_epi16(d0, ones), _mm256_madd_epi16(d1, ones));
-                let sw = _mm256_castpd_ps(_mm256_broadcast_sd(&*(m.scale.as_ptr().add(row * nb + 2 * p) as *const f64)));
+                let sw = scale_pair_256::<H>(sp, row * nb + 2 * p);
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, sa), *acc);
             }
         }
@@ -245,20 +255,87 @@ unsafe fn avx2_tile<const R: usize, const K: u8>(m: &AffineMatrix, r: usize, t: 
             let row = r + i;
             let mut s = hsum256(*acc);
             if K != K_I8 {
-                let mins = m.min.as_ptr().add(row * nb);
                 let mut macc = _mm256_setzero_ps();
                 let mut j = 0;
                 while j + 8 <= nb {
-                    macc = _mm256_fmadd_ps(_mm256_loadu_ps(mins.add(j)), _mm256_loadu_ps(asum.add(j)), macc);
+                    macc = _mm256_fmadd_ps(mins8_256::<H>(mp, row * nb + j), _mm256_loadu_ps(asum.add(j)), macc);
                     j += 8;
                 }
                 s += hsum256(macc);
                 while j < nb {
-                    s += *mins.add(j) * *asum.add(j);
+                    s += m.scales.min(row * nb + j) * *asum.add(j);
                     j += 1;
                 }
             }
             *out.get_unchecked_mut(t * m.rows + row) = s;
+        }
+    }
+}
+
+/// Raw pointers to a matrix's scales and minimums (f16 or f32 elements).
+#[inline]
+fn scale_ptrs(m: &AffineMatrix) -> (*const u8, *const u8) {
+    match &m.scales {
+        Scales::F16 { scale, min } => (scale.as_ptr() as *const u8, min.as_ptr() as *const u8),
+        Scales::F32 { scale, min } => (scale.as_ptr() as *const u8, min.as_ptr() as *const u8),
+    }
+}
+
+/// The two scales at element `i` repeated over 16 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,f16c")]
+unsafe fn scale_pair_512<const H: bool>(p: *const u8, i: usize) -> __m512 {
+    // SAFETY: the caller guarantees elements i and i+1 exist.
+    unsafe {
+        if H {
+            let two = (p as *const u16).add(i).cast::<i32>().read_unaligned();
+            _mm512_broadcast_f32x2(_mm_cvtph_ps(_mm_cvtsi32_si128(two)))
+        } else {
+            bcast2_512((p as *const f32).add(i))
+        }
+    }
+}
+
+/// Sixteen minimums from element `i` (lanes outside `k` are zero).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn mins16_512<const H: bool>(p: *const u8, i: usize, k: __mmask16) -> __m512 {
+    // SAFETY: the caller guarantees the elements selected by k exist.
+    unsafe {
+        if H {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (p as *const u16).add(i) as *const i16))
+        } else {
+            _mm512_maskz_loadu_ps(k, (p as *const f32).add(i))
+        }
+    }
+}
+
+/// The two scales at element `i` repeated over 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn scale_pair_256<const H: bool>(p: *const u8, i: usize) -> __m256 {
+    // SAFETY: the caller guarantees elements i and i+1 exist.
+    unsafe {
+        if H {
+            let two = (p as *const u16).add(i).cast::<i32>().read_unaligned();
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+            _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(v)))
+        } else {
+            _mm256_castpd_ps(_mm256_broadcast_sd(&*((p as *const f32).add(i) as *const f64)))
+        }
+    }
+}
+
+/// Eight minimums from element `i`.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn mins8_256<const H: bool>(p: *const u8, i: usize) -> __m256 {
+    // SAFETY: the caller guarantees elements i..i+8 exist.
+    unsafe {
+        if H {
+            _mm256_cvtph_ps(_mm_loadu_si128((p as *const u16).add(i) as *const __m128i))
+        } else {
+            _mm256_loadu_ps((p as *const f32).add(i))
         }
     }
 }

@@ -1,0 +1,390 @@
+//! Every message peers exchange, as rkyv archives validated on receipt.
+//!
+//! Wire types stay simple on purpose (primitives, fixed arrays, `Vec`s of
+//! primitives, `String`, plain structs and enums): rkyv's validator is most
+//! trustworthy there. A received payload is copied into an aligned buffer and
+//! checked by bytecheck (`rkyv::from_bytes`) before anything reads it; nothing
+//! here calls `access_unchecked` on peer bytes.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::error::{ProtocolError, Result};
+use crate::frame::{Limits, read_frame, write_frame};
+
+/// SHA-256 of a model file: the identity of a model across peers.
+pub type ModelHash = [u8; 32];
+
+/// Message kinds, as numbered in frame headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[allow(missing_docs)]
+pub enum MessageKind {
+    Capabilities = 1,
+    LoadReport = 2,
+    ShardAdvert = 3,
+    CallForBids = 4,
+    Bid = 5,
+    Award = 6,
+    StageRequest = 7,
+    StageReply = 8,
+    TokenResult = 9,
+    SessionOpen = 10,
+    SessionClose = 11,
+    SessionCancel = 12,
+    WeightChunkRequest = 13,
+    WeightChunkReply = 14,
+    Error = 15,
+}
+
+impl MessageKind {
+    /// Every kind, in number order.
+    pub const ALL: [MessageKind; 15] = [
+        MessageKind::Capabilities,
+        MessageKind::LoadReport,
+        MessageKind::ShardAdvert,
+        MessageKind::CallForBids,
+        MessageKind::Bid,
+        MessageKind::Award,
+        MessageKind::StageRequest,
+        MessageKind::StageReply,
+        MessageKind::TokenResult,
+        MessageKind::SessionOpen,
+        MessageKind::SessionClose,
+        MessageKind::SessionCancel,
+        MessageKind::WeightChunkRequest,
+        MessageKind::WeightChunkReply,
+        MessageKind::Error,
+    ];
+
+    /// The kind numbered `v`, if any.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        Self::ALL.get((v as usize).checked_sub(1)?).copied()
+    }
+}
+
+/// A peer's description of itself, gossiped when it joins.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Capabilities {
+    /// The peer's libp2p id (multihash bytes).
+    pub peer: Vec<u8>,
+    /// CPU cores.
+    pub cores: u32,
+    /// Free memory in bytes.
+    pub memory_bytes: u64,
+    /// Measured matmul speed.
+    pub gflops: f32,
+    /// fogmesh version string.
+    pub version: String,
+}
+
+/// Load of one served shard.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ShardLoad {
+    /// Model identity.
+    pub model: ModelHash,
+    /// First layer.
+    pub start: u32,
+    /// Last layer (exclusive).
+    pub end: u32,
+    /// Requests waiting.
+    pub queue_depth: u32,
+    /// Recent throughput.
+    pub tokens_per_s: f32,
+}
+
+/// A peer's periodic load report (gossip).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LoadReport {
+    /// Reporting peer.
+    pub peer: Vec<u8>,
+    /// Sender's clock, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// One entry per shard it serves.
+    pub shards: Vec<ShardLoad>,
+}
+
+/// "I serve these layers of this model."
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ShardAdvert {
+    /// Serving peer.
+    pub peer: Vec<u8>,
+    /// Model identity.
+    pub model: ModelHash,
+    /// First layer.
+    pub start: u32,
+    /// Last layer (exclusive).
+    pub end: u32,
+}
+
+/// A session owner asks holders of a range to bid for a task.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CallForBids {
+    /// Auction id, unique per owner.
+    pub auction: u64,
+    /// Session the task belongs to.
+    pub session: u64,
+    /// Model identity.
+    pub model: ModelHash,
+    /// First layer.
+    pub start: u32,
+    /// Last layer (exclusive).
+    pub end: u32,
+    /// Tokens in the task.
+    pub tokens: u32,
+    /// Bytes of activation the winner will receive.
+    pub activation_bytes: u64,
+    /// Bids later than this many milliseconds are ignored.
+    pub deadline_ms: u32,
+}
+
+/// A bid: the bidder's expected completion time, broken down.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Bid {
+    /// The auction bid for.
+    pub auction: u64,
+    /// Bidding peer.
+    pub peer: Vec<u8>,
+    /// Expected wait in the bidder's queue.
+    pub queue_ms: f32,
+    /// Expected compute time.
+    pub service_ms: f32,
+    /// Expected transfer time of the activation.
+    pub transfer_ms: f32,
+}
+
+/// The auction's result.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Award {
+    /// The auction.
+    pub auction: u64,
+    /// The winner.
+    pub peer: Vec<u8>,
+}
+
+/// What a stage receives: token ids (first stage) or an encoded activation.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum StageInput {
+    /// Token ids.
+    Tokens(Vec<u32>),
+    /// Hidden states in the activation codec's format.
+    Activation(Vec<u8>),
+}
+
+/// Run these tokens through your layers.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StageRequest {
+    /// Idempotency key: a retried request carries the same id.
+    pub request: u64,
+    /// The session.
+    pub session: u64,
+    /// Generation step.
+    pub step: u32,
+    /// Stage index in the route.
+    pub stage: u32,
+    /// Position of the first token in the session.
+    pub position: u32,
+    /// The input.
+    pub input: StageInput,
+}
+
+/// Why a stage could not serve a request.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StageError {
+    /// Machine-readable reason (see [`ErrorCode`]).
+    pub code: u16,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+/// What a stage answers.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum StageOutcome {
+    /// Hidden states for the next stage.
+    Activation(Vec<u8>),
+    /// The sampled token (last stage).
+    Token(TokenResult),
+    /// Failure.
+    Error(StageError),
+}
+
+/// A stage's answer to a [`StageRequest`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StageReply {
+    /// The request answered.
+    pub request: u64,
+    /// The result.
+    pub outcome: StageOutcome,
+}
+
+/// A generated token, sent to the session's peer.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TokenResult {
+    /// The session.
+    pub session: u64,
+    /// Generation step.
+    pub step: u32,
+    /// Token id.
+    pub token: u32,
+    /// Log-probability of the token.
+    pub logprob: f32,
+}
+
+/// Open per-session state (KV cache) on a stage.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionOpen {
+    /// The session.
+    pub session: u64,
+    /// Model identity.
+    pub model: ModelHash,
+    /// First layer.
+    pub start: u32,
+    /// Last layer (exclusive).
+    pub end: u32,
+    /// Most tokens the session may hold.
+    pub max_tokens: u32,
+}
+
+/// Release a session's state.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionClose {
+    /// The session.
+    pub session: u64,
+}
+
+/// Abandon a session everywhere.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionCancel {
+    /// The session.
+    pub session: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// Ask for a piece of a model's weights.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WeightChunkRequest {
+    /// Model identity.
+    pub model: ModelHash,
+    /// Tensor name.
+    pub tensor: String,
+    /// Byte offset in the tensor.
+    pub offset: u64,
+    /// Bytes wanted.
+    pub len: u32,
+}
+
+/// A piece of a model's weights.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WeightChunkReply {
+    /// Model identity.
+    pub model: ModelHash,
+    /// Tensor name.
+    pub tensor: String,
+    /// Byte offset in the tensor.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Reasons carried by error frames and stage errors.
+pub struct ErrorCode;
+
+impl ErrorCode {
+    /// The frame could not be decoded.
+    pub const MALFORMED: u16 = 1;
+    /// The peer does not serve what was asked.
+    pub const NOT_SERVED: u16 = 2;
+    /// The peer is overloaded; retry elsewhere.
+    pub const BUSY: u16 = 3;
+    /// The session is unknown (evicted or never opened).
+    pub const UNKNOWN_SESSION: u16 = 4;
+    /// The model failed on the input.
+    pub const MODEL: u16 = 5;
+    /// Anything else.
+    pub const INTERNAL: u16 = 6;
+}
+
+/// A peer's complaint about something it received.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ErrorFrame {
+    /// The request concerned (0 if none).
+    pub request: u64,
+    /// Reason code ([`ErrorCode`]).
+    pub code: u16,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Any message.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
+pub enum Message {
+    Capabilities(Capabilities),
+    LoadReport(LoadReport),
+    ShardAdvert(ShardAdvert),
+    CallForBids(CallForBids),
+    Bid(Bid),
+    Award(Award),
+    StageRequest(StageRequest),
+    StageReply(StageReply),
+    TokenResult(TokenResult),
+    SessionOpen(SessionOpen),
+    SessionClose(SessionClose),
+    SessionCancel(SessionCancel),
+    WeightChunkRequest(WeightChunkRequest),
+    WeightChunkReply(WeightChunkReply),
+    Error(ErrorFrame),
+}
+
+impl Message {
+    /// This message's kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Capabilities(_) => MessageKind::Capabilities,
+            Message::LoadReport(_) => MessageKind::LoadReport,
+            Message::ShardAdvert(_) => MessageKind::ShardAdvert,
+            Message::CallForBids(_) => MessageKind::CallForBids,
+            Message::Bid(_) => MessageKind::Bid,
+            Message::Award(_) => MessageKind::Award,
+            Message::StageRequest(_) => MessageKind::StageRequest,
+            Message::StageReply(_) => MessageKind::StageReply,
+            Message::TokenResult(_) => MessageKind::TokenResult,
+            Message::SessionOpen(_) => MessageKind::SessionOpen,
+            Message::SessionClose(_) => MessageKind::SessionClose,
+            Message::SessionCancel(_) => MessageKind::SessionCancel,
+            Message::WeightChunkRequest(_) => MessageKind::WeightChunkRequest,
+            Message::WeightChunkReply(_) => MessageKind::WeightChunkReply,
+            Message::Error(_) => MessageKind::Error,
+        }
+    }
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode_message(msg: &Message, limits: &Limits, out: &mut Vec<u8>) -> Result<()> {
+    let bytes = rkyv::to_bytes::<rancor::Error>(msg).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    write_frame(msg.kind(), &bytes, limits, out)
+}
+
+/// Validates and decodes the payload of a frame of kind `kind`.
+pub fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Message> {
+    // rkyv needs aligned bytes; peers' bytes arrive at any offset.
+    let mut aligned = AlignedVec::<16>::with_capacity(payload.len());
+    aligned.extend_from_slice(payload);
+    let msg = rkyv::from_bytes::<Message, rancor::Error>(&aligned)
+        .map_err(|e| ProtocolError::InvalidMessage(e.to_string()))?;
+    if msg.kind() != kind {
+        return Err(ProtocolError::KindMismatch { header: kind as u16, payload: msg.kind() as u16 });
+    }
+    Ok(msg)
+}
+
+/// Reads one message from the start of `buf`: `Ok(None)` while its frame is
+/// incomplete, else the message and the bytes it took.
+pub fn read_message(buf: &[u8], limits: &Limits) -> Result<Option<(Message, usize)>> {
+    match read_frame(buf, limits)? {
+        None => Ok(None),
+        Some((h, payload, n)) => Ok(Some((decode_payload(h.kind, payload)?, n))),
+    }
+}
