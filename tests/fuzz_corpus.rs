@@ -12,6 +12,12 @@ use candle_core::quantized::GgmlDType;
 use common::*;
 use fogmesh::models::gguf::{Gguf, write_gguf};
 use fogmesh::models::{LlamaConfig, Shard, ThreadPool, Tokenizer};
+use fogmesh::protocols::{
+    ActivationCodec, Award, Bid, CallForBids, Capabilities, Encoding, ErrorFrame, Limits, LoadReport, Message,
+    MessageKind, SessionCancel, SessionClose, SessionOpen, ShardAdvert, ShardLoad, StageError, StageInput,
+    StageOutcome, StageReply, StageRequest, TokenResult, WeightChunkReply, WeightChunkRequest, WireDType,
+    decode_payload, encode_message, read_message,
+};
 
 /// The same work as `fuzz/fuzz_targets/gguf.rs`.
 fn decode_gguf(data: &[u8]) -> bool {
@@ -27,6 +33,104 @@ fn decode_gguf(data: &[u8]) -> bool {
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
     rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect()
+}
+
+/// The same work as `fuzz/fuzz_targets/{frame,message,activation}.rs`.
+fn decode_frames(data: &[u8]) -> usize {
+    let limits = Limits { max_frame: 1 << 16, max_decoded: 1 << 20 };
+    let (mut rest, mut n) = (data, 0);
+    while let Ok(Some((_, used))) = read_message(rest, &limits) {
+        rest = &rest[used..];
+        n += 1;
+    }
+    n
+}
+
+fn decode_message(data: &[u8]) -> bool {
+    let Some((&k, payload)) = data.split_first() else { return false };
+    MessageKind::from_u16(u16::from(k % 16)).is_some_and(|kind| decode_payload(kind, payload).is_ok())
+}
+
+fn decode_activation(data: &[u8]) -> bool {
+    let limits = Limits { max_frame: 1 << 16, max_decoded: 1 << 20 };
+    ActivationCodec::new().decode(data, &limits, &mut Vec::new()).is_ok()
+}
+
+/// One message of every kind.
+fn sample_messages() -> Vec<Message> {
+    let peer = b"12D3KooWexamplepeer".to_vec();
+    let model = [7u8; 32];
+    vec![
+        Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into() }),
+        Message::LoadReport(LoadReport {
+            peer: peer.clone(),
+            timestamp_ms: 1_700_000_000_000,
+            shards: vec![ShardLoad { model, start: 0, end: 10, queue_depth: 2, tokens_per_s: 90.0 }],
+        }),
+        Message::ShardAdvert(ShardAdvert { peer: peer.clone(), model, start: 10, end: 20 }),
+        Message::CallForBids(CallForBids { auction: 1, session: 2, model, start: 0, end: 10, tokens: 128, activation_bytes: 73728, deadline_ms: 50 }),
+        Message::Bid(Bid { auction: 1, peer: peer.clone(), queue_ms: 3.0, service_ms: 40.0, transfer_ms: 1.5 }),
+        Message::Award(Award { auction: 1, peer: peer.clone() }),
+        Message::StageRequest(StageRequest { request: 9, session: 2, step: 0, stage: 0, position: 0, input: StageInput::Tokens(vec![504, 3575, 282]) }),
+        Message::StageRequest(StageRequest { request: 10, session: 2, step: 1, stage: 1, position: 3, input: StageInput::Activation(vec![1, 2, 3]) }),
+        Message::StageReply(StageReply { request: 9, outcome: StageOutcome::Activation(vec![4, 5, 6]) }),
+        Message::StageReply(StageReply { request: 10, outcome: StageOutcome::Error(StageError { code: 3, reason: "busy".into() }) }),
+        Message::TokenResult(TokenResult { session: 2, step: 1, token: 7042, logprob: -0.1 }),
+        Message::SessionOpen(SessionOpen { session: 2, model, start: 0, end: 30, max_tokens: 512 }),
+        Message::SessionClose(SessionClose { session: 2 }),
+        Message::SessionCancel(SessionCancel { session: 2, reason: "client went away".into() }),
+        Message::WeightChunkRequest(WeightChunkRequest { model, tensor: "blk.0.attn_q.weight".into(), offset: 0, len: 4096 }),
+        Message::WeightChunkReply(WeightChunkReply { model, tensor: "blk.0.attn_q.weight".into(), offset: 0, data: vec![9; 64] }),
+        Message::Error(ErrorFrame { request: 9, code: 1, message: "malformed".into() }),
+    ]
+}
+
+#[test]
+#[ignore = "writes the seed corpora"]
+fn write_protocol_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    for d in ["frame", "message", "activation"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let limits = Limits::default();
+    let mut stream = Vec::new();
+    for (i, m) in sample_messages().iter().enumerate() {
+        let mut frame = Vec::new();
+        encode_message(m, &limits, &mut frame).unwrap();
+        std::fs::write(root.join(format!("frame/{i:02}-{:?}", m.kind()).to_lowercase()), &frame).unwrap();
+        let mut payload = vec![m.kind() as u8];
+        payload.extend_from_slice(&frame[fogmesh::protocols::HEADER_LEN..]);
+        std::fs::write(root.join(format!("message/{i:02}-{:?}", m.kind()).to_lowercase()), &payload).unwrap();
+        stream.extend_from_slice(&frame);
+    }
+    std::fs::write(root.join("frame/stream-of-all"), &stream).unwrap();
+    let x: Vec<f32> = (0..4 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+    for dtype in WireDType::ALL {
+        for zstd in [None, Some(1)] {
+            let enc = Encoding { dtype, zstd };
+            let mut wire = Vec::new();
+            ActivationCodec::new().encode(&x, 4, 64, enc, &mut wire).unwrap();
+            std::fs::write(root.join(format!("activation/{}", enc.name())), &wire).unwrap();
+        }
+    }
+}
+
+#[test]
+fn protocol_corpora_replay_without_panics() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let corpus = |d: &str| {
+        let mut f = files(&root.join("corpus").join(d));
+        f.extend(files(&root.join("artifacts").join(d)));
+        f
+    };
+    let frames = corpus("frame");
+    assert!(frames.len() >= 15, "frame corpus missing");
+    let decoded: usize = frames.iter().map(|f| decode_frames(&std::fs::read(f).unwrap())).sum();
+    assert!(decoded >= 30, "valid seed frames must decode ({decoded} did)");
+    let messages = corpus("message");
+    assert!(messages.iter().filter(|f| decode_message(&std::fs::read(f).unwrap())).count() >= 15);
+    let acts = corpus("activation");
+    assert!(acts.iter().filter(|f| decode_activation(&std::fs::read(f).unwrap())).count() >= 10);
 }
 
 #[test]

@@ -23,6 +23,10 @@ use crate::config::LlamaConfig;
 /// Prompt tokens fed to the model per forward call (bounds scratch memory).
 pub const PREFILL_CHUNK: usize = 256;
 
+/// A transformation of the hidden states leaving shard `i` (see
+/// [`LocalModel::forward_hooked`]).
+pub type BoundaryHook<'a> = dyn FnMut(usize, &mut Vec<f32>) -> Result<()> + 'a;
+
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -300,6 +304,22 @@ impl LocalModel {
 
     /// Runs `tokens` through every shard; returns the last stage's logits.
     pub fn forward(&self, caches: &mut [SessionCache], tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>> {
+        self.forward_hooked(caches, tokens, which, &mut |_, _| Ok(()))
+    }
+
+    /// Like [`LocalModel::forward`], passing the hidden states that leave
+    /// shard `i` through `hook(i, hidden)` before shard `i + 1` sees them (what
+    /// a wire codec does between peers).
+    pub fn forward_hooked(
+        &self,
+        caches: &mut [SessionCache],
+        tokens: &[u32],
+        which: LogitsFor,
+        hook: &mut BoundaryHook<'_>,
+    ) -> Result<Vec<f32>> {
+        if caches.len() != self.shards.len() {
+            return Err(ModelError::Input(format!("{} caches for {} shards", caches.len(), self.shards.len())));
+        }
         let mut out = ShardOutput::Hidden(Vec::new());
         for (i, (shard, cache)) in self.shards.iter().zip(caches.iter_mut()).enumerate() {
             let input = match (&out, i) {
@@ -308,6 +328,9 @@ impl LocalModel {
                 (ShardOutput::Logits(_), _) => return Err(ModelError::Input("logits before the last stage".into())),
             };
             out = shard.forward(cache, input, which)?;
+            if let ShardOutput::Hidden(h) = &mut out {
+                hook(i, h)?;
+            }
         }
         match out {
             ShardOutput::Logits(l) => Ok(l),
@@ -335,7 +358,23 @@ impl LocalModel {
         sampling: SamplingParams,
         stop: Vec<String>,
         top_k_logits: usize,
+        on_step: impl FnMut(&Step),
+    ) -> Result<Generation> {
+        self.generate_hooked(prompt, max_tokens, sampling, stop, top_k_logits, on_step, &mut |_, _| Ok(()))
+    }
+
+    /// [`LocalModel::generate`] with a hook on the hidden states between
+    /// shards (see [`LocalModel::forward_hooked`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_hooked(
+        &self,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        sampling: SamplingParams,
+        stop: Vec<String>,
+        top_k_logits: usize,
         mut on_step: impl FnMut(&Step),
+        hook: &mut BoundaryHook<'_>,
     ) -> Result<Generation> {
         let mut state = GenerationState::new(self.tokenizer.clone(), prompt, max_tokens, sampling, stop, top_k_logits)?;
         let mut caches = self.new_session();
@@ -348,7 +387,7 @@ impl LocalModel {
         let prompt = state.prompt().to_vec();
         let mut logits = Vec::new();
         for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = self.forward(&mut caches, chunk, LogitsFor::Last)?;
+            logits = self.forward_hooked(&mut caches, chunk, LogitsFor::Last, hook)?;
         }
         timings.prefill_tokens = prompt.len();
         timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -366,7 +405,7 @@ impl LocalModel {
                 on_step(&state.end_context()?);
                 break;
             }
-            logits = self.forward(&mut caches, &[step.token], LogitsFor::Last)?;
+            logits = self.forward_hooked(&mut caches, &[step.token], LogitsFor::Last, hook)?;
             timings.decode_tokens += 1;
         }
         timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;

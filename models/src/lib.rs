@@ -48,7 +48,7 @@ mod tokenizer;
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
 pub use generate::{
-    FinishReason, Generation, GenerationState, LocalModel, PREFILL_CHUNK, Step, Timings, uneven_ranges,
+    BoundaryHook, FinishReason, Generation, GenerationState, LocalModel, PREFILL_CHUNK, Step, Timings, uneven_ranges,
 };
 pub use paths::{
     DEFAULT_MODEL_FILE, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_PIP, DEFAULT_MODEL_SHA256, default_model_cache_path,

@@ -338,7 +338,8 @@ impl QActs {
                 let base = (t * nb + (j & !1)) * BLOCK;
                 let mut sum = 0i32;
                 for (e, &v) in xb.iter().enumerate() {
-                    let qv = (v * id).round() as i32;
+                    // Half away from zero, like `round`, but vectorizable on SSE2.
+                    let qv = (v * id + 0.5f32.copysign(v)) as i32;
                     sum += qv;
                     self.q[base + pair_pos(j & 1, e)] = qv as i8;
                 }

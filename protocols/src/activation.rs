@@ -4,12 +4,16 @@
 //! offset size field
 //!      0    1 'A'
 //!      1    1 codec version (1)
-//!      2    1 dtype: 0 f32, 1 f16, 2 bf16, 3 int8 (per-row f32 scale)
+//!      2    1 dtype: 0 f32, 1 f16, 2 bf16, 3 int8 with one f16 scale per
+//!             row after each row's 8 largest values are set apart in f16,
+//!             4 int8 with one f32 scale per row
 //!      3    1 compression: 0 none, 1 zstd
 //!      4    4 tokens
 //!      8    4 width
 //!     12    4 body length (bytes after the header, compressed or not)
-//!     16    … body: int8 puts `tokens` f32 scales first, then the values
+//!     16    … body: int8 with outliers puts the outliers (u16 index, f16
+//!             value) of every row first, then the f16 row scales, then the
+//!             values; per-row int8 puts the f32 scales, then the values
 //! ```
 //!
 //! The decoder computes the exact raw body size from the header, checks it
@@ -41,13 +45,62 @@ pub enum WireDType {
     F16 = 1,
     /// 2 bytes, relative error at most 2^-8.
     Bf16 = 2,
-    /// 1 byte plus a per-row scale; absolute error at most max|row| / 254.
-    Int8 = 3,
+    /// 1 byte per value and an f16 scale per row, after the row's 8
+    /// largest-magnitude values are set apart in f16: a transformer's outlier
+    /// dimensions (tens of times the median) would otherwise make the step too
+    /// coarse for every other value. Absolute error at most
+    /// max|row without outliers| / 254 (plus the scale's f16 rounding);
+    /// outliers within f16's 2^-11.
+    Int8Outliers = 3,
+    /// 1 byte per value and an f32 scale per row; absolute error at most
+    /// max|row| / 254.
+    Int8 = 4,
+}
+
+/// Values per row [`WireDType::Int8Outliers`] sends apart in f16.
+pub(crate) const OUTLIERS: usize = 8;
+
+/// The `k` largest magnitudes of `row` with their indices, largest first
+/// (ties keep the lower index), into `out`. One pass over a small sorted list:
+/// cheap because almost every value loses its first comparison.
+fn top_k(row: &[f32], k: usize, out: &mut Vec<(f32, u32)>) {
+    let k = k.min(row.len());
+    out.clear();
+    out.resize(k, (-1.0, 0));
+    if k == 0 {
+        return;
+    }
+    for (i, v) in row.iter().enumerate() {
+        let m = v.abs();
+        // `!(m <= ..)` also lets NaN in, so callers see it at the top.
+        if m <= out[k - 1].0 {
+            continue;
+        }
+        if m.is_nan() {
+            out[0] = (f32::NAN, i as u32);
+            return;
+        }
+        let mut j = k - 1;
+        while j > 0 && out[j - 1].0 < m {
+            out[j] = out[j - 1];
+            j -= 1;
+        }
+        out[j] = (m, i as u32);
+    }
+}
+
+/// `x` (within ±127 after clamping) rounded half away from zero, as `i8` bits.
+/// Written so it vectorizes without SSE4.1's `round`.
+#[inline]
+fn round_i8(x: f32) -> u8 {
+    let x = x.clamp(-127.0, 127.0);
+    (x + 0.5f32.copysign(x)) as i32 as i8 as u8
 }
 
 impl WireDType {
     /// Every type, exact first.
-    pub const ALL: [WireDType; 4] = [WireDType::F32, WireDType::F16, WireDType::Bf16, WireDType::Int8];
+    pub const ALL: [WireDType; 5] =
+        [WireDType::F32, WireDType::F16, WireDType::Bf16, WireDType::Int8Outliers, WireDType::Int8];
 
     fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.get(v as usize).copied()
@@ -59,6 +112,7 @@ impl WireDType {
         match self {
             WireDType::F32 => n.checked_mul(4),
             WireDType::F16 | WireDType::Bf16 => n.checked_mul(2),
+            WireDType::Int8Outliers => n.checked_add(tokens.checked_mul(width.min(OUTLIERS) * 4 + 2)?),
             WireDType::Int8 => n.checked_add(tokens.checked_mul(4)?),
         }
     }
@@ -83,6 +137,7 @@ impl Encoding {
             WireDType::F32 => "f32",
             WireDType::F16 => "f16",
             WireDType::Bf16 => "bf16",
+            WireDType::Int8Outliers => "int8o",
             WireDType::Int8 => "int8",
         };
         match self.zstd {
@@ -108,6 +163,7 @@ pub struct ActivationInfo {
 pub struct ActivationCodec {
     raw: Vec<u8>,
     halfs: Vec<u16>,
+    top: Vec<(f32, u32)>,
     compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
 }
@@ -164,6 +220,37 @@ impl ActivationCodec {
                 h.convert_from_f32_slice(x);
                 raw.extend_from_slice(as_bytes(&self.halfs));
             }
+            WireDType::Int8Outliers => {
+                let k = width.min(OUTLIERS);
+                raw.resize(tokens * (k * 4 + 2) + x.len(), 0);
+                let (outl, rest) = raw.split_at_mut(tokens * k * 4);
+                let (scales, vals) = rest.split_at_mut(tokens * 2);
+                let top = &mut self.top;
+                for (t, row) in x.chunks_exact(width).enumerate() {
+                    // The k largest magnitudes travel apart; the next one sets the scale.
+                    top_k(row, k + 1, top);
+                    if !(top[0].0 <= f16::MAX.to_f32()) {
+                        return Err(ProtocolError::Encode(format!("row {t} holds a value beyond f16; use bf16 or f32")));
+                    }
+                    let rest_max = top.get(k).map_or(0.0, |e| e.0);
+                    let scale = f16::from_f32(rest_max / 127.0);
+                    let sf = scale.to_f32();
+                    let inv = if sf > 0.0 { 1.0 / sf } else { 0.0 };
+                    scales[2 * t..2 * t + 2].copy_from_slice(&scale.to_le_bytes());
+                    let vrow = &mut vals[t * width..(t + 1) * width];
+                    for (q, &v) in vrow.iter_mut().zip(row) {
+                        *q = round_i8(v * inv);
+                    }
+                    let outliers = &mut top[..k];
+                    outliers.sort_unstable_by_key(|e| e.1);
+                    for (j, &(_, i)) in outliers.iter().enumerate() {
+                        let o = &mut outl[(t * k + j) * 4..(t * k + j) * 4 + 4];
+                        o[..2].copy_from_slice(&(i as u16).to_le_bytes());
+                        o[2..].copy_from_slice(&f16::from_f32(row[i as usize]).to_le_bytes());
+                        vrow[i as usize] = 0;
+                    }
+                }
+            }
             WireDType::Int8 => {
                 raw.resize(tokens * 4 + x.len(), 0);
                 let (scales, vals) = raw.split_at_mut(tokens * 4);
@@ -176,7 +263,7 @@ impl ActivationCodec {
                     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                     scales[t * 4..t * 4 + 4].copy_from_slice(&scale.to_le_bytes());
                     for (q, &v) in vals[t * width..(t + 1) * width].iter_mut().zip(row) {
-                        *q = (v * inv).round().clamp(-127.0, 127.0) as i8 as u8;
+                        *q = round_i8(v * inv);
                     }
                 }
             }
@@ -300,24 +387,50 @@ impl ActivationCodec {
                     h.convert_to_f32_slice(out);
                 }
             }
-            WireDType::Int8 => {
-                let (scales, vals) = raw.split_at(tokens * 4);
+            WireDType::Int8Outliers => {
+                let k = width.min(OUTLIERS);
+                let (outl, rest) = raw.split_at(tokens * k * 4);
+                let (scales, vals) = rest.split_at(tokens * 2);
                 for t in 0..tokens {
-                    let s = &scales[t * 4..t * 4 + 4];
-                    let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    let scale = f16::from_le_bytes([scales[2 * t], scales[2 * t + 1]]).to_f32();
                     if !scale.is_finite() || scale < 0.0 {
                         return Err(bad(format!("row {t} has scale {scale}")));
                     }
-                    for (o, &q) in out[t * width..(t + 1) * width].iter_mut().zip(&vals[t * width..(t + 1) * width]) {
+                    let orow = &mut out[t * width..(t + 1) * width];
+                    for (o, &q) in orow.iter_mut().zip(&vals[t * width..(t + 1) * width]) {
                         *o = q as i8 as f32 * scale;
+                    }
+                    for o in outl[t * k * 4..(t + 1) * k * 4].chunks_exact(4) {
+                        let i = u16::from_le_bytes([o[0], o[1]]) as usize;
+                        let v = f16::from_le_bytes([o[2], o[3]]).to_f32();
+                        if i >= width || !v.is_finite() {
+                            return Err(bad(format!("row {t} has outlier {v} at index {i} of {width}")));
+                        }
+                        orow[i] = v;
                     }
                 }
             }
+            WireDType::Int8 => int8_rows(raw, tokens, width, out)?,
         }
         Ok(info)
     }
 }
 
+/// Decodes `tokens` f32 row scales followed by the int8 values into `out`.
+fn int8_rows(raw: &[u8], tokens: usize, width: usize, out: &mut [f32]) -> Result<()> {
+    let (scales, vals) = raw.split_at(tokens * 4);
+    for t in 0..tokens {
+        let s = &scales[t * 4..t * 4 + 4];
+        let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+        if !scale.is_finite() || scale < 0.0 {
+            return Err(bad(format!("row {t} has scale {scale}")));
+        }
+        for (o, &q) in out[t * width..(t + 1) * width].iter_mut().zip(&vals[t * width..(t + 1) * width]) {
+            *o = q as i8 as f32 * scale;
+        }
+    }
+    Ok(())
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +483,32 @@ mod tests {
                 for i in r * w..(r + 1) * w {
                     prop_assert!((x[i] - y[i]).abs() <= amax / 254.0 * 1.0001 + 1e-6, "{} vs {}", x[i], y[i]);
                 }
+            }
+        }
+
+        #[test]
+        fn int8_outliers_error_is_bounded((t, x) in rows(), z in proptest::option::of(1i32..4)) {
+            let y = round_trip(&x, t, Encoding { dtype: WireDType::Int8Outliers, zstd: z });
+            let w = x.len() / t;
+            let k = w.min(OUTLIERS);
+            for r in 0..t {
+                let row = &x[r * w..(r + 1) * w];
+                let mut idx: Vec<usize> = (0..w).collect();
+                idx.sort_by(|&a, &b| row[b].abs().total_cmp(&row[a].abs()).then(a.cmp(&b)));
+                let outliers = &idx[..k];
+                let rest = idx.get(k).map_or(0.0, |&i| row[i].abs());
+                for i in 0..w {
+                    let (a, b) = (row[i], y[r * w + i]);
+                    let bound = if outliers.contains(&i) {
+                        a.abs() / 2048.0 + 3e-8
+                    } else {
+                        // Half a step, the step rounded to f16 (2^-11 relative, up to 127 steps).
+                        rest / 254.0 + rest / 2048.0 + 1e-6
+                    };
+                    prop_assert!((a - b).abs() <= bound, "row {} col {}: {} vs {}", r, i, a, b);
+                }
+                // The largest magnitude travels exactly as f16.
+                prop_assert_eq!(y[r * w + idx[0]], f16::from_f32(row[idx[0]]).to_f32());
             }
         }
 

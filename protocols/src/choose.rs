@@ -38,9 +38,10 @@ impl CodecProfile {
     }
 }
 
-/// Conservative defaults for one core of a small x86 host, measured on
-/// SmolLM2 hidden states (see BENCHMARKS.md); callers should measure their own
-/// with [`crate::activation::ActivationCodec`] and pass them instead.
+/// Defaults for one core of a small x86 host, rounded down from the 128-token
+/// prefill row of `examples/codec_bench.rs` on SmolLM2 hidden states (see
+/// BENCHMARKS.md); callers should measure their own with
+/// [`crate::activation::ActivationCodec`] and pass them instead.
 pub fn default_profiles() -> Vec<CodecProfile> {
     let p = |dtype, zstd, enc: f64, dec: f64, ratio| CodecProfile {
         encoding: Encoding { dtype, zstd },
@@ -49,14 +50,16 @@ pub fn default_profiles() -> Vec<CodecProfile> {
         ratio,
     };
     vec![
-        p(WireDType::F32, None, 8.0, 8.0, 1.0),
-        p(WireDType::F32, Some(1), 0.4, 1.0, 0.93),
-        p(WireDType::F16, None, 3.0, 4.0, 0.5),
-        p(WireDType::F16, Some(1), 0.5, 1.0, 0.45),
-        p(WireDType::Bf16, None, 3.0, 4.0, 0.5),
-        p(WireDType::Bf16, Some(1), 0.5, 1.0, 0.38),
-        p(WireDType::Int8, None, 2.0, 3.0, 0.26),
-        p(WireDType::Int8, Some(1), 0.6, 1.2, 0.22),
+        p(WireDType::F32, None, 20.0, 20.0, 1.0),
+        p(WireDType::F32, Some(1), 1.0, 1.3, 0.93),
+        p(WireDType::F16, None, 2.0, 12.0, 0.5),
+        p(WireDType::F16, Some(1), 1.0, 2.2, 0.47),
+        p(WireDType::Bf16, None, 9.0, 15.0, 0.5),
+        p(WireDType::Bf16, Some(1), 1.7, 2.2, 0.40),
+        p(WireDType::Int8Outliers, None, 1.7, 15.0, 0.27),
+        p(WireDType::Int8Outliers, Some(1), 1.2, 3.8, 0.24),
+        p(WireDType::Int8, None, 2.6, 15.0, 0.26),
+        p(WireDType::Int8, Some(1), 1.6, 5.5, 0.16),
     ]
 }
 
@@ -101,7 +104,7 @@ mod tests {
         let raw = 576 * 4 * 128;
         assert_eq!(choose_encoding(raw, &LAN, 0.01, WireDType::Int8, &p).dtype, WireDType::F32);
         let slow = choose_encoding(raw, &SLOW, 0.01, WireDType::Int8, &p);
-        assert_eq!(slow.dtype, WireDType::Int8);
+        assert!(slow.dtype >= WireDType::Int8Outliers, "{slow:?}");
         let slow_f16 = choose_encoding(raw, &SLOW, 0.01, WireDType::F16, &p);
         assert!(slow_f16.dtype <= WireDType::F16);
         assert_eq!(choose_encoding(raw, &SLOW, 0.01, WireDType::F32, &p).dtype, WireDType::F32);
@@ -110,7 +113,7 @@ mod tests {
     proptest! {
         #[test]
         fn never_lossier_than_the_floor_and_never_worse_than_allowed(
-            raw in 1usize..50_000_000, bw in 1e4f64..1e11, lat in 0f64..0.5, compute in 0f64..1.0, floor in 0usize..4,
+            raw in 1usize..50_000_000, bw in 1e4f64..1e11, lat in 0f64..0.5, compute in 0f64..1.0, floor in 0usize..5,
         ) {
             let p = default_profiles();
             let link = LinkStats { bandwidth: bw, latency: lat };
