@@ -35,18 +35,7 @@ const TOKENS: [u32; 7] = [1, 5, 9, 63, 0, 17, 5];
 
 #[test]
 fn every_tensor_type_matches_the_f32_reference() {
-    for dtype in [
-        GgmlDType::F32,
-        GgmlDType::F16,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dtype in fogmesh::models::testing::ENCODABLE_TYPES {
         for tied in [true, false] {
             let bytes = tiny_gguf(dtype, tied);
             let shard = load(&bytes, 0..TINY_LAYERS).unwrap();
@@ -223,5 +212,24 @@ proptest! {
         if let Ok(g) = parse(&b) {
             let _ = Shard::load_from(&g, Cursor::new(&b), 0..TINY_LAYERS, Arc::new(ThreadPool::new(1)));
         }
+    }
+}
+
+#[test]
+fn cost_profile_accounts_for_every_tensor() {
+    for tied in [true, false] {
+        let bytes = tiny_gguf(GgmlDType::Q4K, tied);
+        let g = parse(&bytes).unwrap();
+        let p = fogmesh::models::ModelProfile::from_gguf(&g).unwrap();
+        assert_eq!(p.layers.len(), TINY_LAYERS);
+        let layers: u64 = p.layers.iter().map(|l| l.weight_bytes).sum();
+        let all: u64 = g.tensors.values().map(|t| t.size).sum();
+        let norm = g.tensor("output_norm.weight").unwrap().size;
+        let head_only = if tied { 0 } else { p.head_bytes - norm };
+        assert_eq!(layers + p.embedding_bytes + norm + head_only, all);
+        let (d, kvd, ffn) = (TINY_D as u64, (TINY_D / 2) as u64, 2 * TINY_D as u64);
+        assert_eq!(p.layers[0].flops_per_token, 2 * (2 * d * d + 2 * d * kvd + 3 * d * ffn));
+        assert_eq!(p.head_flops_per_token, 2 * d * 64);
+        assert_eq!(p.layers[0].activation_bytes_per_token, d * 4);
     }
 }

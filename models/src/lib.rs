@@ -30,6 +30,7 @@
 //! - `profile.rs`: per-layer cost for placement.
 //! - `paths.rs`: cache directory and the default model's identity.
 //! - `reference.rs`: a slow f32 forward pass on candle tensors, the test oracle.
+//! - `testing.rs`: quantized test tensors and pseudo-random data (hidden).
 
 mod config;
 mod error;
@@ -44,6 +45,8 @@ pub mod reference;
 mod sampling;
 mod shard;
 mod tokenizer;
+#[doc(hidden)]
+pub mod testing;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};

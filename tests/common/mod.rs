@@ -5,9 +5,6 @@
 use std::path::PathBuf;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::quantized::k_quants::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
-};
 use fogmesh::models::gguf::{TensorData, Value, write_gguf};
 
 /// The default model, or `None` (test skipped, loudly) when it is absent
@@ -34,42 +31,12 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
-fn candle_encode<T: GgmlType>(x: &[f32]) -> Vec<u8> {
-    let mut blocks = vec![T::zeros(); x.len() / T::BLCK_SIZE];
-    T::from_float(x, &mut blocks);
-    let n = std::mem::size_of_val(&blocks[..]);
-    // SAFETY: candle blocks are plain data; we copy their bytes.
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, n) }.to_vec()
-}
-
 /// Encodes `x` as GGUF tensor bytes of `dtype` with candle's quantizers.
 pub fn encode(dtype: GgmlDType, x: &[f32]) -> Vec<u8> {
-    match dtype {
-        GgmlDType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlDType::F16 => x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        GgmlDType::Q4_0 => candle_encode::<BlockQ4_0>(x),
-        GgmlDType::Q4_1 => candle_encode::<BlockQ4_1>(x),
-        GgmlDType::Q5_0 => candle_encode::<BlockQ5_0>(x),
-        GgmlDType::Q5_1 => candle_encode::<BlockQ5_1>(x),
-        GgmlDType::Q8_0 => candle_encode::<BlockQ8_0>(x),
-        GgmlDType::Q4K => candle_encode::<BlockQ4K>(x),
-        GgmlDType::Q5K => candle_encode::<BlockQ5K>(x),
-        GgmlDType::Q6K => candle_encode::<BlockQ6K>(x),
-        other => panic!("no encoder for {other:?}"),
-    }
+    fogmesh::models::testing::encode(dtype, x).expect("encodable").0
 }
 
-pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
-}
+pub use fogmesh::models::testing::pseudo_random;
 
 /// Shape of a synthetic Llama model.
 #[derive(Debug, Clone, Copy)]

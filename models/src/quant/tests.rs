@@ -1,69 +1,17 @@
 //! Kernel and repacking tests against candle's own quantizers and dequantizers.
 
 use candle_core::quantized::GgmlDType;
-use candle_core::quantized::k_quants::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
-};
-use half::f16;
 use proptest::prelude::*;
 
 use super::*;
-
-/// Quantizes `x` with candle and returns the GGUF bytes and candle's own
-/// dequantization of them.
-fn candle_encode<T: GgmlType>(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let mut blocks = vec![T::zeros(); x.len() / T::BLCK_SIZE];
-    T::from_float(x, &mut blocks);
-    let mut deq = vec![0f32; x.len()];
-    T::to_float(&blocks, &mut deq);
-    let n = std::mem::size_of_val(&blocks[..]);
-    // SAFETY: candle blocks are plain data; we view their bytes.
-    let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, n) }.to_vec();
-    (bytes, deq)
-}
+use crate::testing::{ENCODABLE_TYPES as ALL, pseudo_random as random};
 
 fn encode(dtype: GgmlDType, x: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    match dtype {
-        GgmlDType::Q4_0 => candle_encode::<BlockQ4_0>(x),
-        GgmlDType::Q4_1 => candle_encode::<BlockQ4_1>(x),
-        GgmlDType::Q5_0 => candle_encode::<BlockQ5_0>(x),
-        GgmlDType::Q5_1 => candle_encode::<BlockQ5_1>(x),
-        GgmlDType::Q8_0 => candle_encode::<BlockQ8_0>(x),
-        GgmlDType::Q4K => candle_encode::<BlockQ4K>(x),
-        GgmlDType::Q5K => candle_encode::<BlockQ5K>(x),
-        GgmlDType::Q6K => candle_encode::<BlockQ6K>(x),
-        GgmlDType::F16 => {
-            let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-            (h.iter().flat_map(|v| v.to_le_bytes()).collect(), h.iter().map(|v| v.to_f32()).collect())
-        }
-        GgmlDType::F32 => (x.iter().flat_map(|v| v.to_le_bytes()).collect(), x.to_vec()),
-        other => panic!("no encoder for {other:?}"),
-    }
+    crate::testing::encode(dtype, x).unwrap()
 }
 
-const ALL: [GgmlDType; 10] = [
-    GgmlDType::F32,
-    GgmlDType::F16,
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q5_1,
-    GgmlDType::Q8_0,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-];
-
 fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        })
-        .collect()
+    random(n, seed, 2.0)
 }
 
 #[test]
