@@ -14,7 +14,13 @@
 //!   `fogmesh-node` over libp2p and by tests in memory).
 //!
 //! ## Layout
-//! - `lib.rs`: this overview.
+//! - `sched.rs`: the sans-I/O scheduling core (gossip views, auctions, awards,
+//!   promise records).
+//! - `sim.rs`: a seeded discrete-event simulator of a fog cluster comparing
+//!   scheduling policies (`examples/schedsim.rs` is its command line).
 
 pub use fogmesh_models as models;
 pub use fogmesh_protocols as protocols;
+
+pub mod sched;
+pub mod sim;

@@ -1,0 +1,267 @@
+//! The sans-I/O scheduling core: gossiped load views, calls for bids, awards,
+//! timeouts, and a defence against peers that underbid.
+//!
+//! A task's owner asks the candidate peers for bids. A bid is the bidder's
+//! expected completion time: queue wait + service time (from its measured
+//! speed) + transfer time of the task's activation over the link. The owner
+//! awards the task to the lowest bid after adjusting every bid by what that
+//! peer's past promises turned out to be worth (an exponentially weighted
+//! ratio of actual to promised time), ties going to the lower peer id. An
+//! auction that has not heard from every candidate by its deadline awards
+//! among the bids it has; one with no bid at all falls back to the best
+//! choice by gossiped load.
+//!
+//! Driven as `handle(input, now) -> actions` (see quinn-proto): no clock, no
+//! I/O, no randomness, so the same inputs always give the same schedule.
+
+use std::collections::BTreeMap;
+
+/// A peer, as the scheduler knows it.
+pub type PeerId = u64;
+/// An auction, unique per scheduler.
+pub type AuctionId = u64;
+
+/// What a peer gossips about itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadReport {
+    /// Seconds of work waiting in its queue when the report was made.
+    pub queue_s: f64,
+    /// Measured speed in work units per second.
+    pub speed: f64,
+    /// When the report was made (sender's time, seconds).
+    pub sent_at: f64,
+}
+
+/// A task to place.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskSpec {
+    /// Work units (divided by a peer's speed gives its service time).
+    pub work: f64,
+}
+
+/// A bid, broken down.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quote {
+    /// Expected wait in the bidder's queue.
+    pub queue_s: f64,
+    /// Expected compute time.
+    pub service_s: f64,
+    /// Expected transfer time of the input over the link to the bidder.
+    pub transfer_s: f64,
+}
+
+impl Quote {
+    /// The promised completion time.
+    pub fn total(&self) -> f64 {
+        self.queue_s + self.service_s + self.transfer_s
+    }
+}
+
+/// How an award was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwardBasis {
+    /// The only candidate.
+    Single,
+    /// Every candidate bid.
+    AllBids,
+    /// The deadline passed; the bids that arrived decided.
+    PartialBids,
+    /// No bid arrived in time: best by gossiped load.
+    Gossip,
+}
+
+/// What the scheduler asks its shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a call for bids for `auction` to `peer`.
+    CallForBids {
+        /// The auction.
+        auction: AuctionId,
+        /// Whom to ask.
+        peer: PeerId,
+    },
+    /// Give the task of `auction` to `peer`.
+    Award {
+        /// The auction.
+        auction: AuctionId,
+        /// The winner.
+        peer: PeerId,
+        /// The winner's promise, adjusted by its record (seconds); infinite
+        /// when nothing is known of it.
+        expected_s: f64,
+        /// How it was decided.
+        basis: AwardBasis,
+    },
+}
+
+/// Tuning of the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedConfig {
+    /// How long an auction waits for bids (seconds).
+    pub auction_timeout_s: f64,
+    /// Weight of the newest observation in a peer's promise record.
+    pub trust_alpha: f64,
+    /// Bounds of the actual/promised ratio a record may reach.
+    pub trust_bounds: (f64, f64),
+    /// Gossip older than this is ignored by the fallback (seconds).
+    pub max_gossip_age_s: f64,
+}
+
+impl Default for SchedConfig {
+    fn default() -> Self {
+        SchedConfig { auction_timeout_s: 0.05, trust_alpha: 0.1, trust_bounds: (0.5, 20.0), max_gossip_age_s: 10.0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Auction {
+    task: TaskSpec,
+    /// Candidates and the owner's estimate of the transfer time to each.
+    candidates: Vec<(PeerId, f64)>,
+    bids: BTreeMap<PeerId, Quote>,
+    deadline: f64,
+}
+
+/// One owner's scheduler.
+#[derive(Debug, Clone, Default)]
+pub struct Scheduler {
+    cfg: SchedConfig,
+    views: BTreeMap<PeerId, (LoadReport, f64)>,
+    /// Per peer: EWMA of actual / promised completion time.
+    record: BTreeMap<PeerId, f64>,
+    auctions: BTreeMap<AuctionId, Auction>,
+    next: AuctionId,
+}
+
+impl Scheduler {
+    /// A scheduler with the given tuning.
+    pub fn new(cfg: SchedConfig) -> Self {
+        Scheduler { cfg, ..Default::default() }
+    }
+
+    /// Records a peer's gossiped load, received at `now`. Older reports than
+    /// the one held are ignored.
+    pub fn on_load_report(&mut self, peer: PeerId, report: LoadReport, now: f64) {
+        let newer = self.views.get(&peer).is_none_or(|(r, _)| report.sent_at >= r.sent_at);
+        if newer && report.speed > 0.0 && report.queue_s.is_finite() && report.queue_s >= 0.0 {
+            self.views.insert(peer, (report, now));
+        }
+    }
+
+    /// Forgets a peer (it left the mesh).
+    pub fn forget(&mut self, peer: PeerId) {
+        self.views.remove(&peer);
+    }
+
+    /// The actual/promised ratio on record for `peer` (1 without a record).
+    pub fn record(&self, peer: PeerId) -> f64 {
+        self.record.get(&peer).copied().unwrap_or(1.0)
+    }
+
+    /// Learns from a finished task: `peer` promised `promised_s` and took
+    /// `actual_s`. A peer that keeps underbidding sees its bids inflated.
+    pub fn on_outcome(&mut self, peer: PeerId, promised_s: f64, actual_s: f64) {
+        if !(promised_s > 0.0 && actual_s >= 0.0 && actual_s.is_finite()) {
+            return;
+        }
+        let (lo, hi) = self.cfg.trust_bounds;
+        let ratio = (actual_s / promised_s).clamp(lo, hi);
+        let a = self.cfg.trust_alpha;
+        let r = self.record.entry(peer).or_insert(1.0);
+        *r = (1.0 - a) * *r + a * ratio;
+    }
+
+    /// The gossip-based estimate of the completion time at `peer`, if its
+    /// view is fresh enough: the queue it reported, drained by the time since,
+    /// plus service and transfer.
+    pub fn gossip_estimate(&self, peer: PeerId, task: TaskSpec, transfer_s: f64, now: f64) -> Option<f64> {
+        let (r, received) = self.views.get(&peer)?;
+        let age = now - received;
+        if age > self.cfg.max_gossip_age_s {
+            return None;
+        }
+        let queue = (r.queue_s - (now - r.sent_at).max(0.0)).max(0.0);
+        Some((queue + task.work / r.speed + transfer_s) * self.record(peer))
+    }
+
+    /// Opens an auction for `task` among `candidates` (peer and the owner's
+    /// estimate of the transfer time to it). With one candidate the award is
+    /// immediate; with none there is nothing to do.
+    pub fn start(&mut self, task: TaskSpec, candidates: &[(PeerId, f64)], now: f64) -> (AuctionId, Vec<Action>) {
+        let id = self.next;
+        self.next += 1;
+        let mut cands: Vec<(PeerId, f64)> = Vec::with_capacity(candidates.len());
+        for &(p, t) in candidates {
+            if !cands.iter().any(|(q, _)| *q == p) {
+                cands.push((p, t));
+            }
+        }
+        match cands.as_slice() {
+            [] => (id, Vec::new()),
+            [(peer, transfer)] => {
+                let expected = self.gossip_estimate(*peer, task, *transfer, now).unwrap_or(f64::INFINITY);
+                (id, vec![Action::Award { auction: id, peer: *peer, expected_s: expected, basis: AwardBasis::Single }])
+            }
+            _ => {
+                let calls = cands.iter().map(|(p, _)| Action::CallForBids { auction: id, peer: *p }).collect();
+                let deadline = now + self.cfg.auction_timeout_s;
+                self.auctions.insert(id, Auction { task, candidates: cands, bids: BTreeMap::new(), deadline });
+                (id, calls)
+            }
+        }
+    }
+
+    /// A bid arrived. Bids from peers that were not asked, repeated bids,
+    /// malformed bids and bids for closed auctions are ignored.
+    pub fn on_bid(&mut self, auction: AuctionId, peer: PeerId, quote: Quote, _now: f64) -> Vec<Action> {
+        let Some(a) = self.auctions.get_mut(&auction) else { return Vec::new() };
+        let valid = [quote.queue_s, quote.service_s, quote.transfer_s].iter().all(|v| v.is_finite() && *v >= 0.0);
+        if !valid || !a.candidates.iter().any(|(p, _)| *p == peer) {
+            return Vec::new();
+        }
+        a.bids.entry(peer).or_insert(quote);
+        if a.bids.len() == a.candidates.len() {
+            return self.close(auction, AwardBasis::AllBids, _now).into_iter().collect();
+        }
+        Vec::new()
+    }
+
+    /// Closes every auction whose deadline has passed.
+    pub fn on_tick(&mut self, now: f64) -> Vec<Action> {
+        let due: Vec<AuctionId> = self.auctions.iter().filter(|(_, a)| a.deadline <= now).map(|(id, _)| *id).collect();
+        due.into_iter()
+            .filter_map(|id| {
+                let basis = if self.auctions[&id].bids.is_empty() { AwardBasis::Gossip } else { AwardBasis::PartialBids };
+                self.close(id, basis, now)
+            })
+            .collect()
+    }
+
+    /// The earliest open deadline, for the shell's timer.
+    pub fn next_deadline(&self) -> Option<f64> {
+        self.auctions.values().map(|a| a.deadline).min_by(f64::total_cmp)
+    }
+
+    /// Open auctions.
+    pub fn open_auctions(&self) -> usize {
+        self.auctions.len()
+    }
+
+    fn close(&mut self, id: AuctionId, basis: AwardBasis, now: f64) -> Option<Action> {
+        let a = self.auctions.remove(&id)?;
+        let best = |it: &mut dyn Iterator<Item = (PeerId, f64)>| {
+            it.filter(|(_, v)| v.is_finite()).min_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)))
+        };
+        let chosen = if basis == AwardBasis::Gossip {
+            best(&mut a.candidates.iter().filter_map(|&(p, t)| self.gossip_estimate(p, a.task, t, now).map(|e| (p, e))))
+                // Nothing known at all: the first candidate, deterministically.
+                .or_else(|| a.candidates.iter().map(|(p, _)| *p).min().map(|p| (p, f64::INFINITY)))
+        } else {
+            best(&mut a.bids.iter().map(|(p, q)| (*p, q.total() * self.record(*p))))
+        };
+        chosen.map(|(peer, expected_s)| Action::Award { auction: id, peer, expected_s, basis })
+    }
+}
+
+#[cfg(test)]
+mod tests;

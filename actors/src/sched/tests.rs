@@ -1,0 +1,145 @@
+//! Properties of the scheduling core.
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn quote(total: f64) -> Quote {
+    Quote { queue_s: total / 2.0, service_s: total / 2.0, transfer_s: 0.0 }
+}
+
+fn award(actions: &[Action]) -> Option<(PeerId, AwardBasis)> {
+    actions.iter().find_map(|a| match a {
+        Action::Award { peer, basis, .. } => Some((*peer, *basis)),
+        _ => None,
+    })
+}
+
+#[test]
+fn lowest_bid_wins_and_ties_go_to_the_lower_id() {
+    let mut s = Scheduler::new(SchedConfig::default());
+    let (id, calls) = s.start(TaskSpec { work: 1.0 }, &[(3, 0.0), (1, 0.0), (2, 0.0)], 0.0);
+    assert_eq!(calls.len(), 3);
+    assert!(s.on_bid(id, 3, quote(1.0), 0.01).is_empty());
+    assert!(s.on_bid(id, 1, quote(2.0), 0.01).is_empty());
+    assert_eq!(award(&s.on_bid(id, 2, quote(1.0), 0.01)), Some((2, AwardBasis::AllBids)));
+    assert_eq!(s.open_auctions(), 0);
+}
+
+#[test]
+fn single_candidate_is_awarded_without_an_auction() {
+    let mut s = Scheduler::new(SchedConfig::default());
+    let (_, actions) = s.start(TaskSpec { work: 1.0 }, &[(5, 0.0), (5, 0.0)], 0.0);
+    assert_eq!(award(&actions), Some((5, AwardBasis::Single)));
+    assert_eq!(s.start(TaskSpec { work: 1.0 }, &[], 0.0).1, vec![]);
+}
+
+proptest! {
+    #[test]
+    fn never_awards_to_a_peer_that_did_not_bid(
+        n in 2usize..10,
+        bids in proptest::collection::vec((0u64..20, 0.0f64..10.0), 0..20),
+        timeout in 0.01f64..1.0,
+    ) {
+        let mut s = Scheduler::new(SchedConfig { auction_timeout_s: timeout, ..Default::default() });
+        let cands: Vec<(PeerId, f64)> = (0..n as u64).map(|p| (p, 0.0)).collect();
+        let (id, _) = s.start(TaskSpec { work: 1.0 }, &cands, 0.0);
+        let mut bidders = std::collections::BTreeSet::new();
+        let mut actions = Vec::new();
+        for (peer, total) in bids {
+            if (peer as usize) < n {
+                bidders.insert(peer);
+            }
+            actions.extend(s.on_bid(id, peer, quote(total), 0.0));
+        }
+        actions.extend(s.on_tick(timeout));
+        let awards: Vec<_> = actions.iter().filter_map(|a| match a { Action::Award { peer, basis, .. } => Some((*peer, *basis)), _ => None }).collect();
+        prop_assert_eq!(awards.len(), 1, "exactly one award");
+        let (peer, basis) = awards[0];
+        if basis == AwardBasis::Gossip {
+            prop_assert!(bidders.is_empty());
+        } else {
+            prop_assert!(bidders.contains(&peer), "awarded {} which did not bid", peer);
+        }
+    }
+
+    #[test]
+    fn a_timed_out_auction_falls_back_to_the_best_gossiped_peer(
+        loads in proptest::collection::vec((0.0f64..5.0, 0.5f64..10.0), 2..8),
+        work in 0.1f64..5.0,
+    ) {
+        let mut s = Scheduler::new(SchedConfig::default());
+        for (p, (q, speed)) in loads.iter().enumerate() {
+            s.on_load_report(p as u64, LoadReport { queue_s: *q, speed: *speed, sent_at: 0.0 }, 0.0);
+        }
+        let cands: Vec<(PeerId, f64)> = (0..loads.len() as u64).map(|p| (p, 0.0)).collect();
+        let (_, _) = s.start(TaskSpec { work }, &cands, 0.0);
+        let got = award(&s.on_tick(1.0));
+        let est = |p: usize| (loads[p].0 - 1.0).max(0.0) + work / loads[p].1;
+        let best = (0..loads.len()).min_by(|&a, &b| est(a).total_cmp(&est(b)).then(a.cmp(&b))).unwrap();
+        prop_assert_eq!(got, Some((best as u64, AwardBasis::Gossip)));
+    }
+
+    #[test]
+    fn the_same_inputs_give_the_same_schedule(seed in any::<u64>()) {
+        let run = || {
+            let mut s = Scheduler::new(SchedConfig::default());
+            let mut x = seed | 1;
+            let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+            let mut out = Vec::new();
+            for t in 0..50 {
+                let now = t as f64 * 0.01;
+                let cands: Vec<(PeerId, f64)> = (0..4).map(|_| (next() % 6, 0.0)).collect();
+                let (id, _) = s.start(TaskSpec { work: 1.0 }, &cands, now);
+                for _ in 0..3 {
+                    out.extend(s.on_bid(id, next() % 6, quote((next() % 100) as f64 / 10.0), now));
+                }
+                out.extend(s.on_tick(now));
+                s.on_outcome(next() % 6, 1.0, (next() % 30) as f64 / 10.0);
+            }
+            out
+        };
+        prop_assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn an_underbidders_share_of_awards_falls_over_time(factor in 2.0f64..6.0, honest in 1.0f64..2.0) {
+        // Peer 0 is 1.5x slower than peer 1 but promises 1/factor of its true
+        // time, so it wins every early auction. Once its record of broken
+        // promises catches up, its bids are inflated back to the truth and
+        // the honest, faster peer wins.
+        let liar_true = 1.5 * honest;
+        let mut s = Scheduler::new(SchedConfig::default());
+        let (mut wins_early, mut wins_late) = (0, 0);
+        for round in 0..200 {
+            let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], round as f64);
+            s.on_bid(id, 0, quote(liar_true / factor), round as f64);
+            let a = award(&s.on_bid(id, 1, quote(honest), round as f64)).unwrap();
+            if a.0 == 0 {
+                s.on_outcome(0, liar_true / factor, liar_true);
+                if round < 10 {
+                    wins_early += 1;
+                } else if round >= 100 {
+                    wins_late += 1;
+                }
+            } else {
+                s.on_outcome(1, honest, honest);
+            }
+        }
+        prop_assert!(wins_early >= 1, "the underbid never won");
+        prop_assert_eq!(wins_late, 0, "the underbidder still wins late auctions");
+    }
+}
+
+#[test]
+fn malformed_and_unsolicited_bids_are_ignored() {
+    let mut s = Scheduler::new(SchedConfig::default());
+    let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 0.0);
+    assert!(s.on_bid(id, 9, quote(0.0), 0.0).is_empty());
+    assert!(s.on_bid(id, 1, Quote { queue_s: f64::NAN, service_s: 0.0, transfer_s: 0.0 }, 0.0).is_empty());
+    assert!(s.on_bid(id, 1, quote(-1.0), 0.0).is_empty());
+    assert!(s.on_bid(id + 7, 1, quote(1.0), 0.0).is_empty());
+    assert_eq!(award(&s.on_bid(id, 2, quote(3.0), 0.0)), None);
+    assert_eq!(award(&s.on_tick(1.0)), Some((2, AwardBasis::PartialBids)));
+}
+
