@@ -162,7 +162,7 @@ impl Weights {
     pub(crate) fn from_gguf(name: &str, dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let bs = dtype.block_size();
         let expect = rows * cols / bs * dtype.type_size();
-        if cols % bs != 0 || data.len() != expect {
+        if !cols.is_multiple_of(bs) || data.len() != expect {
             return Err(ModelError::Tensor {
                 name: name.into(),
                 problem: format!(

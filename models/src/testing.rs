@@ -37,7 +37,7 @@ fn candle_encode<T: GgmlType>(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
 /// Quantizes `x` to `dtype` with candle: the GGUF tensor bytes, and candle's
 /// own dequantization of them. `x.len()` must be a multiple of the block size.
 pub fn encode(dtype: GgmlDType, x: &[f32]) -> Result<(Vec<u8>, Vec<f32>)> {
-    if x.len() % dtype.block_size() != 0 {
+    if !x.len().is_multiple_of(dtype.block_size()) {
         return Err(ModelError::Input(format!("{} values are not whole {dtype:?} blocks", x.len())));
     }
     Ok(match dtype {
