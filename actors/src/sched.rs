@@ -64,6 +64,10 @@ pub enum AwardBasis {
     Single,
     /// Every candidate bid.
     AllBids,
+    /// The candidates still silent could not win: even with an empty queue,
+    /// their service and transfer time (from gossiped speed) exceed the best
+    /// bid. Decided without waiting for them.
+    Decided,
     /// The deadline passed; the bids that arrived decided.
     PartialBids,
     /// No bid arrived in time: best by gossiped load.
@@ -213,7 +217,7 @@ impl Scheduler {
 
     /// A bid arrived. Bids from peers that were not asked, repeated bids,
     /// malformed bids and bids for closed auctions are ignored.
-    pub fn on_bid(&mut self, auction: AuctionId, peer: PeerId, quote: Quote, _now: f64) -> Vec<Action> {
+    pub fn on_bid(&mut self, auction: AuctionId, peer: PeerId, quote: Quote, now: f64) -> Vec<Action> {
         let Some(a) = self.auctions.get_mut(&auction) else { return Vec::new() };
         let valid = [quote.queue_s, quote.service_s, quote.transfer_s].iter().all(|v| v.is_finite() && *v >= 0.0);
         if !valid || !a.candidates.iter().any(|(p, _)| *p == peer) {
@@ -221,7 +225,20 @@ impl Scheduler {
         }
         a.bids.entry(peer).or_insert(quote);
         if a.bids.len() == a.candidates.len() {
-            return self.close(auction, AwardBasis::AllBids, _now).into_iter().collect();
+            return self.close(auction, AwardBasis::AllBids, now).into_iter().collect();
+        }
+        // Close early when no silent candidate can beat the best bid.
+        let a = &self.auctions[&auction];
+        let best = a.bids.iter().map(|(p, q)| (q.total() * self.record(*p), *p)).min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+        let beatable = a.candidates.iter().filter(|(p, _)| !a.bids.contains_key(p)).any(|&(p, transfer)| {
+            match (self.views.get(&p), best) {
+                // A lower bound of its adjusted bid: no queue at all.
+                (Some((r, _)), Some((b, _))) => (a.task.work / r.speed + transfer) * self.record(p) <= b,
+                _ => true,
+            }
+        });
+        if !beatable {
+            return self.close(auction, AwardBasis::Decided, now).into_iter().collect();
         }
         Vec::new()
     }

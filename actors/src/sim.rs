@@ -385,12 +385,20 @@ impl Sim<'_> {
         let n = self.peers.len();
         let o = task.owner;
         let k = self.cfg.candidates.min(n).max(1);
-        // Candidates drawn at random, weighted by gossiped speed: fast peers
-        // are asked more often, and since bids carry each peer's current
-        // queue, asking the same fast peers from many owners does not herd
-        // tasks onto them (calling the best by stale gossip queue did).
+        // Two candidates are the best by gossip (the peer's own estimate of
+        // queue + service + transfer); the rest are drawn at random weighted by
+        // gossiped speed, so fast peers are asked often without every owner
+        // asking the same few. Bids carry each peer's current queue (with its
+        // in-flight awards and open bids), so the auction corrects stale gossip.
         let mut cands: Vec<usize> = Vec::with_capacity(k);
         let mut weight: Vec<f64> = self.peers.iter().map(|p| p.spec.speed).collect();
+        let by_gossip = (0..n).min_by(|&a, &b| {
+            self.gossip_estimate(o, a, task.work).total_cmp(&self.gossip_estimate(o, b, task.work)).then(a.cmp(&b))
+        });
+        if let Some(best) = by_gossip.filter(|_| k < n) {
+            weight[best] = 0.0;
+            cands.push(best);
+        }
         while cands.len() < k {
             let total: f64 = weight.iter().sum();
             let mut x = self.rng.uniform() * total;

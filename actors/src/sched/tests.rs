@@ -143,3 +143,39 @@ fn malformed_and_unsolicited_bids_are_ignored() {
     assert_eq!(award(&s.on_tick(1.0)), Some((2, AwardBasis::PartialBids)));
 }
 
+
+proptest! {
+    #[test]
+    fn closing_early_picks_the_same_winner_as_waiting_for_every_bid(
+        peers in proptest::collection::vec((0.5f64..20.0, 0.0f64..0.05, 0.0f64..3.0), 2..8),
+        order in any::<u64>(),
+        work in 0.1f64..4.0,
+    ) {
+        // Each peer: speed, transfer, queue. Bids are honest, so each is at
+        // least the lower bound the scheduler derives from gossiped speed.
+        let mut s = Scheduler::new(SchedConfig::default());
+        for (p, (speed, _, _)) in peers.iter().enumerate() {
+            s.on_load_report(p as u64, LoadReport { queue_s: 0.0, speed: *speed, sent_at: 0.0 }, 0.0);
+        }
+        let cands: Vec<(PeerId, f64)> = peers.iter().enumerate().map(|(p, (_, t, _))| (p as u64, *t)).collect();
+        let (id, _) = s.start(TaskSpec { work }, &cands, 0.0);
+        let mut idx: Vec<usize> = (0..peers.len()).collect();
+        let mut x = order | 1;
+        for i in (1..idx.len()).rev() {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            idx.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let mut got = None;
+        for &p in &idx {
+            let (speed, transfer, queue) = peers[p];
+            let q = Quote { queue_s: queue, service_s: work / speed, transfer_s: transfer };
+            if let Some(a) = award(&s.on_bid(id, p as u64, q, 0.0)) {
+                got = Some(a.0);
+                break;
+            }
+        }
+        let total = |p: usize| peers[p].2 + work / peers[p].0 + peers[p].1;
+        let want = (0..peers.len()).min_by(|&a, &b| total(a).total_cmp(&total(b)).then(a.cmp(&b))).unwrap();
+        prop_assert_eq!(got, Some(want as u64));
+    }
+}
