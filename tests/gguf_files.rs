@@ -195,6 +195,9 @@ fn bad_ranges_and_inputs_are_errors() {
     expect_err(middle.forward(&mut m, ShardInput::Hidden(&[0.0; 7]), LogitsFor::Last), "width");
     expect_err(middle.forward(&mut m, ShardInput::Hidden(&[f32::NAN; TINY_D]), LogitsFor::Last), "NaN");
     expect_err(middle.forward(&mut c, ShardInput::Hidden(&[0.0; TINY_D]), LogitsFor::Last), "session cache");
+    // Same layers, another loaded shard (another model, say): refused too.
+    let twin = load(&b, 1..2).unwrap();
+    expect_err(twin.forward(&mut m, ShardInput::Hidden(&[0.0; TINY_D]), LogitsFor::Last), "another shard");
     // The context (128) is enforced.
     let long = vec![1u32; 129];
     expect_err(first.forward(&mut first.new_session(), ShardInput::Tokens(&long), LogitsFor::Last), "context");

@@ -90,11 +90,16 @@ pub struct Shard {
     inv_freq: Vec<f64>,
     pool: Arc<ThreadPool>,
     memory: usize,
+    /// Unique per loaded shard: a session cache works only with its own shard.
+    id: u64,
 }
+
+static NEXT_SHARD_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Per-session state of one shard: its KV cache and reusable buffers.
 #[derive(Debug)]
 pub struct SessionCache {
+    shard: u64,
     range: Range<usize>,
     pos: usize,
     /// Per layer, `pos * kv_dim` keys (RoPE applied).
@@ -238,7 +243,8 @@ impl Shard {
         let inv_freq = (0..cfg.rope_dims / 2)
             .map(|i| (cfg.rope_base as f64).powf(-((2 * i) as f64) / cfg.rope_dims as f64))
             .collect();
-        let mut shard = Shard { cfg, range, embed, layers, head, inv_freq, pool, memory: 0 };
+        let id = NEXT_SHARD_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut shard = Shard { cfg, range, embed, layers, head, inv_freq, pool, memory: 0, id };
         shard.memory = shard.compute_memory();
         Ok(shard)
     }
@@ -296,6 +302,7 @@ impl Shard {
     /// A new, empty session state for this shard.
     pub fn new_session(&self) -> SessionCache {
         SessionCache {
+            shard: self.id,
             range: self.range.clone(),
             pos: 0,
             k: vec![Vec::new(); self.layers.len()],
@@ -309,9 +316,9 @@ impl Shard {
     /// last stage.
     pub fn forward(&self, cache: &mut SessionCache, input: ShardInput<'_>, logits: LogitsFor) -> Result<ShardOutput> {
         let d = self.cfg.hidden;
-        if cache.range != self.range {
+        if cache.shard != self.id {
             return Err(ModelError::Input(format!(
-                "session cache is for layers {:?}, this shard runs {:?}",
+                "session cache belongs to another shard (layers {:?}; this one runs {:?})",
                 cache.range, self.range
             )));
         }
