@@ -198,6 +198,7 @@ fn load(m: &ModelArgs) -> Result<LocalModel> {
     let path = model_path(m)?;
     let threads = match m.threads {
         Some(0) => bail!("--threads must be at least 1"),
+        Some(t) if t > 1024 => bail!("--threads {t} is more than 1024; this host has {} cores", std::thread::available_parallelism().map_or(1, |n| n.get())),
         Some(t) => t,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
