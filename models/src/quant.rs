@@ -398,24 +398,36 @@ impl AffineMatrix {
     pub(crate) fn dot_rows_portable(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
         let nb = self.nb;
         let pb = self.kind.pair_bytes();
+        let mut w = [0i16; PAIR];
         for r in r0..r1 {
             let qrow = &self.q[r * nb / 2 * pb..(r + 1) * nb / 2 * pb];
             for t in 0..a.tokens {
                 let aq = &a.q[t * nb * BLOCK..(t + 1) * nb * BLOCK];
                 let mut acc = 0f32;
                 for p in 0..nb / 2 {
-                    let mut isum = [0i32; 2];
-                    for k in 0..PAIR {
-                        let w = match self.kind {
-                            IntKind::U4 => {
-                                let byte = qrow[p * 32 + (k % 32)];
-                                (if k < 32 { byte & 0x0f } else { byte >> 4 }) as i32
+                    let bytes = &qrow[p * pb..(p + 1) * pb];
+                    match self.kind {
+                        IntKind::U4 => {
+                            for k in 0..32 {
+                                w[k] = (bytes[k] & 0x0f) as i16;
+                                w[k + 32] = (bytes[k] >> 4) as i16;
                             }
-                            IntKind::U5 => qrow[p * 64 + k] as i32,
-                            IntKind::I8 => qrow[p * 64 + k] as i8 as i32,
-                        };
-                        isum[(k / 4) % 2] += w * aq[p * PAIR + k] as i32;
+                        }
+                        IntKind::U5 => w.iter_mut().zip(bytes).for_each(|(w, &b)| *w = b as i16),
+                        IntKind::I8 => w.iter_mut().zip(bytes).for_each(|(w, &b)| *w = b as i8 as i16),
                     }
+                    // Eight lanes: within every 8 positions the first four
+                    // belong to the pair's first block, the last four to its
+                    // second (see `pair_pos`). Written so compilers vectorize it
+                    // for any target (SSE2, NEON).
+                    let ap = &aq[p * PAIR..(p + 1) * PAIR];
+                    let mut lanes = [0i32; 8];
+                    for (wc, ac) in w.chunks_exact(8).zip(ap.chunks_exact(8)) {
+                        for e in 0..8 {
+                            lanes[e] += wc[e] as i32 * ac[e] as i32;
+                        }
+                    }
+                    let isum = [lanes[..4].iter().sum::<i32>(), lanes[4..].iter().sum::<i32>()];
                     for (b, &is) in isum.iter().enumerate() {
                         let j = 2 * p + b;
                         acc += is as f32 * (self.scales.scale(r * nb + j) * a.d[t * nb + j]);
