@@ -145,15 +145,15 @@ impl GenerationState {
     }
 
     /// Ends the loop because the context is full.
-    pub fn end_context(&mut self) -> Result<Step> {
+    pub fn end_context(&mut self) -> Step {
         self.finish = Some(FinishReason::Context);
-        Ok(Step { token: 0, text: self.flush_text()?, finish: self.finish })
+        Step { token: 0, text: self.flush_text(), finish: self.finish }
     }
 
-    fn flush_text(&mut self) -> Result<String> {
+    fn flush_text(&mut self) -> String {
         let out = self.text[self.emitted..].to_string();
         self.emitted = self.text.len();
-        Ok(out)
+        out
     }
 
     /// Consumes the logits of the last position and returns the chosen token.
@@ -402,7 +402,7 @@ impl LocalModel {
                 break;
             }
             if caches[0].pos() >= ctx {
-                on_step(&state.end_context()?);
+                on_step(&state.end_context());
                 break;
             }
             logits = self.forward_hooked(&mut caches, &[step.token], LogitsFor::Last, hook)?;
