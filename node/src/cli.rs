@@ -38,6 +38,18 @@ enum Command {
     /// Measure prefill and decode speed of this host (like llama-bench's pp/tg).
     #[command(after_help = "Example:\n  fogmesh bench --threads 1 --prompt-tokens 128 --gen-tokens 64 --reps 5")]
     Bench(BenchArgs),
+    /// Run a mesh peer until SIGINT/SIGTERM.
+    ///
+    /// Peers on the same LAN find each other by mDNS; beyond it, give
+    /// --bootstrap. With a cluster secret, only peers holding it can connect.
+    #[command(after_help = "Examples:\n  fogmesh node\n  \
+        fogmesh node --secret-file /etc/fogmesh/secret --listen /ip4/0.0.0.0/tcp/4001\n  \
+        fogmesh node --no-mdns --bootstrap /ip4/10.0.0.5/tcp/4001 --http 127.0.0.1:0\n\n\
+        Logs go to stderr; RUST_LOG=debug shows more.")]
+    Node(crate::node::NodeArgs),
+    /// Print the membership view of a running node.
+    #[command(after_help = "Examples:\n  fogmesh peers\n  fogmesh peers --node 127.0.0.1:8469 --json")]
+    Peers(crate::node::PeersArgs),
 }
 
 #[derive(Debug, Args)]
@@ -142,7 +154,8 @@ struct ScoreArgs {
 /// Runs the command line; the binary's whole `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // A node's startup and membership lines are info; other commands stay quiet.
+    init_tracing(if matches!(cli.command, Command::Node(_)) { "warn,fogmesh=info,fogmesh_node=info,libp2p_kad=error" } else { "warn" });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -152,10 +165,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -172,6 +190,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Score(a) => score(a),
         Command::Bench(a) => bench(a),
+        Command::Node(a) => crate::node::run_node(a),
+        Command::Peers(a) => crate::node::run_peers(a),
     }
 }
 

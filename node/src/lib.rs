@@ -1,13 +1,25 @@
 //! # fogmesh-node
 //!
-//! The fogmesh peer: the command line, model fetching, and (in later issues)
-//! the libp2p swarm with mDNS, Kademlia, gossipsub, identify, pnet and the
-//! stage-traffic protocol, plus the HTTP API and dashboard. It holds no
-//! inference logic: that lives in `fogmesh-models` and `fogmesh-actors`.
+//! The fogmesh peer: the command line, model fetching, the libp2p swarm
+//! (mDNS, Kademlia, gossipsub, identify, ping, pnet and the stage-traffic
+//! protocol) with its membership view, self-measurement, and the local HTTP
+//! status endpoint. It holds no inference logic: that lives in
+//! `fogmesh-models` and `fogmesh-actors`.
 //!
 //! ## Layout
-//! - `cli.rs`: the `fogmesh` command line (`fetch`, `generate`, `score`).
+//! - `cli.rs`: the `fogmesh` command line (`fetch`, `generate`, `score`,
+//!   `bench`, `node`, `peers`).
 //! - `fetch.rs`: obtaining the default model through pip, verified by SHA-256.
+//! - `net/`: the swarm task and its [`net::NetHandle`]; `membership.rs` (the
+//!   sans-I/O peer view), `codec.rs` (framed stage traffic), `keys.rs`
+//!   (identity and cluster secret).
+//! - `measure.rs`: what a host measures about itself at start.
+//! - `http.rs`: the local status endpoint.
+//! - `node.rs`: `fogmesh node` and `fogmesh peers`.
 
 pub mod cli;
 pub mod fetch;
+pub mod http;
+pub mod measure;
+pub mod net;
+pub mod node;

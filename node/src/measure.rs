@@ -1,0 +1,93 @@
+//! Self-measurement at start: what this host brings to the mesh.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// What a node measured about its own host.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelfMeasurement {
+    /// Logical CPUs this process may use.
+    pub cores: u32,
+    /// Memory available to new work (`MemAvailable`), in bytes.
+    pub memory_bytes: u64,
+    /// f32 matrix multiply speed over all cores, in GFLOP/s.
+    pub gflops: f32,
+    /// The fogmesh version.
+    pub version: String,
+}
+
+/// The fogmesh version string peers exchange.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl SelfMeasurement {
+    /// Measures this host; the matmul probe runs for about `probe` (≥ one
+    /// multiply).
+    pub fn measure(probe: Duration) -> Self {
+        SelfMeasurement {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_bytes: available_memory().unwrap_or(0),
+            gflops: matmul_gflops(probe),
+            version: VERSION.to_string(),
+        }
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text)
+}
+
+fn parse_meminfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Times repeated 256×256 f32 matrix products (candle's CPU matmul, the
+/// kernel family the engine's f32 paths use) for about `budget`.
+pub fn matmul_gflops(budget: Duration) -> f32 {
+    use candle_core::{Device, Tensor};
+    const N: usize = 256;
+    let dev = Device::Cpu;
+    let data: Vec<f32> = (0..N * N).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+    let (Ok(a), Ok(b)) = (Tensor::from_slice(&data, (N, N), &dev), Tensor::from_slice(&data, (N, N), &dev)) else {
+        return 0.0;
+    };
+    // One warm-up product, then as many as fit the budget.
+    if a.matmul(&b).is_err() {
+        return 0.0;
+    }
+    let start = Instant::now();
+    let mut runs = 0u32;
+    while runs == 0 || start.elapsed() < budget {
+        if a.matmul(&b).is_err() {
+            return 0.0;
+        }
+        runs += 1;
+    }
+    let flops = 2.0 * (N * N * N) as f64 * runs as f64;
+    (flops / start.elapsed().as_secs_f64() / 1e9) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(parse_meminfo(text), Some(2048 * 1024));
+        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_meminfo("MemAvailable: lots kB\n"), None);
+    }
+
+    #[test]
+    fn measures_something() {
+        let m = SelfMeasurement::measure(Duration::from_millis(20));
+        assert!(m.cores >= 1);
+        assert!(m.gflops > 0.0);
+        assert_eq!(m.version, VERSION);
+    }
+}

@@ -1,0 +1,372 @@
+//! The membership view: which peers this node knows to be alive, and what they
+//! said about themselves. Sans-I/O: the swarm task feeds it events with the
+//! current time, and reads it back; tests drive it with a fake clock.
+//!
+//! ## When does a peer leave the view?
+//! A peer stays in the view while it has an open connection to us, or while
+//! something from it (a ping answer, an identify record, a gossip message) is
+//! younger than [`Membership::ttl`]. A peer that stops — gracefully, killed,
+//! or cut off — therefore leaves within `ttl` after its connection closes. A
+//! silent connection is closed by the swarm after [`MAX_PING_FAILURES`] failed
+//! pings, so a host that vanishes without closing its sockets leaves within
+//! `ttl + MAX_PING_FAILURES × (ping interval + ping timeout)`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use fogmesh_protocols::{Capabilities, LoadReport, ShardLoad};
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// Consecutive failed pings after which the swarm task closes a connection.
+pub const MAX_PING_FAILURES: u32 = 2;
+
+/// Most addresses remembered per peer (the newest win).
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+
+/// How a peer came to our attention (for the status view and debugging).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Multicast DNS on the local link.
+    Mdns,
+    /// The Kademlia DHT or a bootstrap address.
+    Kad,
+    /// A direct connection (identify, ping).
+    Direct,
+    /// A gossip message relayed by others.
+    Gossip,
+}
+
+/// One peer as seen from here.
+#[derive(Debug, Clone)]
+struct Entry {
+    addrs: Vec<Multiaddr>,
+    caps: Option<Capabilities>,
+    load: Vec<ShardLoad>,
+    rtt: Option<Duration>,
+    last_seen: Instant,
+    connections: u32,
+    sources: BTreeSet<Source>,
+    agent: Option<String>,
+}
+
+/// A peer in the view, in the form the CLI and HTTP status print.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The libp2p peer id.
+    pub peer_id: String,
+    /// Addresses it is reachable at (as far as we know).
+    pub addrs: Vec<String>,
+    /// CPU cores it reported (0 until its capabilities arrive).
+    pub cores: u32,
+    /// Free memory it reported, in bytes.
+    pub memory_bytes: u64,
+    /// Its measured matmul speed.
+    pub gflops: f32,
+    /// Its fogmesh version ("" until known).
+    pub version: String,
+    /// Round-trip time from our last ping, if connected.
+    pub rtt_ms: Option<f64>,
+    /// Milliseconds since we last heard from it.
+    pub last_seen_ms: u64,
+    /// Open connections between us.
+    pub connections: u32,
+    /// How we learnt of it.
+    pub sources: Vec<Source>,
+    /// Shards it reported serving, as `[start, end, queue_depth]`.
+    pub shards: Vec<[u32; 3]>,
+    /// Its identify agent string, if received.
+    pub agent: Option<String>,
+}
+
+/// The live view of the mesh.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    local: PeerId,
+    ttl: Duration,
+    peers: BTreeMap<PeerId, Entry>,
+}
+
+impl Membership {
+    /// An empty view for the node `local`, forgetting silent, unconnected peers
+    /// after `ttl`.
+    pub fn new(local: PeerId, ttl: Duration) -> Self {
+        Membership { local, ttl, peers: BTreeMap::new() }
+    }
+
+    /// How long an unconnected peer is kept after it was last heard from.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn entry(&mut self, peer: PeerId, now: Instant) -> Option<&mut Entry> {
+        if peer == self.local {
+            return None;
+        }
+        Some(self.peers.entry(peer).or_insert_with(|| Entry {
+            addrs: Vec::new(),
+            caps: None,
+            load: Vec::new(),
+            rtt: None,
+            last_seen: now,
+            connections: 0,
+            sources: BTreeSet::new(),
+            agent: None,
+        }))
+    }
+
+    /// A connection to `peer` opened (through `addr`).
+    pub fn connected(&mut self, peer: PeerId, addr: Option<Multiaddr>, now: Instant) {
+        if let Some(e) = self.entry(peer, now) {
+            e.connections += 1;
+            e.last_seen = now;
+            e.sources.insert(Source::Direct);
+            if let Some(a) = addr {
+                push_addr(&mut e.addrs, a);
+            }
+        }
+    }
+
+    /// A connection to `peer` closed.
+    pub fn disconnected(&mut self, peer: PeerId, now: Instant) {
+        if let Some(e) = self.peers.get_mut(&peer) {
+            e.connections = e.connections.saturating_sub(1);
+            if e.connections == 0 {
+                e.rtt = None;
+                // Counting from the close keeps a peer for `ttl` at most
+                // unless gossip shows it is alive elsewhere.
+                e.last_seen = e.last_seen.min(now);
+            }
+        }
+    }
+
+    /// Identify told us `peer`'s listen addresses and agent string.
+    pub fn identified(&mut self, peer: PeerId, addrs: &[Multiaddr], agent: &str, now: Instant) {
+        if let Some(e) = self.entry(peer, now) {
+            e.last_seen = now;
+            e.agent = Some(agent.chars().take(128).collect());
+            for a in addrs {
+                push_addr(&mut e.addrs, a.clone());
+            }
+        }
+    }
+
+    /// Records that discovery (`source`) found `peer` at `addr`. This does not
+    /// put an unknown peer in the view: a discovered peer appears once it has
+    /// proved itself with a connection (so strangers without the cluster secret
+    /// never do); it only remembers the address of a known one.
+    pub fn discovered(&mut self, peer: PeerId, addr: Multiaddr, source: Source) {
+        if let Some(e) = self.peers.get_mut(&peer) {
+            e.sources.insert(source);
+            push_addr(&mut e.addrs, addr);
+        }
+    }
+
+    /// A ping to `peer` came back after `rtt`.
+    pub fn ping(&mut self, peer: PeerId, rtt: Duration, now: Instant) {
+        if let Some(e) = self.entry(peer, now) {
+            e.rtt = Some(rtt);
+            e.last_seen = now;
+        }
+    }
+
+    /// A gossiped capabilities message whose signature says it came from `peer`.
+    pub fn capabilities(&mut self, peer: PeerId, caps: Capabilities, now: Instant) {
+        if let Some(e) = self.entry(peer, now) {
+            e.caps = Some(caps);
+            e.last_seen = now;
+            e.sources.insert(Source::Gossip);
+        }
+    }
+
+    /// A gossiped load report whose signature says it came from `peer`.
+    pub fn load(&mut self, peer: PeerId, report: LoadReport, now: Instant) {
+        if let Some(e) = self.entry(peer, now) {
+            e.load = report.shards;
+            e.last_seen = now;
+            e.sources.insert(Source::Gossip);
+        }
+    }
+
+    /// Drops peers that are unconnected and silent for longer than the TTL;
+    /// returns the ones dropped.
+    pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
+        let ttl = self.ttl;
+        let gone: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| e.connections == 0 && now.saturating_duration_since(e.last_seen) > ttl)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &gone {
+            self.peers.remove(p);
+        }
+        gone
+    }
+
+    /// Whether `peer` is in the view.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// Number of peers in the view.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Known addresses of `peer`.
+    pub fn addrs(&self, peer: &PeerId) -> &[Multiaddr] {
+        self.peers.get(peer).map(|e| e.addrs.as_slice()).unwrap_or(&[])
+    }
+
+    /// Whether we hold a connection to `peer`.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|e| e.connections > 0)
+    }
+
+    /// The view, sorted by peer id.
+    pub fn snapshot(&self, now: Instant) -> Vec<PeerInfo> {
+        self.peers
+            .iter()
+            .map(|(p, e)| {
+                let caps = e.caps.as_ref();
+                PeerInfo {
+                    peer_id: p.to_string(),
+                    addrs: e.addrs.iter().map(|a| a.to_string()).collect(),
+                    cores: caps.map_or(0, |c| c.cores),
+                    memory_bytes: caps.map_or(0, |c| c.memory_bytes),
+                    gflops: caps.map_or(0.0, |c| c.gflops),
+                    version: caps.map(|c| c.version.clone()).unwrap_or_default(),
+                    rtt_ms: e.rtt.map(|d| d.as_secs_f64() * 1e3),
+                    last_seen_ms: now.saturating_duration_since(e.last_seen).as_millis() as u64,
+                    connections: e.connections,
+                    sources: e.sources.iter().copied().collect(),
+                    shards: e.load.iter().map(|s| [s.start, s.end, s.queue_depth]).collect(),
+                    agent: e.agent.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn push_addr(addrs: &mut Vec<Multiaddr>, a: Multiaddr) {
+    if let Some(i) = addrs.iter().position(|x| *x == a) {
+        addrs.remove(i);
+    } else if addrs.len() >= MAX_ADDRS_PER_PEER {
+        addrs.remove(0);
+    }
+    addrs.push(a);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(cores: u32) -> Capabilities {
+        Capabilities { peer: vec![], cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into() }
+    }
+
+    #[test]
+    fn discovery_alone_does_not_admit_a_peer() {
+        let me = PeerId::random();
+        let other = PeerId::random();
+        let mut m = Membership::new(me, Duration::from_secs(5));
+        m.discovered(other, "/ip4/10.0.0.2/tcp/1".parse().unwrap(), Source::Mdns);
+        assert!(m.is_empty());
+        let t = Instant::now();
+        m.connected(other, None, t);
+        m.discovered(other, "/ip4/10.0.0.2/tcp/1".parse().unwrap(), Source::Mdns);
+        let s = m.snapshot(t);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].sources, vec![Source::Mdns, Source::Direct]);
+    }
+
+    #[test]
+    fn never_lists_itself() {
+        let me = PeerId::random();
+        let mut m = Membership::new(me, Duration::from_secs(5));
+        let t = Instant::now();
+        m.connected(me, None, t);
+        m.capabilities(me, caps(4), t);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_peer_leaves_within_ttl_after_its_connection_closes() {
+        let me = PeerId::random();
+        let p = PeerId::random();
+        let ttl = Duration::from_secs(3);
+        let mut m = Membership::new(me, ttl);
+        let t0 = Instant::now();
+        m.connected(p, None, t0);
+        m.capabilities(p, caps(8), t0);
+        m.ping(p, Duration::from_millis(2), t0);
+        // Connected peers stay however long they are silent.
+        assert!(m.expire(t0 + Duration::from_secs(60)).is_empty());
+        let t1 = t0 + Duration::from_secs(61);
+        m.ping(p, Duration::from_millis(2), t1);
+        m.disconnected(p, t1);
+        assert!(m.expire(t1 + ttl).is_empty());
+        assert_eq!(m.expire(t1 + ttl + Duration::from_millis(1)), vec![p]);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn gossip_keeps_an_unconnected_peer_alive() {
+        let me = PeerId::random();
+        let p = PeerId::random();
+        let ttl = Duration::from_secs(3);
+        let mut m = Membership::new(me, ttl);
+        let t0 = Instant::now();
+        m.capabilities(p, caps(2), t0);
+        let report = LoadReport { peer: vec![], timestamp_ms: 0, shards: vec![] };
+        m.load(p, report.clone(), t0 + Duration::from_secs(2));
+        assert!(m.expire(t0 + Duration::from_secs(4)).is_empty());
+        assert_eq!(m.expire(t0 + Duration::from_secs(6)), vec![p]);
+        let s = m.snapshot(t0);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn snapshot_reports_capabilities_and_rtt() {
+        let me = PeerId::random();
+        let p = PeerId::random();
+        let mut m = Membership::new(me, Duration::from_secs(3));
+        let t0 = Instant::now();
+        m.connected(p, Some("/ip4/127.0.0.1/tcp/4001".parse().unwrap()), t0);
+        m.capabilities(p, caps(6), t0);
+        m.ping(p, Duration::from_micros(1500), t0);
+        let s = &m.snapshot(t0 + Duration::from_millis(250))[0];
+        assert_eq!(s.cores, 6);
+        assert_eq!(s.memory_bytes, 1 << 30);
+        assert_eq!(s.rtt_ms, Some(1.5));
+        assert_eq!(s.last_seen_ms, 250);
+        assert_eq!(s.addrs, vec!["/ip4/127.0.0.1/tcp/4001".to_string()]);
+        m.disconnected(p, t0);
+        assert_eq!(m.snapshot(t0)[0].rtt_ms, None);
+    }
+
+    #[test]
+    fn addresses_are_bounded_and_deduplicated() {
+        let me = PeerId::random();
+        let p = PeerId::random();
+        let mut m = Membership::new(me, Duration::from_secs(3));
+        let t0 = Instant::now();
+        m.connected(p, None, t0);
+        for i in 0..50u16 {
+            let a: Multiaddr = format!("/ip4/10.0.0.1/tcp/{}", 1000 + i % 20).parse().unwrap();
+            m.discovered(p, a, Source::Kad);
+        }
+        assert_eq!(m.addrs(&p).len(), MAX_ADDRS_PER_PEER);
+        let mut sorted = m.addrs(&p).to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), MAX_ADDRS_PER_PEER);
+    }
+}
