@@ -96,7 +96,7 @@ mod tests {
         let hex64 = "ab".repeat(32);
         let k = parse_secret(&format!("  {hex64}\n")).unwrap();
         let file = format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex64}\n");
-        assert_eq!(parse_secret(&file).unwrap().fingerprint(), k.fingerprint());
+        assert_eq!(parse_secret(&file).unwrap().fingerprint().to_string(), k.fingerprint().to_string());
         for bad in ["", "abc", &"ab".repeat(31), &"zz".repeat(32), &"ab".repeat(33)] {
             assert!(matches!(parse_secret(bad), Err(KeyError::BadSecret(_))), "{bad:?}");
         }

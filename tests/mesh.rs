@@ -1,0 +1,185 @@
+//! In-process mesh tests over loopback TCP (mDNS off: its multicast would
+//! leave this host; the namespace test in `netns.rs` covers mDNS). Peers find
+//! each other through a bootstrap peer and Kademlia.
+
+use std::time::{Duration, Instant};
+
+use fogmesh::node::measure::SelfMeasurement;
+use fogmesh::node::net::{self, Net, NetConfig, NetError, keys};
+use fogmesh::protocols::{Bid, ErrorCode, Message};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn config(secret: Option<&str>, bootstrap: Vec<Multiaddr>) -> NetConfig {
+    let m = SelfMeasurement { cores: 2, memory_bytes: 1 << 30, gflops: 1.0, version: "test".into() };
+    let mut c = NetConfig::new(Keypair::generate_ed25519(), m);
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    c.bootstrap = bootstrap;
+    c.mdns = false;
+    c.secret = secret.map(|s| keys::parse_secret(s).unwrap());
+    c.peer_ttl = TTL;
+    c.announce_interval = Duration::from_millis(300);
+    c.ping_interval = Duration::from_millis(500);
+    c.ping_timeout = Duration::from_secs(1);
+    c
+}
+
+async fn start(secret: Option<&str>, bootstrap: Vec<Multiaddr>) -> Net {
+    net::start(config(secret, bootstrap)).await.expect("node starts")
+}
+
+async fn view(n: &Net) -> Vec<PeerId> {
+    n.handle.peers().await.unwrap().iter().map(|p| p.peer_id.parse().unwrap()).collect()
+}
+
+/// Waits until every node sees exactly all the others (with their gossiped
+/// capabilities), or panics after `limit`; returns the time it took.
+async fn wait_full_view(nodes: &[&Net], limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let mut full = true;
+        for n in nodes {
+            let mut want: Vec<PeerId> =
+                nodes.iter().map(|m| m.handle.local_peer_id()).filter(|p| *p != n.handle.local_peer_id()).collect();
+            want.sort();
+            let peers = n.handle.peers().await.unwrap();
+            let mut got: Vec<PeerId> = peers.iter().map(|p| p.peer_id.parse().unwrap()).collect();
+            got.sort();
+            full &= got == want && peers.iter().all(|p| p.cores == 2 && p.version == "test");
+        }
+        if full {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < limit, "no full view after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn first_addr(n: &Net) -> Multiaddr {
+    n.listen_addrs[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_form_a_full_view() {
+    let a = start(None, vec![]).await;
+    let b = start(None, vec![first_addr(&a)]).await;
+    let took = wait_full_view(&[&a, &b], Duration::from_secs(10)).await;
+    eprintln!("2 peers: full view in {took:?}");
+    let p = &a.handle.peers().await.unwrap()[0];
+    assert!(p.rtt_ms.is_some_and(|r| r > 0.0 && r < 1000.0), "rtt {:?}", p.rtt_ms);
+    assert!(p.connections >= 1);
+    let s = b.handle.status().await.unwrap();
+    assert_eq!(s.peer_id, b.handle.local_peer_id().to_string());
+    assert!(!s.mdns && !s.secret);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_peers_form_a_full_view_and_a_stopped_peer_leaves_within_the_bound() {
+    let seed = start(None, vec![]).await;
+    let mut nodes = vec![];
+    for _ in 0..4 {
+        nodes.push(start(None, vec![first_addr(&seed)]).await);
+    }
+    let all: Vec<&Net> = std::iter::once(&seed).chain(nodes.iter()).collect();
+    let took = wait_full_view(&all, Duration::from_secs(20)).await;
+    eprintln!("5 peers: full view in {took:?}");
+
+    // Stop one (not the seed): every other peer drops it within the bound.
+    let gone = nodes.pop().unwrap();
+    let gone_id = gone.handle.local_peer_id();
+    let bound = config(None, vec![]).departure_bound();
+    gone.handle.shutdown().await;
+    gone.task.join().await;
+    let t0 = Instant::now();
+    let rest: Vec<&Net> = std::iter::once(&seed).chain(nodes.iter()).collect();
+    loop {
+        let mut still = 0;
+        for n in &rest {
+            still += view(n).await.contains(&gone_id) as usize;
+        }
+        if still == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < bound, "stopped peer still in {still} views after {:?}", t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("stopped peer left every view after {:?} (bound {bound:?})", t0.elapsed());
+    // The rest still see each other.
+    wait_full_view(&rest, Duration::from_secs(5)).await;
+    // The stopped node's handle reports that it stopped, not a panic.
+    assert!(matches!(gone.handle.peers().await, Err(NetError::Stopped)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_secret_never_appears() {
+    let s1 = "11".repeat(32);
+    let s2 = "22".repeat(32);
+    let a = start(Some(&s1), vec![]).await;
+    let b = start(Some(&s1), vec![first_addr(&a)]).await;
+    let stranger = start(Some(&s2), vec![first_addr(&a), first_addr(&b)]).await;
+    let open = start(None, vec![first_addr(&a)]).await;
+    wait_full_view(&[&a, &b], Duration::from_secs(10)).await;
+    // Let the strangers retry their bootstrap dials for a while.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for n in [&a, &b] {
+        let v = view(n).await;
+        assert!(!v.contains(&stranger.handle.local_peer_id()));
+        assert!(!v.contains(&open.handle.local_peer_id()));
+        assert_eq!(n.handle.status().await.unwrap().connections, 1, "only the a-b connection");
+    }
+    for n in [&stranger, &open] {
+        assert!(view(n).await.is_empty());
+        assert_eq!(n.handle.status().await.unwrap().connections, 0);
+    }
+    // QUIC cannot carry the secret: asking for it is a clear error.
+    let mut c = config(Some(&s1), vec![]);
+    c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    let e = net::start(c).await.err().expect("refused");
+    assert!(e.to_string().contains("QUIC"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_requests_round_trip_and_overload_is_answered_busy() {
+    let mut c = config(None, vec![]);
+    c.inbound_capacity = 1;
+    let mut server = net::start(c).await.unwrap();
+    let client = start(None, vec![first_addr(&server)]).await;
+    wait_full_view(&[&server, &client], Duration::from_secs(10)).await;
+    let sid = server.handle.local_peer_id();
+    let bid = |n: u64| Message::Bid(Bid { auction: n, peer: vec![1, 2, 3], queue_ms: 1.0, service_ms: 2.0, transfer_ms: 3.0 });
+
+    // An echo server answers one request.
+    let h = client.handle.clone();
+    let req = tokio::spawn(async move { h.request(sid, bid(1)).await });
+    let inbound = tokio::time::timeout(Duration::from_secs(5), server.inbound.recv()).await.unwrap().unwrap();
+    assert_eq!(inbound.peer, client.handle.local_peer_id());
+    assert_eq!(inbound.message, bid(1));
+    inbound.respond(bid(2));
+    assert_eq!(req.await.unwrap().unwrap(), bid(2));
+
+    // With the one-slot queue taken, the next request is answered BUSY at once.
+    let h = client.handle.clone();
+    let held = tokio::spawn(async move { h.request(sid, bid(3)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match client.handle.request(sid, bid(4)).await.unwrap() {
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::BUSY),
+        other => panic!("expected BUSY, got {other:?}"),
+    }
+    // A request dropped unanswered comes back as an error, not a hang.
+    drop(server.inbound.recv().await.unwrap());
+    match held.await.unwrap().unwrap() {
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::INTERNAL),
+        other => panic!("expected INTERNAL, got {other:?}"),
+    }
+    // A node that serves nothing answers NOT_SERVED.
+    drop(server.inbound);
+    match client.handle.request(sid, bid(5)).await.unwrap() {
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::NOT_SERVED),
+        other => panic!("expected NOT_SERVED, got {other:?}"),
+    }
+    // A request to a peer nobody knows fails with an error.
+    let e = client.handle.request(PeerId::random(), bid(6)).await.unwrap_err();
+    assert!(matches!(e, NetError::Request { .. }), "{e}");
+}
