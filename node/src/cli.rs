@@ -50,6 +50,9 @@ enum Command {
     /// Print the membership view of a running node.
     #[command(after_help = "Examples:\n  fogmesh peers\n  fogmesh peers --node 127.0.0.1:8469 --json")]
     Peers(crate::node::PeersArgs),
+    /// Print the status of a running node (identity, addresses, secret, peers).
+    #[command(after_help = "Examples:\n  fogmesh status\n  fogmesh status --node 127.0.0.1:8469 --json")]
+    Status(crate::node::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench(a),
         Command::Node(a) => crate::node::run_node(a),
         Command::Peers(a) => crate::node::run_peers(a),
+        Command::Status(a) => crate::node::run_status(a),
     }
 }
 

@@ -207,3 +207,48 @@ pub fn run_peers(args: PeersArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Options of `fogmesh status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// HTTP address of the node (as for `fogmesh peers`).
+    #[arg(long, value_name = "ADDR")]
+    pub node: Option<String>,
+    /// Data dir of the local node, to find its HTTP address.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print the node's JSON status.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints a running node's status: itself, then its view.
+pub fn run_status(args: StatusArgs) -> Result<()> {
+    let node = node_addr(&args.node, &data_dir(&args.data_dir));
+    let body = http_get(&node, "/status")?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let s: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{node} sent a malformed status"))?;
+    println!("node        {}", s["peer_id"].as_str().unwrap_or("?"));
+    let listen: Vec<&str> = s["listen_addrs"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    println!("listening   {}", listen.join(" "));
+    println!("mDNS        {}", if s["mdns"] == true { "on" } else { "off" });
+    println!("secret      {}", if s["secret"] == true { "on" } else { "off (anyone on the network can join)" });
+    println!("connections {}", s["connections"]);
+    let m = &s["measurement"];
+    println!(
+        "this host   {} cores, {} MiB free, {:.1} GFLOP/s, fogmesh {}",
+        m["cores"],
+        m["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+        m["gflops"].as_f64().unwrap_or(0.0),
+        m["version"].as_str().unwrap_or("?")
+    );
+    let n = s["peers"].as_array().map_or(0, |p| p.len());
+    println!("peers       {n}");
+    if n == 0 {
+        println!("            none yet: are the hosts on one LAN? is multicast blocked? try --bootstrap ADDR");
+    }
+    Ok(())
+}

@@ -438,6 +438,7 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
         listen_addrs: Vec::new(),
         connections: 0,
         kad_bootstrapped: None,
+        caps_due: false,
         cfg,
     };
     // Wait (bounded) until each listener reports an address or fails.
@@ -491,6 +492,7 @@ struct Runner {
     listen_addrs: Vec<Multiaddr>,
     connections: u32,
     kad_bootstrapped: Option<Instant>,
+    caps_due: bool,
 }
 
 fn error_message(code: u16, message: &str) -> Message {
@@ -546,6 +548,9 @@ impl Runner {
                     }
                 }
                 _ = tick.tick() => {
+                    if std::mem::take(&mut self.caps_due) {
+                        self.announce_caps();
+                    }
                     for p in self.membership.expire(Instant::now()) {
                         tracing::info!(peer = %p, "peer left the view");
                     }
@@ -603,17 +608,22 @@ impl Runner {
         }
     }
 
-    fn announce(&mut self) {
-        let me = self.swarm.local_peer_id().to_bytes();
+    fn announce_caps(&mut self) {
         let m = &self.cfg.measurement;
         let caps = Message::Capabilities(Capabilities {
-            peer: me.clone(),
+            peer: self.swarm.local_peer_id().to_bytes(),
             cores: m.cores,
             memory_bytes: m.memory_bytes,
             gflops: m.gflops,
             version: m.version.clone(),
         });
         self.publish(CAPS_TOPIC, &caps);
+    }
+
+    fn announce(&mut self) {
+        self.caps_due = false;
+        self.announce_caps();
+        let me = self.swarm.local_peer_id().to_bytes();
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -760,6 +770,13 @@ impl Runner {
                     &propagation_source,
                     acceptance,
                 );
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+                if topic == gossipsub::IdentTopic::new(CAPS_TOPIC).hash() =>
+            {
+                // A new subscriber learns our capabilities now, not at the
+                // next announcement (rate-limited: see `tick`).
+                self.caps_due = true;
             }
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Stage(ev) => self.on_stage_event(ev),

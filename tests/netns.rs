@@ -1,0 +1,345 @@
+//! Multi-host tests in Linux network namespaces the test creates itself.
+//! NEEDS ROOT and iproute2's `ip`; skipped with a message otherwise (CI runs
+//! as root, so it runs there). Every namespace, bridge and veth it makes is
+//! removed when the test ends, also on failure, and traffic only goes to the
+//! 10.77.0.0/16 addresses it assigns inside those namespaces.
+//!
+//! Topology of `lan_discovery_bootstrap_and_secret`:
+//!
+//! ```text
+//!  h1 h2 h3 h4 h6 ── bridge (lanA, 10.77.1.0/24) ── rt ── bridge (lanB, 10.77.2.0/24) ── h5
+//! ```
+//! `rt` routes unicast between the two LANs but not multicast, so h5 cannot
+//! find anyone by mDNS and joins with `--bootstrap` alone; h6 has the wrong
+//! cluster secret.
+//!
+//! The benchmark (`cargo test --release --test netns -- --ignored --nocapture`)
+//! times the full view of 2, 4 and 8 peers on one bridge, and a node's idle
+//! CPU and memory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SECRET: &str = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7";
+const WRONG_SECRET: &str = "badbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbad0";
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Skips (returns false) unless root with `ip` and netns support.
+fn can_run() -> bool {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        eprintln!("SKIPPED: network-namespace tests need root (CI runs them as root)");
+        return false;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: network-namespace tests need iproute2's `ip`");
+        return false;
+    }
+    true
+}
+
+/// Namespaces and node processes of one test; dropping it kills the nodes
+/// and deletes the namespaces (and with them every veth and bridge).
+struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    nodes: Vec<(String, Child, PathBuf)>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let prefix = format!("fm{}{}", std::process::id() % 100_000, tag);
+        Lab { prefix, namespaces: vec![], nodes: vec![], dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn add_ns(&mut self, name: &str) -> String {
+        let ns = self.ns(name);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        run(&["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A switch: a namespace holding one bridge (multicast snooping off so
+    /// mDNS floods like on a plain switch).
+    fn add_lan(&mut self, name: &str) -> String {
+        let ns = self.add_ns(name);
+        run(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        run(&["ip", "-n", &ns, "link", "set", "br0", "up"]);
+        ns
+    }
+
+    /// Plugs namespace `host` into `lan` as interface `ifname` with `cidr`.
+    fn plug(&self, lan: &str, port: &str, host: &str, ifname: &str, cidr: &str) {
+        run(&["ip", "-n", lan, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", host]);
+        run(&["ip", "-n", lan, "link", "set", port, "master", "br0", "up"]);
+        run(&["ip", "-n", host, "addr", "add", cidr, "dev", ifname]);
+        run(&["ip", "-n", host, "link", "set", ifname, "up"]);
+    }
+
+    /// A host on `lan` at 10.77.`subnet`.`n` with its default route via .254.
+    fn add_host(&mut self, name: &str, lan: &str, subnet: u8, n: u8) -> String {
+        let ns = self.add_ns(name);
+        self.plug(lan, name, &ns, "eth0", &format!("10.77.{subnet}.{n}/24"));
+        run(&["ip", "-n", &ns, "route", "add", "default", "via", &format!("10.77.{subnet}.254")]);
+        ns
+    }
+
+    /// Starts `fogmesh node` in namespace `ns` with `extra` flags.
+    fn start_node(&mut self, ns: &str, extra: &[&str]) {
+        let data = self.dir.path().join(ns);
+        std::fs::create_dir_all(&data).unwrap();
+        let log = std::fs::File::create(data.join("node.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_fogmesh"), "node", "--listen", "/ip4/0.0.0.0/tcp/4001"])
+            .args(["--http", "127.0.0.1:8469", "--data-dir"])
+            .arg(&data)
+            .args(extra)
+            .env("RUST_LOG", "info,libp2p_kad=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fogmesh node");
+        self.nodes.push((ns.to_string(), child, data));
+    }
+
+    fn pid(&self, ns: &str) -> u32 {
+        self.nodes.iter().find(|(n, ..)| n == ns).map(|(_, c, _)| c.id()).expect("node")
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (ns, _, data) in &self.nodes {
+            let log = std::fs::read_to_string(data.join("node.log")).unwrap_or_default();
+            s += &format!("==== {ns}\n{log}\n");
+        }
+        s
+    }
+
+    /// `fogmesh peers --json` inside `ns`, or None while its node is not up.
+    fn peers(&self, ns: &str) -> Option<Vec<Value>> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_fogmesh"), "peers", "--json", "--node", "127.0.0.1:8469"])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).expect("peers --json prints JSON");
+        Some(v.as_array().expect("an array").clone())
+    }
+
+    fn status(&self, ns: &str) -> Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_fogmesh"), "status", "--json", "--node", "127.0.0.1:8469"])
+            .output()
+            .expect("fogmesh status");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn peer_id(&self, ns: &str) -> String {
+        let data = self.nodes.iter().find(|(n, ..)| n == ns).map(|(.., d)| d.clone()).unwrap();
+        peer_id_of(&data)
+    }
+
+    /// Waits until each of `hosts` sees exactly `expect(host)` (as peer ids).
+    fn wait_views(&self, hosts: &[String], limit: Duration, expect: impl Fn(&str) -> Vec<String>) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let mut ok = true;
+            for h in hosts {
+                let mut want = expect(h);
+                want.sort();
+                // A peer counts once its gossiped capabilities are in.
+                let mut got: Vec<String> = match self.peers(h) {
+                    Some(p) => p
+                        .iter()
+                        .filter(|p| p["cores"].as_u64().unwrap_or(0) > 0)
+                        .map(|p| p["peer_id"].as_str().unwrap().to_string())
+                        .collect(),
+                    None => {
+                        ok = false;
+                        continue;
+                    }
+                };
+                got.sort();
+                ok &= got == want;
+            }
+            if ok {
+                return t0.elapsed();
+            }
+            if t0.elapsed() > limit {
+                let views: Vec<_> = hosts.iter().map(|h| (h, self.peers(h))).collect();
+                panic!("views not complete after {limit:?}: {views:#?}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn peer_id_of(data: &Path) -> String {
+    let bytes = std::fs::read(data.join("identity.key")).expect("identity written");
+    libp2p::identity::Keypair::from_protobuf_encoding(&bytes).unwrap().public().to_peer_id().to_string()
+}
+
+/// Waits for a node's identity file (written before it starts networking).
+fn wait_identity(lab: &Lab, ns: &str) {
+    let data = lab.nodes.iter().find(|(n, ..)| n == ns).map(|(.., d)| d.clone()).unwrap();
+    let t0 = Instant::now();
+    while !data.join("identity.key").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{ns} wrote no identity\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn lan_discovery_bootstrap_and_secret() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new("a");
+    let lan_a = lab.add_lan("lanA");
+    let lan_b = lab.add_lan("lanB");
+    let rt = lab.add_ns("rt");
+    lab.plug(&lan_a, "rt", &rt, "ethA", "10.77.1.254/24");
+    lab.plug(&lan_b, "rt", &rt, "ethB", "10.77.2.254/24");
+    run(&["ip", "netns", "exec", &rt, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let lan: Vec<String> = (1..=4).map(|i| lab.add_host(&format!("h{i}"), &lan_a, 1, i)).collect();
+    let h5 = lab.add_host("h5", &lan_b, 2, 5);
+    let h6 = lab.add_host("h6", &lan_a, 1, 6);
+
+    // Four hosts, the secret, and no discovery flags at all: mDNS alone.
+    for h in &lan {
+        lab.start_node(h, &["--secret", SECRET]);
+    }
+    for h in &lan {
+        wait_identity(&lab, h);
+    }
+    let ids: Vec<String> = lan.iter().map(|h| lab.peer_id(h)).collect();
+    let others = |me: &str, ids: &[String]| -> Vec<String> { ids.iter().filter(|i| *i != me).cloned().collect() };
+    let took = lab.wait_views(&lan, Duration::from_secs(5), |h| others(&lab.peer_id(h), &ids));
+    eprintln!("4 hosts: full view by mDNS in {took:?}");
+
+    // h5 is behind the router: multicast cannot reach it. --bootstrap only.
+    lab.start_node(&h5, &["--secret", SECRET, "--bootstrap", "/ip4/10.77.1.1/tcp/4001"]);
+    wait_identity(&lab, &h5);
+    let mut all = ids.clone();
+    all.push(lab.peer_id(&h5));
+    let mut five = lan.clone();
+    five.push(h5.clone());
+    let took = lab.wait_views(&five, Duration::from_secs(20), |h| others(&lab.peer_id(h), &all));
+    eprintln!("h5 (bootstrap only, routed) seen by all in {took:?}");
+    let seen_via: Vec<Value> = lab.peers(&lan[3]).unwrap().into_iter().filter(|p| p["peer_id"] == all[4]).collect();
+    eprintln!("h4's record of h5: {}", seen_via[0]);
+
+    // h6 on the same LAN with the wrong secret: it finds them by mDNS and
+    // dials, and they dial it, but no connection completes.
+    lab.start_node(&h6, &["--secret", WRONG_SECRET, "--bootstrap", "/ip4/10.77.1.1/tcp/4001"]);
+    wait_identity(&lab, &h6);
+    let h6_id = lab.peer_id(&h6);
+    std::thread::sleep(Duration::from_secs(6));
+    for h in &five {
+        let view = lab.peers(h).unwrap();
+        assert!(view.iter().all(|p| p["peer_id"] != h6_id.as_str()), "{h} sees h6");
+        assert_eq!(view.len(), 4, "{h}: {view:?}");
+    }
+    assert_eq!(lab.peers(&h6).unwrap(), Vec::<Value>::new(), "h6 sees someone\n{}", lab.logs());
+    let st = lab.status(&h6);
+    assert_eq!(st["connections"], 0, "h6 holds a connection: {st}");
+    assert_eq!(st["secret"], true);
+    assert_eq!(st["mdns"], true);
+    let log = std::fs::read_to_string(lab.dir.path().join(&h6).join("node.log")).unwrap();
+    assert!(log.contains("fogmesh node started"), "{log}");
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Benchmark: time from starting N nodes (one bridge, mDNS only, with the
+/// secret) to every node seeing the other N-1; then idle CPU and RSS of one
+/// node of a 4-node mesh.
+#[test]
+#[ignore = "benchmark; needs root: cargo test --release --test netns -- --ignored --nocapture"]
+fn bench_full_view_and_idle_cost() {
+    if !can_run() {
+        return;
+    }
+    let runs = 5;
+    println!("| peers | median time to full view (s) | min | max |");
+    println!("|---|---|---|---|");
+    for n in [2u8, 4, 8] {
+        let mut times = vec![];
+        for r in 0..runs {
+            let mut lab = Lab::new(&format!("b{n}{r}"));
+            let lan = lab.add_lan("lan");
+            let hosts: Vec<String> = (1..=n).map(|i| lab.add_host(&format!("h{i}"), &lan, 1, i)).collect();
+            let t0 = Instant::now();
+            for h in &hosts {
+                lab.start_node(h, &["--secret", SECRET]);
+            }
+            for h in &hosts {
+                wait_identity(&lab, h);
+            }
+            let ids: Vec<String> = hosts.iter().map(|h| lab.peer_id(h)).collect();
+            lab.wait_views(&hosts, Duration::from_secs(30), |h| {
+                let me = lab.peer_id(h);
+                ids.iter().filter(|i| **i != me).cloned().collect()
+            });
+            times.push(t0.elapsed().as_secs_f64());
+            if n == 4 && r == 0 {
+                idle_cost(&lab, &hosts[0]);
+            }
+        }
+        let (min, max) = (times.iter().cloned().fold(f64::MAX, f64::min), times.iter().cloned().fold(0.0, f64::max));
+        println!("| {n} | {:.2} | {min:.2} | {max:.2} |", median(&mut times));
+    }
+}
+
+fn idle_cost(lab: &Lab, ns: &str) {
+    let pid = lab.pid(ns);
+    let cpu = |pid: u32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    let (c0, t0) = (cpu(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(30));
+    let used = cpu(pid) - c0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: ?").to_string();
+    println!(
+        "idle node in a 4-peer mesh: {:.2}% of one core over {:.0} s; {rss}",
+        100.0 * used / t0.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}
