@@ -141,7 +141,7 @@ async fn a_peer_with_another_secret_never_appears() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stage_requests_round_trip_and_overload_is_answered_busy() {
+async fn rpc_requests_round_trip_and_overload_is_answered_busy() {
     let mut c = config(None, vec![]);
     c.inbound_capacity = 1;
     let mut server = net::start(c).await.unwrap();
@@ -182,4 +182,44 @@ async fn stage_requests_round_trip_and_overload_is_answered_busy() {
     // A request to a peer nobody knows fails with an error.
     let e = client.handle.request(PeerId::random(), bid(6)).await.unwrap_err();
     assert!(matches!(e, NetError::Request { .. }), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_streams_carry_frames_both_ways() {
+    let server = start(None, vec![]).await;
+    let client = start(None, vec![first_addr(&server)]).await;
+    wait_full_view(&[&server, &client], Duration::from_secs(10)).await;
+    let sid = server.handle.local_peer_id();
+    // Nobody accepts stage streams yet: opening one is a clear error.
+    let e = client.handle.open_stage_stream(sid).await.unwrap_err();
+    assert!(e.to_string().contains("stage stream"), "{e}");
+
+    let mut incoming = server.handle.accept_stage_streams().expect("first acceptor");
+    assert!(server.handle.accept_stage_streams().is_none(), "only one acceptor");
+    tokio::spawn(async move {
+        while let Some(mut s) = incoming.next().await {
+            tokio::spawn(async move {
+                while let Ok(Message::Bid(mut b)) = s.recv().await {
+                    b.auction += 1000;
+                    s.send(&Message::Bid(b)).await.unwrap();
+                }
+            });
+        }
+    });
+    let mut s = client.handle.open_stage_stream(sid).await.unwrap();
+    assert_eq!(s.peer(), sid);
+    for i in 0..20u64 {
+        let b = Bid { auction: i, peer: vec![], queue_ms: 0.0, service_ms: 0.0, transfer_ms: 0.0 };
+        s.send(&Message::Bid(b)).await.unwrap();
+    }
+    for i in 0..20u64 {
+        match s.recv().await.unwrap() {
+            Message::Bid(b) => assert_eq!(b.auction, i + 1000),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The server ends the stream on a message it does not expect; the client
+    // sees an error, not a hang.
+    s.send(&Message::Error(fogmesh::protocols::ErrorFrame { request: 0, code: 1, message: "x".into() })).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(5), s.recv()).await.unwrap().is_err());
 }

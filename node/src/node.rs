@@ -103,8 +103,9 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         let server = tokio::spawn(crate::http::serve(http, handle.clone(), async move {
             let _ = stop_rx.await;
         }));
-        // This node holds no shards yet: every stage request is answered
-        // NOT_SERVED (the swarm does so itself once the channel is closed).
+        // This node holds no shards yet: every request is answered NOT_SERVED
+        // (the swarm does so itself once the channel is closed), and stage
+        // streams are refused (nobody accepts them).
         let net::Net { inbound, task, .. } = net;
         drop(inbound);
         wait_for_signal().await;

@@ -25,7 +25,13 @@ pub use error::{ProtocolError, Result};
 pub use frame::{FrameHeader, HEADER_LEN, Limits, MAGIC, VERSION, read_frame, write_frame};
 pub use messages::*;
 
-/// The libp2p protocol name of the stage-traffic protocol.
+/// The libp2p protocol name of the stage-traffic protocol: a long-lived
+/// stream per (session, hop) carrying one frame per message each way. Chosen
+/// over request-response after measuring both (BENCHMARKS.md, "stage
+/// traffic"): 2.6x lower round trip for a 4 KB decode-step message.
 pub const STAGE_PROTOCOL: &str = "/fogmesh/stage/1.0.0";
+/// The libp2p protocol name of request-response calls between peers (bids,
+/// session control): one frame for the request, one for the reply.
+pub const RPC_PROTOCOL: &str = "/fogmesh/rpc/1.0.0";
 /// The libp2p protocol name of the Kademlia DHT fogmesh peers use.
 pub const KAD_PROTOCOL: &str = "/fogmesh/kad/1.0.0";

@@ -3,7 +3,7 @@
 //! One tokio task owns the [`Swarm`]; everything else talks to it through a
 //! cloneable [`NetHandle`] (commands with oneshot replies over a bounded
 //! channel; [`NetError::Stopped`] once the task has gone), and receives the
-//! stage-traffic requests peers send it from [`Net::inbound`], a bounded
+//! request-response calls peers send it from [`Net::inbound`], a bounded
 //! channel: when it is full a request is answered `BUSY` at once instead of
 //! queueing without bound.
 //!
@@ -13,10 +13,11 @@
 //! completes a connection, and QUIC (which pnet cannot wrap) is off. mDNS
 //! (optional), Kademlia under [`KAD_PROTOCOL`], identify, ping, gossipsub
 //! (signed, strict, every message validated against the protocols crate and
-//! its claimed sender) carrying [`Capabilities`] and [`LoadReport`]s, the
-//! stage-traffic request-response protocol ([`STAGE_PROTOCOL`], one
-//! limit-checked frame each way), a raw-stream protocol for bulk transfers,
-//! and connection limits.
+//! its claimed sender) carrying [`Capabilities`] and [`LoadReport`]s,
+//! request-response calls ([`RPC_PROTOCOL`], one limit-checked frame each
+//! way), stage traffic on long-lived streams ([`STAGE_PROTOCOL`], framed by
+//! [`StageStream`]; measured 2.6x faster per small message than a
+//! request-response round trip), and connection limits.
 
 pub mod codec;
 pub mod keys;
@@ -27,7 +28,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use fogmesh_protocols::{
-    Capabilities, ErrorCode, ErrorFrame, KAD_PROTOCOL, Limits, LoadReport, Message, STAGE_PROTOCOL, ShardLoad,
+    Capabilities, ErrorCode, ErrorFrame, KAD_PROTOCOL, Limits, LoadReport, Message, RPC_PROTOCOL, STAGE_PROTOCOL, ShardLoad,
     encode_message, read_message,
 };
 use futures::StreamExt;
@@ -60,8 +61,6 @@ pub const LOAD_TOPIC: &str = "fogmesh/load/1";
 /// The identify protocol version fogmesh peers announce; a peer announcing
 /// another one is disconnected.
 pub const IDENTIFY_PROTOCOL: &str = "/fogmesh/1.0.0";
-/// The raw-stream protocol (libp2p-stream), measured against request-response.
-pub const BULK_PROTOCOL: &str = "/fogmesh/bulk/1.0.0";
 /// Largest gossip message accepted.
 pub const MAX_GOSSIP_BYTES: usize = 64 << 10;
 
@@ -90,7 +89,7 @@ pub enum NetError {
         /// Why.
         reason: String,
     },
-    /// A stage request failed.
+    /// A request to a peer failed.
     #[error("request to {peer} failed: {reason}")]
     Request {
         /// The peer.
@@ -124,13 +123,13 @@ pub struct NetConfig {
     pub ping_timeout: Duration,
     /// How long a connection no protocol uses stays open.
     pub idle_timeout: Duration,
-    /// How long a stage request may take.
+    /// How long a request-response call may take.
     pub request_timeout: Duration,
     /// Most established connections.
     pub max_connections: u32,
-    /// Frame limits for stage traffic.
+    /// Frame limits for everything peers send us.
     pub limits: Limits,
-    /// Capacity of the inbound stage-request channel.
+    /// Capacity of the inbound request channel.
     pub inbound_capacity: usize,
     /// What this host measured about itself.
     pub measurement: SelfMeasurement,
@@ -138,7 +137,7 @@ pub struct NetConfig {
 
 impl NetConfig {
     /// Defaults: mDNS on, 10 s peer TTL, 2 s announcements, 2 s pings with a
-    /// 5 s timeout, 60 s idle timeout, 30 s stage requests, 128 connections.
+    /// 5 s timeout, 60 s idle timeout, 30 s calls, 128 connections.
     pub fn new(keypair: Keypair, measurement: SelfMeasurement) -> Self {
         NetConfig {
             keypair,
@@ -168,7 +167,7 @@ impl NetConfig {
     }
 }
 
-/// A stage request from a peer; answer it with [`InboundRequest::respond`].
+/// A request-response call from a peer; answer it with [`InboundRequest::respond`].
 /// Dropping it unanswered sends the peer an `INTERNAL` error.
 #[derive(Debug)]
 pub struct InboundRequest {
@@ -219,7 +218,62 @@ enum Command {
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     local: PeerId,
-    bulk: libp2p_stream::Control,
+    streams: libp2p_stream::Control,
+    limits: Limits,
+}
+
+/// A stage-traffic stream: framed [`Message`]s both ways, every frame checked
+/// against the node's [`Limits`] before its payload is read.
+pub struct StageStream {
+    peer: PeerId,
+    io: libp2p::Stream,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for StageStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageStream").field("peer", &self.peer).finish()
+    }
+}
+
+impl StageStream {
+    fn new(peer: PeerId, io: libp2p::Stream, limits: Limits) -> Self {
+        StageStream { peer, io, limits }
+    }
+
+    /// The peer at the other end.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
+        codec::write_framed(&mut self.io, msg, &self.limits).await
+    }
+
+    /// Receives one message; an error for a closed stream or a bad frame.
+    pub async fn recv(&mut self) -> std::io::Result<Message> {
+        codec::read_framed(&mut self.io, &self.limits).await
+    }
+
+    /// Closes the sending side.
+    pub async fn close(&mut self) -> std::io::Result<()> {
+        futures::AsyncWriteExt::close(&mut self.io).await
+    }
+}
+
+/// Stage streams other peers open to this node.
+pub struct IncomingStageStreams {
+    inner: libp2p_stream::IncomingStreams,
+    limits: Limits,
+}
+
+impl IncomingStageStreams {
+    /// The next stream a peer opened; `None` once the node has stopped.
+    pub async fn next(&mut self) -> Option<StageStream> {
+        let (peer, io) = self.inner.next().await?;
+        Some(StageStream::new(peer, io, self.limits))
+    }
 }
 
 impl std::fmt::Debug for NetHandle {
@@ -255,7 +309,7 @@ impl NetHandle {
         self.ask(|tx| Command::Dial(addr, tx)).await?
     }
 
-    /// Sends a stage request to `peer` and waits for its answer.
+    /// Sends a request to `peer` (protocol [`RPC_PROTOCOL`]) and waits for its answer.
     pub async fn request(&self, peer: PeerId, message: Message) -> Result<Message, NetError> {
         self.ask(|reply| Command::Request { peer, message, reply }).await?
     }
@@ -265,9 +319,22 @@ impl NetHandle {
         self.tx.send(Command::SetLoad(shards)).await.map_err(|_| NetError::Stopped)
     }
 
-    /// The raw-stream control (protocol [`BULK_PROTOCOL`]).
-    pub fn bulk_control(&self) -> libp2p_stream::Control {
-        self.bulk.clone()
+    /// Opens a stage-traffic stream to `peer` (dialing it if needed).
+    pub async fn open_stage_stream(&self, peer: PeerId) -> Result<StageStream, NetError> {
+        let mut control = self.streams.clone();
+        let stream = control
+            .open_stream(peer, StreamProtocol::new(STAGE_PROTOCOL))
+            .await
+            .map_err(|e| NetError::Request { peer, reason: format!("cannot open a stage stream: {e}") })?;
+        Ok(StageStream::new(peer, stream, self.limits))
+    }
+
+    /// Starts accepting stage-traffic streams; `None` when something else
+    /// already accepts them (only one acceptor per node).
+    pub fn accept_stage_streams(&self) -> Option<IncomingStageStreams> {
+        let mut control = self.streams.clone();
+        let inner = control.accept(StreamProtocol::new(STAGE_PROTOCOL)).ok()?;
+        Some(IncomingStageStreams { inner, limits: self.limits })
     }
 
     /// Asks the swarm task to stop (closing every connection).
@@ -280,7 +347,7 @@ impl NetHandle {
 pub struct Net {
     /// Handle to the swarm task.
     pub handle: NetHandle,
-    /// Stage requests from peers.
+    /// Requests from peers.
     pub inbound: mpsc::Receiver<InboundRequest>,
     /// The addresses the node listens on.
     pub listen_addrs: Vec<Multiaddr>,
@@ -307,8 +374,8 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
-    stage: request_response::Behaviour<StageCodec>,
-    bulk: libp2p_stream::Behaviour,
+    rpc: request_response::Behaviour<StageCodec>,
+    streams: libp2p_stream::Behaviour,
 }
 
 fn build_transport(key: &Keypair, secret: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
@@ -377,9 +444,9 @@ fn build_behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
     for t in [CAPS_TOPIC, LOAD_TOPIC] {
         gossipsub.subscribe(&gossipsub::IdentTopic::new(t)).map_err(|e| setup(&e))?;
     }
-    let stage = request_response::Behaviour::with_codec(
+    let rpc = request_response::Behaviour::with_codec(
         StageCodec::new(cfg.limits),
-        [(StreamProtocol::new(STAGE_PROTOCOL), request_response::ProtocolSupport::Full)],
+        [(StreamProtocol::new(RPC_PROTOCOL), request_response::ProtocolSupport::Full)],
         request_response::Config::default().with_request_timeout(cfg.request_timeout).with_max_concurrent_streams(256),
     );
     Ok(Behaviour {
@@ -389,8 +456,8 @@ fn build_behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
         mdns: Toggle::from(mdns),
         kad,
         gossipsub,
-        stage,
-        bulk: libp2p_stream::Behaviour::new(),
+        rpc,
+        streams: libp2p_stream::Behaviour::new(),
     })
 }
 
@@ -423,7 +490,7 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
             .map_err(|e| NetError::Listen { addr: addr.clone(), reason: e.to_string() })?;
         listeners.insert((id, addr.clone()));
     }
-    let bulk = swarm.behaviour().bulk.new_control();
+    let streams = swarm.behaviour().streams.new_control();
     let (tx, rx) = mpsc::channel(256);
     let (inbound_tx, inbound) = mpsc::channel(cfg.inbound_capacity.max(1));
     let mut runner = Runner {
@@ -473,8 +540,9 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
         }
     }
     let listen_addrs = runner.listen_addrs.clone();
+    let limits = runner.cfg.limits;
     let task = NetTask(tokio::spawn(runner.run(rx)));
-    Ok(Net { handle: NetHandle { tx, local, bulk }, inbound, listen_addrs, task })
+    Ok(Net { handle: NetHandle { tx, local, streams, limits }, inbound, listen_addrs, task })
 }
 
 type Pending = FuturesUnordered<BoxFuture<'static, (request_response::ResponseChannel<Message>, Option<Message>)>>;
@@ -543,8 +611,8 @@ impl Runner {
                 },
                 Some((channel, response)) = self.responses.next(), if !self.responses.is_empty() => {
                     let response = response.unwrap_or_else(|| error_message(ErrorCode::INTERNAL, "request dropped unanswered"));
-                    if self.swarm.behaviour_mut().stage.send_response(channel, response).is_err() {
-                        tracing::debug!("stage response dropped: the requester has gone");
+                    if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
+                        tracing::debug!("rpc response dropped: the requester has gone");
                     }
                 }
                 _ = tick.tick() => {
@@ -587,7 +655,7 @@ impl Runner {
                 let _ = reply.send(r);
             }
             Command::Request { peer, message, reply } => {
-                let id = self.swarm.behaviour_mut().stage.send_request(&peer, message);
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, message);
                 self.pending.insert(id, (peer, reply));
             }
             Command::SetLoad(shards) => self.load = shards,
@@ -779,9 +847,9 @@ impl Runner {
                 self.caps_due = true;
             }
             BehaviourEvent::Gossipsub(_) => {}
-            BehaviourEvent::Stage(ev) => self.on_stage_event(ev),
+            BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
             BehaviourEvent::Limits(never) => match never {},
-            BehaviourEvent::Bulk(()) => {}
+            BehaviourEvent::Streams(()) => {}
         }
     }
 
@@ -822,7 +890,7 @@ impl Runner {
         Ok(())
     }
 
-    fn on_stage_event(&mut self, ev: request_response::Event<Message, Message>) {
+    fn on_rpc_event(&mut self, ev: request_response::Event<Message, Message>) {
         use request_response::{Event, Message as RrMessage};
         match ev {
             Event::Message { peer, message: RrMessage::Request { request, channel, .. }, .. } => {
@@ -834,14 +902,14 @@ impl Runner {
                         let _ = self
                             .swarm
                             .behaviour_mut()
-                            .stage
+                            .rpc
                             .send_response(channel, error_message(ErrorCode::BUSY, "inbound queue full"));
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         let _ = self
                             .swarm
                             .behaviour_mut()
-                            .stage
+                            .rpc
                             .send_response(channel, error_message(ErrorCode::NOT_SERVED, "this node serves no stages"));
                     }
                 }
@@ -857,7 +925,7 @@ impl Runner {
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, %error, "inbound stage request failed");
+                tracing::debug!(%peer, %error, "inbound rpc request failed");
             }
             Event::ResponseSent { .. } => {}
         }
