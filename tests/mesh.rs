@@ -223,3 +223,20 @@ async fn stage_streams_carry_frames_both_ways() {
     s.send(&Message::Error(fogmesh::protocols::ErrorFrame { request: 0, code: 1, message: "x".into() })).await.unwrap();
     assert!(tokio::time::timeout(Duration::from_secs(5), s.recv()).await.unwrap().is_err());
 }
+
+/// Two peers that find each other at the same moment dial each other at
+/// once. With libp2p's default of dialing from the listening port, TCP merged
+/// the two dials into one connection with two initiators and both noise
+/// handshakes failed (seen in the namespace benchmark); every pair must
+/// connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dials_connect() {
+    for _ in 0..8 {
+        let a = start(Some(&"33".repeat(32)), vec![]).await;
+        let b = start(Some(&"33".repeat(32)), vec![]).await;
+        let (ra, rb) = tokio::join!(a.handle.dial(first_addr(&b)), b.handle.dial(first_addr(&a)));
+        ra.unwrap();
+        rb.unwrap();
+        wait_full_view(&[&a, &b], Duration::from_secs(10)).await;
+    }
+}

@@ -120,7 +120,7 @@ impl Lab {
             .args(["--http", "127.0.0.1:8469", "--data-dir"])
             .arg(&data)
             .args(extra)
-            .env("RUST_LOG", "info,libp2p_kad=error")
+            .env("RUST_LOG", "info,fogmesh_node=debug,libp2p_kad=error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -506,6 +506,7 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
         connections: 0,
         kad_bootstrapped: None,
         caps_due: false,
+        candidates: HashMap::new(),
         cfg,
     };
     // Wait (bounded) until each listener reports an address or fails.
@@ -535,7 +536,7 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
         runner.on_swarm_event(ev);
     }
     for addr in runner.cfg.bootstrap.clone() {
-        if let Err(e) = runner.swarm.dial(addr.clone()) {
+        if let Err(e) = runner.dial_addr(addr.clone()) {
             tracing::warn!(%addr, error = %e, "cannot dial bootstrap address");
         }
     }
@@ -561,7 +562,25 @@ struct Runner {
     connections: u32,
     kad_bootstrapped: Option<Instant>,
     caps_due: bool,
+    candidates: HashMap<PeerId, Candidate>,
 }
+
+/// A discovered peer we want a connection to.
+struct Candidate {
+    addrs: Vec<Multiaddr>,
+    next: Instant,
+    backoff: Duration,
+    failures: u32,
+}
+
+/// Most discovered-but-unconnected peers remembered for redialing.
+const MAX_CANDIDATES: usize = 1024;
+/// First redial delay of a discovered peer (doubling per attempt).
+const MIN_REDIAL: Duration = Duration::from_secs(1);
+/// Longest redial delay.
+const MAX_REDIAL: Duration = Duration::from_secs(30);
+/// Failed dials in a row after which a candidate is forgotten.
+const MAX_REDIALS: u32 = 10;
 
 fn error_message(code: u16, message: &str) -> Message {
     Message::Error(ErrorFrame { request: 0, code, message: message.into() })
@@ -616,6 +635,7 @@ impl Runner {
                     }
                 }
                 _ = tick.tick() => {
+                    self.redial_candidates(Instant::now());
                     if std::mem::take(&mut self.caps_due) {
                         self.announce_caps();
                     }
@@ -651,7 +671,7 @@ impl Runner {
                 let _ = reply.send(self.status());
             }
             Command::Dial(addr, reply) => {
-                let r = self.swarm.dial(addr.clone()).map_err(|e| NetError::Dial { addr, reason: e.to_string() });
+                let r = self.dial_addr(addr.clone()).map_err(|e| NetError::Dial { addr, reason: e.to_string() });
                 let _ = reply.send(r);
             }
             Command::Request { peer, message, reply } => {
@@ -704,17 +724,82 @@ impl Runner {
             return;
         }
         for addr in self.cfg.bootstrap.clone() {
-            if let Err(e) = self.swarm.dial(addr.clone()) {
+            if let Err(e) = self.dial_addr(addr.clone()) {
                 tracing::debug!(%addr, error = %e, "bootstrap redial failed");
             }
         }
+    }
+
+    /// Dials an address from a fresh local port. (libp2p's default reuses the
+    /// listening port; two peers that find each other at the same moment by
+    /// mDNS then dial listen port to listen port, TCP merges the two dials
+    /// into one simultaneous-open connection where both sides are the
+    /// initiator, and the noise handshake fails on both.)
+    fn dial_addr(&mut self, addr: Multiaddr) -> Result<(), libp2p::swarm::DialError> {
+        self.swarm.dial(DialOpts::unknown_peer_id().address(addr).allocate_new_port().build())
+    }
+
+    /// Remembers `addrs` of a discovered peer and dials it now unless
+    /// connected; `tick` retries unconnected candidates with backoff.
+    fn discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, source: Source) {
+        if peer == *self.swarm.local_peer_id() || addrs.is_empty() {
+            return;
+        }
+        for a in &addrs {
+            self.membership.discovered(peer, a.clone(), source);
+        }
+        if !self.candidates.contains_key(&peer) && self.candidates.len() >= MAX_CANDIDATES {
+            tracing::debug!(%peer, "candidate table full; not remembering");
+            self.dial_peer(peer, addrs);
+            return;
+        }
+        let c = self.candidates.entry(peer).or_insert_with(|| Candidate {
+            addrs: Vec::new(),
+            next: Instant::now(),
+            backoff: MIN_REDIAL,
+            failures: 0,
+        });
+        for a in addrs {
+            if !c.addrs.contains(&a) {
+                if c.addrs.len() >= membership::MAX_ADDRS_PER_PEER {
+                    c.addrs.remove(0);
+                }
+                c.addrs.push(a);
+            }
+        }
+        c.failures = 0;
+        let addrs = c.addrs.clone();
+        self.dial_peer(peer, addrs);
+    }
+
+    /// Redials unconnected candidates whose backoff has passed; forgets one
+    /// after [`MAX_REDIALS`] failures in a row (rediscovery brings it back).
+    fn redial_candidates(&mut self, now: Instant) {
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .candidates
+            .iter_mut()
+            .filter(|(p, c)| c.next <= now && !self.swarm.is_connected(p))
+            .map(|(p, c)| {
+                c.next = now + c.backoff;
+                c.backoff = (c.backoff * 2).min(MAX_REDIAL);
+                (*p, c.addrs.clone())
+            })
+            .collect();
+        for (peer, addrs) in due {
+            self.dial_peer(peer, addrs);
+        }
+        self.candidates.retain(|_, c| c.failures < MAX_REDIALS);
     }
 
     fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) || addrs.is_empty() {
             return;
         }
-        let opts = DialOpts::peer_id(peer).addresses(addrs).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .allocate_new_port()
+            .build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "dial not started");
         }
@@ -737,6 +822,11 @@ impl Runner {
                     ConnectedPoint::Dialer { address, .. } => Some(address.clone()),
                     ConnectedPoint::Listener { .. } => None,
                 };
+                if let Some(c) = self.candidates.get_mut(&peer_id) {
+                    c.failures = 0;
+                    c.backoff = MIN_REDIAL;
+                    c.next = now + MIN_REDIAL;
+                }
                 let new = !self.membership.contains(&peer_id);
                 self.membership.connected(peer_id, addr, now);
                 if new {
@@ -752,6 +842,9 @@ impl Runner {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(c) = peer_id.and_then(|p| self.candidates.get_mut(&p)) {
+                    c.failures += 1;
+                }
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
@@ -807,21 +900,26 @@ impl Runner {
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (peer, addr) in list {
-                    self.membership.discovered(peer, addr.clone(), Source::Mdns);
                     by_peer.entry(peer).or_default().push(addr);
                 }
                 for (peer, addrs) in by_peer {
                     tracing::debug!(%peer, n = addrs.len(), "mDNS found a peer");
-                    self.dial_peer(peer, addrs);
+                    self.discovered(peer, addrs, Source::Mdns);
                 }
             }
-            BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
+            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
+                for (peer, addr) in list {
+                    if let Some(c) = self.candidates.get_mut(&peer) {
+                        c.addrs.retain(|a| *a != addr);
+                        if c.addrs.is_empty() {
+                            self.candidates.remove(&peer);
+                        }
+                    }
+                }
+            }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 let addrs: Vec<Multiaddr> = addresses.iter().cloned().collect();
-                for a in &addrs {
-                    self.membership.discovered(peer, a.clone(), Source::Kad);
-                }
-                self.dial_peer(peer, addrs);
+                self.discovered(peer, addrs, Source::Kad);
             }
             BehaviourEvent::Kad(ev) => tracing::trace!(?ev, "kad"),
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
