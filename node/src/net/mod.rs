@@ -470,13 +470,12 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
             cfg.listen.push("/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid multiaddr"));
         }
     }
-    if cfg.secret.is_some() {
-        if let Some(a) = cfg.listen.iter().find(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))) {
-            return Err(NetError::Listen {
-                addr: a.clone(),
-                reason: "QUIC cannot carry the cluster secret (pnet works over TCP only); listen on TCP".into(),
-            });
-        }
+    let quic = cfg.listen.iter().find(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic)));
+    if let (Some(a), Some(_)) = (quic, cfg.secret) {
+        return Err(NetError::Listen {
+            addr: a.clone(),
+            reason: "QUIC cannot carry the cluster secret (pnet works over TCP only); listen on TCP".into(),
+        });
     }
     let local = cfg.keypair.public().to_peer_id();
     let transport = build_transport(&cfg.keypair, cfg.secret)?;
