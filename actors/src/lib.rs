@@ -14,6 +14,8 @@
 //!   `fogmesh-node` over libp2p and by tests in memory).
 //!
 //! ## Layout
+//! - `placement.rs`: the exact, deterministic linear partition of layers over
+//!   peers (fastest slowest stage, then fewest stages) with replicas.
 //! - `sched.rs`: the sans-I/O scheduling core (gossip views, auctions, awards,
 //!   promise records).
 //! - `sim.rs`: a seeded discrete-event simulator of a fog cluster comparing
@@ -22,5 +24,6 @@
 pub use fogmesh_models as models;
 pub use fogmesh_protocols as protocols;
 
+pub mod placement;
 pub mod sched;
 pub mod sim;
