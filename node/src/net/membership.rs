@@ -129,14 +129,13 @@ impl Membership {
     }
 
     /// A connection to `peer` closed.
-    pub fn disconnected(&mut self, peer: PeerId, now: Instant) {
+    pub fn disconnected(&mut self, peer: PeerId) {
         if let Some(e) = self.peers.get_mut(&peer) {
             e.connections = e.connections.saturating_sub(1);
             if e.connections == 0 {
+                // From here the peer stays only while gossip keeps arriving
+                // (`expire` counts the TTL from the last thing heard).
                 e.rtt = None;
-                // Counting from the close keeps a peer for `ttl` at most
-                // unless gossip shows it is alive elsewhere.
-                e.last_seen = e.last_seen.min(now);
             }
         }
     }
@@ -311,7 +310,7 @@ mod tests {
         assert!(m.expire(t0 + Duration::from_secs(60)).is_empty());
         let t1 = t0 + Duration::from_secs(61);
         m.ping(p, Duration::from_millis(2), t1);
-        m.disconnected(p, t1);
+        m.disconnected(p);
         assert!(m.expire(t1 + ttl).is_empty());
         assert_eq!(m.expire(t1 + ttl + Duration::from_millis(1)), vec![p]);
         assert!(m.is_empty());
@@ -348,7 +347,7 @@ mod tests {
         assert_eq!(s.rtt_ms, Some(1.5));
         assert_eq!(s.last_seen_ms, 250);
         assert_eq!(s.addrs, vec!["/ip4/127.0.0.1/tcp/4001".to_string()]);
-        m.disconnected(p, t0);
+        m.disconnected(p);
         assert_eq!(m.snapshot(t0)[0].rtt_ms, None);
     }
 

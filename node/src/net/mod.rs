@@ -837,7 +837,7 @@ impl Runner {
                 if num_established == 0 {
                     self.remotes.remove(&peer_id);
                 }
-                self.membership.disconnected(peer_id, now);
+                self.membership.disconnected(peer_id);
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
