@@ -278,7 +278,8 @@ pub fn plan(model: &ModelCosts, peers: &[PlacementPeer], replicas: usize) -> Res
         }
     }
     let t = times[lo];
-    let (mut mask, best, choice) = pb.feasible(t).expect("feasible at the found bound");
+    // times[lo] was found feasible by the search (or is max_t, checked above).
+    let Some((mut mask, best, choice)) = pb.feasible(t) else { return Err(not_fit) };
 
     // Walk the choices back: the peer chosen for `mask` serves the last range.
     let mut stages = Vec::new();

@@ -49,10 +49,10 @@ enum Command {
     Node(crate::node::NodeArgs),
     /// Print the membership view of a running node.
     #[command(after_help = "Examples:\n  fogmesh peers\n  fogmesh peers --node 127.0.0.1:8469 --json")]
-    Peers(crate::node::PeersArgs),
+    Peers(crate::node::NodeQueryArgs),
     /// Print the status of a running node (identity, addresses, secret, peers).
     #[command(after_help = "Examples:\n  fogmesh status\n  fogmesh status --node 127.0.0.1:8469 --json")]
-    Status(crate::node::StatusArgs),
+    Status(crate::node::NodeQueryArgs),
 }
 
 #[derive(Debug, Args)]

@@ -143,9 +143,9 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Options of `fogmesh peers`.
+/// Options of the commands that ask a running node (`peers`, `status`).
 #[derive(Debug, Args)]
-pub struct PeersArgs {
+pub struct NodeQueryArgs {
     /// HTTP address of the node (default: the one the node in --data-dir
     /// wrote, else 127.0.0.1:8469).
     #[arg(long, value_name = "ADDR")]
@@ -153,9 +153,18 @@ pub struct PeersArgs {
     /// Data dir of the local node, to find its HTTP address.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Print JSON (an array of peers).
+    /// Print the node's JSON answer.
     #[arg(long)]
     pub json: bool,
+}
+
+impl NodeQueryArgs {
+    /// GETs `path` from the node: its address and the body.
+    fn get(&self, path: &str) -> Result<(String, String)> {
+        let node = node_addr(&self.node, &data_dir(&self.data_dir));
+        let body = http_get(&node, path)?;
+        Ok((node, body))
+    }
 }
 
 fn node_addr(node: &Option<String>, dir: &Path) -> String {
@@ -180,9 +189,8 @@ pub fn http_get(node: &str, path: &str) -> Result<String> {
 }
 
 /// Prints the view of a running node.
-pub fn run_peers(args: PeersArgs) -> Result<()> {
-    let node = node_addr(&args.node, &data_dir(&args.data_dir));
-    let body = http_get(&node, "/peers")?;
+pub fn run_peers(args: NodeQueryArgs) -> Result<()> {
+    let (node, body) = args.get("/peers")?;
     let peers: Vec<PeerInfo> = serde_json::from_str(&body).with_context(|| format!("{node} sent a malformed peer list"))?;
     if args.json {
         println!("{body}");
@@ -209,24 +217,9 @@ pub fn run_peers(args: PeersArgs) -> Result<()> {
     Ok(())
 }
 
-/// Options of `fogmesh status`.
-#[derive(Debug, Args)]
-pub struct StatusArgs {
-    /// HTTP address of the node (as for `fogmesh peers`).
-    #[arg(long, value_name = "ADDR")]
-    pub node: Option<String>,
-    /// Data dir of the local node, to find its HTTP address.
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Print the node's JSON status.
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// Prints a running node's status: itself, then its view.
-pub fn run_status(args: StatusArgs) -> Result<()> {
-    let node = node_addr(&args.node, &data_dir(&args.data_dir));
-    let body = http_get(&node, "/status")?;
+pub fn run_status(args: NodeQueryArgs) -> Result<()> {
+    let (node, body) = args.get("/status")?;
     if args.json {
         println!("{body}");
         return Ok(());
