@@ -27,6 +27,7 @@ fn message(bytes: usize) -> Message {
         step: 0,
         stage: 0,
         position: 0,
+        sample: false,
         input: StageInput::Activation(vec![0x5a; bytes]),
     })
 }

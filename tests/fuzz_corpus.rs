@@ -14,7 +14,7 @@ use fogmesh::models::gguf::{Gguf, write_gguf};
 use fogmesh::models::{LlamaConfig, Shard, ThreadPool, Tokenizer};
 use fogmesh::protocols::{
     ActivationCodec, Award, Bid, CallForBids, Capabilities, Encoding, ErrorFrame, Limits, LoadReport, Message,
-    MessageKind, SessionCancel, SessionClose, SessionOpen, ShardAdvert, ShardLoad, StageError, StageInput,
+    MessageKind, SamplingSpec, SessionCancel, SessionClose, SessionOpen, ShardAdvert, ShardLoad, StageError, StageInput,
     StageOutcome, StageReply, StageRequest, TokenResult, WeightChunkReply, WeightChunkRequest, WireDType,
     decode_payload, encode_message, read_message,
 };
@@ -61,7 +61,7 @@ fn sample_messages() -> Vec<Message> {
     let peer = b"12D3KooWexamplepeer".to_vec();
     let model = [7u8; 32];
     vec![
-        Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into() }),
+        Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into(), models: vec![model] }),
         Message::LoadReport(LoadReport {
             peer: peer.clone(),
             timestamp_ms: 1_700_000_000_000,
@@ -71,12 +71,23 @@ fn sample_messages() -> Vec<Message> {
         Message::CallForBids(CallForBids { auction: 1, session: 2, model, start: 0, end: 10, tokens: 128, activation_bytes: 73728, deadline_ms: 50 }),
         Message::Bid(Bid { auction: 1, peer: peer.clone(), queue_ms: 3.0, service_ms: 40.0, transfer_ms: 1.5 }),
         Message::Award(Award { auction: 1, peer: peer.clone() }),
-        Message::StageRequest(StageRequest { request: 9, session: 2, step: 0, stage: 0, position: 0, input: StageInput::Tokens(vec![504, 3575, 282]) }),
-        Message::StageRequest(StageRequest { request: 10, session: 2, step: 1, stage: 1, position: 3, input: StageInput::Activation(vec![1, 2, 3]) }),
+        Message::StageRequest(StageRequest { request: 9, session: 2, step: 0, stage: 0, position: 0, sample: false, input: StageInput::Tokens(vec![504, 3575, 282]) }),
+        Message::StageRequest(StageRequest { request: 10, session: 2, step: 1, stage: 1, position: 3, sample: true, input: StageInput::Activation(vec![1, 2, 3]) }),
         Message::StageReply(StageReply { request: 9, outcome: StageOutcome::Activation(vec![4, 5, 6]) }),
-        Message::StageReply(StageReply { request: 10, outcome: StageOutcome::Error(StageError { code: 3, reason: "busy".into() }) }),
+        Message::StageReply(StageReply { request: 10, outcome: StageOutcome::Error(StageError { session: 2, peer: "12D3KooWexamplepeer".into(), code: 3, reason: "busy".into() }) }),
         Message::TokenResult(TokenResult { session: 2, step: 1, token: 7042, logprob: -0.1 }),
-        Message::SessionOpen(SessionOpen { session: 2, model, start: 0, end: 30, max_tokens: 512 }),
+        Message::SessionOpen(SessionOpen {
+            session: 2,
+            model,
+            start: 0,
+            end: 30,
+            max_tokens: 512,
+            owner: "12D3KooWexampleowner".into(),
+            next: String::new(),
+            sampling: SamplingSpec { temperature: 0.7, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, repeat_last_n: 64, seed: 42 },
+            history: vec![1, 2, 3],
+            draws: 0,
+        }),
         Message::SessionClose(SessionClose { session: 2 }),
         Message::SessionCancel(SessionCancel { session: 2, reason: "client went away".into() }),
         Message::WeightChunkRequest(WeightChunkRequest { model, tensor: "blk.0.attn_q.weight".into(), offset: 0, len: 4096 }),

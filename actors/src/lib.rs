@@ -3,17 +3,20 @@
 //! The ractor actors that serve a model across peers, and the sans-I/O cores
 //! they are driven by.
 //!
-//! What it will own (see the distributed-inference and scheduling issues):
-//! - `ShardActor`: one loaded layer range ([`fogmesh_models::Shard`]), per-session
-//!   KV caches with eviction, a bounded work queue, load reports;
-//! - `SessionActor`: tokenize, route, drive prefill and decode, retry and fail over
-//!   by replaying a session's history;
-//! - `PlacementActor`: the exact linear-partition plan of layer ranges over peers;
-//! - the scheduler: gossiped load, calls for bids, awards;
-//! - the handle trait through which actors reach peers (implemented by
-//!   `fogmesh-node` over libp2p and by tests in memory).
-//!
 //! ## Layout
+//! - `link.rs`: [`MeshLink`], the handle through which actors reach peers
+//!   (`fogmesh-node` implements it over libp2p, `memnet.rs` in memory).
+//! - `runtime.rs`: [`Runtime`], one peer's actors and the routing of inbound
+//!   traffic and calls to them; loads shards on demand.
+//! - `shard_actor.rs`: `ShardActor`, one loaded layer range with per-session KV
+//!   caches (bounded, LRU + TTL), a bounded work queue; forwards activations
+//!   to the next stage, samples on the last.
+//! - `session.rs`: `SessionActor`, one generation: route, chunked prefill,
+//!   decode, and failover by ban + new route + replay of the history.
+//! - `placement_actor.rs`: `PlacementActor`, the plan from the view; loads and
+//!   unloads this peer's shards.
+//! - `policy.rs`: sans-I/O ban list, route choice and deadlines.
+//! - `memnet.rs`: an in-memory network with injectable faults (tests).
 //! - `placement.rs`: the exact, deterministic linear partition of layers over
 //!   peers (fastest slowest stage, then fewest stages) with replicas.
 //! - `sched.rs`: the sans-I/O scheduling core (gossip views, auctions, awards,
@@ -24,6 +27,19 @@
 pub use fogmesh_models as models;
 pub use fogmesh_protocols as protocols;
 
+pub mod link;
+pub mod memnet;
 pub mod placement;
+pub mod placement_actor;
+pub mod policy;
+pub mod runtime;
 pub mod sched;
+pub mod session;
+pub mod shard_actor;
 pub mod sim;
+
+pub use link::{LinkError, MeshLink, PeerKey, PeerView};
+pub use policy::Hop;
+pub use runtime::{GenerateRequest, GenerationHandle, ModelInfo, Runtime, RuntimeConfig, RuntimeError};
+pub use session::{SessionEvent, SessionMsg};
+pub use ractor;

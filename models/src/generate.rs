@@ -165,6 +165,34 @@ impl GenerationState {
             self.top.push(top_logits(logits, self.top_k_logits));
         }
         let token = self.sampler.sample(logits, &self.history)?;
+        self.push_token(token)
+    }
+
+    /// The sampler (its parameters and how many random draws it has made).
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// Every token of the session so far: the prompt, then generated tokens.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Accepts a token sampled elsewhere (the last stage of a pipeline, with a
+    /// sampler in the same state as this one) and advances this loop's
+    /// sampler as that draw did.
+    pub fn push_sampled(&mut self, token: u32) -> Result<Step> {
+        if self.finish.is_some() {
+            return Err(ModelError::Input("generation already finished".into()));
+        }
+        self.sampler.skip_draw();
+        self.push_token(token)
+    }
+
+    fn push_token(&mut self, token: u32) -> Result<Step> {
+        if token as usize >= self.tokenizer.vocab_size() {
+            return Err(ModelError::Input(format!("token id {token} is outside the vocabulary")));
+        }
         self.tokens.push(token);
         self.history.push(token);
         let full = self.tokenizer.decode(&self.tokens, true)?;

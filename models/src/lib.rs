@@ -59,7 +59,7 @@ pub use paths::{
 };
 pub use pool::ThreadPool;
 pub use profile::{LayerCost, ModelProfile};
-pub use sampling::{Sampler, SamplingParams, TokenLogit, argmax, top_logits};
+pub use sampling::{Sampler, SamplingParams, TokenLogit, argmax, log_prob, top_logits};
 pub use shard::{LogitsFor, SessionCache, Shard, ShardInput, ShardOutput};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

@@ -75,6 +75,14 @@ pub fn top_logits(logits: &[f32], k: usize) -> Vec<TokenLogit> {
     idx.into_iter().map(|id| TokenLogit { id, logit: logits[id as usize] }).collect()
 }
 
+/// The log-probability of `token` under the softmax of `logits`.
+pub fn log_prob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let l = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    ((l - max) as f64 - sum.ln()) as f32
+}
+
 /// The index of the highest logit (the lowest such index on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -92,6 +100,7 @@ pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
     scratch: Vec<f32>,
+    draws: u64,
 }
 
 impl Sampler {
@@ -99,7 +108,30 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng, scratch: Vec::new() })
+        Ok(Sampler { params, rng, scratch: Vec::new(), draws: 0 })
+    }
+
+    /// A sampler in the state `Sampler::new(params)` reaches after `draws`
+    /// random draws (to resume a session's sampling elsewhere).
+    pub fn resume(params: SamplingParams, draws: u64) -> Result<Self> {
+        let mut s = Sampler::new(params)?;
+        for _ in 0..draws {
+            s.skip_draw();
+        }
+        Ok(s)
+    }
+
+    /// Random draws made so far (greedy sampling makes none).
+    pub fn draws(&self) -> u64 {
+        self.draws
+    }
+
+    /// Advances the RNG as one [`Sampler::sample`] call would.
+    pub fn skip_draw(&mut self) {
+        if self.params.temperature != 0.0 {
+            let _ = self.rng.random::<f64>();
+            self.draws += 1;
+        }
     }
 
     /// The parameters.
@@ -147,6 +179,7 @@ impl Sampler {
         }
         probs.truncate(keep);
         let total: f64 = probs.iter().sum();
+        self.draws += 1;
         let mut u = self.rng.random::<f64>() * total;
         for (c, pr) in cands.iter().zip(&probs) {
             if u < *pr {
@@ -162,6 +195,21 @@ impl Sampler {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn resumed_sampler_continues_the_same_sequence() {
+        let p = SamplingParams { temperature: 0.8, seed: 9, ..SamplingParams::default() };
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 / 3.0).collect();
+        let mut a = Sampler::new(p.clone()).unwrap();
+        let first: Vec<u32> = (0..5).map(|_| a.sample(&logits, &[]).unwrap()).collect();
+        assert_eq!(a.draws(), 5);
+        let mut b = Sampler::resume(p, 5).unwrap();
+        for _ in 0..5 {
+            assert_eq!(a.sample(&logits, &[]).unwrap(), b.sample(&logits, &[]).unwrap());
+        }
+        assert!(!first.is_empty());
+        assert!((log_prob(&[0.0, 0.0], 1) - 0.5f32.ln()).abs() < 1e-6);
+    }
 
     #[test]
     fn greedy_picks_first_maximum() {

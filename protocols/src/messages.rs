@@ -77,6 +77,8 @@ pub struct Capabilities {
     pub gflops: f32,
     /// fogmesh version string.
     pub version: String,
+    /// Models whose weights this peer holds locally (it can serve any range).
+    pub models: Vec<ModelHash>,
 }
 
 /// Load of one served shard.
@@ -185,6 +187,9 @@ pub struct StageRequest {
     pub stage: u32,
     /// Position of the first token in the session.
     pub position: u32,
+    /// Whether the last stage samples a token after this input (the final
+    /// chunk of a prompt, or a decode step).
+    pub sample: bool,
     /// The input.
     pub input: StageInput,
 }
@@ -192,6 +197,11 @@ pub struct StageRequest {
 /// Why a stage could not serve a request.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct StageError {
+    /// The session concerned.
+    pub session: u64,
+    /// The peer at fault in the reporter's view (itself, or an unreachable
+    /// next hop), as a peer id string; empty if unknown.
+    pub peer: String,
     /// Machine-readable reason (see [`ErrorCode`]).
     pub code: u16,
     /// Human-readable reason.
@@ -231,7 +241,26 @@ pub struct TokenResult {
     pub logprob: f32,
 }
 
-/// Open per-session state (KV cache) on a stage.
+/// Sampling parameters, as the last stage applies them.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SamplingSpec {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = no limit.
+    pub top_k: u32,
+    /// Nucleus mass.
+    pub top_p: f32,
+    /// 1 = none.
+    pub repetition_penalty: f32,
+    /// Window of the repetition penalty.
+    pub repeat_last_n: u32,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+/// Open per-session state (KV cache) on a stage. The stage loads the range
+/// if it does not hold it yet, and answers with a [`ShardAdvert`] or an
+/// [`ErrorFrame`].
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SessionOpen {
     /// The session.
@@ -244,6 +273,16 @@ pub struct SessionOpen {
     pub end: u32,
     /// Most tokens the session may hold.
     pub max_tokens: u32,
+    /// Peer id of the session's owner (tokens and errors go there).
+    pub owner: String,
+    /// Peer id of the next stage; empty for the last stage.
+    pub next: String,
+    /// Sampling (used by the last stage).
+    pub sampling: SamplingSpec,
+    /// Tokens of the session so far (the last stage's repetition window).
+    pub history: Vec<u32>,
+    /// Random draws the session's sampler has made so far (replay).
+    pub draws: u32,
 }
 
 /// Release a session's state.

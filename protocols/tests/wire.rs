@@ -22,9 +22,11 @@ fn token_result() -> impl Strategy<Value = TokenResult> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (bytes(40), any::<u32>(), any::<u64>(), any::<f32>(), text()).prop_map(|(peer, cores, memory_bytes, gflops, version)| {
-            Message::Capabilities(Capabilities { peer, cores, memory_bytes, gflops, version })
-        }),
+        (bytes(40), any::<u32>(), any::<u64>(), any::<f32>(), text(), proptest::collection::vec(hash(), 0..3)).prop_map(
+            |(peer, cores, memory_bytes, gflops, version, models)| {
+                Message::Capabilities(Capabilities { peer, cores, memory_bytes, gflops, version, models })
+            }
+        ),
         (bytes(40), any::<u64>(), proptest::collection::vec((hash(), any::<u32>(), any::<u32>(), any::<u32>(), any::<f32>()), 0..5))
             .prop_map(|(peer, timestamp_ms, s)| Message::LoadReport(LoadReport {
                 peer,
@@ -51,17 +53,19 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             any::<u32>(),
+            any::<bool>(),
             prop_oneof![
                 proptest::collection::vec(any::<u32>(), 0..64).prop_map(StageInput::Tokens),
                 bytes(512).prop_map(StageInput::Activation)
             ]
         )
-            .prop_map(|(request, session, step, stage, position, input)| Message::StageRequest(StageRequest {
+            .prop_map(|(request, session, step, stage, position, sample, input)| Message::StageRequest(StageRequest {
                 request,
                 session,
                 step,
                 stage,
                 position,
+                sample,
                 input
             })),
         (
@@ -69,14 +73,28 @@ fn message() -> impl Strategy<Value = Message> {
             prop_oneof![
                 bytes(512).prop_map(StageOutcome::Activation),
                 token_result().prop_map(StageOutcome::Token),
-                (any::<u16>(), text()).prop_map(|(code, reason)| StageOutcome::Error(StageError { code, reason })),
+                (any::<u64>(), text(), any::<u16>(), text())
+                    .prop_map(|(session, peer, code, reason)| StageOutcome::Error(StageError { session, peer, code, reason })),
             ]
         )
             .prop_map(|(request, outcome)| Message::StageReply(StageReply { request, outcome })),
         token_result().prop_map(Message::TokenResult),
-        (any::<u64>(), hash(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(session, model, start, end, max_tokens)| {
-            Message::SessionOpen(SessionOpen { session, model, start, end, max_tokens })
-        }),
+        (
+            (any::<u64>(), hash(), any::<u32>(), any::<u32>(), any::<u32>()),
+            (text(), text(), (any::<f32>(), any::<u32>(), any::<f32>(), any::<f32>(), any::<u32>(), any::<u64>())),
+            (proptest::collection::vec(any::<u32>(), 0..64), any::<u32>())
+        )
+            .prop_map(|((session, model, start, end, max_tokens), (owner, next, sp), (history, draws))| {
+                let sampling = SamplingSpec {
+                    temperature: sp.0,
+                    top_k: sp.1,
+                    top_p: sp.2,
+                    repetition_penalty: sp.3,
+                    repeat_last_n: sp.4,
+                    seed: sp.5,
+                };
+                Message::SessionOpen(SessionOpen { session, model, start, end, max_tokens, owner, next, sampling, history, draws })
+            }),
         any::<u64>().prop_map(|session| Message::SessionClose(SessionClose { session })),
         (any::<u64>(), text()).prop_map(|(session, reason)| Message::SessionCancel(SessionCancel { session, reason })),
         (hash(), text(), any::<u64>(), any::<u32>())

@@ -78,6 +78,9 @@ pub struct PeerInfo {
     pub shards: Vec<[u32; 3]>,
     /// Its identify agent string, if received.
     pub agent: Option<String>,
+    /// Models it holds locally, as hex SHA-256.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 /// The live view of the mesh.
@@ -248,6 +251,7 @@ impl Membership {
                     sources: e.sources.iter().copied().collect(),
                     shards: e.load.iter().map(|s| [s.start, s.end, s.queue_depth]).collect(),
                     agent: e.agent.clone(),
+                    models: caps.map(|c| c.models.iter().map(hex::encode).collect()).unwrap_or_default(),
                 }
             })
             .collect()
@@ -268,7 +272,7 @@ mod tests {
     use super::*;
 
     fn caps(cores: u32) -> Capabilities {
-        Capabilities { peer: vec![], cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into() }
+        Capabilities { peer: vec![], cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into(), models: vec![] }
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub struct NetConfig {
     pub inbound_capacity: usize,
     /// What this host measured about itself.
     pub measurement: SelfMeasurement,
+    /// Models this node holds locally (gossiped in its capabilities).
+    pub models: Vec<fogmesh_protocols::ModelHash>,
 }
 
 impl NetConfig {
@@ -155,6 +157,7 @@ impl NetConfig {
             limits: Limits::default(),
             inbound_capacity: 64,
             measurement,
+            models: Vec::new(),
         }
     }
 
@@ -703,6 +706,7 @@ impl Runner {
             memory_bytes: m.memory_bytes,
             gflops: m.gflops,
             version: m.version.clone(),
+            models: self.cfg.models.clone(),
         });
         self.publish(CAPS_TOPIC, &caps);
     }

@@ -1,0 +1,555 @@
+//! One peer's actors and the glue between them and the network: it routes
+//! inbound stage traffic to shard and session actors, answers calls, loads
+//! shards on demand and starts sessions.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fogmesh_models::gguf::Gguf;
+use fogmesh_models::{LlamaConfig, ModelProfile, SamplingParams, Shard, ThreadPool, Tokenizer};
+use fogmesh_protocols::{
+    ErrorCode, ErrorFrame, Limits, LoadReport, Message, ModelHash, SessionOpen, ShardAdvert, ShardLoad, StageError,
+    StageOutcome, StageReply,
+};
+use ractor::{Actor, ActorRef};
+use tokio::sync::mpsc;
+
+use crate::link::{LinkError, MeshLink, PeerKey, PeerView};
+use crate::placement::{ModelCosts, PlacementPeer};
+use crate::placement_actor::{PlacementActor, PlacementMsg};
+use crate::policy::{self, Deadlines, Hop};
+use crate::session::{SessionActor, SessionEvent, SessionMsg};
+use crate::shard_actor::{ShardActor, ShardArgs, ShardMsg, ShardStatus};
+
+/// A model file this peer holds, and what was read from it.
+#[derive(Debug)]
+pub struct ModelInfo {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its SHA-256.
+    pub hash: ModelHash,
+    /// Its architecture.
+    pub config: LlamaConfig,
+    /// Its tokenizer and chat template.
+    pub tokenizer: Arc<Tokenizer>,
+    /// Per-layer costs (placement).
+    pub costs: ModelCosts,
+}
+
+impl ModelInfo {
+    /// Reads the file's directory (not its weights). `hash` is its SHA-256.
+    pub fn open(path: &Path, hash: ModelHash) -> fogmesh_models::Result<Self> {
+        let g = Gguf::open(path)?;
+        let config = LlamaConfig::from_gguf(&g)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&g)?);
+        let costs = ModelCosts::from_profile(&ModelProfile::from_gguf(&g)?);
+        Ok(ModelInfo { path: path.to_path_buf(), hash, config, tokenizer, costs })
+    }
+}
+
+/// Tunables of a peer's runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Compute threads (shared by this peer's shards).
+    pub threads: usize,
+    /// This peer's speed and memory as placement sees it (what it gossips).
+    pub gflops: f32,
+    /// Free memory this peer reports.
+    pub memory_bytes: u64,
+    /// Caps the memory placement plans on any peer (0 = as reported).
+    pub memory_cap: u64,
+    /// Sessions one shard keeps caches for; the least recently used goes.
+    pub max_sessions_per_shard: usize,
+    /// A session cache untouched this long is dropped.
+    pub session_ttl: Duration,
+    /// Stage requests waiting per shard before new ones are refused (BUSY).
+    pub max_queue: usize,
+    /// Layer ranges this peer keeps loaded at most.
+    pub max_shards: usize,
+    /// Prompt tokens per pipeline chunk.
+    pub prefill_chunk: usize,
+    /// How long a step may take before its hops are probed.
+    pub deadlines: Deadlines,
+    /// A session gives up after this many failovers.
+    pub max_failovers: u32,
+    /// First ban of a failed peer (doubles on repeat).
+    pub ban_base: Duration,
+    /// Longest ban.
+    pub ban_max: Duration,
+    /// How long a probe of a silent hop may take.
+    pub probe_timeout: Duration,
+    /// How often placement looks at the view.
+    pub placement_interval: Duration,
+    /// Bounds on decoded activations.
+    pub limits: Limits,
+    /// Events buffered per generation before the session waits for its caller.
+    pub event_capacity: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            gflops: 1.0,
+            memory_bytes: 1 << 30,
+            memory_cap: 0,
+            max_sessions_per_shard: 64,
+            session_ttl: Duration::from_secs(600),
+            max_queue: 256,
+            max_shards: 4,
+            prefill_chunk: 64,
+            deadlines: Deadlines::default(),
+            max_failovers: 6,
+            ban_base: Duration::from_secs(2),
+            ban_max: Duration::from_secs(60),
+            probe_timeout: Duration::from_millis(800),
+            placement_interval: Duration::from_secs(1),
+            limits: Limits::default(),
+            event_capacity: 256,
+        }
+    }
+}
+
+/// Why the runtime refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// This peer has no model file.
+    #[error("this peer serves no model")]
+    NoModel,
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// No route can be formed.
+    #[error("no route: {0}")]
+    NoRoute(String),
+    /// The model engine failed.
+    #[error(transparent)]
+    Model(#[from] fogmesh_models::ModelError),
+    /// An actor could not be started or reached.
+    #[error("actor: {0}")]
+    Actor(String),
+}
+
+/// A loaded layer range on this peer.
+#[derive(Debug, Clone)]
+pub struct ShardSlot {
+    /// Its layers.
+    pub range: Range<usize>,
+    /// Its actor.
+    pub actor: ActorRef<ShardMsg>,
+    /// Stage requests delivered but not yet taken up.
+    pub queued: Arc<AtomicUsize>,
+    /// Bytes of weights it holds.
+    pub memory_bytes: usize,
+}
+
+/// What a caller asks to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+/// A running generation: its events and its actor.
+#[derive(Debug)]
+pub struct GenerationHandle {
+    /// Tokens, failovers, then `Done` or `Error`.
+    pub events: mpsc::Receiver<SessionEvent>,
+    /// The session actor (cancel with [`SessionMsg::Cancel`]).
+    pub actor: ActorRef<SessionMsg>,
+}
+
+struct Inner {
+    link: Arc<dyn MeshLink>,
+    local: PeerKey,
+    model: Option<Arc<ModelInfo>>,
+    pool: Arc<ThreadPool>,
+    cfg: RuntimeConfig,
+    shards: tokio::sync::Mutex<Vec<ShardSlot>>,
+    /// Wire session id → (shard holding it here, the session's owner).
+    served: Mutex<HashMap<u64, (ShardSlot, PeerKey)>>,
+    /// Wire session id → the local session actor that owns it.
+    sessions: Mutex<HashMap<u64, ActorRef<SessionMsg>>>,
+    placement: Mutex<Option<ActorRef<PlacementMsg>>>,
+    next_id: AtomicU64,
+}
+
+/// One peer's actors; cheap to clone.
+#[derive(Clone)]
+pub struct Runtime(Arc<Inner>);
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("local", &self.0.local).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The error frame answering a call that failed.
+pub fn error_frame(code: u16, message: impl Into<String>) -> Message {
+    Message::Error(ErrorFrame { request: 0, code, message: message.into() })
+}
+
+impl Runtime {
+    /// Starts the runtime (and its placement actor when it holds a model).
+    pub async fn start(
+        link: Arc<dyn MeshLink>,
+        model: Option<Arc<ModelInfo>>,
+        cfg: RuntimeConfig,
+    ) -> Result<Runtime, RuntimeError> {
+        let local = link.local_peer();
+        let seed = u64::from_le_bytes(rand::random::<[u8; 8]>()) >> 1;
+        let rt = Runtime(Arc::new(Inner {
+            link,
+            local,
+            model,
+            pool: Arc::new(ThreadPool::new(cfg.threads.max(1))),
+            cfg,
+            shards: tokio::sync::Mutex::new(Vec::new()),
+            served: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            placement: Mutex::new(None),
+            next_id: AtomicU64::new(seed.max(1)),
+        }));
+        if rt.0.model.is_some() {
+            let (actor, _) = Actor::spawn(None, PlacementActor, rt.clone())
+                .await
+                .map_err(|e| RuntimeError::Actor(e.to_string()))?;
+            *lock(&rt.0.placement) = Some(actor);
+        }
+        Ok(rt)
+    }
+
+    /// This peer's id.
+    pub fn local_peer(&self) -> &str {
+        &self.0.local
+    }
+
+    /// The runtime's configuration.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.0.cfg
+    }
+
+    /// The model this peer holds.
+    pub fn model(&self) -> Option<&Arc<ModelInfo>> {
+        self.0.model.as_ref()
+    }
+
+    /// The placement actor, if this peer holds a model.
+    pub fn placement_actor(&self) -> Option<ActorRef<PlacementMsg>> {
+        lock(&self.0.placement).clone()
+    }
+
+    /// The shards loaded here.
+    pub async fn shards(&self) -> Vec<ShardSlot> {
+        self.0.shards.lock().await.clone()
+    }
+
+    /// Status of every shard loaded here.
+    pub async fn shard_status(&self) -> Vec<ShardStatus> {
+        let mut out = Vec::new();
+        for s in self.shards().await {
+            if let Ok(ractor::rpc::CallResult::Success(st)) =
+                s.actor.call(ShardMsg::Status, Some(Duration::from_secs(2))).await
+            {
+                out.push(st);
+            }
+        }
+        out
+    }
+
+    /// A fresh id (sessions, requests).
+    pub fn next_id(&self) -> u64 {
+        self.0.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The view placement works from: connected peers plus this one.
+    pub async fn view(&self) -> Vec<PeerView> {
+        let mut v = self.0.link.view().await;
+        v.retain(|p| p.peer != self.0.local);
+        if let Some(m) = &self.0.model {
+            v.push(PeerView {
+                peer: self.0.local.clone(),
+                gflops: self.0.cfg.gflops,
+                memory_bytes: self.0.cfg.memory_bytes,
+                models: vec![m.hash],
+            });
+        }
+        v
+    }
+
+    /// The route placement gives for this peer's model, leaving out `excluded`.
+    pub async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError> {
+        let model = self.0.model.as_ref().ok_or(RuntimeError::NoModel)?;
+        let view = self.view().await;
+        let cands: Vec<PlacementPeer> = policy::candidates(&view, &model.hash, excluded, self.0.cfg.memory_cap);
+        policy::route(&model.costs, &cands).map_err(|e| RuntimeError::NoRoute(e.to_string()))
+    }
+
+    /// Sends stage traffic to `peer` (delivered in-process when it is us).
+    pub async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError> {
+        if peer == self.0.local {
+            Box::pin(self.deliver(peer, msg)).await;
+            Ok(())
+        } else {
+            self.0.link.send(peer, msg).await
+        }
+    }
+
+    /// Calls `peer` (answered in-process when it is us).
+    pub async fn call(&self, peer: &str, msg: Message) -> Result<Message, LinkError> {
+        if peer == self.0.local { Ok(Box::pin(self.handle_call(peer, msg)).await) } else { self.0.link.call(peer, msg).await }
+    }
+
+    /// Reports a failed stage request to whoever should hear of it.
+    pub(crate) async fn report(&self, to: &str, request: u64, err: StageError) {
+        let msg = Message::StageReply(StageReply { request, outcome: StageOutcome::Error(err) });
+        if let Err(e) = self.send(to, msg).await {
+            tracing::debug!(peer = to, error = %e, "could not report a stage error");
+        }
+    }
+
+    /// Stage traffic from `from`.
+    pub async fn deliver(&self, from: &str, msg: Message) {
+        match msg {
+            Message::StageRequest(req) => {
+                let slot = lock(&self.0.served).get(&req.session).cloned();
+                let Some((slot, owner)) = slot else {
+                    let err = StageError {
+                        session: req.session,
+                        peer: self.0.local.clone(),
+                        code: ErrorCode::UNKNOWN_SESSION,
+                        reason: format!("session {} is not open on {}", req.session, self.0.local),
+                    };
+                    self.report(from, req.request, err).await;
+                    return;
+                };
+                if slot.queued.load(Ordering::Relaxed) >= self.0.cfg.max_queue {
+                    let err = StageError {
+                        session: req.session,
+                        peer: self.0.local.clone(),
+                        code: ErrorCode::BUSY,
+                        reason: format!("{} stage requests already wait on layers {:?}", self.0.cfg.max_queue, slot.range),
+                    };
+                    self.report(&owner, req.request, err).await;
+                    return;
+                }
+                slot.queued.fetch_add(1, Ordering::Relaxed);
+                if slot.actor.cast(ShardMsg::Work(from.to_string(), req)).is_err() {
+                    slot.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            Message::TokenResult(t) => {
+                if let Some(a) = lock(&self.0.sessions).get(&t.session) {
+                    let _ = a.cast(SessionMsg::Token(t));
+                }
+            }
+            Message::StageReply(StageReply { outcome: StageOutcome::Error(e), request }) => {
+                let owner_actor = lock(&self.0.sessions).get(&e.session).cloned();
+                if let Some(a) = owner_actor {
+                    let _ = a.cast(SessionMsg::Failed(e));
+                    return;
+                }
+                // A stage error for a session we serve goes on to its owner.
+                let owner = lock(&self.0.served).get(&e.session).map(|(_, o)| o.clone());
+                if let Some(owner) = owner.filter(|o| *o != from) {
+                    self.report(&owner, request, e).await;
+                }
+            }
+            Message::SessionClose(c) => self.close_served(c.session),
+            Message::SessionCancel(c) => self.close_served(c.session),
+            other => tracing::debug!(peer = from, kind = ?other.kind(), "unexpected stage traffic ignored"),
+        }
+    }
+
+    fn close_served(&self, session: u64) {
+        if let Some((slot, _)) = lock(&self.0.served).remove(&session) {
+            let _ = slot.actor.cast(ShardMsg::Close(session));
+        }
+    }
+
+    pub(crate) fn forget_served(&self, session: u64) {
+        lock(&self.0.served).remove(&session);
+    }
+
+    /// A call from `from`; returns the answer.
+    pub async fn handle_call(&self, from: &str, msg: Message) -> Message {
+        match msg {
+            Message::SessionOpen(open) => match self.open_served(from, open).await {
+                Ok(m) => m,
+                Err((code, reason)) => error_frame(code, reason),
+            },
+            Message::LoadReport(_) => Message::LoadReport(self.load_report().await),
+            Message::SessionClose(c) => {
+                self.close_served(c.session);
+                Message::SessionClose(c)
+            }
+            other => error_frame(ErrorCode::NOT_SERVED, format!("{:?} is not a call this peer answers", other.kind())),
+        }
+    }
+
+    /// This peer's load, as gossiped and as answered to probes.
+    pub async fn load_report(&self) -> LoadReport {
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let hash = self.0.model.as_ref().map_or([0; 32], |m| m.hash);
+        let shards = self
+            .shards()
+            .await
+            .iter()
+            .map(|s| ShardLoad {
+                model: hash,
+                start: s.range.start as u32,
+                end: s.range.end as u32,
+                queue_depth: s.queued.load(Ordering::Relaxed) as u32,
+                tokens_per_s: 0.0,
+            })
+            .collect();
+        LoadReport { peer: self.0.local.as_bytes().to_vec(), timestamp_ms: now_ms, shards }
+    }
+
+    async fn open_served(&self, from: &str, open: SessionOpen) -> Result<Message, (u16, String)> {
+        let model = self.0.model.as_ref().ok_or((ErrorCode::NOT_SERVED, "this peer holds no model".to_string()))?;
+        if open.model != model.hash {
+            return Err((ErrorCode::NOT_SERVED, format!("this peer does not hold model {}", hex(&open.model))));
+        }
+        let (start, end) = (open.start as usize, open.end as usize);
+        if start >= end || end > model.config.layers {
+            return Err((ErrorCode::MALFORMED, format!("layers {start}..{end} are not a range of a {}-layer model", model.config.layers)));
+        }
+        if open.owner.is_empty() || open.owner != from && from != self.0.local {
+            return Err((ErrorCode::MALFORMED, "a session is opened by its owner".to_string()));
+        }
+        let slot = self.ensure_shard(start..end).await.map_err(|e| (ErrorCode::BUSY, e.to_string()))?;
+        let session = open.session;
+        let owner = open.owner.clone();
+        match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err((e.code, e.reason)),
+            _ => return Err((ErrorCode::INTERNAL, "shard actor did not answer".to_string())),
+        }
+        lock(&self.0.served).insert(session, (slot, owner));
+        Ok(Message::ShardAdvert(ShardAdvert {
+            peer: self.0.local.as_bytes().to_vec(),
+            model: model.hash,
+            start: start as u32,
+            end: end as u32,
+        }))
+    }
+
+    /// The shard serving exactly `range`, loading it if needed.
+    pub async fn ensure_shard(&self, range: Range<usize>) -> Result<ShardSlot, RuntimeError> {
+        let model = self.0.model.clone().ok_or(RuntimeError::NoModel)?;
+        let mut shards = self.0.shards.lock().await;
+        if let Some(s) = shards.iter().find(|s| s.range == range) {
+            return Ok(s.clone());
+        }
+        if shards.len() >= self.0.cfg.max_shards {
+            // Drop the first shard that serves no session.
+            let busy: Vec<u64> = lock(&self.0.served).values().map(|(s, _)| s.actor.get_id().pid()).collect();
+            let Some(i) = shards.iter().position(|s| !busy.contains(&s.actor.get_id().pid())) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "this peer already serves {} layer ranges, all in use",
+                    shards.len()
+                )));
+            };
+            let old = shards.remove(i);
+            tracing::info!(layers = ?old.range, "unloading shard");
+            old.actor.stop(None);
+        }
+        let started = Instant::now();
+        let path = model.path.clone();
+        let pool = self.0.pool.clone();
+        let r = range.clone();
+        let shard = tokio::task::spawn_blocking(move || Shard::load(&path, r, pool))
+            .await
+            .map_err(|e| RuntimeError::Actor(e.to_string()))??;
+        let memory_bytes = shard.memory_bytes();
+        tracing::info!(layers = ?range, ms = started.elapsed().as_millis() as u64, memory_mib = memory_bytes >> 20, "shard loaded");
+        let queued = Arc::new(AtomicUsize::new(0));
+        let args = ShardArgs { shard: Arc::new(shard), rt: self.clone(), queued: queued.clone() };
+        let (actor, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| RuntimeError::Actor(e.to_string()))?;
+        let slot = ShardSlot { range, actor, queued, memory_bytes };
+        shards.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// Unloads shards whose range is not in `keep` and that serve no session.
+    pub async fn unload_except(&self, keep: &[Range<usize>]) {
+        let busy: Vec<u64> = lock(&self.0.served).values().map(|(s, _)| s.actor.get_id().pid()).collect();
+        let mut shards = self.0.shards.lock().await;
+        shards.retain(|s| {
+            let drop = !keep.contains(&s.range) && !busy.contains(&s.actor.get_id().pid());
+            if drop {
+                tracing::info!(layers = ?s.range, "unloading shard the plan no longer needs");
+                s.actor.stop(None);
+            }
+            !drop
+        });
+    }
+
+    pub(crate) fn register_session(&self, wire: u64, actor: ActorRef<SessionMsg>) {
+        lock(&self.0.sessions).insert(wire, actor);
+    }
+
+    pub(crate) fn unregister_session(&self, wire: u64) {
+        lock(&self.0.sessions).remove(&wire);
+    }
+
+    /// Starts a generation owned by this peer.
+    pub async fn generate(&self, req: GenerateRequest) -> Result<GenerationHandle, RuntimeError> {
+        let model = self.0.model.clone().ok_or(RuntimeError::NoModel)?;
+        if req.prompt.is_empty() {
+            return Err(RuntimeError::Invalid("empty prompt".into()));
+        }
+        if req.prompt.len() >= model.config.context {
+            return Err(RuntimeError::Invalid(format!(
+                "the prompt has {} tokens; the model's context holds {}",
+                req.prompt.len(),
+                model.config.context
+            )));
+        }
+        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= model.tokenizer.vocab_size()) {
+            return Err(RuntimeError::Invalid(format!("token id {t} is outside the vocabulary")));
+        }
+        req.sampling.validate()?;
+        let (tx, rx) = mpsc::channel(self.0.cfg.event_capacity.max(1));
+        let (actor, _) = Actor::spawn(None, SessionActor, (self.clone(), model, req, tx))
+            .await
+            .map_err(|e| RuntimeError::Actor(e.to_string()))?;
+        Ok(GenerationHandle { events: rx, actor })
+    }
+
+    /// Stops every actor of this runtime.
+    pub async fn shutdown(&self) {
+        if let Some(p) = lock(&self.0.placement).take() {
+            p.stop(None);
+        }
+        let sessions: Vec<_> = lock(&self.0.sessions).drain().map(|(_, a)| a).collect();
+        for a in sessions {
+            a.stop(None);
+        }
+        lock(&self.0.served).clear();
+        for s in self.0.shards.lock().await.drain(..) {
+            s.actor.stop(None);
+        }
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

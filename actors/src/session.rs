@@ -1,0 +1,479 @@
+//! SessionActor: owns one generation. It gets a route from placement, opens
+//! the session on every hop, feeds the prompt in chunks to the first stage
+//! (the stages pass activations forward themselves; the last one samples and
+//! sends the token here), feeds each token back, and streams steps to its
+//! caller. On a failed or late hop it bans the culprit with backoff, takes a
+//! new route without it, replays the whole history to rebuild the caches
+//! and the sampler there, and goes on with the same tokens.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fogmesh_models::{Generation, GenerationState, Step, Timings};
+use fogmesh_protocols::{
+    ErrorCode, Message, SamplingSpec, SessionClose, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+
+use crate::link::PeerKey;
+use crate::policy::{BanList, Hop};
+use crate::runtime::{GenerateRequest, ModelInfo, Runtime};
+
+/// What a generation reports to its caller, in order.
+#[derive(Debug, Clone)]
+pub enum SessionEvent {
+    /// The route is open and the prompt is on its way.
+    Started {
+        /// The route.
+        route: Vec<Hop>,
+    },
+    /// One generated token.
+    Token {
+        /// The token, its final text and whether it ended the generation.
+        step: Step,
+        /// Its log-probability.
+        logprob: f32,
+    },
+    /// A hop failed; the session moves to a new route.
+    Failover {
+        /// Peers banned for it.
+        banned: Vec<PeerKey>,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The first token after a failover arrived.
+    Recovered {
+        /// The new route.
+        route: Vec<Hop>,
+        /// From noticing the failure to that token, in milliseconds.
+        recovery_ms: f64,
+    },
+    /// The generation finished.
+    Done {
+        /// Everything generated, with timings.
+        generation: Generation,
+        /// The route that finished it.
+        route: Vec<Hop>,
+        /// Failovers on the way.
+        failovers: u32,
+    },
+    /// The generation failed.
+    Error(String),
+}
+
+/// Messages of a [`SessionActor`].
+#[derive(Debug)]
+pub enum SessionMsg {
+    /// Open the route and feed the prompt (sent by the actor to itself).
+    Start,
+    /// A token from the last stage.
+    Token(TokenResult),
+    /// A stage reported a failure.
+    Failed(StageError),
+    /// A step's deadline passed.
+    Timeout {
+        /// Which route attempt it concerns.
+        wire: u64,
+        /// Which step.
+        step: u32,
+    },
+    /// Stop the generation everywhere.
+    Cancel(String),
+}
+
+/// State of a [`SessionActor`].
+pub struct SessionState {
+    rt: Runtime,
+    model: Arc<ModelInfo>,
+    state: Option<GenerationState>,
+    max_tokens: usize,
+    events: mpsc::Sender<SessionEvent>,
+    route: Vec<Hop>,
+    /// The session id on the wire for the current route (new per route).
+    wire: u64,
+    step: u32,
+    pending_tokens: usize,
+    stalls: u32,
+    bans: BanList,
+    failovers: u32,
+    failed_at: Option<Instant>,
+    started: Instant,
+    first_token: Option<Instant>,
+    timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<SessionMsg>>>>,
+    done: bool,
+}
+
+/// The actor owning one generation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionActor;
+
+fn spec(p: &fogmesh_models::SamplingParams) -> SamplingSpec {
+    SamplingSpec {
+        temperature: p.temperature,
+        top_k: p.top_k.min(u32::MAX as usize) as u32,
+        top_p: p.top_p,
+        repetition_penalty: p.repetition_penalty,
+        repeat_last_n: p.repeat_last_n.min(u32::MAX as usize) as u32,
+        seed: p.seed,
+    }
+}
+
+enum Trouble {
+    /// These peers failed.
+    Culprits(Vec<PeerKey>, String),
+    /// Something failed; find out who.
+    Unknown(String),
+    /// Not a peer's fault (an evicted cache): rebuild on a fresh route.
+    Rebuild(String),
+}
+
+impl SessionState {
+    fn state(&mut self) -> &mut GenerationState {
+        self.state.as_mut().expect("generation state present until done")
+    }
+
+    async fn emit(&mut self, e: SessionEvent) -> bool {
+        self.events.send(e).await.is_ok()
+    }
+
+    fn arm(&mut self, myself: &ActorRef<SessionMsg>, tokens: usize) {
+        if let Some(t) = self.timer.take() {
+            t.abort();
+        }
+        let (wire, step) = (self.wire, self.step);
+        let d = self.rt.config().deadlines.step(tokens);
+        self.timer = Some(myself.send_after(d, move || SessionMsg::Timeout { wire, step }));
+    }
+
+    fn close_route(&self) {
+        let (rt, wire, route) = (self.rt.clone(), self.wire, self.route.clone());
+        rt.unregister_session(wire);
+        tokio::spawn(async move {
+            for h in route {
+                let _ = rt.send(&h.peer, Message::SessionClose(SessionClose { session: wire })).await;
+            }
+        });
+    }
+
+    /// Opens a route and replays the history into it; retries other routes
+    /// as hops fail, until it works or the failover budget is spent.
+    async fn establish(&mut self, myself: &ActorRef<SessionMsg>) -> Result<(), String> {
+        loop {
+            let now = Instant::now();
+            let route = self.rt.route(&self.bans.banned(now)).await.map_err(|e| e.to_string())?;
+            let wire = self.rt.next_id();
+            let state = self.state.as_ref().expect("generation state");
+            let history = state.history().to_vec();
+            let draws = state.sampler().draws();
+            let sampling = spec(state.sampler().params());
+            let mut failed = Vec::new();
+            let opens = route.iter().enumerate().map(|(i, h)| {
+                let open = SessionOpen {
+                    session: wire,
+                    model: self.model.hash,
+                    start: h.start as u32,
+                    end: h.end as u32,
+                    max_tokens: (history.len() + self.max_tokens).min(self.model.config.context) as u32,
+                    owner: self.rt.local_peer().to_string(),
+                    next: route.get(i + 1).map(|n| n.peer.clone()).unwrap_or_default(),
+                    sampling: sampling.clone(),
+                    history: history.clone(),
+                    draws: draws.min(u32::MAX as u64) as u32,
+                };
+                let rt = self.rt.clone();
+                let peer = h.peer.clone();
+                async move { (peer.clone(), rt.call(&peer, Message::SessionOpen(open)).await) }
+            });
+            let mut reasons = Vec::new();
+            for (peer, r) in futures::future::join_all(opens).await {
+                match r {
+                    Ok(Message::ShardAdvert(_)) => {}
+                    Ok(Message::Error(e)) => {
+                        reasons.push(format!("{peer}: {}", e.message));
+                        failed.push(peer);
+                    }
+                    Ok(other) => {
+                        reasons.push(format!("{peer}: answered {:?}", other.kind()));
+                        failed.push(peer);
+                    }
+                    Err(e) => {
+                        reasons.push(e.to_string());
+                        failed.push(peer);
+                    }
+                }
+            }
+            if failed.is_empty() {
+                self.wire = wire;
+                self.route = route;
+                self.rt.register_session(wire, myself.clone());
+                self.stalls = 0;
+                self.feed(myself, history).await;
+                return Ok(());
+            }
+            for h in &route {
+                let _ = self.rt.send(&h.peer, Message::SessionClose(SessionClose { session: wire })).await;
+            }
+            let reason = reasons.join("; ");
+            self.note_failure(&failed, &reason).await?;
+        }
+    }
+
+    /// Bans `peers` and counts a failover; errs when the budget is spent.
+    async fn note_failure(&mut self, peers: &[PeerKey], reason: &str) -> Result<(), String> {
+        let now = Instant::now();
+        self.failed_at.get_or_insert(now);
+        self.failovers += 1;
+        let local = self.rt.local_peer().to_string();
+        let banned: Vec<PeerKey> = peers.iter().filter(|p| **p != local).cloned().collect();
+        for p in &banned {
+            let d = self.bans.ban(p, now);
+            tracing::warn!(peer = %p, ban_ms = d.as_millis() as u64, reason, "banning peer");
+        }
+        if self.failovers > self.rt.config().max_failovers {
+            return Err(format!("gave up after {} failovers; last: {reason}", self.failovers - 1));
+        }
+        self.emit(SessionEvent::Failover { banned, reason: reason.to_string() }).await;
+        Ok(())
+    }
+
+    /// Sends `tokens` (starting at position `pos` = cache length) to the first
+    /// stage, in chunks; the last chunk asks for a sample.
+    async fn send_tokens(&mut self, myself: &ActorRef<SessionMsg>, tokens: &[u32], pos: usize) {
+        let chunk = self.rt.config().prefill_chunk.max(1);
+        let first = self.route[0].peer.clone();
+        let n = tokens.len();
+        for (i, c) in tokens.chunks(chunk).enumerate() {
+            let msg = Message::StageRequest(StageRequest {
+                request: self.rt.next_id(),
+                session: self.wire,
+                step: self.step,
+                stage: 0,
+                position: (pos + i * chunk) as u32,
+                sample: (i + 1) * chunk >= n,
+                input: StageInput::Tokens(c.to_vec()),
+            });
+            if let Err(e) = self.rt.send(&first, msg).await {
+                self.pending_tokens = n;
+                let _ = myself.cast(SessionMsg::Failed(StageError {
+                    session: self.wire,
+                    peer: first.clone(),
+                    code: ErrorCode::NOT_SERVED,
+                    reason: e.to_string(),
+                }));
+                return;
+            }
+        }
+        self.pending_tokens = n;
+        self.arm(myself, n);
+    }
+
+    async fn feed(&mut self, myself: &ActorRef<SessionMsg>, history: Vec<u32>) {
+        self.send_tokens(myself, &history, 0).await;
+    }
+
+    async fn probe(&self) -> Vec<PeerKey> {
+        let local = self.rt.local_peer().to_string();
+        let t = self.rt.config().probe_timeout;
+        let probes = self.route.iter().filter(|h| h.peer != local).map(|h| {
+            let rt = self.rt.clone();
+            let peer = h.peer.clone();
+            async move {
+                let q = Message::LoadReport(fogmesh_protocols::LoadReport { peer: vec![], timestamp_ms: 0, shards: vec![] });
+                let ok = matches!(tokio::time::timeout(t, rt.call(&peer, q)).await, Ok(Ok(Message::LoadReport(_))));
+                (peer, ok)
+            }
+        });
+        futures::future::join_all(probes).await.into_iter().filter(|(_, ok)| !ok).map(|(p, _)| p).collect()
+    }
+
+    async fn trouble(&mut self, myself: &ActorRef<SessionMsg>, t: Trouble) -> Result<(), String> {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+        let (culprits, reason) = match t {
+            Trouble::Culprits(c, r) => (c, r),
+            Trouble::Rebuild(r) => (Vec::new(), r),
+            Trouble::Unknown(r) => {
+                let dead = self.probe().await;
+                if dead.is_empty() && self.stalls < 2 {
+                    // Every hop answers: the pipeline is slow, not broken.
+                    self.stalls += 1;
+                    tracing::info!(session = self.wire, step = self.step, "step is late but every hop answers; waiting longer");
+                    let n = self.pending_tokens;
+                    self.arm(myself, n);
+                    return Ok(());
+                }
+                if dead.is_empty() {
+                    let local = self.rt.local_peer().to_string();
+                    (self.route.iter().map(|h| h.peer.clone()).filter(|p| *p != local).collect(), format!("{r}, repeatedly"))
+                } else {
+                    (dead, format!("{r}; hop did not answer a probe"))
+                }
+            }
+        };
+        self.close_route();
+        self.note_failure(&culprits, &reason).await?;
+        self.establish(myself).await
+    }
+
+    async fn on_token(&mut self, myself: &ActorRef<SessionMsg>, t: TokenResult) -> Result<bool, String> {
+        if t.session != self.wire || t.step != self.step || self.done {
+            return Ok(false);
+        }
+        if t.token as usize >= self.model.tokenizer.vocab_size() {
+            let last = self.route.last().map(|h| h.peer.clone()).unwrap_or_default();
+            let why = format!("last stage sent token id {} outside the vocabulary", t.token);
+            self.trouble(myself, Trouble::Culprits(vec![last], why)).await?;
+            return Ok(false);
+        }
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+        let step = self.state().push_sampled(t.token).map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        self.first_token.get_or_insert(now);
+        if let Some(at) = self.failed_at.take() {
+            let route = self.route.clone();
+            self.emit(SessionEvent::Recovered { route, recovery_ms: now.duration_since(at).as_secs_f64() * 1e3 }).await;
+        }
+        let finished = step.finish.is_some();
+        if !self.emit(SessionEvent::Token { step, logprob: t.logprob }).await {
+            return Err("the caller went away".into());
+        }
+        if finished {
+            return Ok(true);
+        }
+        let pos = self.state.as_ref().map_or(0, |g| g.history().len()) - 1;
+        if pos + 1 >= self.model.config.context {
+            let step = self.state().end_context();
+            self.emit(SessionEvent::Token { step, logprob: 0.0 }).await;
+            return Ok(true);
+        }
+        self.step += 1;
+        self.send_tokens(myself, &[t.token], pos).await;
+        Ok(false)
+    }
+
+    async fn finish(&mut self, myself: &ActorRef<SessionMsg>, outcome: Result<(), String>) {
+        self.done = true;
+        if let Some(t) = self.timer.take() {
+            t.abort();
+        }
+        self.close_route();
+        match outcome {
+            Ok(()) => {
+                let first = self.first_token.unwrap_or(self.started);
+                let state = self.state.take().expect("generation state");
+                let timings = Timings {
+                    prefill_tokens: state.prompt().len(),
+                    prefill_ms: first.duration_since(self.started).as_secs_f64() * 1e3,
+                    decode_tokens: state.tokens().len().saturating_sub(1),
+                    decode_ms: first.elapsed().as_secs_f64() * 1e3,
+                };
+                let generation = state.into_generation(timings);
+                let route = self.route.clone();
+                let failovers = self.failovers;
+                self.emit(SessionEvent::Done { generation, route, failovers }).await;
+            }
+            Err(e) => {
+                self.emit(SessionEvent::Error(e)).await;
+            }
+        }
+        myself.stop(None);
+    }
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = (Runtime, Arc<ModelInfo>, GenerateRequest, mpsc::Sender<SessionEvent>);
+
+    async fn pre_start(&self, myself: ActorRef<SessionMsg>, args: Self::Arguments) -> Result<SessionState, ActorProcessingErr> {
+        let (rt, model, req, events) = args;
+        let state =
+            GenerationState::new(model.tokenizer.clone(), req.prompt, req.max_tokens, req.sampling, req.stop, 0)?;
+        let cfg = rt.config();
+        let bans = BanList::new(cfg.ban_base, cfg.ban_max);
+        myself.cast(SessionMsg::Start)?;
+        Ok(SessionState {
+            rt,
+            model,
+            state: Some(state),
+            max_tokens: req.max_tokens,
+            events,
+            route: Vec::new(),
+            wire: 0,
+            step: 0,
+            pending_tokens: 0,
+            stalls: 0,
+            bans,
+            failovers: 0,
+            failed_at: None,
+            started: Instant::now(),
+            first_token: None,
+            timer: None,
+            done: false,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<SessionMsg>, msg: SessionMsg, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        if st.done {
+            return Ok(());
+        }
+        let r = match msg {
+            SessionMsg::Start => {
+                if st.state.as_ref().and_then(|g| g.finished()).is_some() {
+                    Ok(true)
+                } else {
+                    match st.establish(&myself).await {
+                        Ok(()) => {
+                            let route = st.route.clone();
+                            st.emit(SessionEvent::Started { route }).await;
+                            Ok(false)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+            SessionMsg::Token(t) => st.on_token(&myself, t).await,
+            SessionMsg::Failed(e) => {
+                if e.session != st.wire {
+                    return Ok(());
+                }
+                let t = match e.code {
+                    ErrorCode::MODEL => Err(format!("stage {} failed: {}", e.peer, e.reason)),
+                    ErrorCode::MALFORMED if e.peer == st.rt.local_peer() => Err(format!("stage failed: {}", e.reason)),
+                    ErrorCode::UNKNOWN_SESSION => Ok(Trouble::Rebuild(e.reason)),
+                    _ if e.peer.is_empty() => Ok(Trouble::Unknown(e.reason)),
+                    _ => Ok(Trouble::Culprits(vec![e.peer], e.reason)),
+                };
+                match t {
+                    Ok(t) => st.trouble(&myself, t).await.map(|()| false),
+                    Err(e) => Err(e),
+                }
+            }
+            SessionMsg::Timeout { wire, step } => {
+                if wire != st.wire || step != st.step {
+                    return Ok(());
+                }
+                let t = Trouble::Unknown(format!("step {step} took longer than {:?}", st.rt.config().deadlines.step(st.pending_tokens)));
+                st.trouble(&myself, t).await.map(|()| false)
+            }
+            SessionMsg::Cancel(reason) => Err(format!("cancelled: {reason}")),
+        };
+        match r {
+            Ok(false) => {}
+            Ok(true) => st.finish(&myself, Ok(())).await,
+            Err(e) => st.finish(&myself, Err(e)).await,
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<SessionMsg>, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        if !st.done {
+            st.close_route();
+        }
+        Ok(())
+    }
+}

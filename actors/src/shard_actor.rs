@@ -1,0 +1,325 @@
+//! ShardActor: one loaded layer range, its sessions' KV caches (bounded, LRU
+//! with a TTL) and, on the last stage, their samplers. Work arrives as
+//! stage requests; outputs go straight to the next stage, tokens to the
+//! session's owner.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use fogmesh_models::{LogitsFor, Sampler, SamplingParams, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
+use fogmesh_protocols::{
+    ActivationCodec, Encoding, ErrorCode, Message, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::link::PeerKey;
+use crate::runtime::Runtime;
+
+/// Messages of a [`ShardActor`].
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Open a session's cache here.
+    Open(Box<SessionOpen>, RpcReplyPort<Result<(), StageError>>),
+    /// A stage request from the given peer.
+    Work(PeerKey, StageRequest),
+    /// Drop a session's cache.
+    Close(u64),
+    /// Report status.
+    Status(RpcReplyPort<ShardStatus>),
+}
+
+/// A shard's state, for status pages and tests.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardStatus {
+    /// First layer.
+    pub start: usize,
+    /// One past the last layer.
+    pub end: usize,
+    /// Open sessions.
+    pub sessions: usize,
+    /// Bytes of weights.
+    pub memory_bytes: usize,
+    /// Bytes of KV caches.
+    pub cache_bytes: usize,
+    /// Tokens processed since load.
+    pub tokens: u64,
+    /// Stage requests waiting.
+    pub queued: usize,
+}
+
+/// What a shard actor starts from.
+pub struct ShardArgs {
+    /// The loaded range.
+    pub shard: Arc<Shard>,
+    /// This peer's runtime.
+    pub rt: Runtime,
+    /// Work waiting (shared with the runtime, which refuses work past its bound).
+    pub queued: Arc<AtomicUsize>,
+}
+
+struct Session {
+    cache: Option<SessionCache>,
+    next: PeerKey,
+    owner: PeerKey,
+    sampler: Option<Sampler>,
+    history: Vec<u32>,
+    max_tokens: usize,
+    last_used: Instant,
+}
+
+/// State of a [`ShardActor`].
+pub struct ShardState {
+    shard: Arc<Shard>,
+    rt: Runtime,
+    queued: Arc<AtomicUsize>,
+    sessions: HashMap<u64, Session>,
+    codec: ActivationCodec,
+    tokens: u64,
+}
+
+/// The actor owning one loaded layer range.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardActor;
+
+fn stage_error(session: u64, peer: &str, code: u16, reason: impl Into<String>) -> StageError {
+    StageError { session, peer: peer.to_string(), code, reason: reason.into() }
+}
+
+impl ShardState {
+    fn open(&mut self, open: SessionOpen) -> Result<(), StageError> {
+        let local = self.rt.local_peer().to_string();
+        let now = Instant::now();
+        let ttl = self.rt.config().session_ttl;
+        let expired: Vec<u64> =
+            self.sessions.iter().filter(|(_, s)| now.duration_since(s.last_used) > ttl).map(|(k, _)| *k).collect();
+        for k in expired {
+            self.sessions.remove(&k);
+            self.rt.forget_served(k);
+        }
+        while self.sessions.len() >= self.rt.config().max_sessions_per_shard.max(1) {
+            let Some((&oldest, _)) = self.sessions.iter().min_by_key(|(_, s)| s.last_used) else { break };
+            tracing::info!(session = oldest, "evicting the least recently used session cache");
+            self.sessions.remove(&oldest);
+            self.rt.forget_served(oldest);
+        }
+        let sampler = if self.shard.is_last() {
+            let s = &open.sampling;
+            let params = SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k as usize,
+                top_p: s.top_p,
+                repetition_penalty: s.repetition_penalty,
+                repeat_last_n: s.repeat_last_n as usize,
+                seed: s.seed,
+            };
+            Some(
+                Sampler::resume(params, u64::from(open.draws))
+                    .map_err(|e| stage_error(open.session, &local, ErrorCode::MALFORMED, e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        if self.shard.is_last() != open.next.is_empty() {
+            return Err(stage_error(
+                open.session,
+                &local,
+                ErrorCode::MALFORMED,
+                "exactly the stage holding the last layer has no next hop",
+            ));
+        }
+        let max_tokens = (open.max_tokens as usize).min(self.shard.config().context);
+        let history = open.history;
+        self.sessions.insert(
+            open.session,
+            Session {
+                cache: Some(self.shard.new_session()),
+                next: open.next,
+                owner: open.owner,
+                sampler,
+                history,
+                max_tokens,
+                last_used: now,
+            },
+        );
+        Ok(())
+    }
+
+    async fn work(&mut self, from: PeerKey, req: StageRequest) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let local = self.rt.local_peer().to_string();
+        let Some(sess) = self.sessions.get_mut(&req.session) else {
+            let e = stage_error(req.session, &local, ErrorCode::UNKNOWN_SESSION, "session evicted or closed");
+            self.rt.report(&from, req.request, e).await;
+            return;
+        };
+        sess.last_used = Instant::now();
+        let owner = sess.owner.clone();
+        let Some(mut cache) = sess.cache.take() else { return };
+        let pos = req.position as usize;
+        if pos > cache.pos() {
+            sess.cache = Some(cache);
+            let e = stage_error(req.session, &local, ErrorCode::UNKNOWN_SESSION, format!("input at position {pos} but {} tokens are cached", sess.cache.as_ref().map_or(0, |c| c.pos())));
+            self.rt.report(&owner, req.request, e).await;
+            return;
+        }
+        // A retried request rolls the cache back to where it starts.
+        cache.truncate(pos);
+        let d = self.shard.config().hidden;
+        let input = match req.input {
+            StageInput::Tokens(t) => Input::Tokens(t),
+            StageInput::Activation(bytes) => {
+                let mut x = Vec::new();
+                match self.codec.decode(&bytes, &self.rt.config().limits, &mut x) {
+                    Ok(info) if info.width == d && x.len() == info.tokens * d => Input::Hidden(x),
+                    Ok(info) => {
+                        sess.cache = Some(cache);
+                        let e = stage_error(req.session, &from, ErrorCode::MALFORMED, format!("activation of width {} for a model of width {d}", info.width));
+                        self.rt.report(&owner, req.request, e).await;
+                        return;
+                    }
+                    Err(err) => {
+                        sess.cache = Some(cache);
+                        let e = stage_error(req.session, &from, ErrorCode::MALFORMED, format!("undecodable activation: {err}"));
+                        self.rt.report(&owner, req.request, e).await;
+                        return;
+                    }
+                }
+            }
+        };
+        let n = match &input {
+            Input::Tokens(t) => t.len(),
+            Input::Hidden(h) => h.len() / d.max(1),
+        };
+        if pos + n > sess.max_tokens {
+            sess.cache = Some(cache);
+            let e = stage_error(req.session, &local, ErrorCode::MODEL, format!("{} tokens exceed the session's bound of {}", pos + n, sess.max_tokens));
+            self.rt.report(&owner, req.request, e).await;
+            return;
+        }
+        let shard = self.shard.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = match &input {
+                Input::Tokens(t) => shard.forward(&mut cache, ShardInput::Tokens(t), LogitsFor::Last),
+                Input::Hidden(h) => shard.forward(&mut cache, ShardInput::Hidden(h), LogitsFor::Last),
+            };
+            (cache, r)
+        })
+        .await;
+        let Some(sess) = self.sessions.get_mut(&req.session) else { return };
+        let (cache, out) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                let e = stage_error(req.session, &local, ErrorCode::INTERNAL, format!("forward pass failed: {e}"));
+                self.rt.report(&owner, req.request, e).await;
+                self.sessions.remove(&req.session);
+                self.rt.forget_served(req.session);
+                return;
+            }
+        };
+        sess.cache = Some(cache);
+        self.tokens += n as u64;
+        match out {
+            Err(err) => {
+                let e = stage_error(req.session, &local, ErrorCode::MODEL, err.to_string());
+                self.rt.report(&owner, req.request, e).await;
+            }
+            Ok(ShardOutput::Hidden(h)) => {
+                let mut bytes = Vec::new();
+                if let Err(err) = self.codec.encode(&h, n, d, Encoding::F32, &mut bytes) {
+                    let e = stage_error(req.session, &local, ErrorCode::INTERNAL, err.to_string());
+                    self.rt.report(&owner, req.request, e).await;
+                    return;
+                }
+                let next = sess.next.clone();
+                let msg = Message::StageRequest(StageRequest {
+                    request: req.request,
+                    session: req.session,
+                    step: req.step,
+                    stage: req.stage + 1,
+                    position: req.position,
+                    sample: req.sample,
+                    input: StageInput::Activation(bytes),
+                });
+                if let Err(err) = self.rt.send(&next, msg).await {
+                    let e = stage_error(req.session, &next, ErrorCode::NOT_SERVED, format!("next stage unreachable: {err}"));
+                    self.rt.report(&owner, req.request, e).await;
+                }
+            }
+            Ok(ShardOutput::Logits(l)) => {
+                if !req.sample {
+                    return;
+                }
+                let Some(sampler) = sess.sampler.as_mut() else { return };
+                let token = match sampler.sample(&l, &sess.history) {
+                    Ok(t) => t,
+                    Err(err) => {
+                        let e = stage_error(req.session, &local, ErrorCode::MODEL, err.to_string());
+                        self.rt.report(&owner, req.request, e).await;
+                        return;
+                    }
+                };
+                sess.history.push(token);
+                let msg = Message::TokenResult(TokenResult {
+                    session: req.session,
+                    step: req.step,
+                    token,
+                    logprob: log_prob(&l, token),
+                });
+                if let Err(err) = self.rt.send(&owner, msg).await {
+                    tracing::info!(session = req.session, error = %err, "session owner unreachable; dropping its cache");
+                    self.sessions.remove(&req.session);
+                    self.rt.forget_served(req.session);
+                }
+            }
+        }
+    }
+}
+
+enum Input {
+    Tokens(Vec<u32>),
+    Hidden(Vec<f32>),
+}
+
+impl Actor for ShardActor {
+    type Msg = ShardMsg;
+    type State = ShardState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+        Ok(ShardState {
+            shard: args.shard,
+            rt: args.rt,
+            queued: args.queued,
+            sessions: HashMap::new(),
+            codec: ActivationCodec::new(),
+            tokens: 0,
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<ShardMsg>, msg: ShardMsg, st: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMsg::Open(open, reply) => {
+                let _ = reply.send(st.open(*open));
+            }
+            ShardMsg::Work(from, req) => st.work(from, req).await,
+            ShardMsg::Close(session) => {
+                st.sessions.remove(&session);
+            }
+            ShardMsg::Status(reply) => {
+                let r = st.shard.range();
+                let _ = reply.send(ShardStatus {
+                    start: r.start,
+                    end: r.end,
+                    sessions: st.sessions.len(),
+                    memory_bytes: st.shard.memory_bytes(),
+                    cache_bytes: st.sessions.values().filter_map(|s| s.cache.as_ref()).map(|c| c.memory_bytes()).sum(),
+                    tokens: st.tokens,
+                    queued: st.queued.load(Ordering::Relaxed),
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! The distributed pipeline with its peers in one process over the in-memory
+//! network (`fogmesh::actors::memnet`), on the real model (needs it: run
+//! `fogmesh fetch`): equality with the single-process engine, failover when
+//! a stage dies, goes silent or sends garbage, concurrent sessions, and
+//! clear errors.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use fogmesh::actors::memnet::{Fault, MemNet};
+use fogmesh::actors::{GenerateRequest, ModelInfo, PeerView, Runtime, RuntimeConfig, SessionEvent};
+use fogmesh::models::{LocalModel, SamplingParams};
+
+const HASH: [u8; 32] = [0xab; 32];
+
+struct Mesh {
+    net: Arc<MemNet>,
+    peers: Vec<Runtime>,
+}
+
+async fn mesh(n: usize, cfg: RuntimeConfig) -> Option<Mesh> {
+    let path = model_path()?;
+    let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
+    let net = MemNet::new(Duration::from_millis(500));
+    let mut peers = Vec::new();
+    for i in 0..n {
+        let id = format!("peer-{i}");
+        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH] });
+        let mut c = cfg.clone();
+        c.gflops = 10.0;
+        c.memory_bytes = 1 << 32;
+        let rt = Runtime::start(link, Some(info.clone()), c).await.unwrap();
+        net.attach(&id, rt.clone());
+        peers.push(rt);
+    }
+    Some(Mesh { net, peers })
+}
+
+fn cfg() -> RuntimeConfig {
+    RuntimeConfig { threads: 1, prefill_chunk: 8, ..RuntimeConfig::default() }
+}
+
+struct Outcome {
+    tokens: Vec<u32>,
+    route_len: usize,
+    failovers: u32,
+    recoveries: Vec<f64>,
+    error: Option<String>,
+}
+
+async fn run(rt: &Runtime, req: GenerateRequest, mut on_token: impl FnMut(usize)) -> Outcome {
+    let mut h = rt.generate(req).await.unwrap();
+    let mut out = Outcome { tokens: vec![], route_len: 0, failovers: 0, recoveries: vec![], error: None };
+    let mut n = 0;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
+        match e {
+            SessionEvent::Token { .. } => {
+                n += 1;
+                on_token(n);
+            }
+            SessionEvent::Recovered { recovery_ms, .. } => out.recoveries.push(recovery_ms),
+            SessionEvent::Done { generation, route, failovers } => {
+                out.tokens = generation.tokens;
+                out.route_len = route.len();
+                out.failovers = failovers;
+            }
+            SessionEvent::Error(e) => out.error = Some(e),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn single(prompt: &[u32], max: usize, sampling: SamplingParams) -> Vec<u32> {
+    let m = LocalModel::load(&model_path().unwrap(), None, 2).unwrap();
+    m.generate(prompt.to_vec(), max, sampling, vec![], 0, |_| {}).unwrap().tokens
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    reference()["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt_token_ids"])).collect()
+}
+
+fn req(prompt: Vec<u32>, max: usize, sampling: SamplingParams) -> GenerateRequest {
+    GenerateRequest { prompt, max_tokens: max, sampling, stop: vec![] }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_stages_equal_one_process_greedy_and_seeded() {
+    let Some(m) = mesh(3, cfg()).await else { return };
+    for p in prompts() {
+        let want = single(&p, 24, SamplingParams::greedy());
+        let got = run(&m.peers[0], req(p.clone(), 24, SamplingParams::greedy()), |_| {}).await;
+        assert_eq!(got.error, None);
+        assert_eq!(got.route_len, 3);
+        assert_eq!(got.tokens, want, "greedy over 3 stages");
+    }
+    let seeded = SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, seed: 7, ..SamplingParams::default() };
+    let p = prompts()[0].clone();
+    let want = single(&p, 24, seeded.clone());
+    let got = run(&m.peers[1], req(p, 24, seeded), |_| {}).await;
+    assert_eq!(got.tokens, want, "seeded sampling over 3 stages, owner in the middle");
+}
+
+async fn failover_case(fault: Fault) {
+    let Some(m) = mesh(3, cfg()).await else { return };
+    let p = prompts()[1].clone();
+    let sampling = SamplingParams { temperature: 0.7, seed: 11, ..SamplingParams::default() };
+    let want = single(&p, 32, sampling.clone());
+    let plan = m.peers[0].route(&[]).await.unwrap();
+    assert_eq!(plan.len(), 3);
+    let middle = plan[1].peer.clone();
+    let net = m.net.clone();
+    let got = run(&m.peers[0], req(p, 32, sampling), |n| {
+        if n == 10 {
+            net.set_fault(&middle, fault);
+        }
+    })
+    .await;
+    assert_eq!(got.error, None, "{fault:?}");
+    assert!(got.failovers >= 1, "{fault:?}: a failover happened");
+    assert_eq!(got.route_len, 2, "{fault:?}: finished on the two remaining peers");
+    assert_eq!(got.tokens, want, "{fault:?}: same tokens after failover");
+    println!("{fault:?}: recovery {:?} ms", got.recoveries);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_middle_stage_is_replaced_with_the_same_tokens() {
+    failover_case(Fault::Dead).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_middle_stage_is_replaced_with_the_same_tokens() {
+    failover_case(Fault::Silent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_middle_stage_sending_garbage_is_replaced_with_the_same_tokens() {
+    failover_case(Fault::Garbage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_concurrent_sessions_each_equal_one_process() {
+    let Some(m) = mesh(3, cfg()).await else { return };
+    let ps = prompts();
+    let mut want = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let p = ps[i % ps.len()].clone();
+        let sampling = SamplingParams { temperature: if i % 2 == 0 { 0.0 } else { 0.8 }, seed: i as u64, ..SamplingParams::default() };
+        want.push(single(&p, 16, sampling.clone()));
+        let rt = m.peers[i % 3].clone();
+        tasks.push(tokio::spawn(async move { run(&rt, req(p, 16, sampling), |_| {}).await }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        assert_eq!(got.error, None);
+        assert_eq!(got.tokens, want[i], "session {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors() {
+    let Some(m) = mesh(2, cfg()).await else { return };
+    let ctx = m.peers[0].model().unwrap().config.context;
+    let err = m.peers[0].generate(req(vec![1; ctx + 5], 4, SamplingParams::greedy())).await.unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+    let err = m.peers[0].generate(req(vec![], 4, SamplingParams::greedy())).await.unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    let err = m.peers[0].generate(req(vec![u32::MAX], 4, SamplingParams::greedy())).await.unwrap_err();
+    assert!(err.to_string().contains("vocabulary"), "{err}");
+    let bad = SamplingParams { temperature: -1.0, ..SamplingParams::default() };
+    assert!(m.peers[0].generate(req(vec![1, 2], 4, bad)).await.is_err());
+    // Every other peer gone: the owner serves alone.
+    m.net.set_fault("peer-1", Fault::Dead);
+    let p = prompts()[0].clone();
+    let got = run(&m.peers[0], req(p.clone(), 8, SamplingParams::greedy()), |_| {}).await;
+    assert_eq!(got.tokens, single(&p, 8, SamplingParams::greedy()));
+    assert_eq!(got.route_len, 1);
+}
