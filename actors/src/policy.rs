@@ -89,7 +89,7 @@ pub struct Deadlines {
 
 impl Default for Deadlines {
     fn default() -> Self {
-        Deadlines { base: Duration::from_secs(3), per_token: Duration::from_millis(20) }
+        Deadlines { base: Duration::from_secs(1), per_token: Duration::from_millis(20) }
     }
 }
 

@@ -50,6 +50,17 @@ enum Command {
     /// Print the membership view of a running node.
     #[command(after_help = "Examples:\n  fogmesh peers\n  fogmesh peers --node 127.0.0.1:8469 --json")]
     Peers(crate::node::NodeQueryArgs),
+    /// Generate on the mesh through a running node (same flags as `generate`).
+    #[command(after_help = "Examples:\n  fogmesh run --prompt 'What is fog computing?'\n  \
+        fogmesh run --node 127.0.0.1:8469 --raw --prompt 'The capital of France is' --temperature 0 --json")]
+    Run(crate::run::RunArgs),
+    /// Start a 3-peer mesh on this host, show its stage map and stream a chat answer.
+    ///
+    /// Fetches the default model if needed. The peers are separate processes
+    /// that find each other by mDNS (explicit loopback addresses when the host
+    /// has no multicast-capable interface), with a random cluster secret.
+    #[command(after_help = "Example:\n  fogmesh demo --prompt 'Explain edge computing in two sentences.'")]
+    Demo(crate::run::DemoArgs),
     /// Print the status of a running node (identity, addresses, secret, peers).
     #[command(after_help = "Examples:\n  fogmesh status\n  fogmesh status --node 127.0.0.1:8469 --json")]
     Status(crate::node::NodeQueryArgs),
@@ -96,41 +107,97 @@ struct ModelArgs {
     split: usize,
 }
 
+/// The generation flags `fogmesh generate` and `fogmesh run` share; also the
+/// body of a node's `POST /v1/fogmesh/generate` (missing fields take the
+/// same defaults).
+#[derive(Debug, Clone, Args, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenFlags {
+    /// The prompt: a user message sent through the model's chat template,
+    /// or the literal text with --raw.
+    #[arg(long, short)]
+    pub prompt: String,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// A system message for chat mode (replaces the template's default).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Repetition penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// RNG seed: the same seed and flags give the same tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl Default for GenFlags {
+    fn default() -> Self {
+        GenFlags {
+            prompt: String::new(),
+            raw: false,
+            system: None,
+            max_tokens: 256,
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.95,
+            repeat_penalty: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl GenFlags {
+    /// The prompt's token ids (through the chat template unless `raw`).
+    pub fn prompt_tokens(&self, tok: &fogmesh_models::Tokenizer) -> Result<Vec<u32>> {
+        let text = if self.raw {
+            self.prompt.clone()
+        } else {
+            let mut msgs = Vec::new();
+            if let Some(s) = &self.system {
+                msgs.push(ChatMessage::new("system", s));
+            }
+            msgs.push(ChatMessage::new("user", &self.prompt));
+            tok.apply_chat_template(&msgs)?
+        };
+        Ok(tok.encode(&text)?)
+    }
+
+    /// The sampling parameters.
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The prompt: a user message sent through the model's chat template,
-    /// or the literal text with --raw.
-    #[arg(long, short)]
-    prompt: String,
-    /// Feed the prompt as is, without the chat template.
-    #[arg(long)]
-    raw: bool,
-    /// A system message for chat mode (replaces the template's default).
-    #[arg(long)]
-    system: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 256)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
-    temperature: f32,
-    /// Keep the K most likely tokens (0: all).
-    #[arg(long, default_value_t = 40)]
-    top_k: usize,
-    /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    /// Repetition penalty (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
-    /// RNG seed: the same seed and flags give the same tokens.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop when this text appears (repeatable).
-    #[arg(long)]
-    stop: Vec<String>,
+    #[command(flatten)]
+    flags: GenFlags,
     /// With --json, report the K best logits of every step.
     #[arg(long, default_value_t = 0)]
     top_logits: usize,
@@ -196,16 +263,24 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(a) => crate::node::run_node(a),
         Command::Peers(a) => crate::node::run_peers(a),
         Command::Status(a) => crate::node::run_status(a),
+        Command::Run(a) => crate::run::run(a),
+        Command::Demo(a) => crate::run::demo(a),
     }
 }
 
 /// Resolves the model path, fetching the default model when it is missing.
 fn model_path(m: &ModelArgs) -> Result<PathBuf> {
-    if let Some(p) = &m.model {
+    resolve_model(m.model.as_deref())
+}
+
+/// The model file: `path` if given (it must exist), else the default model,
+/// fetched when missing.
+pub fn resolve_model(path: Option<&std::path::Path>) -> Result<PathBuf> {
+    if let Some(p) = path {
         if !p.exists() {
             bail!("model file {} does not exist", p.display());
         }
-        return Ok(p.clone());
+        return Ok(p.to_path_buf());
     }
     let p = fogmesh_models::default_model_path();
     if p.exists() {
@@ -246,29 +321,11 @@ struct GenerateJson<'a> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let model = load(&a.model)?;
-    let tok = model.tokenizer();
-    let text = if a.raw {
-        a.prompt.clone()
-    } else {
-        let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(ChatMessage::new("system", s));
-        }
-        msgs.push(ChatMessage::new("user", &a.prompt));
-        tok.apply_chat_template(&msgs)?
-    };
-    let prompt = tok.encode(&text)?;
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repetition_penalty: a.repeat_penalty,
-        repeat_last_n: 64,
-        seed: a.seed,
-    };
+    let prompt = a.flags.prompt_tokens(model.tokenizer())?;
+    let sampling = a.flags.sampling();
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
-    let out = model.generate(prompt, a.max_tokens, sampling, a.stop.clone(), a.top_logits, |step| {
+    let out = model.generate(prompt, a.flags.max_tokens, sampling, a.flags.stop.clone(), a.top_logits, |step| {
         if stream && !step.text.is_empty() {
             let _ = stdout.write_all(step.text.as_bytes());
             let _ = stdout.flush();
@@ -280,7 +337,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             tokens: &out.tokens,
             text: &out.text,
             finish_reason: out.finish_reason,
-            seed: a.seed,
+            seed: a.flags.seed,
             timings: &out.timings,
             top_logits: (a.top_logits > 0).then_some(&out.top_logits[..]),
         };
@@ -288,17 +345,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         writeln!(stdout)?;
     } else {
         writeln!(stdout)?;
-        let t = &out.timings;
-        eprintln!(
-            "[{} prompt tokens in {:.0} ms ({:.1} tok/s); {} tokens decoded in {:.0} ms ({:.1} tok/s); {}]",
-            t.prefill_tokens,
-            t.prefill_ms,
-            t.prefill_tokens as f64 / (t.prefill_ms / 1e3),
-            t.decode_tokens,
-            t.decode_ms,
-            t.decode_tokens as f64 / (t.decode_ms.max(1e-9) / 1e3),
-            fogmesh_models::kernel_name(),
-        );
+        eprintln!("[{}; {}]", timing_line(&out.timings), fogmesh_models::kernel_name());
     }
     Ok(())
 }
@@ -327,6 +374,19 @@ fn score(a: ScoreArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// "N prompt tokens in .. ms (.. tok/s); M tokens decoded in .. ms (.. tok/s)".
+pub fn timing_line(t: &fogmesh_models::Timings) -> String {
+    format!(
+        "{} prompt tokens in {:.0} ms ({:.1} tok/s); {} tokens decoded in {:.0} ms ({:.1} tok/s)",
+        t.prefill_tokens,
+        t.prefill_ms,
+        t.prefill_tokens as f64 / (t.prefill_ms.max(1e-9) / 1e3),
+        t.decode_tokens,
+        t.decode_ms,
+        t.decode_tokens as f64 / (t.decode_ms.max(1e-9) / 1e3),
+    )
 }
 
 /// Median of `xs` (which must not be empty).

@@ -21,5 +21,7 @@ pub mod cli;
 pub mod fetch;
 pub mod http;
 pub mod measure;
+pub mod mesh;
 pub mod net;
 pub mod node;
+pub mod run;

@@ -1,5 +1,5 @@
-//! `fogmesh node` (run a peer until SIGINT/SIGTERM) and `fogmesh peers`
-//! (print a running node's view).
+//! `fogmesh node` (run a peer until SIGINT/SIGTERM), `fogmesh peers` and
+//! `fogmesh status` (ask a running node).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use libp2p::Multiaddr;
 
-use crate::measure::SelfMeasurement;
-use crate::net::{self, NetConfig, PeerInfo, keys};
+use crate::mesh::Mesh;
+use crate::net::{PeerInfo, keys};
 
 /// Where `fogmesh node` serves HTTP unless told otherwise.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8469";
@@ -46,9 +46,16 @@ pub struct NodeArgs {
     /// Seconds an unconnected, silent peer stays in the view.
     #[arg(long, default_value_t = 10.0, hide = true)]
     pub peer_ttl: f64,
+    /// Serve this GGUF model: the mesh's peers holding it split its layers
+    /// between them. Without it the node only relays and answers queries.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Compute threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
-fn data_dir(d: &Option<PathBuf>) -> PathBuf {
+pub(crate) fn data_dir(d: &Option<PathBuf>) -> PathBuf {
     d.clone().unwrap_or_else(|| fogmesh_models::home_dir().join("node"))
 }
 
@@ -68,52 +75,63 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     let secret = secret(&args)?;
     let dir = data_dir(&args.data_dir);
     let keypair = keys::load_or_create_identity(&dir)?;
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let model = match &args.model {
+        Some(p) => Some(crate::cli::resolve_model(Some(p))?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async move {
-        let measurement = tokio::task::spawn_blocking(|| SelfMeasurement::measure(Duration::from_millis(200)))
-            .await
-            .context("self-measurement")?;
-        let mut cfg = NetConfig::new(keypair, measurement.clone());
-        cfg.listen = args.listen.clone();
-        cfg.bootstrap = args.bootstrap.clone();
-        cfg.secret = secret;
-        cfg.mdns = !args.no_mdns;
-        cfg.peer_ttl = Duration::from_secs_f64(args.peer_ttl);
         let http = tokio::net::TcpListener::bind(args.http).await.with_context(|| {
             format!("cannot serve HTTP on {} (in use? pass --http 127.0.0.1:0 for a free port)", args.http)
         })?;
         let http_addr = http.local_addr()?;
-        let net = net::start(cfg.clone()).await?;
-        let handle = net.handle.clone();
+        let mut b = Mesh::builder().keypair(keypair).mdns(!args.no_mdns).peer_ttl(Duration::from_secs_f64(args.peer_ttl));
+        for a in &args.listen {
+            b = b.listen(a.clone());
+        }
+        for a in &args.bootstrap {
+            b = b.bootstrap(a.clone());
+        }
+        if let Some(s) = secret.clone() {
+            b = b.secret(s);
+        }
+        if let Some(t) = args.threads {
+            b = b.threads(t);
+        }
+        if let Some(m) = &model {
+            b = b.model(m.clone());
+        }
+        let mesh = b.start().await?;
+        let handle = mesh.net().clone();
         std::fs::write(dir.join(HTTP_ADDR_FILE), format!("{http_addr}\n"))
             .with_context(|| format!("writing {}", dir.join(HTTP_ADDR_FILE).display()))?;
-        let addrs: Vec<String> = net.listen_addrs.iter().map(|a| a.to_string()).collect();
+        let addrs: Vec<String> = mesh.listen_addrs().iter().map(|a| a.to_string()).collect();
+        let measurement = mesh.measurement().clone();
         tracing::info!(
             peer_id = %handle.local_peer_id(),
             listen = %addrs.join(","),
-            mdns = cfg.mdns,
-            secret = cfg.secret.is_some(),
+            mdns = !args.no_mdns,
+            secret = secret.is_some(),
             http = %http_addr,
             cores = measurement.cores,
             memory_mib = measurement.memory_bytes >> 20,
             gflops = format!("{:.1}", measurement.gflops),
+            model = %model.as_ref().map_or("none".to_string(), |m| m.display().to_string()),
             "fogmesh node started"
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::http::serve(http, handle.clone(), async move {
+        let rt = mesh.model().is_some().then(|| mesh.runtime().clone());
+        let server = tokio::spawn(crate::http::serve(http, handle.clone(), rt, async move {
             let _ = stop_rx.await;
         }));
-        // This node holds no shards yet: every request is answered NOT_SERVED
-        // (the swarm does so itself once the channel is closed), and stage
-        // streams are refused (nobody accepts them).
-        let net::Net { inbound, task, .. } = net;
-        drop(inbound);
         wait_for_signal().await;
         tracing::info!("shutting down");
-        handle.shutdown().await;
         let _ = stop_tx.send(());
-        if tokio::time::timeout(Duration::from_secs(5), task.join()).await.is_err() {
-            tracing::warn!("network task did not stop within 5 s");
+        if tokio::time::timeout(Duration::from_secs(5), mesh.shutdown()).await.is_err() {
+            tracing::warn!("the mesh did not stop within 5 s");
         }
         match tokio::time::timeout(Duration::from_secs(5), server).await {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error"),
@@ -167,7 +185,7 @@ impl NodeQueryArgs {
     }
 }
 
-fn node_addr(node: &Option<String>, dir: &Path) -> String {
+pub(crate) fn node_addr(node: &Option<String>, dir: &Path) -> String {
     if let Some(n) = node {
         return n.clone();
     }

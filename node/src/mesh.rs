@@ -1,0 +1,400 @@
+//! The embeddable mesh: a libp2p peer plus its actors, and the
+//! [`MeshLink`] implementation over the swarm (stage traffic on long-lived
+//! streams, calls as request-response).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use fogmesh_actors::{
+    GenerateRequest, GenerationHandle, Hop, LinkError, MeshLink, ModelInfo, PeerKey, PeerView, Runtime,
+    RuntimeConfig,
+};
+use fogmesh_protocols::{Message, ModelHash};
+use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::Semaphore;
+
+use crate::measure::SelfMeasurement;
+use crate::net::{self, NetConfig, NetError, NetHandle, StageStream};
+
+/// How long opening a stage stream or a call may take.
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inbound calls served at once.
+const MAX_INBOUND_CALLS: usize = 64;
+
+/// [`MeshLink`] over the node's swarm.
+pub struct NetLink {
+    handle: NetHandle,
+    local: PeerKey,
+    streams: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<StageStream>>>>>,
+}
+
+impl NetLink {
+    /// A link over `handle`.
+    pub fn new(handle: NetHandle) -> Self {
+        let local = handle.local_peer_id().to_string();
+        NetLink { handle, local, streams: Mutex::new(HashMap::new()) }
+    }
+
+    fn slot(&self, peer: PeerId) -> Arc<tokio::sync::Mutex<Option<StageStream>>> {
+        let mut m = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 4096 {
+            m.retain(|_, s| Arc::strong_count(s) > 1 || s.try_lock().is_ok_and(|g| g.is_some()));
+        }
+        m.entry(peer).or_default().clone()
+    }
+}
+
+fn parse_peer(peer: &str) -> Result<PeerId, LinkError> {
+    peer.parse().map_err(|_| LinkError::Unreachable(peer.into(), "not a peer id".into()))
+}
+
+#[async_trait]
+impl MeshLink for NetLink {
+    fn local_peer(&self) -> PeerKey {
+        self.local.clone()
+    }
+
+    async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError> {
+        let id = parse_peer(peer)?;
+        let slot = self.slot(id);
+        let mut s = slot.lock().await;
+        // One retry on a fresh stream: a stream can break while its
+        // connection is replaced.
+        let mut last = String::new();
+        for _ in 0..2 {
+            if s.is_none() {
+                match tokio::time::timeout(LINK_TIMEOUT, self.handle.open_stage_stream(id)).await {
+                    Ok(Ok(st)) => *s = Some(st),
+                    Ok(Err(e)) => return Err(LinkError::Unreachable(peer.into(), e.to_string())),
+                    Err(_) => return Err(LinkError::Timeout(peer.into())),
+                }
+            }
+            let st = s.as_mut().expect("stream just opened");
+            match tokio::time::timeout(LINK_TIMEOUT, st.send(&msg)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "write timed out".into(),
+            }
+            *s = None;
+        }
+        Err(LinkError::Unreachable(peer.into(), last))
+    }
+
+    async fn call(&self, peer: &str, msg: Message) -> Result<Message, LinkError> {
+        let id = parse_peer(peer)?;
+        match tokio::time::timeout(LINK_TIMEOUT * 2, self.handle.request(id, msg)).await {
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(NetError::Stopped)) => Err(LinkError::Stopped),
+            Ok(Err(e)) => Err(LinkError::Unreachable(peer.into(), e.to_string())),
+            Err(_) => Err(LinkError::Timeout(peer.into())),
+        }
+    }
+
+    async fn view(&self) -> Vec<PeerView> {
+        let Ok(peers) = self.handle.peers().await else { return Vec::new() };
+        peers
+            .into_iter()
+            .filter(|p| p.connections > 0 && p.gflops > 0.0)
+            .map(|p| PeerView {
+                peer: p.peer_id,
+                gflops: p.gflops,
+                memory_bytes: p.memory_bytes,
+                models: p
+                    .models
+                    .iter()
+                    .filter_map(|h| hex::decode(h).ok().and_then(|b| <ModelHash>::try_from(b).ok()))
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Options of a mesh peer; [`Mesh::builder`] starts here.
+#[derive(Debug, Clone)]
+pub struct MeshBuilder {
+    model: Option<PathBuf>,
+    model_hash: Option<ModelHash>,
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    secret: Option<PreSharedKey>,
+    mdns: bool,
+    keypair: Option<Keypair>,
+    peer_ttl: Option<Duration>,
+    runtime: RuntimeConfig,
+    measurement: Option<SelfMeasurement>,
+}
+
+/// A running mesh peer: the swarm, its membership view and its actors.
+pub struct Mesh {
+    handle: NetHandle,
+    runtime: Runtime,
+    listen_addrs: Vec<Multiaddr>,
+    measurement: SelfMeasurement,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    net_task: Option<net::NetTask>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh").field("peer", &self.handle.local_peer_id()).finish()
+    }
+}
+
+impl MeshBuilder {
+    /// Serve (and place) this GGUF model; its SHA-256 is computed unless
+    /// given with [`MeshBuilder::model_hash`].
+    pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.model = Some(path.into());
+        self
+    }
+
+    /// The model's SHA-256, when already known.
+    pub fn model_hash(mut self, hash: ModelHash) -> Self {
+        self.model_hash = Some(hash);
+        self
+    }
+
+    /// Listen on this address (repeatable; default: a free TCP port on all
+    /// IPv4 interfaces).
+    pub fn listen(mut self, addr: Multiaddr) -> Self {
+        self.listen.push(addr);
+        self
+    }
+
+    /// Join through this peer (repeatable).
+    pub fn bootstrap(mut self, addr: Multiaddr) -> Self {
+        self.bootstrap.push(addr);
+        self
+    }
+
+    /// The cluster secret.
+    pub fn secret(mut self, key: PreSharedKey) -> Self {
+        self.secret = Some(key);
+        self
+    }
+
+    /// Discover LAN peers by mDNS (default on).
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.mdns = on;
+        self
+    }
+
+    /// The peer's identity (default: a fresh one).
+    pub fn keypair(mut self, k: Keypair) -> Self {
+        self.keypair = Some(k);
+        self
+    }
+
+    /// How long an unconnected peer stays in the view.
+    pub fn peer_ttl(mut self, ttl: Duration) -> Self {
+        self.peer_ttl = Some(ttl);
+        self
+    }
+
+    /// Compute threads of this peer.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.runtime.threads = n.max(1);
+        self
+    }
+
+    /// Every runtime tunable (queues, caches, deadlines, bans).
+    pub fn runtime_config(mut self, cfg: RuntimeConfig) -> Self {
+        self.runtime = cfg;
+        self
+    }
+
+    /// Use this self-measurement instead of probing the host (tests).
+    pub fn measurement(mut self, m: SelfMeasurement) -> Self {
+        self.measurement = Some(m);
+        self
+    }
+
+    /// Starts the peer: network, actors, and the loops feeding them.
+    pub async fn start(self) -> Result<Mesh> {
+        let measurement = match self.measurement {
+            Some(m) => m,
+            None => tokio::task::spawn_blocking(|| SelfMeasurement::measure(Duration::from_millis(200))).await?,
+        };
+        let model = match &self.model {
+            None => None,
+            Some(p) => {
+                if !p.is_file() {
+                    bail!("model file {} does not exist", p.display());
+                }
+                let hash = match self.model_hash {
+                    Some(h) => h,
+                    None => {
+                        let p2 = p.clone();
+                        let hex = tokio::task::spawn_blocking(move || crate::fetch::sha256_file(&p2, false)).await??;
+                        <ModelHash>::try_from(hex::decode(hex)?).map_err(|_| anyhow::anyhow!("bad digest"))?
+                    }
+                };
+                let p2 = p.clone();
+                let info = tokio::task::spawn_blocking(move || ModelInfo::open(&p2, hash))
+                    .await?
+                    .with_context(|| format!("reading {}", p.display()))?;
+                Some(Arc::new(info))
+            }
+        };
+        let mut cfg = NetConfig::new(self.keypair.unwrap_or_else(Keypair::generate_ed25519), measurement.clone());
+        cfg.listen = self.listen;
+        cfg.bootstrap = self.bootstrap;
+        cfg.secret = self.secret;
+        cfg.mdns = self.mdns;
+        if let Some(t) = self.peer_ttl {
+            cfg.peer_ttl = t;
+        }
+        cfg.models = model.iter().map(|m| m.hash).collect();
+        let net = net::start(cfg).await?;
+        let handle = net.handle.clone();
+        let link = Arc::new(NetLink::new(handle.clone()));
+        let mut rcfg = self.runtime;
+        rcfg.gflops = measurement.gflops;
+        rcfg.memory_bytes = measurement.memory_bytes;
+        let runtime = Runtime::start(link, model, rcfg).await?;
+        let net::Net { mut inbound, listen_addrs, task, .. } = net;
+        let mut tasks = Vec::new();
+        // Calls: answered concurrently, at most MAX_INBOUND_CALLS at once.
+        let rt = runtime.clone();
+        tasks.push(tokio::spawn(async move {
+            let limit = Arc::new(Semaphore::new(MAX_INBOUND_CALLS));
+            while let Some(req) = inbound.recv().await {
+                let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                let rt = rt.clone();
+                tokio::spawn(async move {
+                    let peer = req.peer.to_string();
+                    let reply = rt.handle_call(&peer, req.message.clone()).await;
+                    req.respond(reply);
+                    drop(permit);
+                });
+            }
+        }));
+        // Stage streams: one reader task per stream.
+        if let Some(mut incoming) = handle.accept_stage_streams() {
+            let rt = runtime.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(mut s) = incoming.next().await {
+                    let rt = rt.clone();
+                    tokio::spawn(async move {
+                        let peer = s.peer().to_string();
+                        loop {
+                            match s.recv().await {
+                                Ok(m) => rt.deliver(&peer, m).await,
+                                Err(e) => {
+                                    if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                                        tracing::debug!(peer, error = %e, "stage stream closed");
+                                    }
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                }
+            }));
+        }
+        // Gossip this peer's shards every couple of seconds.
+        let (rt, h) = (runtime.clone(), handle.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let report = rt.load_report().await;
+                if h.set_load(report.shards).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }));
+        Ok(Mesh { handle, runtime, listen_addrs, measurement, tasks, net_task: Some(task) })
+    }
+}
+
+impl Mesh {
+    /// Options with defaults: no model, mDNS on, a fresh identity.
+    pub fn builder() -> MeshBuilder {
+        MeshBuilder {
+            model: None,
+            model_hash: None,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            secret: None,
+            mdns: true,
+            keypair: None,
+            peer_ttl: None,
+            runtime: RuntimeConfig::default(),
+            measurement: None,
+        }
+    }
+
+    /// This peer's id.
+    pub fn peer_id(&self) -> PeerId {
+        self.handle.local_peer_id()
+    }
+
+    /// Addresses it listens on.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// What it measured about its host.
+    pub fn measurement(&self) -> &SelfMeasurement {
+        &self.measurement
+    }
+
+    /// The network handle (view, status, raw requests).
+    pub fn net(&self) -> &NetHandle {
+        &self.handle
+    }
+
+    /// The actors: shard, session and placement actor refs live here.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The model this peer serves.
+    pub fn model(&self) -> Option<&Arc<ModelInfo>> {
+        self.runtime.model()
+    }
+
+    /// The current route (placement plan) over the mesh.
+    pub async fn plan(&self) -> Result<Vec<Hop>> {
+        Ok(self.runtime.route(&[]).await?)
+    }
+
+    /// Waits until placement uses `stages` peers (or `timeout` passes).
+    pub async fn wait_for_stages(&self, stages: usize, timeout: Duration) -> Result<Vec<Hop>> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(plan) = self.runtime.route(&[]).await
+                && plan.len() >= stages
+            {
+                return Ok(plan);
+            }
+            if start.elapsed() > timeout {
+                bail!("no plan over {stages} peers after {timeout:?}: are the peers on one LAN? is multicast blocked? try --bootstrap ADDR");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts a generation owned by this peer; read its events.
+    pub async fn generate(&self, req: GenerateRequest) -> Result<GenerationHandle> {
+        Ok(self.runtime.generate(req).await?)
+    }
+
+    /// Stops the actors and the network.
+    pub async fn shutdown(mut self) {
+        self.runtime.shutdown().await;
+        self.handle.shutdown().await;
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(t) = self.net_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t.join()).await;
+        }
+    }
+}

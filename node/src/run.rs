@@ -1,0 +1,376 @@
+//! `fogmesh run` (a generation on the mesh through a running node) and
+//! `fogmesh demo` (a 3-process mesh on this host, its stage map and a
+//! streamed chat answer).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::Value;
+
+use crate::cli::GenFlags;
+use crate::node::{NodeQueryArgs, data_dir, http_get, node_addr};
+
+/// Options of `fogmesh run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    node: NodeQueryArgs,
+    #[command(flatten)]
+    flags: GenFlags,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_recv_response(Some(Duration::from_secs(120)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// What a finished generation on the mesh reported.
+#[derive(Debug)]
+pub struct MeshRun {
+    /// The `done` event (prompt_tokens, tokens, text, finish_reason, seed,
+    /// timings, route, failovers).
+    pub done: Value,
+    /// Failover and recovery events on the way.
+    pub incidents: Vec<Value>,
+}
+
+/// Runs `flags` through the node at `node`, calling `on_text` with each
+/// piece of final text as it streams.
+pub fn generate_on(node: &str, flags: &GenFlags, mut on_text: impl FnMut(&str)) -> Result<MeshRun> {
+    let base = if node.starts_with("http://") { node.to_string() } else { format!("http://{node}") };
+    let url = format!("{}/v1/fogmesh/generate", base.trim_end_matches('/'));
+    let body = serde_json::to_string(flags)?;
+    let resp = agent()
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(body.as_bytes())
+        .with_context(|| format!("no fogmesh node answered at {node} (is `fogmesh node --model PATH` running? pass --node ADDR)"))?;
+    let status = resp.status();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    if !status.is_success() {
+        let mut text = String::new();
+        let _ = Read::take(&mut reader, 64 << 10).read_to_string(&mut text);
+        let msg = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        bail!("{node} refused the generation ({status}): {msg}");
+    }
+    let mut incidents = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = Read::take(&mut reader, 16 << 20).read_line(&mut line).context("reading the node's stream")?;
+        if n == 0 {
+            bail!("{node} closed the stream before the generation finished");
+        }
+        let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("{node} sent a malformed event"))?;
+        match v["event"].as_str() {
+            Some("token") => on_text(v["text"].as_str().unwrap_or("")),
+            Some("failover") | Some("recovered") => incidents.push(v),
+            Some("done") => return Ok(MeshRun { done: v, incidents }),
+            Some("error") => bail!("the generation failed: {}", v["message"].as_str().unwrap_or("?")),
+            _ => {}
+        }
+    }
+}
+
+fn short(peer: &str) -> &str {
+    &peer[peer.len().saturating_sub(8)..]
+}
+
+fn route_line(route: &Value) -> String {
+    let hops: Vec<String> = route
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| format!("…{} [{}..{})", short(h["peer"].as_str().unwrap_or("?")), h["layers"][0], h["layers"][1]))
+        .collect();
+    hops.join(" → ")
+}
+
+fn timing_summary(done: &Value) -> String {
+    let t = &done["timings"];
+    let f = |k: &str| t[k].as_f64().unwrap_or(0.0);
+    let t = fogmesh_models::Timings {
+        prefill_tokens: f("prefill_tokens") as usize,
+        prefill_ms: f("prefill_ms"),
+        decode_tokens: f("decode_tokens") as usize,
+        decode_ms: f("decode_ms"),
+    };
+    crate::cli::timing_line(&t)
+}
+
+/// `fogmesh run`.
+pub fn run(a: RunArgs) -> Result<()> {
+    let node = node_addr(&a.node.node, &data_dir(&a.node.data_dir));
+    let json = a.node.json;
+    let mut stdout = std::io::stdout().lock();
+    let r = generate_on(&node, &a.flags, |t| {
+        if !json && !t.is_empty() {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if json {
+        let mut done = r.done;
+        if let Some(o) = done.as_object_mut() {
+            o.remove("event");
+        }
+        writeln!(stdout, "{done}")?;
+    } else {
+        writeln!(stdout)?;
+        for i in &r.incidents {
+            eprintln!("[{}]", i);
+        }
+        eprintln!("[{}; route {}]", timing_summary(&r.done), route_line(&r.done["route"]));
+    }
+    Ok(())
+}
+
+/// Options of `fogmesh demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// GGUF model [default: the fetched default model, fetched if absent].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Peers to start.
+    #[arg(long, default_value_t = 3)]
+    peers: usize,
+    /// The question asked.
+    #[arg(long, short, default_value = "What is fog computing? Answer in two sentences.")]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 160)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seconds to wait for the peers to find each other.
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+}
+
+/// Whether this host has an interface (other than loopback) that is up and
+/// multicast-capable, read from /sys/class/net.
+pub fn has_multicast_interface() -> bool {
+    const IFF_UP: u32 = 0x1;
+    const IFF_LOOPBACK: u32 = 0x8;
+    const IFF_MULTICAST: u32 = 0x1000;
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return false };
+    dir.flatten().any(|e| {
+        let flags = std::fs::read_to_string(e.path().join("flags")).ok();
+        let flags = flags.and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok()).unwrap_or(0);
+        flags & IFF_UP != 0 && flags & IFF_MULTICAST != 0 && flags & IFF_LOOPBACK == 0
+    })
+}
+
+/// Child processes killed when dropped (on any error path).
+struct Peers {
+    children: Vec<Child>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Peers {
+    fn log_tail(&self, i: usize) -> String {
+        let log = std::fs::read_to_string(self.dirs[i].join("node.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// SIGTERM, then up to 10 s for each to exit; SIGKILL for stragglers.
+    fn stop(&mut self) -> Vec<Option<i32>> {
+        for c in &self.children {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut codes = Vec::new();
+        for c in &mut self.children {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(s)) => {
+                        codes.push(s.code());
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        codes.push(None);
+                        break;
+                    }
+                }
+            }
+        }
+        self.children.clear();
+        codes
+    }
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for_file(p: &Path, peers: &mut Peers, i: usize, until: Instant) -> Result<String> {
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p)
+            && !s.trim().is_empty()
+        {
+            return Ok(s.trim().to_string());
+        }
+        if let Ok(Some(st)) = peers.children[i].try_wait() {
+            bail!("peer {i} exited ({st}) during start:\n{}", peers.log_tail(i));
+        }
+        if Instant::now() > until {
+            bail!("peer {i} did not start in time:\n{}", peers.log_tail(i));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `fogmesh demo`.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    if a.peers == 0 || a.peers > 16 {
+        bail!("--peers must be between 1 and 16");
+    }
+    let model = crate::cli::resolve_model(a.model.as_deref())?;
+    let exe = std::env::current_exe().context("locating the fogmesh binary")?;
+    let tmp = tempfile::Builder::new().prefix("fogmesh-demo-").tempdir()?;
+    let secret: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
+    let mdns = has_multicast_interface();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / a.peers).max(1);
+    if mdns {
+        println!("starting {} peers on this host; they find each other by mDNS (random cluster secret)", a.peers);
+    } else {
+        println!(
+            "starting {} peers on this host; no multicast-capable interface here, so peers 2..{} join peer 1 by its loopback address",
+            a.peers, a.peers
+        );
+    }
+    let mut peers = Peers { children: Vec::new(), dirs: Vec::new() };
+    let until = Instant::now() + Duration::from_secs(a.wait);
+    let mut bootstrap: Option<String> = None;
+    let mut https = Vec::new();
+    for i in 0..a.peers {
+        let dir = tmp.path().join(format!("peer{}", i + 1));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("node.log"))?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("node")
+            .arg("--model")
+            .arg(&model)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--threads", &threads.to_string()])
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("FOGMESH_SECRET", &secret)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,fogmesh_actors=info,fogmesh_node=info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if !mdns {
+            cmd.arg("--no-mdns");
+            if let Some(b) = &bootstrap {
+                cmd.args(["--bootstrap", b]);
+            }
+        }
+        peers.children.push(cmd.spawn().context("starting a peer")?);
+        peers.dirs.push(dir.clone());
+        let http = wait_for_file(&dir.join(crate::node::HTTP_ADDR_FILE), &mut peers, i, until)?;
+        if i == 0 && !mdns {
+            let st: Value = serde_json::from_str(&http_get(&http, "/status")?)?;
+            bootstrap = st["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_string);
+        }
+        https.push(http);
+    }
+    // Wait for a plan over every peer, and for each peer to load its shard.
+    let plan = loop {
+        let p: Value = serde_json::from_str(&http_get(&https[0], "/plan")?)?;
+        if p["route"].as_array().is_some_and(|r| r.len() == a.peers) {
+            break p;
+        }
+        if Instant::now() > until {
+            bail!(
+                "no plan over {} peers after {} s: are the hosts on one LAN? is multicast blocked? (peer 1's log:\n{})",
+                a.peers,
+                a.wait,
+                peers.log_tail(0)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut shards = std::collections::HashMap::new();
+    for h in &https {
+        loop {
+            let p: Value = serde_json::from_str(&http_get(h, "/plan")?)?;
+            if let Some(s) = p["shards"].as_array().and_then(|s| s.first()) {
+                shards.insert(p["peer_id"].as_str().unwrap_or("").to_string(), s.clone());
+                break;
+            }
+            if Instant::now() > until {
+                bail!("a peer did not load its shard in time");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    println!("\nstage map ({} layers):", plan["route"].as_array().map_or(0, |r| r.iter().map(|h| h["layers"][1].as_u64().unwrap_or(0) - h["layers"][0].as_u64().unwrap_or(0)).sum::<u64>()));
+    println!("  {:<6} {:<54} {:>9} {:>11}", "STAGE", "PEER", "LAYERS", "WEIGHTS");
+    for (i, h) in plan["route"].as_array().into_iter().flatten().enumerate() {
+        let peer = h["peer"].as_str().unwrap_or("?");
+        let mem = shards.get(peer).and_then(|s| s["memory_bytes"].as_u64()).unwrap_or(0);
+        println!(
+            "  {:<6} {:<54} {:>9} {:>7.1} MiB",
+            i + 1,
+            peer,
+            format!("{}..{}", h["layers"][0], h["layers"][1]),
+            mem as f64 / 1048576.0
+        );
+    }
+    println!("\n> {}\n", a.prompt);
+    let flags = GenFlags {
+        prompt: a.prompt.clone(),
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        ..GenFlags::default()
+    };
+    let mut stdout = std::io::stdout().lock();
+    let started = Instant::now();
+    let r = generate_on(&https[0], &flags, |t| {
+        let _ = stdout.write_all(t.as_bytes());
+        let _ = stdout.flush();
+    });
+    drop(stdout);
+    let codes = peers.stop();
+    let r = r?;
+    println!("\n");
+    let tokens = r.done["tokens"].as_array().map_or(0, |t| t.len());
+    println!(
+        "[{}; {} tokens in {:.1} s end to end; route {}]",
+        timing_summary(&r.done),
+        tokens,
+        started.elapsed().as_secs_f64(),
+        route_line(&r.done["route"])
+    );
+    let clean = codes.iter().all(|c| *c == Some(0));
+    println!("peers stopped {}", if clean { "cleanly" } else { "(some had to be killed)" });
+    if !clean {
+        bail!("peers did not shut down cleanly: exit codes {codes:?}");
+    }
+    Ok(())
+}

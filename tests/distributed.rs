@@ -1,0 +1,235 @@
+//! The mesh as separate `fogmesh node` processes on loopback (127.0.0.1
+//! only, no mDNS), on the real model (needs it: `fogmesh fetch`):
+//! - greedy output over 3 peers equals the single-process output on the
+//!   reference prompts, through `fogmesh run --json` (with the route);
+//! - 8 concurrent sessions over 3 peers each equal their single-process output;
+//! - killing the peer that holds the middle range mid-generation: the
+//!   generation completes with the same tokens (prints the recovery time);
+//! - clear errors: a prompt past the context, a node without a model, a
+//!   missing model file, no node at the address.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fogmesh::models::LocalModel;
+use fogmesh::node::cli::GenFlags;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fogmesh");
+
+struct Cluster {
+    nodes: Vec<(Child, PathBuf, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (c, _, _) in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn get(http: &str, path: &str) -> Value {
+    serde_json::from_str(&fogmesh::node::node::http_get(http, path).unwrap()).unwrap()
+}
+
+fn spawn(model: Option<&Path>, dir: &Path, bootstrap: Option<&str>) -> (Child, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["node", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--threads", "1"])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn,fogmesh_actors=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("log")).unwrap());
+    if let Some(m) = model {
+        cmd.arg("--model").arg(m);
+    }
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let addr_file = dir.join("http.addr");
+    let t = Instant::now();
+    let http = loop {
+        if let Ok(s) = std::fs::read_to_string(&addr_file)
+            && !s.trim().is_empty()
+        {
+            break s.trim().to_string();
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("node exited: {st}: {}", std::fs::read_to_string(dir.join("log")).unwrap_or_default());
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "node did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (child, http)
+}
+
+/// Starts `n` peers with the model (the first is everyone's bootstrap) and
+/// waits until the first one plans over all of them.
+fn cluster(model: &Path, n: usize) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    let mut boot = None;
+    for i in 0..n {
+        let d = dir.path().join(format!("n{i}"));
+        let (c, http) = spawn(Some(model), &d, boot.as_deref());
+        if i == 0 {
+            boot = get(&http, "/status")["listen_addrs"][0].as_str().map(str::to_string);
+        }
+        nodes.push((c, d, http));
+    }
+    let c = Cluster { nodes, _dir: dir };
+    let t = Instant::now();
+    loop {
+        let plans: Vec<usize> =
+            c.nodes.iter().map(|(_, _, h)| get(h, "/plan")["route"].as_array().map_or(0, |r| r.len())).collect();
+        if plans.iter().all(|&p| p == n) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no {n}-stage plan: {plans:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c
+}
+
+fn flags(prompt: &str, max: usize, temperature: f32, seed: u64) -> GenFlags {
+    GenFlags { prompt: prompt.into(), raw: true, max_tokens: max, temperature, seed, ..GenFlags::default() }
+}
+
+fn single(model: &LocalModel, f: &GenFlags) -> Vec<u32> {
+    let prompt = f.prompt_tokens(model.tokenizer()).unwrap();
+    model.generate(prompt, f.max_tokens, f.sampling(), f.stop.clone(), 0, |_| {}).unwrap().tokens
+}
+
+fn tokens(v: &Value) -> Vec<u32> {
+    v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
+    let Some(path) = model_path() else { return };
+    let local = LocalModel::load(&path, None, 1).unwrap();
+    let c = cluster(&path, 3);
+    // Greedy, through the CLI, on the reference prompts.
+    for p in reference()["prompts"].as_array().unwrap() {
+        let prompt = p["prompt"].as_str().unwrap();
+        let f = flags(prompt, 32, 0.0, 0);
+        let out = Command::new(BIN)
+            .args(["run", "--node", &c.nodes[0].2, "--raw", "--temperature", "0", "--max-tokens", "32", "--json", "--prompt", prompt])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(tokens(&v), single(&local, &f), "prompt {prompt:?}");
+        let route = v["route"].as_array().unwrap();
+        assert_eq!(route.len(), 3);
+        assert_eq!(route[0]["layers"][0], 0);
+        assert_eq!(route[2]["layers"][1], 30);
+        assert!(route[0]["peer"].is_string());
+    }
+    // 8 concurrent sessions, through all three nodes, greedy and seeded.
+    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is"];
+    let jobs: Vec<(String, GenFlags)> = (0..8)
+        .map(|i| (c.nodes[i % 3].2.clone(), flags(prompts[i % 4], 24, if i % 2 == 0 { 0.0 } else { 0.8 }, i as u64)))
+        .collect();
+    let handles: Vec<_> = jobs
+        .iter()
+        .cloned()
+        .map(|(node, f)| std::thread::spawn(move || fogmesh::node::run::generate_on(&node, &f, |_| {}).unwrap()))
+        .collect();
+    for (h, (_, f)) in handles.into_iter().zip(&jobs) {
+        let r = h.join().unwrap();
+        assert_eq!(tokens(&r.done), single(&local, f), "{f:?}");
+    }
+}
+
+#[test]
+fn killing_the_middle_peer_mid_generation_keeps_every_token() {
+    let Some(path) = model_path() else { return };
+    let local = LocalModel::load(&path, None, 1).unwrap();
+    let mut c = cluster(&path, 3);
+    let route = get(&c.nodes[0].2, "/plan")["route"].clone();
+    let middle = route[1]["peer"].as_str().unwrap().to_string();
+    let idx = c.nodes.iter().position(|(_, _, h)| get(h, "/status")["peer_id"] == middle.as_str()).unwrap();
+    assert_ne!(idx, 0, "the session's own node is not the one killed");
+    let f = GenFlags { max_tokens: 160, ..flags("Once upon a time", 160, 0.7, 42) };
+    let want = single(&local, &f);
+    let mut pieces = 0;
+    let mut killed_at = None;
+    let mut gap = None;
+    let victim = c.nodes[idx].0.id();
+    let r = fogmesh::node::run::generate_on(&c.nodes[0].2, &f, |_| {
+        pieces += 1;
+        if pieces == 100 {
+            // SAFETY: kill(2) on a child this test spawned.
+            unsafe {
+                libc::kill(victim as i32, libc::SIGKILL);
+            }
+            killed_at = Some(Instant::now());
+        } else if let Some(k) = killed_at
+            && gap.is_none()
+        {
+            gap = Some(k.elapsed());
+        }
+    })
+    .unwrap();
+    let _ = c.nodes[idx].0.wait();
+    assert_eq!(tokens(&r.done), want, "same tokens after losing the middle stage");
+    assert!(r.done["failovers"].as_u64().unwrap() >= 1);
+    let route = r.done["route"].as_array().unwrap();
+    assert!(route.iter().all(|h| h["peer"] != middle.as_str()), "the dead peer is out of the route");
+    println!(
+        "recovery: {:?} from the kill to the next token; session's own measure {:?}",
+        gap,
+        r.incidents.iter().filter_map(|i| i["recovery_ms"].as_f64()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn bad_input_ends_in_clear_errors() {
+    let Some(path) = model_path() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A missing model file.
+    let out = Command::new(BIN).args(["node", "--model", "/nonexistent/model.gguf", "--http", "127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    // A node with the model, and one without.
+    let (mut with, http) = spawn(Some(&path), &dir.path().join("a"), None);
+    let (mut without, http2) = spawn(None, &dir.path().join("b"), None);
+    let long = "word ".repeat(9000);
+    let err = fogmesh::node::run::generate_on(&http, &flags(&long, 8, 0.0, 0), |_| {}).unwrap_err().to_string();
+    assert!(err.contains("context"), "{err}");
+    let err = fogmesh::node::run::generate_on(&http, &GenFlags { max_tokens: 1 << 20, ..flags("hi", 8, 0.0, 0) }, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_tokens"), "{err}");
+    let err = fogmesh::node::run::generate_on(&http2, &flags("hi", 8, 0.0, 0), |_| {}).unwrap_err().to_string();
+    assert!(err.contains("serves no model"), "{err}");
+    let bad = fogmesh::node::node::http_get(&http, "/plan").unwrap();
+    assert!(bad.contains("route"));
+    // Malformed request bodies.
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    for body in ["{", "{\"prompt\": 5}", "{\"prompt\":\"x\",\"bogus\":1}"] {
+        let r = agent.post(&format!("http://{http}/v1/fogmesh/generate")).send(body).unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+    }
+    // Nobody at the address.
+    let out = Command::new(BIN).args(["run", "--node", "127.0.0.1:9", "--prompt", "hi"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no fogmesh node answered"));
+    // The node still serves after all that.
+    let ok = fogmesh::node::run::generate_on(&http, &flags("The capital of France is", 4, 0.0, 0), |_| {}).unwrap();
+    assert_eq!(tokens(&ok.done).len(), 4);
+    let _ = with.kill();
+    let _ = without.kill();
+    let _ = with.wait();
+    let _ = without.wait();
+}
