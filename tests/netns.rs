@@ -286,6 +286,39 @@ fn median(v: &mut [f64]) -> f64 {
 /// Benchmark: time from starting N nodes (one bridge, mDNS only, with the
 /// secret) to every node seeing the other N-1; then idle CPU and RSS of one
 /// node of a 4-node mesh.
+/// `fogmesh demo` inside a namespace: one host with a multicast-capable
+/// interface (its 3 peers meet by mDNS) and one with loopback only (they fall
+/// back to explicit loopback addresses). Needs the default model too.
+#[test]
+fn demo_meets_by_mdns_or_falls_back_to_loopback() {
+    if !can_run() {
+        return;
+    }
+    let model = fogmesh::models::default_model_path();
+    if !model.exists() {
+        assert!(std::env::var_os("CI").is_none(), "the demo test needs the default model (fogmesh fetch)");
+        eprintln!("SKIPPED: needs the default model");
+        return;
+    }
+    let mut lab = Lab::new("d");
+    let lan = lab.add_lan("lan");
+    let host = lab.add_host("mc", &lan, 3, 1);
+    let lonely = lab.add_ns("lo");
+    for (ns, expect) in [(&host, "find each other by mDNS"), (&lonely, "no multicast-capable interface")] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_fogmesh"), "demo", "--max-tokens", "12", "--wait", "60"])
+            .output()
+            .expect("fogmesh demo");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "demo in {ns} failed:\n{stdout}\n{stderr}");
+        assert!(stdout.contains(expect), "{stdout}");
+        assert!(stdout.contains("stage map"), "{stdout}");
+        assert_eq!(stdout.matches(" MiB").count(), 3, "three stages with their memory: {stdout}");
+        assert!(stdout.contains("tok/s") && stdout.contains("peers stopped cleanly"), "{stdout}");
+        println!("{stdout}");
+    }
+}
+
 #[test]
 #[ignore = "benchmark; needs root: cargo test --release --test netns -- --ignored --nocapture"]
 fn bench_full_view_and_idle_cost() {

@@ -35,7 +35,9 @@ impl Actor for PlacementActor {
     type Arguments = Runtime;
 
     async fn pre_start(&self, myself: ActorRef<PlacementMsg>, rt: Runtime) -> Result<PlacementState, ActorProcessingErr> {
-        myself.cast(PlacementMsg::Tick)?;
+        // The first look waits one interval, so peers starting together see
+        // each other before anyone loads a range.
+        myself.send_after(rt.config().placement_interval, || PlacementMsg::Tick);
         Ok(PlacementState { rt, plan: Vec::new() })
     }
 

@@ -501,6 +501,14 @@ impl Runtime {
         });
     }
 
+    /// Tells every session owned here that `peer` is gone (its connection
+    /// closed); those routed through it fail over now.
+    pub fn peer_lost(&self, peer: &str) {
+        for a in lock(&self.0.sessions).values() {
+            let _ = a.cast(SessionMsg::PeerLost(peer.to_string()));
+        }
+    }
+
     pub(crate) fn register_session(&self, wire: u64, actor: ActorRef<SessionMsg>) {
         lock(&self.0.sessions).insert(wire, actor);
     }

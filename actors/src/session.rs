@@ -78,6 +78,8 @@ pub enum SessionMsg {
         /// Which step.
         step: u32,
     },
+    /// A peer's connection closed.
+    PeerLost(PeerKey),
     /// Stop the generation everywhere.
     Cancel(String),
 }
@@ -458,6 +460,13 @@ impl Actor for SessionActor {
                     return Ok(());
                 }
                 let t = Trouble::Unknown(format!("step {step} took longer than {:?}", st.rt.config().deadlines.step(st.pending_tokens)));
+                st.trouble(&myself, t).await.map(|()| false)
+            }
+            SessionMsg::PeerLost(peer) => {
+                if !st.route.iter().any(|h| h.peer == peer) || st.wire == 0 {
+                    return Ok(());
+                }
+                let t = Trouble::Culprits(vec![peer], "its connection closed".into());
                 st.trouble(&myself, t).await.map(|()| false)
             }
             SessionMsg::Cancel(reason) => Err(format!("cancelled: {reason}")),

@@ -298,6 +298,18 @@ impl MeshBuilder {
                 }
             }));
         }
+        // A peer whose last connection closed: sessions routed through it
+        // fail over at once instead of waiting for their deadline.
+        let (rt, mut lost) = (runtime.clone(), handle.subscribe_lost());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match lost.recv().await {
+                    Ok(p) => rt.peer_lost(&p.to_string()),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+        }));
         // Gossip this peer's shards every couple of seconds.
         let (rt, h) = (runtime.clone(), handle.clone());
         tasks.push(tokio::spawn(async move {

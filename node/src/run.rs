@@ -276,7 +276,11 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         cmd.arg("node")
             .arg("--model")
             .arg(&model)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--threads", &threads.to_string()])
+            // mDNS announces the listen addresses of the interface it runs on,
+            // so with mDNS the peers listen on every interface (the random
+            // cluster secret keeps others out); without, on loopback only.
+            .args(["--listen", if mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }])
+            .args(["--http", "127.0.0.1:0", "--threads", &threads.to_string()])
             .arg("--data-dir")
             .arg(&dir)
             .env("FOGMESH_SECRET", &secret)
@@ -319,8 +323,13 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     for h in &https {
         loop {
             let p: Value = serde_json::from_str(&http_get(h, "/plan")?)?;
-            if let Some(s) = p["shards"].as_array().and_then(|s| s.first()) {
-                shards.insert(p["peer_id"].as_str().unwrap_or("").to_string(), s.clone());
+            let me = p["peer_id"].as_str().unwrap_or("").to_string();
+            let hop = plan["route"].as_array().into_iter().flatten().find(|x| x["peer"] == me.as_str());
+            let held = hop.and_then(|hop| {
+                p["shards"].as_array().into_iter().flatten().find(|s| s["start"] == hop["layers"][0] && s["end"] == hop["layers"][1])
+            });
+            if let Some(s) = held {
+                shards.insert(me, s.clone());
                 break;
             }
             if Instant::now() > until {

@@ -219,6 +219,7 @@ enum Command {
 /// A cloneable handle to the swarm task.
 #[derive(Clone)]
 pub struct NetHandle {
+    lost: tokio::sync::broadcast::Sender<PeerId>,
     tx: mpsc::Sender<Command>,
     local: PeerId,
     streams: libp2p_stream::Control,
@@ -330,6 +331,12 @@ impl NetHandle {
             .await
             .map_err(|e| NetError::Request { peer, reason: format!("cannot open a stage stream: {e}") })?;
         Ok(StageStream::new(peer, stream, self.limits))
+    }
+
+    /// Peers as their last connection closes (a lagging receiver misses
+    /// some: the session deadlines still catch those).
+    pub fn subscribe_lost(&self) -> tokio::sync::broadcast::Receiver<PeerId> {
+        self.lost.subscribe()
     }
 
     /// Starts accepting stage-traffic streams; `None` when something else
@@ -495,7 +502,9 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
     let streams = swarm.behaviour().streams.new_control();
     let (tx, rx) = mpsc::channel(256);
     let (inbound_tx, inbound) = mpsc::channel(cfg.inbound_capacity.max(1));
+    let (lost, _) = tokio::sync::broadcast::channel(64);
     let mut runner = Runner {
+        lost: lost.clone(),
         membership: Membership::new(local, cfg.peer_ttl),
         swarm,
         inbound_tx,
@@ -545,7 +554,7 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
     let listen_addrs = runner.listen_addrs.clone();
     let limits = runner.cfg.limits;
     let task = NetTask(tokio::spawn(runner.run(rx)));
-    Ok(Net { handle: NetHandle { tx, local, streams, limits }, inbound, listen_addrs, task })
+    Ok(Net { handle: NetHandle { tx, local, streams, limits, lost }, inbound, listen_addrs, task })
 }
 
 type Pending = FuturesUnordered<BoxFuture<'static, (request_response::ResponseChannel<Message>, Option<Message>)>>;
@@ -565,6 +574,7 @@ struct Runner {
     kad_bootstrapped: Option<Instant>,
     caps_due: bool,
     candidates: HashMap<PeerId, Candidate>,
+    lost: tokio::sync::broadcast::Sender<PeerId>,
 }
 
 /// A discovered peer we want a connection to.
@@ -840,6 +850,7 @@ impl Runner {
                 self.connections = self.connections.saturating_sub(1);
                 if num_established == 0 {
                     self.remotes.remove(&peer_id);
+                    let _ = self.lost.send(peer_id);
                 }
                 self.membership.disconnected(peer_id);
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
