@@ -10,92 +10,28 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use fogmesh::models::LocalModel;
 use fogmesh::node::cli::GenFlags;
+use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fogmesh");
-
-struct Cluster {
-    nodes: Vec<(Child, PathBuf, String)>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (c, _, _) in &mut self.nodes {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn get(http: &str, path: &str) -> Value {
     serde_json::from_str(&fogmesh::node::node::http_get(http, path).unwrap()).unwrap()
 }
 
-fn spawn(model: Option<&Path>, dir: &Path, bootstrap: Option<&str>) -> (Child, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["node", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--threads", "1"])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn,fogmesh_actors=info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("log")).unwrap());
-    if let Some(m) = model {
-        cmd.arg("--model").arg(m);
-    }
-    if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let addr_file = dir.join("http.addr");
-    let t = Instant::now();
-    let http = loop {
-        if let Ok(s) = std::fs::read_to_string(&addr_file)
-            && !s.trim().is_empty()
-        {
-            break s.trim().to_string();
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("node exited: {st}: {}", std::fs::read_to_string(dir.join("log")).unwrap_or_default());
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "node did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (child, http)
-}
-
-/// Starts `n` peers with the model (the first is everyone's bootstrap) and
-/// waits until the first one plans over all of them.
-fn cluster(model: &Path, n: usize) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    let mut boot = None;
-    for i in 0..n {
-        let d = dir.path().join(format!("n{i}"));
-        let (c, http) = spawn(Some(model), &d, boot.as_deref());
-        if i == 0 {
-            boot = get(&http, "/status")["listen_addrs"][0].as_str().map(str::to_string);
-        }
-        nodes.push((c, d, http));
-    }
-    let c = Cluster { nodes, _dir: dir };
-    let t = Instant::now();
-    loop {
-        let plans: Vec<usize> =
-            c.nodes.iter().map(|(_, _, h)| get(h, "/plan")["route"].as_array().map_or(0, |r| r.len())).collect();
-        if plans.iter().all(|&p| p == n) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "no {n}-stage plan: {plans:?}");
-        std::thread::sleep(Duration::from_millis(100));
+/// `n` peer processes with the model (or none), planned over all of them.
+fn cluster(model: Option<&Path>, n: usize) -> LocalCluster {
+    let o = ClusterOptions::new(BIN, model.map(Path::to_path_buf), n);
+    let c = LocalCluster::start(&o).unwrap();
+    if model.is_some() {
+        c.wait_plan(n, Duration::from_secs(60)).unwrap();
     }
     c
 }
@@ -117,13 +53,13 @@ fn tokens(v: &Value) -> Vec<u32> {
 fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
     let Some(path) = model_path() else { return };
     let local = LocalModel::load(&path, None, 1).unwrap();
-    let c = cluster(&path, 3);
+    let c = cluster(Some(&path), 3);
     // Greedy, through the CLI, on the reference prompts.
     for p in reference()["prompts"].as_array().unwrap() {
         let prompt = p["prompt"].as_str().unwrap();
         let f = flags(prompt, 32, 0.0, 0);
         let out = Command::new(BIN)
-            .args(["run", "--node", &c.nodes[0].2, "--raw", "--temperature", "0", "--max-tokens", "32", "--json", "--prompt", prompt])
+            .args(["run", "--node", &c.peers[0].http, "--raw", "--temperature", "0", "--max-tokens", "32", "--json", "--prompt", prompt])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -138,7 +74,7 @@ fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
     // 8 concurrent sessions, through all three nodes, greedy and seeded.
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is"];
     let jobs: Vec<(String, GenFlags)> = (0..8)
-        .map(|i| (c.nodes[i % 3].2.clone(), flags(prompts[i % 4], 24, if i % 2 == 0 { 0.0 } else { 0.8 }, i as u64)))
+        .map(|i| (c.peers[i % 3].http.clone(), flags(prompts[i % 4], 24, if i % 2 == 0 { 0.0 } else { 0.8 }, i as u64)))
         .collect();
     let handles: Vec<_> = jobs
         .iter()
@@ -155,18 +91,18 @@ fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
 fn killing_the_middle_peer_mid_generation_keeps_every_token() {
     let Some(path) = model_path() else { return };
     let local = LocalModel::load(&path, None, 1).unwrap();
-    let mut c = cluster(&path, 3);
-    let route = get(&c.nodes[0].2, "/plan")["route"].clone();
+    let mut c = cluster(Some(&path), 3);
+    let route = get(&c.peers[0].http, "/plan")["route"].clone();
     let middle = route[1]["peer"].as_str().unwrap().to_string();
-    let idx = c.nodes.iter().position(|(_, _, h)| get(h, "/status")["peer_id"] == middle.as_str()).unwrap();
+    let idx = c.index_of(&middle).unwrap();
     assert_ne!(idx, 0, "the session's own node is not the one killed");
     let f = GenFlags { max_tokens: 160, ..flags("Once upon a time", 160, 0.7, 42) };
     let want = single(&local, &f);
     let mut pieces = 0;
     let mut killed_at = None;
     let mut gap = None;
-    let victim = c.nodes[idx].0.id();
-    let r = fogmesh::node::run::generate_on(&c.nodes[0].2, &f, |_| {
+    let victim = c.pid(idx).unwrap();
+    let r = fogmesh::node::run::generate_on(&c.peers[0].http, &f, |_| {
         pieces += 1;
         if pieces == 100 {
             // SAFETY: kill(2) on a child this test spawned.
@@ -181,7 +117,7 @@ fn killing_the_middle_peer_mid_generation_keeps_every_token() {
         }
     })
     .unwrap();
-    let _ = c.nodes[idx].0.wait();
+    c.kill(idx);
     assert_eq!(tokens(&r.done), want, "same tokens after losing the middle stage");
     assert!(r.done["failovers"].as_u64().unwrap() >= 1);
     let route = r.done["route"].as_array().unwrap();
@@ -196,14 +132,14 @@ fn killing_the_middle_peer_mid_generation_keeps_every_token() {
 #[test]
 fn bad_input_ends_in_clear_errors() {
     let Some(path) = model_path() else { return };
-    let dir = tempfile::tempdir().unwrap();
     // A missing model file.
     let out = Command::new(BIN).args(["node", "--model", "/nonexistent/model.gguf", "--http", "127.0.0.1:0"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     // A node with the model, and one without.
-    let (mut with, http) = spawn(Some(&path), &dir.path().join("a"), None);
-    let (mut without, http2) = spawn(None, &dir.path().join("b"), None);
+    let with = cluster(Some(&path), 1);
+    let without = cluster(None, 1);
+    let (http, http2) = (with.peers[0].http.clone(), without.peers[0].http.clone());
     let long = "word ".repeat(9000);
     let err = fogmesh::node::run::generate_on(&http, &flags(&long, 8, 0.0, 0), |_| {}).unwrap_err().to_string();
     assert!(err.contains("context"), "{err}");
@@ -228,8 +164,4 @@ fn bad_input_ends_in_clear_errors() {
     // The node still serves after all that.
     let ok = fogmesh::node::run::generate_on(&http, &flags("The capital of France is", 4, 0.0, 0), |_| {}).unwrap();
     assert_eq!(tokens(&ok.done).len(), 4);
-    let _ = with.kill();
-    let _ = without.kill();
-    let _ = with.wait();
-    let _ = without.wait();
 }

@@ -169,6 +169,23 @@ pub struct GenerationHandle {
     pub actor: ActorRef<SessionMsg>,
 }
 
+impl GenerationHandle {
+    /// The next event; `None` after `Done` or `Error`.
+    pub async fn next(&mut self) -> Option<SessionEvent> {
+        self.events.recv().await
+    }
+
+    /// The events as a stream.
+    pub fn into_stream(self) -> impl futures::Stream<Item = SessionEvent> + Send + 'static {
+        futures::stream::unfold(self, |mut h| async move { h.events.recv().await.map(|e| (e, h)) })
+    }
+
+    /// Stops the generation everywhere.
+    pub fn cancel(&self) {
+        let _ = self.actor.cast(SessionMsg::Cancel("cancelled by the caller".into()));
+    }
+}
+
 struct Inner {
     link: Arc<dyn MeshLink>,
     local: PeerKey,

@@ -18,6 +18,7 @@
 //! - `node.rs`: `fogmesh node` and `fogmesh peers`.
 
 pub mod cli;
+pub mod cluster;
 pub mod fetch;
 pub mod http;
 pub mod measure;

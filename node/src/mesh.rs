@@ -398,6 +398,15 @@ impl Mesh {
         Ok(self.runtime.generate(req).await?)
     }
 
+    /// Starts a chat generation: `message` goes through the model's chat
+    /// template as the user's turn.
+    pub async fn chat(&self, message: &str, max_tokens: usize, sampling: fogmesh_models::SamplingParams) -> Result<GenerationHandle> {
+        let model = self.model().context("this peer serves no model")?;
+        let text = model.tokenizer.apply_chat_template(&[fogmesh_models::ChatMessage::new("user", message)])?;
+        let prompt = model.tokenizer.encode(&text)?;
+        self.generate(GenerateRequest { prompt, max_tokens, sampling, stop: Vec::new() }).await
+    }
+
     /// Stops the actors and the network.
     pub async fn shutdown(mut self) {
         self.runtime.shutdown().await;

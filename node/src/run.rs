@@ -3,8 +3,7 @@
 //! streamed chat answer).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -12,6 +11,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::cli::GenFlags;
+use crate::cluster::{ClusterOptions, LocalCluster};
 use crate::node::{NodeQueryArgs, data_dir, http_get, node_addr};
 
 /// Options of `fogmesh run`.
@@ -173,77 +173,6 @@ pub fn has_multicast_interface() -> bool {
     })
 }
 
-/// Child processes killed when dropped (on any error path).
-struct Peers {
-    children: Vec<Child>,
-    dirs: Vec<PathBuf>,
-}
-
-impl Peers {
-    fn log_tail(&self, i: usize) -> String {
-        let log = std::fs::read_to_string(self.dirs[i].join("node.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-
-    /// SIGTERM, then up to 10 s for each to exit; SIGKILL for stragglers.
-    fn stop(&mut self) -> Vec<Option<i32>> {
-        for c in &self.children {
-            // SAFETY: kill(2) on a child we spawned and have not reaped.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut codes = Vec::new();
-        for c in &mut self.children {
-            loop {
-                match c.try_wait() {
-                    Ok(Some(s)) => {
-                        codes.push(s.code());
-                        break;
-                    }
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        codes.push(None);
-                        break;
-                    }
-                }
-            }
-        }
-        self.children.clear();
-        codes
-    }
-}
-
-impl Drop for Peers {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_for_file(p: &Path, peers: &mut Peers, i: usize, until: Instant) -> Result<String> {
-    loop {
-        if let Ok(s) = std::fs::read_to_string(p)
-            && !s.trim().is_empty()
-        {
-            return Ok(s.trim().to_string());
-        }
-        if let Ok(Some(st)) = peers.children[i].try_wait() {
-            bail!("peer {i} exited ({st}) during start:\n{}", peers.log_tail(i));
-        }
-        if Instant::now() > until {
-            bail!("peer {i} did not start in time:\n{}", peers.log_tail(i));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `fogmesh demo`.
 pub fn demo(a: DemoArgs) -> Result<()> {
     if a.peers == 0 || a.peers > 16 {
@@ -251,11 +180,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     }
     let model = crate::cli::resolve_model(a.model.as_deref())?;
     let exe = std::env::current_exe().context("locating the fogmesh binary")?;
-    let tmp = tempfile::Builder::new().prefix("fogmesh-demo-").tempdir()?;
     let secret: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
     let mdns = has_multicast_interface();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / a.peers).max(1);
     if mdns {
         println!("starting {} peers on this host; they find each other by mDNS (random cluster secret)", a.peers);
     } else {
@@ -264,85 +191,28 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             a.peers, a.peers
         );
     }
-    let mut peers = Peers { children: Vec::new(), dirs: Vec::new() };
-    let until = Instant::now() + Duration::from_secs(a.wait);
-    let mut bootstrap: Option<String> = None;
-    let mut https = Vec::new();
-    for i in 0..a.peers {
-        let dir = tmp.path().join(format!("peer{}", i + 1));
-        std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(dir.join("node.log"))?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("node")
-            .arg("--model")
-            .arg(&model)
-            // mDNS announces the listen addresses of the interface it runs on,
-            // so with mDNS the peers listen on every interface (the random
-            // cluster secret keeps others out); without, on loopback only.
-            .args(["--listen", if mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }])
-            .args(["--http", "127.0.0.1:0", "--threads", &threads.to_string()])
-            .arg("--data-dir")
-            .arg(&dir)
-            .env("FOGMESH_SECRET", &secret)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,fogmesh_actors=info,fogmesh_node=info".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        if !mdns {
-            cmd.arg("--no-mdns");
-            if let Some(b) = &bootstrap {
-                cmd.args(["--bootstrap", b]);
-            }
-        }
-        peers.children.push(cmd.spawn().context("starting a peer")?);
-        peers.dirs.push(dir.clone());
-        let http = wait_for_file(&dir.join(crate::node::HTTP_ADDR_FILE), &mut peers, i, until)?;
-        if i == 0 && !mdns {
-            let st: Value = serde_json::from_str(&http_get(&http, "/status")?)?;
-            bootstrap = st["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_string);
-        }
-        https.push(http);
+    let mut o = ClusterOptions::new(exe, Some(model), a.peers);
+    o.threads = (cores / a.peers).max(1);
+    o.mdns = mdns;
+    o.secret = Some(secret);
+    o.wait = Duration::from_secs(a.wait);
+    if let Ok(l) = std::env::var("RUST_LOG") {
+        o.log = l;
     }
-    // Wait for a plan over every peer, and for each peer to load its shard.
-    let plan = loop {
-        let p: Value = serde_json::from_str(&http_get(&https[0], "/plan")?)?;
-        if p["route"].as_array().is_some_and(|r| r.len() == a.peers) {
-            break p;
-        }
-        if Instant::now() > until {
-            bail!(
-                "no plan over {} peers after {} s: are the hosts on one LAN? is multicast blocked? (peer 1's log:\n{})",
-                a.peers,
-                a.wait,
-                peers.log_tail(0)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let mut peers = LocalCluster::start(&o)?;
+    let plan = peers.wait_plan(a.peers, Duration::from_secs(a.wait))?;
     let mut shards = std::collections::HashMap::new();
-    for h in &https {
-        loop {
-            let p: Value = serde_json::from_str(&http_get(h, "/plan")?)?;
-            let me = p["peer_id"].as_str().unwrap_or("").to_string();
-            let hop = plan["route"].as_array().into_iter().flatten().find(|x| x["peer"] == me.as_str());
-            let held = hop.and_then(|hop| {
-                p["shards"].as_array().into_iter().flatten().find(|s| s["start"] == hop["layers"][0] && s["end"] == hop["layers"][1])
-            });
-            if let Some(s) = held {
-                shards.insert(me, s.clone());
-                break;
-            }
-            if Instant::now() > until {
-                bail!("a peer did not load its shard in time");
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    for p in &peers.peers {
+        let v: Value = serde_json::from_str(&http_get(&p.http, "/plan")?)?;
+        for s in v["shards"].as_array().into_iter().flatten() {
+            shards.insert((p.peer_id.clone(), s["start"].as_u64(), s["end"].as_u64()), s["memory_bytes"].as_u64().unwrap_or(0));
         }
     }
     println!("\nstage map ({} layers):", plan["route"].as_array().map_or(0, |r| r.iter().map(|h| h["layers"][1].as_u64().unwrap_or(0) - h["layers"][0].as_u64().unwrap_or(0)).sum::<u64>()));
     println!("  {:<6} {:<54} {:>9} {:>11}", "STAGE", "PEER", "LAYERS", "WEIGHTS");
     for (i, h) in plan["route"].as_array().into_iter().flatten().enumerate() {
         let peer = h["peer"].as_str().unwrap_or("?");
-        let mem = shards.get(peer).and_then(|s| s["memory_bytes"].as_u64()).unwrap_or(0);
+        let mem = shards.get(&(peer.to_string(), h["layers"][0].as_u64(), h["layers"][1].as_u64())).copied().unwrap_or(0);
         println!(
             "  {:<6} {:<54} {:>9} {:>7.1} MiB",
             i + 1,
@@ -360,7 +230,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let started = Instant::now();
-    let r = generate_on(&https[0], &flags, |t| {
+    let r = generate_on(&peers.peers[0].http, &flags, |t| {
         let _ = stdout.write_all(t.as_bytes());
         let _ = stdout.flush();
     });

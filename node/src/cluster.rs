@@ -1,0 +1,246 @@
+//! A mesh of `fogmesh node` processes on this host: what `fogmesh demo`,
+//! the process tests and the mesh benchmark start. Peers listen on loopback
+//! and join the first by its address, or (with `mdns`) listen on every
+//! interface and meet by mDNS. Dropping it kills every peer.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::node::{HTTP_ADDR_FILE, http_get};
+
+/// How to start a [`LocalCluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The `fogmesh` binary.
+    pub exe: PathBuf,
+    /// The model every peer serves (`None`: no model).
+    pub model: Option<PathBuf>,
+    /// Peers to start.
+    pub peers: usize,
+    /// Compute threads per peer.
+    pub threads: usize,
+    /// Pin peer i to CPU `pin[i]` with `taskset` (when given).
+    pub pin: Option<Vec<usize>>,
+    /// Meet by mDNS instead of loopback addresses.
+    pub mdns: bool,
+    /// The cluster secret (hex) given to every peer.
+    pub secret: Option<String>,
+    /// `RUST_LOG` of the peers.
+    pub log: String,
+    /// How long each peer may take to start.
+    pub wait: Duration,
+}
+
+impl ClusterOptions {
+    /// `peers` peers of this binary serving `model`, one thread each.
+    pub fn new(exe: impl Into<PathBuf>, model: Option<PathBuf>, peers: usize) -> Self {
+        ClusterOptions {
+            exe: exe.into(),
+            model,
+            peers,
+            threads: 1,
+            pin: None,
+            mdns: false,
+            secret: None,
+            log: "warn,fogmesh_actors=info,fogmesh_node=info".into(),
+            wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One running peer.
+#[derive(Debug)]
+pub struct LocalPeer {
+    /// Its process (`None` once stopped).
+    pub child: Option<Child>,
+    /// Its data dir (identity, `http.addr`, `node.log`).
+    pub dir: PathBuf,
+    /// Its HTTP address.
+    pub http: String,
+    /// Its peer id.
+    pub peer_id: String,
+}
+
+/// Peer processes on this host.
+#[derive(Debug)]
+pub struct LocalCluster {
+    /// The peers, in start order.
+    pub peers: Vec<LocalPeer>,
+    _dir: tempfile::TempDir,
+}
+
+fn log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+impl LocalCluster {
+    /// Starts the peers and waits until each serves HTTP.
+    pub fn start(o: &ClusterOptions) -> Result<LocalCluster> {
+        let tmp = tempfile::Builder::new().prefix("fogmesh-cluster-").tempdir()?;
+        let mut c = LocalCluster { peers: Vec::new(), _dir: tmp };
+        let mut bootstrap: Option<String> = None;
+        for i in 0..o.peers {
+            let dir = c._dir.path().join(format!("peer{}", i + 1));
+            std::fs::create_dir_all(&dir)?;
+            let log = std::fs::File::create(dir.join("node.log"))?;
+            let mut cmd = match o.pin.as_ref().and_then(|p| p.get(i)) {
+                Some(cpu) => {
+                    let mut t = Command::new("taskset");
+                    t.args(["-c", &cpu.to_string()]).arg(&o.exe);
+                    t
+                }
+                None => Command::new(&o.exe),
+            };
+            cmd.arg("node")
+                .args(["--listen", if o.mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }])
+                .args(["--http", "127.0.0.1:0", "--threads", &o.threads.max(1).to_string()])
+                .arg("--data-dir")
+                .arg(&dir)
+                .env("RUST_LOG", &o.log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            if let Some(m) = &o.model {
+                cmd.arg("--model").arg(m);
+            }
+            match &o.secret {
+                Some(s) => cmd.env("FOGMESH_SECRET", s),
+                None => cmd.env_remove("FOGMESH_SECRET"),
+            };
+            if !o.mdns {
+                cmd.arg("--no-mdns");
+                if let Some(b) = &bootstrap {
+                    cmd.args(["--bootstrap", b]);
+                }
+            }
+            let child = cmd.spawn().with_context(|| format!("starting {}", o.exe.display()))?;
+            c.peers.push(LocalPeer { child: Some(child), dir: dir.clone(), http: String::new(), peer_id: String::new() });
+            let until = Instant::now() + o.wait;
+            let http = loop {
+                if let Ok(s) = std::fs::read_to_string(dir.join(HTTP_ADDR_FILE))
+                    && !s.trim().is_empty()
+                {
+                    break s.trim().to_string();
+                }
+                if let Some(Ok(Some(st))) = c.peers[i].child.as_mut().map(|ch| ch.try_wait()) {
+                    bail!("peer {} exited ({st}) during start:\n{}", i + 1, log_tail(&dir));
+                }
+                if Instant::now() > until {
+                    bail!("peer {} did not start in time:\n{}", i + 1, log_tail(&dir));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let st: Value = serde_json::from_str(&http_get(&http, "/status")?)?;
+            if i == 0 {
+                bootstrap = st["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_string);
+            }
+            c.peers[i].peer_id = st["peer_id"].as_str().unwrap_or("").to_string();
+            c.peers[i].http = http;
+        }
+        Ok(c)
+    }
+
+    /// The last lines of peer `i`'s log.
+    pub fn log_tail(&self, i: usize) -> String {
+        log_tail(&self.peers[i].dir)
+    }
+
+    /// Waits until every running peer plans over `stages` peers and holds its
+    /// own range; returns peer 0's plan (`GET /plan`).
+    pub fn wait_plan(&self, stages: usize, wait: Duration) -> Result<Value> {
+        let until = Instant::now() + wait;
+        loop {
+            let mut ready = true;
+            let mut first = Value::Null;
+            for p in self.peers.iter().filter(|p| p.child.is_some()) {
+                let plan: Value = serde_json::from_str(&http_get(&p.http, "/plan")?)?;
+                let route = plan["route"].as_array().cloned().unwrap_or_default();
+                let mine = route.iter().find(|h| h["peer"] == p.peer_id.as_str());
+                let held = mine.is_some_and(|h| {
+                    plan["shards"].as_array().into_iter().flatten().any(|s| s["start"] == h["layers"][0] && s["end"] == h["layers"][1])
+                });
+                ready &= route.len() == stages && held;
+                if first.is_null() {
+                    first = plan;
+                }
+            }
+            if ready {
+                return Ok(first);
+            }
+            if Instant::now() > until {
+                bail!(
+                    "no plan over {stages} peers after {wait:?}: are the hosts on one LAN? is multicast blocked? try --bootstrap ADDR\n(peer 1's log:\n{})",
+                    self.log_tail(0)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index of the peer with this id.
+    pub fn index_of(&self, peer_id: &str) -> Option<usize> {
+        self.peers.iter().position(|p| p.peer_id == peer_id)
+    }
+
+    /// Kills peer `i` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.peers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The pid of peer `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.peers[i].child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM to every peer, then up to 10 s for them to exit (SIGKILL for
+    /// stragglers); returns their exit codes.
+    pub fn stop(&mut self) -> Vec<Option<i32>> {
+        for c in self.peers.iter().filter_map(|p| p.child.as_ref()) {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut codes = Vec::new();
+        for p in &mut self.peers {
+            let Some(mut c) = p.child.take() else { continue };
+            loop {
+                match c.try_wait() {
+                    Ok(Some(s)) => {
+                        codes.push(s.code());
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        codes.push(None);
+                        break;
+                    }
+                }
+            }
+        }
+        codes
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for p in &mut self.peers {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
