@@ -343,6 +343,7 @@ impl Runtime {
     pub async fn deliver(&self, from: &str, msg: Message) {
         match msg {
             Message::StageRequest(req) => {
+                tracing::trace!(session = req.session, step = req.step, stage = req.stage, "stage request in");
                 let slot = lock(&self.0.served).get(&req.session).cloned();
                 let Some((slot, owner)) = slot else {
                     let err = StageError {
@@ -370,6 +371,7 @@ impl Runtime {
                 }
             }
             Message::TokenResult(t) => {
+                tracing::trace!(session = t.session, step = t.step, "token in");
                 if let Some(a) = lock(&self.0.sessions).get(&t.session) {
                     let _ = a.cast(SessionMsg::Token(t));
                 }

@@ -198,6 +198,7 @@ impl ShardState {
             self.rt.report(&owner, req.request, e).await;
             return;
         }
+        tracing::trace!(session = req.session, step = req.step, "forward start");
         let shard = self.shard.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let r = match &input {
@@ -220,6 +221,7 @@ impl ShardState {
         };
         sess.cache = Some(cache);
         self.tokens += n as u64;
+        tracing::trace!(session = req.session, step = req.step, "forward done");
         match out {
             Err(err) => {
                 let e = stage_error(req.session, &local, ErrorCode::MODEL, err.to_string());

@@ -196,6 +196,37 @@ impl LocalCluster {
         }
     }
 
+    /// Runs `flags` through peer `entry` and kills peer `victim` (SIGKILL, as a
+    /// crash) when the `at`-th piece of text arrives; returns the run and the
+    /// time from the kill to the next piece.
+    pub fn generate_killing(
+        &mut self,
+        entry: usize,
+        victim: usize,
+        at: usize,
+        flags: &crate::cli::GenFlags,
+    ) -> Result<(crate::run::MeshRun, Option<Duration>)> {
+        let pid = self.pid(victim).context("the victim is not running")?;
+        let (mut n, mut killed, mut gap) = (0, None, None);
+        let r = crate::run::generate_on(&self.peers[entry].http, flags, |_| {
+            n += 1;
+            if n == at {
+                // SAFETY: kill(2) on a child we spawned and have not reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+                killed = Some(Instant::now());
+            } else if let Some(k) = killed
+                && gap.is_none()
+            {
+                gap = Some(k.elapsed());
+            }
+        });
+        self.kill(victim);
+        let r = r.map_err(|e| anyhow::anyhow!("{e:#}\n(entry peer's log:\n{})", self.log_tail(entry)))?;
+        Ok((r, gap))
+    }
+
     /// The pid of peer `i`, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.peers[i].child.as_ref().map(|c| c.id())

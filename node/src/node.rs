@@ -95,7 +95,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         for a in &args.bootstrap {
             b = b.bootstrap(a.clone());
         }
-        if let Some(s) = secret.clone() {
+        if let Some(s) = secret {
             b = b.secret(s);
         }
         if let Some(t) = args.threads {

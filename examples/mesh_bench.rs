@@ -1,0 +1,204 @@
+//! Benchmarks of the distributed pipeline, each beside its comparison in the
+//! same run (rounds interleaved; medians and ratios):
+//! - decode tok/s: 3 peers on loopback vs one process;
+//! - aggregate tok/s of 4 concurrent sessions: 2 peers pinned to one core
+//!   each vs 1 peer on one core (`taskset`);
+//! - time to first token of a 512-token prompt: 1 vs 3 stages;
+//! - recovery after losing the middle stage with a 100-token history;
+//! - with `--llama-cpp DIR` (its `build/bin`): llama.cpp's RPC backend with 2
+//!   `ggml-rpc-server`s on loopback vs a 2-peer fogmesh pipeline, same threads.
+//!
+//! `cargo build --release && cargo run --release --example mesh_bench -- --reps 5 [--llama-cpp DIR]`
+//! (needs the default model: `fogmesh fetch`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fogmesh::node::cli::GenFlags;
+use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
+use fogmesh::node::run::generate_on;
+use serde_json::Value;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn flags(prompt: &str, max: usize) -> GenFlags {
+    GenFlags { prompt: prompt.into(), raw: true, max_tokens: max, temperature: 0.0, ..GenFlags::default() }
+}
+
+fn decode_rate(t: &Value) -> f64 {
+    t["decode_tokens"].as_f64().unwrap_or(0.0) / (t["decode_ms"].as_f64().unwrap_or(1.0) / 1e3)
+}
+
+/// One-process generation through the CLI: its timings.
+fn one_process(exe: &Path, f: &GenFlags, threads: usize) -> Result<Value> {
+    let out = Command::new(exe)
+        .args(["generate", "--raw", "--temperature", "0", "--json", "--threads", &threads.to_string()])
+        .args(["--max-tokens", &f.max_tokens.to_string(), "--prompt", &f.prompt])
+        .output()?;
+    if !out.status.success() {
+        bail!("generate failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["timings"].clone())
+}
+
+fn mesh(exe: &Path, model: &Path, peers: usize, threads: usize, pin: Option<Vec<usize>>) -> Result<LocalCluster> {
+    let mut o = ClusterOptions::new(exe, Some(model.to_path_buf()), peers);
+    o.threads = threads;
+    o.pin = pin;
+    o.log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let c = LocalCluster::start(&o)?;
+    c.wait_plan(peers, Duration::from_secs(60))?;
+    // Warm-up (page cache, connections, streams).
+    generate_on(&c.peers[0].http, &flags("Hello", 8), |_| {})?;
+    Ok(c)
+}
+
+/// Aggregate tokens/s of `n` concurrent sessions through `http`.
+fn concurrent(http: &str, n: usize, max: usize) -> Result<f64> {
+    let t = Instant::now();
+    let hs: Vec<_> = (0..n)
+        .map(|i| {
+            let http = http.to_string();
+            let f = flags(["Once upon a time", "The history of computing", "In a small village", "Rust is a language"][i % 4], max);
+            std::thread::spawn(move || generate_on(&http, &f, |_| {}).map(|r| r.done["tokens"].as_array().map_or(0, |t| t.len())))
+        })
+        .collect();
+    let mut tokens = 0;
+    for h in hs {
+        tokens += h.join().map_err(|_| anyhow::anyhow!("session thread panicked"))??;
+    }
+    Ok(tokens as f64 / t.elapsed().as_secs_f64())
+}
+
+struct Rpc(Vec<Child>);
+impl Drop for Rpc {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// llama.cpp's RPC backend: 2 rpc-servers (1 thread each) and llama-bench's
+/// decode test through them; tok/s.
+fn llama_rpc(dir: &Path, model: &Path, reps: usize) -> Result<f64> {
+    let mut servers = Rpc(Vec::new());
+    for port in [50152, 50153] {
+        servers.0.push(
+            Command::new(dir.join("ggml-rpc-server"))
+                .args(["-H", "127.0.0.1", "-p", &port.to_string(), "-t", "1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("ggml-rpc-server")?,
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let out = Command::new(dir.join("llama-bench"))
+        .arg("-m")
+        .arg(model)
+        .args(["--rpc", "127.0.0.1:50152,127.0.0.1:50153", "-ngl", "99", "-p", "0", "-n", "64", "-t", "1"])
+        .args(["-r", &reps.to_string(), "-o", "json"])
+        .output()?;
+    if !out.status.success() {
+        bail!("llama-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["avg_ts"].as_f64().context("llama-bench JSON without avg_ts")
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let reps: usize = arg("--reps").map_or(Ok(5), |s| s.parse())?;
+    let llama: Option<PathBuf> = arg("--llama-cpp").map(PathBuf::from);
+    let only = arg("--only");
+    let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
+    let exe = std::env::current_exe()?.parent().and_then(Path::parent).context("target dir")?.join("fogmesh");
+    anyhow::ensure!(exe.exists(), "build the binary first: cargo build --release");
+    let model = fogmesh::models::default_model_path();
+    anyhow::ensure!(model.exists(), "the default model is missing: fogmesh fetch");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("host: {cores} cores, kernel {}; medians of {reps}", fogmesh::models::kernel_name());
+    let story = flags("Once upon a time", 128);
+
+    if want("decode") {
+        let m3 = mesh(&exe, &model, 3, 1, None)?;
+        let (mut p1, mut p2, mut d3) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            p1.push(decode_rate(&one_process(&exe, &story, 1)?));
+            p2.push(decode_rate(&one_process(&exe, &story, cores)?));
+            d3.push(decode_rate(&generate_on(&m3.peers[0].http, &story, |_| {})?.done["timings"]));
+        }
+        let (p1, p2, d3) = (median(p1), median(p2), median(d3));
+        println!("decode tok/s: one process 1 thread {p1:.1}, {cores} threads {p2:.1}; 3 peers (1 thread each) {d3:.1}");
+        println!("  ratio 3-peer / one process: {:.2}x (1 thread), {:.2}x ({cores} threads)", d3 / p1, d3 / p2);
+    }
+
+    if want("ttft") {
+        let long = flags(&"The quick brown fox jumps over the lazy dog near the river bank. ".repeat(37), 1);
+        let m1 = mesh(&exe, &model, 1, cores, None)?;
+        let m3 = mesh(&exe, &model, 3, 1, None)?;
+        let (mut t1, mut t3, mut n) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..reps {
+            let r = generate_on(&m1.peers[0].http, &long, |_| {})?;
+            n = r.done["prompt_tokens"].as_array().map_or(0, |a| a.len());
+            t1.push(r.done["timings"]["prefill_ms"].as_f64().unwrap_or(f64::NAN));
+            t3.push(generate_on(&m3.peers[0].http, &long, |_| {})?.done["timings"]["prefill_ms"].as_f64().unwrap_or(f64::NAN));
+        }
+        let (t1, t3) = (median(t1), median(t3));
+        println!("time to first token, {n}-token prompt: 1 stage ({cores} threads) {t1:.0} ms; 3 stages (1 thread each) {t3:.0} ms; ratio {:.2}x", t3 / t1);
+    }
+
+    if want("pinned") && cores >= 2 {
+        let one = mesh(&exe, &model, 1, 1, Some(vec![0]))?;
+        let two = mesh(&exe, &model, 2, 1, Some(vec![0, 1]))?;
+        let (mut a1, mut a2) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            a1.push(concurrent(&one.peers[0].http, 4, 64)?);
+            a2.push(concurrent(&two.peers[0].http, 4, 64)?);
+        }
+        let (a1, a2) = (median(a1), median(a2));
+        println!("4 concurrent sessions, aggregate tok/s: 1 peer on 1 core {a1:.1}; 2 peers pinned to 1 core each {a2:.1}; ratio {:.2}x", a2 / a1);
+    }
+
+    if want("recovery") {
+        let mut gaps = Vec::new();
+        for _ in 0..reps {
+            let mut c = mesh(&exe, &model, 3, 1, None)?;
+            let plan: Value = serde_json::from_str(&fogmesh::node::node::http_get(&c.peers[0].http, "/plan")?)?;
+            let middle = plan["route"][1]["peer"].as_str().unwrap_or("").to_string();
+            let idx = c.index_of(&middle).context("middle peer")?;
+            // The session's own node must survive: use another one.
+            let entry = (idx + 1) % c.peers.len();
+            let (r, gap) = c.generate_killing(entry, idx, 100, &flags("Once upon a time", 160))?;
+            anyhow::ensure!(r.done["failovers"].as_u64().unwrap_or(0) >= 1, "no failover happened");
+            gaps.push(gap.context("no token after the kill")?.as_secs_f64() * 1e3);
+        }
+        println!("recovery after losing the middle stage at token 100: median {:.0} ms (all: {gaps:.0?})", median(gaps.clone()));
+    }
+
+    if let Some(dir) = llama.filter(|_| want("llama")) {
+        let m2 = mesh(&exe, &model, 2, 1, None)?;
+        let story64 = flags("Once upon a time", 64);
+        let (mut f, mut l) = (Vec::new(), Vec::new());
+        for _ in 0..reps.min(3) {
+            f.push(decode_rate(&generate_on(&m2.peers[0].http, &story64, |_| {})?.done["timings"]));
+            l.push(llama_rpc(&dir, &model, 3)?);
+        }
+        let (f, l) = (median(f), median(l));
+        println!("decode tok/s over 2 peers on loopback (1 thread each): fogmesh {f:.1}; llama.cpp RPC (2 rpc-servers) {l:.1}; ratio {:.2}x", f / l);
+    }
+    Ok(())
+}
