@@ -13,6 +13,7 @@ use common::*;
 use fogmesh::actors::memnet::{Fault, MemNet};
 use fogmesh::actors::{GenerateRequest, ModelInfo, PeerView, Runtime, RuntimeConfig, SessionEvent};
 use fogmesh::models::{LocalModel, SamplingParams};
+use fogmesh::protocols::{ErrorCode, Message, SamplingSpec, SessionOpen, StageInput, StageRequest};
 
 const HASH: [u8; 32] = [0xab; 32];
 
@@ -24,7 +25,7 @@ struct Mesh {
 async fn mesh(n: usize, cfg: RuntimeConfig) -> Option<Mesh> {
     let path = model_path()?;
     let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
-    let net = MemNet::new(Duration::from_millis(500));
+    let net = MemNet::new(Duration::from_secs(5));
     let mut peers = Vec::new();
     for i in 0..n {
         let id = format!("peer-{i}");
@@ -48,12 +49,13 @@ struct Outcome {
     route_len: usize,
     failovers: u32,
     recoveries: Vec<f64>,
+    incidents: Vec<String>,
     error: Option<String>,
 }
 
 async fn run(rt: &Runtime, req: GenerateRequest, mut on_token: impl FnMut(usize)) -> Outcome {
     let mut h = rt.generate(req).await.unwrap();
-    let mut out = Outcome { tokens: vec![], route_len: 0, failovers: 0, recoveries: vec![], error: None };
+    let mut out = Outcome { tokens: vec![], route_len: 0, failovers: 0, recoveries: vec![], incidents: vec![], error: None };
     let mut n = 0;
     while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
         match e {
@@ -68,6 +70,7 @@ async fn run(rt: &Runtime, req: GenerateRequest, mut on_token: impl FnMut(usize)
                 out.failovers = failovers;
             }
             SessionEvent::Error(e) => out.error = Some(e),
+            SessionEvent::Failover { banned, reason } => out.incidents.push(format!("{banned:?}: {reason}")),
             _ => {}
         }
     }
@@ -121,7 +124,7 @@ async fn failover_case(fault: Fault) {
     .await;
     assert_eq!(got.error, None, "{fault:?}");
     assert!(got.failovers >= 1, "{fault:?}: a failover happened");
-    assert_eq!(got.route_len, 2, "{fault:?}: finished on the two remaining peers");
+    assert_eq!(got.route_len, 2, "{fault:?}: finished on the two remaining peers ({:?})", got.incidents);
     assert_eq!(got.tokens, want, "{fault:?}: same tokens after failover");
     println!("{fault:?}: recovery {:?} ms", got.recoveries);
 }
@@ -173,6 +176,44 @@ async fn bad_requests_get_clear_errors() {
     assert!(err.to_string().contains("vocabulary"), "{err}");
     let bad = SamplingParams { temperature: -1.0, ..SamplingParams::default() };
     assert!(m.peers[0].generate(req(vec![1, 2], 4, bad)).await.is_err());
+    // A session for a model this peer does not hold, or a range outside it.
+    let open = |model: [u8; 32], start: u32, end: u32| {
+        Message::SessionOpen(SessionOpen {
+            session: 77,
+            model,
+            start,
+            end,
+            max_tokens: 64,
+            owner: "peer-1".into(),
+            next: String::new(),
+            sampling: SamplingSpec { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 },
+            history: vec![1],
+            draws: 0,
+        })
+    };
+    match m.peers[0].handle_call("peer-1", open([0x11; 32], 0, 30)).await {
+        Message::Error(e) => assert!(e.code == ErrorCode::NOT_SERVED && e.message.contains("does not hold model"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    match m.peers[0].handle_call("peer-1", open(HASH, 20, 99)).await {
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::MALFORMED, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Stage traffic for a session nobody opened is answered, not dropped.
+    m.peers[0]
+        .deliver(
+            "peer-1",
+            Message::StageRequest(StageRequest {
+                request: 1,
+                session: 999,
+                step: 0,
+                stage: 0,
+                position: 0,
+                sample: true,
+                input: StageInput::Tokens(vec![1]),
+            }),
+        )
+        .await;
     // Every other peer gone: the owner serves alone.
     m.net.set_fault("peer-1", Fault::Dead);
     let p = prompts()[0].clone();

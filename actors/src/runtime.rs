@@ -199,6 +199,28 @@ struct Inner {
     sessions: Mutex<HashMap<u64, ActorRef<SessionMsg>>>,
     placement: Mutex<Option<ActorRef<PlacementMsg>>>,
     next_id: AtomicU64,
+    /// The compute thread's queue (forward passes of every shard here).
+    compute: std::sync::mpsc::SyncSender<ComputeJob>,
+}
+
+type ComputeJob = Box<dyn FnOnce() + Send>;
+
+/// Forward passes wait here at most (beyond: BUSY).
+const COMPUTE_QUEUE: usize = 1024;
+
+/// One long-lived thread runs every forward pass of this peer: the shards'
+/// thread pool serializes them anyway, and staying on one thread (which the
+/// OS keeps on one core) keeps caches warm, unlike a hop through tokio's
+/// blocking pool per pass.
+fn compute_thread() -> std::io::Result<std::sync::mpsc::SyncSender<ComputeJob>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ComputeJob>(COMPUTE_QUEUE);
+    std::thread::Builder::new().name("fogmesh-compute".into()).spawn(move || {
+        while let Ok(job) = rx.recv() {
+            // A panicking pass drops its reply sender: its caller hears of it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        }
+    })?;
+    Ok(tx)
 }
 
 /// One peer's actors; cheap to clone.
@@ -240,6 +262,7 @@ impl Runtime {
             sessions: Mutex::new(HashMap::new()),
             placement: Mutex::new(None),
             next_id: AtomicU64::new(seed.max(1)),
+            compute: compute_thread().map_err(|e| RuntimeError::Actor(format!("compute thread: {e}")))?,
         }));
         if rt.0.model.is_some() {
             let (actor, _) = Actor::spawn(None, PlacementActor, rt.clone())
@@ -286,6 +309,16 @@ impl Runtime {
             }
         }
         out
+    }
+
+    /// Runs `f` on this peer's compute thread and waits for it.
+    pub(crate) async fn compute<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: ComputeJob = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.0.compute.try_send(job).map_err(|_| "the compute queue is full".to_string())?;
+        rx.await.map_err(|_| "the forward pass panicked".to_string())
     }
 
     /// A fresh id (sessions, requests).

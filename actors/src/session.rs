@@ -332,6 +332,7 @@ impl SessionState {
         if let Some(timer) = self.timer.take() {
             timer.abort();
         }
+        self.stalls = 0;
         let step = self.state().push_sampled(t.token).map_err(|e| e.to_string())?;
         let now = Instant::now();
         self.first_token.get_or_insert(now);

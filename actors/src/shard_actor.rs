@@ -200,7 +200,7 @@ impl ShardState {
         }
         tracing::trace!(session = req.session, step = req.step, "forward start");
         let shard = self.shard.clone();
-        let joined = tokio::task::spawn_blocking(move || {
+        let joined = self.rt.compute(move || {
             let r = match &input {
                 Input::Tokens(t) => shard.forward(&mut cache, ShardInput::Tokens(t), LogitsFor::Last),
                 Input::Hidden(h) => shard.forward(&mut cache, ShardInput::Hidden(h), LogitsFor::Last),
