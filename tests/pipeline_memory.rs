@@ -115,6 +115,13 @@ async fn failover_case(fault: Fault) {
     let plan = m.peers[0].route(&[]).await.unwrap();
     assert_eq!(plan.len(), 3);
     let middle = plan[1].peer.clone();
+    // Placement keeps standby replicas: the survivors hold the ranges they
+    // would serve without any one peer before anything fails.
+    let t = std::time::Instant::now();
+    while m.peers[0].shards().await.len() < 2 || m.peers[2].shards().await.len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no standby shards");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let net = m.net.clone();
     let got = run(&m.peers[0], req(p, 32, sampling), |n| {
         if n == 10 {

@@ -52,10 +52,37 @@ impl Actor for PlacementActor {
                         let me = st.rt.local_peer().to_string();
                         let mine: Vec<Range<usize>> =
                             plan.iter().filter(|h| h.peer == me).map(|h| h.start..h.end).collect();
-                        st.rt.unload_except(&mine).await;
+                        // Standby ranges: what this peer would serve if any one
+                        // other peer of the plan were lost, loaded ahead so a
+                        // failover finds them ready (as memory and the shard
+                        // bound allow).
+                        let mut standby: Vec<Range<usize>> = Vec::new();
+                        if st.rt.config().standby_shards {
+                            for lost in plan.iter().filter(|h| h.peer != me) {
+                                if let Ok(alt) = st.rt.route(std::slice::from_ref(&lost.peer)).await {
+                                    for h in alt.iter().filter(|h| h.peer == me) {
+                                        let r = h.start..h.end;
+                                        if !mine.contains(&r) && !standby.contains(&r) {
+                                            standby.push(r);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let keep: Vec<Range<usize>> = mine.iter().chain(&standby).cloned().collect();
+                        st.rt.unload_except(&keep).await;
                         for r in &mine {
                             if let Err(e) = st.rt.ensure_shard(r.clone()).await {
                                 tracing::warn!(layers = ?r, error = %e, "could not load the planned shard");
+                            }
+                        }
+                        for r in &standby {
+                            if !st.rt.room_for(r.clone()).await {
+                                break;
+                            }
+                            match st.rt.ensure_shard(r.clone()).await {
+                                Ok(_) => tracing::info!(layers = ?r, "standby shard ready for a failover"),
+                                Err(e) => tracing::debug!(layers = ?r, error = %e, "no standby shard"),
                             }
                         }
                         st.plan = plan;

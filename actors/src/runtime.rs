@@ -70,6 +70,9 @@ pub struct RuntimeConfig {
     pub max_queue: usize,
     /// Layer ranges this peer keeps loaded at most.
     pub max_shards: usize,
+    /// Keep standby replicas: the ranges this peer would serve if one other
+    /// peer were lost, while they fit in `max_shards` and half the free memory.
+    pub standby_shards: bool,
     /// Prompt tokens per pipeline chunk.
     pub prefill_chunk: usize,
     /// How long a step may take before its hops are probed.
@@ -101,6 +104,7 @@ impl Default for RuntimeConfig {
             session_ttl: Duration::from_secs(600),
             max_queue: 256,
             max_shards: 4,
+            standby_shards: true,
             prefill_chunk: 64,
             deadlines: Deadlines::default(),
             max_failovers: 6,
@@ -537,6 +541,26 @@ impl Runtime {
         let slot = ShardSlot { range, actor, queued, memory_bytes };
         shards.push(slot.clone());
         Ok(slot)
+    }
+
+    /// Whether a standby copy of `range` fits: a free shard slot, and all
+    /// shards here within half the memory this peer reported.
+    pub async fn room_for(&self, range: Range<usize>) -> bool {
+        let Some(m) = &self.0.model else { return false };
+        let shards = self.0.shards.lock().await;
+        if shards.iter().any(|s| s.range == range) {
+            return true;
+        }
+        let c = &m.costs;
+        let mut bytes: u64 = c.layer_bytes.get(range.clone()).map_or(0, |b| b.iter().sum());
+        if range.start == 0 {
+            bytes += c.first_bytes;
+        }
+        if range.end == c.layer_bytes.len() {
+            bytes += c.last_bytes;
+        }
+        let held: u64 = shards.iter().map(|s| s.memory_bytes as u64).sum();
+        shards.len() < self.0.cfg.max_shards && held + bytes <= self.0.cfg.memory_bytes / 2
     }
 
     /// Unloads shards whose range is not in `keep` and that serve no session.
