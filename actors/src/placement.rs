@@ -49,14 +49,22 @@ pub struct ModelCosts {
 }
 
 impl ModelCosts {
-    /// From the engine's profile of a GGUF file: FLOPs per token, weight bytes.
+    /// From the engine's profile of a GGUF file. Decoding streams every weight
+    /// once per token, so a stage's time follows the bytes it reads, not its
+    /// FLOPs (the output head of SmolLM2 is 8 layers by FLOPs but ~14 by bytes,
+    /// and measures ~14): costs are weight bytes, scaled so the layers' total
+    /// equals their FLOPs (peer speeds stay in FLOP/s). The embedding lookup
+    /// reads one row: no cost.
     pub fn from_profile(p: &fogmesh_models::ModelProfile) -> Self {
+        let flops: f64 = p.layers.iter().map(|l| l.flops_per_token as f64).sum();
+        let bytes: f64 = p.layers.iter().map(|l| l.weight_bytes as f64).sum();
+        let k = if bytes > 0.0 { flops / bytes } else { 0.0 };
         ModelCosts {
-            layer_cost: p.layers.iter().map(|l| l.flops_per_token as f64).collect(),
+            layer_cost: p.layers.iter().map(|l| l.weight_bytes as f64 * k).collect(),
             layer_bytes: p.layers.iter().map(|l| l.weight_bytes).collect(),
             first_cost: 0.0,
             first_bytes: p.embedding_bytes,
-            last_cost: p.head_flops_per_token as f64,
+            last_cost: p.head_bytes as f64 * k,
             last_bytes: p.head_bytes,
         }
     }
