@@ -29,7 +29,7 @@ async fn mesh(n: usize, cfg: RuntimeConfig) -> Option<Mesh> {
     let mut peers = Vec::new();
     for i in 0..n {
         let id = format!("peer-{i}");
-        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH] });
+        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![] });
         let mut c = cfg.clone();
         c.gflops = 10.0;
         c.memory_bytes = 1 << 32;
@@ -227,4 +227,44 @@ async fn bad_requests_get_clear_errors() {
     let got = run(&m.peers[0], req(p.clone(), 8, SamplingParams::greedy()), |_| {}).await;
     assert_eq!(got.tokens, single(&p, 8, SamplingParams::greedy()));
     assert_eq!(got.route_len, 1);
+}
+
+/// Issue 7's wiring: where another peer already holds a hop's exact layers,
+/// the holders bid and the lowest expected completion serves the hop; a
+/// holder that does not answer in time loses to the bids that came in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holders_of_a_range_bid_for_the_hop() {
+    let Some(mut m) = mesh(3, cfg()).await else { return };
+    let plan = m.peers[0].route(&[]).await.unwrap();
+    assert_eq!(plan.len(), 3);
+    // A fourth peer that placement does not use (no gossiped speed) but that
+    // holds the middle range and, by its own estimate, computes it far faster.
+    let path = model_path().unwrap();
+    let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
+    let link = m.net.add(PeerView { peer: "peer-x".into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![] });
+    let c = RuntimeConfig { gflops: 1000.0, memory_bytes: 1 << 32, placement_interval: Duration::from_secs(3600), ..cfg() };
+    let fast = Runtime::start(link, Some(info), c).await.unwrap();
+    m.net.attach("peer-x", fast.clone());
+    fast.ensure_shard(plan[1].start..plan[1].end).await.unwrap();
+    m.peers.push(fast);
+    let p = prompts()[2].clone();
+    let want = single(&p, 12, SamplingParams::greedy());
+    let mut h = m.peers[0].generate(req(p.clone(), 12, SamplingParams::greedy())).await.unwrap();
+    let mut route = Vec::new();
+    let mut tokens = Vec::new();
+    while let Some(e) = h.events.recv().await {
+        if let SessionEvent::Done { generation, route: r, .. } = e {
+            tokens = generation.tokens;
+            route = r;
+        }
+    }
+    assert_eq!(tokens, want);
+    assert_eq!(route[1].peer, "peer-x", "the faster holder won the middle hop: {route:?}");
+    assert_eq!(route[0].peer, plan[0].peer);
+    // Silent, it cannot win: its bid never arrives.
+    m.net.set_fault("peer-x", Fault::Silent);
+    let got = run(&m.peers[0], req(p, 12, SamplingParams::greedy()), |_| {}).await;
+    assert_eq!(got.error, None);
+    assert_eq!(got.tokens, want);
+    assert_eq!(got.route_len, 3);
 }

@@ -19,6 +19,8 @@ pub struct PeerView {
     pub memory_bytes: u64,
     /// Models it holds locally.
     pub models: Vec<ModelHash>,
+    /// Layer ranges it has loaded (from its gossiped load), as `(start, end)`.
+    pub shards: Vec<(u32, u32)>,
 }
 
 /// Why a message did not reach a peer.

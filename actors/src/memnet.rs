@@ -130,11 +130,18 @@ impl MeshLink for MemLink {
     }
 
     async fn view(&self) -> Vec<PeerView> {
-        self.net
+        let peers: Vec<(PeerView, Runtime)> = self
+            .net
             .lock()
             .iter()
-            .filter(|(k, p)| **k != self.me && p.fault != Fault::Dead && p.rt.is_some())
-            .map(|(_, p)| p.view.clone())
-            .collect()
+            .filter(|(k, p)| **k != self.me && p.fault != Fault::Dead)
+            .filter_map(|(_, p)| p.rt.clone().map(|rt| (p.view.clone(), rt)))
+            .collect();
+        let mut out = Vec::new();
+        for (mut v, rt) in peers {
+            v.shards = rt.shards().await.iter().map(|s| (s.range.start as u32, s.range.end as u32)).collect();
+            out.push(v);
+        }
+        out
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fogmesh_models::gguf::Gguf;
 use fogmesh_models::{LlamaConfig, ModelProfile, SamplingParams, Shard, ThreadPool, Tokenizer};
 use fogmesh_protocols::{
-    ErrorCode, ErrorFrame, Limits, LoadReport, Message, ModelHash, SessionOpen, ShardAdvert, ShardLoad, StageError,
+    Bid, CallForBids, ErrorCode, ErrorFrame, Limits, LoadReport, Message, ModelHash, SessionOpen, ShardAdvert, ShardLoad, StageError,
     StageOutcome, StageReply,
 };
 use ractor::{Actor, ActorRef};
@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::link::{LinkError, MeshLink, PeerKey, PeerView};
 use crate::placement::{ModelCosts, PlacementPeer};
+use crate::sched::{Action as SchedAction, AwardBasis, Quote as SchedQuote, SchedConfig, Scheduler, TaskSpec as SchedTask};
 use crate::placement_actor::{PlacementActor, PlacementMsg};
 use crate::policy::{self, Deadlines, Hop};
 use crate::session::{SessionActor, SessionEvent, SessionMsg};
@@ -89,6 +90,8 @@ pub struct RuntimeConfig {
     pub placement_interval: Duration,
     /// Bounds on decoded activations.
     pub limits: Limits,
+    /// How long a session waits for bids from the holders of a range.
+    pub bid_timeout: Duration,
     /// Events buffered per generation before the session waits for its caller.
     pub event_capacity: usize,
 }
@@ -113,6 +116,7 @@ impl Default for RuntimeConfig {
             probe_timeout: Duration::from_millis(800),
             placement_interval: Duration::from_secs(1),
             limits: Limits::default(),
+            bid_timeout: Duration::from_millis(150),
             event_capacity: 256,
         }
     }
@@ -149,6 +153,8 @@ pub struct ShardSlot {
     pub queued: Arc<AtomicUsize>,
     /// Bytes of weights it holds.
     pub memory_bytes: usize,
+    /// Measured compute time per token (EWMA, microseconds; 0 = none yet).
+    pub us_per_token: Arc<AtomicU64>,
 }
 
 /// What a caller asks to generate.
@@ -203,6 +209,11 @@ struct Inner {
     sessions: Mutex<HashMap<u64, ActorRef<SessionMsg>>>,
     placement: Mutex<Option<ActorRef<PlacementMsg>>>,
     next_id: AtomicU64,
+    /// Auctions this peer runs for its sessions' hops.
+    sched: Mutex<Scheduler>,
+    /// Peer ids as the scheduler numbers them.
+    sched_ids: Mutex<Vec<PeerKey>>,
+    started: Instant,
     /// The compute thread's queue (forward passes of every shard here).
     compute: std::sync::mpsc::SyncSender<ComputeJob>,
 }
@@ -254,6 +265,7 @@ impl Runtime {
         cfg: RuntimeConfig,
     ) -> Result<Runtime, RuntimeError> {
         let local = link.local_peer();
+        let cfg_bid_timeout = cfg.bid_timeout;
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>()) >> 1;
         let rt = Runtime(Arc::new(Inner {
             link,
@@ -267,6 +279,9 @@ impl Runtime {
             placement: Mutex::new(None),
             next_id: AtomicU64::new(seed.max(1)),
             compute: compute_thread().map_err(|e| RuntimeError::Actor(format!("compute thread: {e}")))?,
+            sched: Mutex::new(Scheduler::new(SchedConfig { auction_timeout_s: cfg_bid_timeout.as_secs_f64(), ..SchedConfig::default() })),
+            sched_ids: Mutex::new(Vec::new()),
+            started: Instant::now(),
         }));
         if rt.0.model.is_some() {
             let (actor, _) = Actor::spawn(None, PlacementActor, rt.clone())
@@ -340,6 +355,7 @@ impl Runtime {
                 gflops: self.0.cfg.gflops,
                 memory_bytes: self.0.cfg.memory_bytes,
                 models: vec![m.hash],
+                shards: self.shards().await.iter().map(|s| (s.range.start as u32, s.range.end as u32)).collect(),
             });
         }
         v
@@ -449,11 +465,136 @@ impl Runtime {
                 Err((code, reason)) => error_frame(code, reason),
             },
             Message::LoadReport(_) => Message::LoadReport(self.load_report().await),
+            Message::CallForBids(c) => match self.bid(&c).await {
+                Some(b) => Message::Bid(b),
+                None => error_frame(ErrorCode::NOT_SERVED, "this peer holds no such model or range"),
+            },
             Message::SessionClose(c) => {
                 self.close_served(c.session);
                 Message::SessionClose(c)
             }
             other => error_frame(ErrorCode::NOT_SERVED, format!("{:?} is not a call this peer answers", other.kind())),
+        }
+    }
+
+    /// This peer's bid for running `c`'s layers: its queue and compute time
+    /// from the shard's measured speed (from its GFLOPS estimate and a load
+    /// time when the range is not loaded). Transfer is the owner's to add.
+    pub async fn bid(&self, c: &CallForBids) -> Option<Bid> {
+        let m = self.0.model.as_ref()?;
+        let (start, end) = (c.start as usize, c.end as usize);
+        if c.model != m.hash || start >= end || end > m.config.layers {
+            return None;
+        }
+        let costs = &m.costs;
+        let mut work: f64 = costs.layer_cost[start..end].iter().sum();
+        if end == m.config.layers {
+            work += costs.last_cost;
+        }
+        let estimate_ms = work / (f64::from(self.0.cfg.gflops.max(0.01)) * 1e9) * 1e3;
+        let slot = self.shards().await.into_iter().find(|s| s.range == (start..end));
+        let (per_token_ms, queue_ms) = match &slot {
+            Some(s) => {
+                let us = s.us_per_token.load(Ordering::Relaxed);
+                let per = if us > 0 { us as f64 / 1e3 } else { estimate_ms };
+                (per, s.queued.load(Ordering::Relaxed) as f64 * per)
+            }
+            // Not loaded: reading its weights comes first (~1 GB/s).
+            None => {
+                let bytes: u64 = costs.layer_bytes[start..end].iter().sum();
+                (estimate_ms, bytes as f64 / 1e6)
+            }
+        };
+        Some(Bid {
+            auction: c.auction,
+            peer: self.0.local.as_bytes().to_vec(),
+            queue_ms: queue_ms as f32,
+            service_ms: (per_token_ms * f64::from(c.tokens.max(1))) as f32,
+            transfer_ms: 0.0,
+        })
+    }
+
+    fn sched_id(&self, peer: &str) -> Option<u64> {
+        let mut ids = lock(&self.0.sched_ids);
+        if let Some(i) = ids.iter().position(|p| p == peer) {
+            return Some(i as u64);
+        }
+        if ids.len() >= 4096 {
+            return None;
+        }
+        ids.push(peer.to_string());
+        Some(ids.len() as u64 - 1)
+    }
+
+    /// Runs an auction among `candidates` (the first is the planned peer) for
+    /// layers `range` of a `tokens`-token task: calls for bids, awards the
+    /// lowest expected completion (adjusted by each peer's record), or by the
+    /// scheduler's fallback when bids do not come in time. Returns the winner
+    /// and its promise in seconds.
+    pub async fn auction(&self, candidates: &[PeerKey], range: Range<usize>, tokens: usize) -> Option<(PeerKey, f64)> {
+        let model = self.0.model.as_ref()?;
+        let ids: Vec<u64> = candidates.iter().map(|p| self.sched_id(p)).collect::<Option<_>>()?;
+        let now = || self.0.started.elapsed().as_secs_f64();
+        let task = SchedTask { work: tokens as f64 };
+        let pairs: Vec<(u64, f64)> = ids.iter().map(|&i| (i, 0.0)).collect();
+        let (auction, actions) = lock(&self.0.sched).start(task, &pairs, now());
+        // No bid at all: the scheduler's gossip fallback has no load views
+        // here, so the plan's own peer keeps the hop.
+        let planned = ids[0];
+        let award = |actions: Vec<SchedAction>| {
+            actions.into_iter().find_map(|a| match a {
+                SchedAction::Award { basis: AwardBasis::Gossip, .. } => Some((planned, f64::INFINITY)),
+                SchedAction::Award { peer, expected_s, .. } => Some((peer, expected_s)),
+                _ => None,
+            })
+        };
+        let mut won = award(actions.clone());
+        if won.is_none() {
+            let timeout = self.0.cfg.bid_timeout;
+            let calls = actions.into_iter().filter_map(|a| match a {
+                SchedAction::CallForBids { peer, .. } => Some(peer),
+                _ => None,
+            });
+            let calls = calls.map(|id| {
+                let peer = candidates[ids.iter().position(|&i| i == id).unwrap_or(0)].clone();
+                let msg = Message::CallForBids(CallForBids {
+                    auction,
+                    session: 0,
+                    model: model.hash,
+                    start: range.start as u32,
+                    end: range.end as u32,
+                    tokens: tokens as u32,
+                    activation_bytes: (tokens * model.config.hidden * 4) as u64,
+                    deadline_ms: timeout.as_millis() as u32,
+                });
+                async move { (id, tokio::time::timeout(timeout, self.call(&peer, msg)).await) }
+            });
+            for (id, r) in futures::future::join_all(calls).await {
+                if let Ok(Ok(Message::Bid(b))) = r {
+                    let q = SchedQuote {
+                        queue_s: f64::from(b.queue_ms) / 1e3,
+                        service_s: f64::from(b.service_ms) / 1e3,
+                        transfer_s: f64::from(b.transfer_ms) / 1e3,
+                    };
+                    if let Some(w) = award(lock(&self.0.sched).on_bid(auction, id, q, now())) {
+                        won = Some(w);
+                    }
+                }
+            }
+            if won.is_none() {
+                // The deadline has passed for whatever did not answer.
+                won = award(lock(&self.0.sched).on_tick(now() + timeout.as_secs_f64()));
+            }
+        }
+        let (id, expected) = won?;
+        let ids = lock(&self.0.sched_ids);
+        ids.get(id as usize).map(|p| (p.clone(), expected))
+    }
+
+    /// Tells the scheduler how a promise turned out.
+    pub fn auction_outcome(&self, peer: &str, promised_s: f64, actual_s: f64) {
+        if let Some(id) = self.sched_id(peer) {
+            lock(&self.0.sched).on_outcome(id, promised_s, actual_s);
         }
     }
 
@@ -536,9 +677,11 @@ impl Runtime {
         let memory_bytes = shard.memory_bytes();
         tracing::info!(layers = ?range, ms = started.elapsed().as_millis() as u64, memory_mib = memory_bytes >> 20, "shard loaded");
         let queued = Arc::new(AtomicUsize::new(0));
-        let args = ShardArgs { shard: Arc::new(shard), rt: self.clone(), queued: queued.clone() };
+        let us_per_token = Arc::new(AtomicU64::new(0));
+        let args =
+            ShardArgs { shard: Arc::new(shard), rt: self.clone(), queued: queued.clone(), us_per_token: us_per_token.clone() };
         let (actor, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| RuntimeError::Actor(e.to_string()))?;
-        let slot = ShardSlot { range, actor, queued, memory_bytes };
+        let slot = ShardSlot { range, actor, queued, memory_bytes, us_per_token };
         shards.push(slot.clone());
         Ok(slot)
     }

@@ -104,6 +104,10 @@ pub struct SessionState {
     first_token: Option<Instant>,
     timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<SessionMsg>>>>,
     done: bool,
+    /// Awarded hops of the current route and what they promised (seconds).
+    promises: Vec<(PeerKey, f64)>,
+    /// When the current route was opened.
+    opened: Instant,
 }
 
 /// The actor owning one generation.
@@ -164,6 +168,8 @@ impl SessionState {
         loop {
             let now = Instant::now();
             let route = self.rt.route(&self.bans.banned(now)).await.map_err(|e| e.to_string())?;
+            let tokens = self.state.as_ref().map_or(0, |g| g.history().len());
+            let route = self.award_hops(route, tokens).await;
             let wire = self.rt.next_id();
             let state = self.state.as_ref().expect("generation state");
             let history = state.history().to_vec();
@@ -210,6 +216,7 @@ impl SessionState {
                 self.route = route;
                 self.rt.register_session(wire, myself.clone());
                 self.stalls = 0;
+                self.opened = Instant::now();
                 self.feed(myself, history).await;
                 return Ok(());
             }
@@ -219,6 +226,36 @@ impl SessionState {
             let reason = reasons.join("; ");
             self.note_failure(&failed, &reason).await?;
         }
+    }
+
+    /// Where other peers already hold a hop's exact layers, the holders bid
+    /// for it (the planned peer always among them) and the lowest expected
+    /// completion serves it.
+    async fn award_hops(&mut self, mut route: Vec<Hop>, tokens: usize) -> Vec<Hop> {
+        self.promises.clear();
+        let banned = self.bans.banned(Instant::now());
+        let view = self.rt.view().await;
+        for i in 0..route.len() {
+            let range = (route[i].start as u32, route[i].end as u32);
+            let mut cands = vec![route[i].peer.clone()];
+            for v in &view {
+                let fit = v.shards.contains(&range) && v.models.contains(&self.model.hash);
+                if fit && !banned.contains(&v.peer) && !route.iter().any(|h| h.peer == v.peer) && !cands.contains(&v.peer) {
+                    cands.push(v.peer.clone());
+                }
+            }
+            if cands.len() < 2 {
+                continue;
+            }
+            if let Some((winner, promise)) = self.rt.auction(&cands, route[i].start..route[i].end, tokens).await {
+                tracing::debug!(layers = ?(range.0..range.1), candidates = cands.len(), winner = %winner, "hop awarded by bids");
+                if promise.is_finite() {
+                    self.promises.push((winner.clone(), promise));
+                }
+                route[i].peer = winner;
+            }
+        }
+        route
     }
 
     /// Bans `peers` and counts a failover; errs when the budget is spent.
@@ -333,6 +370,17 @@ impl SessionState {
             timer.abort();
         }
         self.stalls = 0;
+        // The first token on a route settles its awarded hops' promises: each
+        // is charged its share of the time to that token.
+        if !self.promises.is_empty() {
+            let actual = self.opened.elapsed().as_secs_f64();
+            let total: f64 = self.promises.iter().map(|(_, p)| p).sum();
+            for (peer, promised) in self.promises.drain(..) {
+                if total > 0.0 {
+                    self.rt.auction_outcome(&peer, promised, actual * promised / total);
+                }
+            }
+        }
         let step = self.state().push_sampled(t.token).map_err(|e| e.to_string())?;
         let now = Instant::now();
         self.first_token.get_or_insert(now);
@@ -417,6 +465,8 @@ impl Actor for SessionActor {
             first_token: None,
             timer: None,
             done: false,
+            promises: Vec::new(),
+            opened: Instant::now(),
         })
     }
 

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use fogmesh_models::{LogitsFor, Sampler, SamplingParams, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
@@ -57,6 +57,8 @@ pub struct ShardArgs {
     pub rt: Runtime,
     /// Work waiting (shared with the runtime, which refuses work past its bound).
     pub queued: Arc<AtomicUsize>,
+    /// Measured microseconds per token (EWMA), for bids.
+    pub us_per_token: Arc<AtomicU64>,
 }
 
 struct Session {
@@ -74,6 +76,7 @@ pub struct ShardState {
     shard: Arc<Shard>,
     rt: Runtime,
     queued: Arc<AtomicUsize>,
+    us_per_token: Arc<AtomicU64>,
     sessions: HashMap<u64, Session>,
     codec: ActivationCodec,
     tokens: u64,
@@ -200,6 +203,7 @@ impl ShardState {
         }
         tracing::trace!(session = req.session, step = req.step, "forward start");
         let shard = self.shard.clone();
+        let t0 = Instant::now();
         let joined = self.rt.compute(move || {
             let r = match &input {
                 Input::Tokens(t) => shard.forward(&mut cache, ShardInput::Tokens(t), LogitsFor::Last),
@@ -221,6 +225,9 @@ impl ShardState {
         };
         sess.cache = Some(cache);
         self.tokens += n as u64;
+        let us = t0.elapsed().as_micros() as u64 / n.max(1) as u64;
+        let old = self.us_per_token.load(Ordering::Relaxed);
+        self.us_per_token.store(if old == 0 { us } else { (old * 7 + us) / 8 }, Ordering::Relaxed);
         tracing::trace!(session = req.session, step = req.step, "forward done");
         match out {
             Err(err) => {
@@ -294,6 +301,7 @@ impl Actor for ShardActor {
             shard: args.shard,
             rt: args.rt,
             queued: args.queued,
+            us_per_token: args.us_per_token,
             sessions: HashMap::new(),
             codec: ActivationCodec::new(),
             tokens: 0,

@@ -110,6 +110,7 @@ impl MeshLink for NetLink {
                     .iter()
                     .filter_map(|h| hex::decode(h).ok().and_then(|b| <ModelHash>::try_from(b).ok()))
                     .collect(),
+                shards: p.shards.iter().map(|s| (s[0], s[1])).collect(),
             })
             .collect()
     }
