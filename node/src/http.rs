@@ -135,14 +135,13 @@ async fn generate(State(s): State<AppState>, body: axum::body::Bytes) -> Respons
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     };
     let (seed, n) = (flags.seed, prompt.len());
-    let actor = h.actor.clone();
     // Dropping the body (a client that went away) drops the receiver; the
     // session notices on its next event and cancels everywhere.
-    let lines = futures::stream::unfold((h.events, actor), move |(mut rx, actor)| async move {
+    let lines = futures::stream::unfold(h.events, move |mut rx| async move {
         let e = rx.recv().await?;
         let mut line = event_json(e, seed, n).to_string();
         line.push('\n');
-        Some((Ok::<_, std::convert::Infallible>(line), (rx, actor)))
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")

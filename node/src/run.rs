@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::Value;
 
+use fogmesh_actors::placement_actor::short;
+
 use crate::cli::GenFlags;
 use crate::cluster::{ClusterOptions, LocalCluster};
 use crate::node::{NodeQueryArgs, data_dir, http_get, node_addr};
@@ -81,10 +83,6 @@ pub fn generate_on(node: &str, flags: &GenFlags, mut on_text: impl FnMut(&str)) 
             _ => {}
         }
     }
-}
-
-fn short(peer: &str) -> &str {
-    &peer[peer.len().saturating_sub(8)..]
 }
 
 fn route_line(route: &Value) -> String {
