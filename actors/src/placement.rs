@@ -72,6 +72,32 @@ impl ModelCosts {
     fn layers(&self) -> usize {
         self.layer_cost.len()
     }
+
+    /// Work per token of a stage running `range` (with the first stage's
+    /// and the last stage's extras when it holds them).
+    pub fn stage_work(&self, range: std::ops::Range<usize>) -> f64 {
+        let mut w: f64 = self.layer_cost.get(range.clone()).map_or(0.0, |c| c.iter().sum());
+        if range.start == 0 {
+            w += self.first_cost;
+        }
+        if range.end == self.layers() {
+            w += self.last_cost;
+        }
+        w
+    }
+
+    /// Weight bytes of a stage running `range` (with the embedding or head
+    /// when it holds them).
+    pub fn stage_bytes(&self, range: std::ops::Range<usize>) -> u64 {
+        let mut b: u64 = self.layer_bytes.get(range.clone()).map_or(0, |c| c.iter().sum());
+        if range.start == 0 {
+            b += self.first_bytes;
+        }
+        if range.end == self.layer_bytes.len() {
+            b += self.last_bytes;
+        }
+        b
+    }
 }
 
 /// A peer as placement sees it.

@@ -486,11 +486,7 @@ impl Runtime {
         if c.model != m.hash || start >= end || end > m.config.layers {
             return None;
         }
-        let costs = &m.costs;
-        let mut work: f64 = costs.layer_cost[start..end].iter().sum();
-        if end == m.config.layers {
-            work += costs.last_cost;
-        }
+        let work = m.costs.stage_work(start..end);
         let estimate_ms = work / (f64::from(self.0.cfg.gflops.max(0.01)) * 1e9) * 1e3;
         let slot = self.shards().await.into_iter().find(|s| s.range == (start..end));
         let (per_token_ms, queue_ms) = match &slot {
@@ -500,10 +496,7 @@ impl Runtime {
                 (per, s.queued.load(Ordering::Relaxed) as f64 * per)
             }
             // Not loaded: reading its weights comes first (~1 GB/s).
-            None => {
-                let bytes: u64 = costs.layer_bytes[start..end].iter().sum();
-                (estimate_ms, bytes as f64 / 1e6)
-            }
+            None => (estimate_ms, m.costs.stage_bytes(start..end) as f64 / 1e6),
         };
         Some(Bid {
             auction: c.auction,
@@ -694,14 +687,7 @@ impl Runtime {
         if shards.iter().any(|s| s.range == range) {
             return true;
         }
-        let c = &m.costs;
-        let mut bytes: u64 = c.layer_bytes.get(range.clone()).map_or(0, |b| b.iter().sum());
-        if range.start == 0 {
-            bytes += c.first_bytes;
-        }
-        if range.end == c.layer_bytes.len() {
-            bytes += c.last_bytes;
-        }
+        let bytes = m.costs.stage_bytes(range);
         let held: u64 = shards.iter().map(|s| s.memory_bytes as u64).sum();
         shards.len() < self.0.cfg.max_shards && held + bytes <= self.0.cfg.memory_bytes / 2
     }

@@ -52,7 +52,7 @@ pub struct Step {
 }
 
 /// Timings of a generation.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Timings {
     /// Prompt tokens processed.
     pub prefill_tokens: usize,

@@ -96,14 +96,7 @@ fn route_line(route: &Value) -> String {
 }
 
 fn timing_summary(done: &Value) -> String {
-    let t = &done["timings"];
-    let f = |k: &str| t[k].as_f64().unwrap_or(0.0);
-    let t = fogmesh_models::Timings {
-        prefill_tokens: f("prefill_tokens") as usize,
-        prefill_ms: f("prefill_ms"),
-        decode_tokens: f("decode_tokens") as usize,
-        decode_ms: f("decode_ms"),
-    };
+    let t: fogmesh_models::Timings = serde_json::from_value(done["timings"].clone()).unwrap_or_default();
     crate::cli::timing_line(&t)
 }
 
