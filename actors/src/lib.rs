@@ -16,6 +16,8 @@
 //! - `placement_actor.rs`: `PlacementActor`, the plan from the view; loads and
 //!   unloads this peer's shards.
 //! - `policy.rs`: sans-I/O ban list, route choice and deadlines.
+//! - `metrics.rs`: names of the metrics the actors record (the node's
+//!   `/metrics` renders them).
 //! - `memnet.rs`: an in-memory network with injectable faults (tests).
 //! - `placement.rs`: the exact, deterministic linear partition of layers over
 //!   peers (fastest slowest stage, then fewest stages) with replicas.
@@ -29,6 +31,7 @@ pub use fogmesh_protocols as protocols;
 
 pub mod link;
 pub mod memnet;
+pub mod metrics;
 pub mod placement;
 pub mod placement_actor;
 pub mod policy;

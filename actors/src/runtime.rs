@@ -155,6 +155,23 @@ pub struct ShardSlot {
     pub memory_bytes: usize,
     /// Measured compute time per token (EWMA, microseconds; 0 = none yet).
     pub us_per_token: Arc<AtomicU64>,
+    /// Tokens processed since load.
+    pub tokens: Arc<AtomicU64>,
+    /// The last (time, tokens) sample the load report's rate is taken from.
+    rate: Arc<Mutex<(Instant, u64)>>,
+}
+
+impl ShardSlot {
+    /// Tokens per second since the previous call (the gossiped rate).
+    pub fn tokens_per_s(&self) -> f32 {
+        let now = Instant::now();
+        let total = self.tokens.load(Ordering::Relaxed);
+        let mut last = lock(&self.rate);
+        let dt = now.duration_since(last.0).as_secs_f64();
+        let rate = if dt > 0.0 { total.saturating_sub(last.1) as f64 / dt } else { 0.0 };
+        *last = (now, total);
+        rate as f32
+    }
 }
 
 /// What a caller asks to generate.
@@ -605,7 +622,7 @@ impl Runtime {
                 start: s.range.start as u32,
                 end: s.range.end as u32,
                 queue_depth: s.queued.load(Ordering::Relaxed) as u32,
-                tokens_per_s: 0.0,
+                tokens_per_s: s.tokens_per_s(),
             })
             .collect();
         LoadReport { peer: self.0.local.as_bytes().to_vec(), timestamp_ms: now_ms, shards }
@@ -671,10 +688,17 @@ impl Runtime {
         tracing::info!(layers = ?range, ms = started.elapsed().as_millis() as u64, memory_mib = memory_bytes >> 20, "shard loaded");
         let queued = Arc::new(AtomicUsize::new(0));
         let us_per_token = Arc::new(AtomicU64::new(0));
-        let args =
-            ShardArgs { shard: Arc::new(shard), rt: self.clone(), queued: queued.clone(), us_per_token: us_per_token.clone() };
+        let tokens = Arc::new(AtomicU64::new(0));
+        let args = ShardArgs {
+            shard: Arc::new(shard),
+            rt: self.clone(),
+            queued: queued.clone(),
+            us_per_token: us_per_token.clone(),
+            tokens: tokens.clone(),
+        };
         let (actor, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| RuntimeError::Actor(e.to_string()))?;
-        let slot = ShardSlot { range, actor, queued, memory_bytes, us_per_token };
+        let rate = Arc::new(Mutex::new((Instant::now(), 0)));
+        let slot = ShardSlot { range, actor, queued, memory_bytes, us_per_token, tokens, rate };
         shards.push(slot.clone());
         Ok(slot)
     }

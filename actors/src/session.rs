@@ -272,6 +272,7 @@ impl SessionState {
         if self.failovers > self.rt.config().max_failovers {
             return Err(format!("gave up after {} failovers; last: {reason}", self.failovers - 1));
         }
+        metrics::counter!(crate::metrics::FAILOVERS).increment(1);
         self.emit(SessionEvent::Failover { banned, reason: reason.to_string() }).await;
         Ok(())
     }
@@ -386,7 +387,9 @@ impl SessionState {
         self.first_token.get_or_insert(now);
         if let Some(at) = self.failed_at.take() {
             let route = self.route.clone();
-            self.emit(SessionEvent::Recovered { route, recovery_ms: now.duration_since(at).as_secs_f64() * 1e3 }).await;
+            let took = now.duration_since(at);
+            metrics::histogram!(crate::metrics::RECOVERY_SECONDS).record(took.as_secs_f64());
+            self.emit(SessionEvent::Recovered { route, recovery_ms: took.as_secs_f64() * 1e3 }).await;
         }
         let finished = step.finish.is_some();
         if !self.emit(SessionEvent::Token { step, logprob: t.logprob }).await {
@@ -423,11 +426,15 @@ impl SessionState {
                     decode_ms: first.elapsed().as_secs_f64() * 1e3,
                 };
                 let generation = state.into_generation(timings);
+                metrics::counter!(crate::metrics::SESSIONS, "outcome" => "done").increment(1);
+                metrics::counter!(crate::metrics::PROMPT_TOKENS).increment(generation.prompt_tokens.len() as u64);
+                metrics::counter!(crate::metrics::GENERATED_TOKENS).increment(generation.tokens.len() as u64);
                 let route = self.route.clone();
                 let failovers = self.failovers;
                 self.emit(SessionEvent::Done { generation, route, failovers }).await;
             }
             Err(e) => {
+                metrics::counter!(crate::metrics::SESSIONS, "outcome" => "error").increment(1);
                 self.emit(SessionEvent::Error(e)).await;
             }
         }

@@ -59,6 +59,8 @@ pub struct ShardArgs {
     pub queued: Arc<AtomicUsize>,
     /// Measured microseconds per token (EWMA), for bids.
     pub us_per_token: Arc<AtomicU64>,
+    /// Tokens processed since load (shared: the load report's rate).
+    pub tokens: Arc<AtomicU64>,
 }
 
 struct Session {
@@ -79,7 +81,9 @@ pub struct ShardState {
     us_per_token: Arc<AtomicU64>,
     sessions: HashMap<u64, Session>,
     codec: ActivationCodec,
-    tokens: u64,
+    tokens: Arc<AtomicU64>,
+    /// `layers="start..end"`, the label of this stage's metrics.
+    label: String,
 }
 
 /// The actor owning one loaded layer range.
@@ -224,8 +228,11 @@ impl ShardState {
             }
         };
         sess.cache = Some(cache);
-        self.tokens += n as u64;
-        let us = t0.elapsed().as_micros() as u64 / n.max(1) as u64;
+        self.tokens.fetch_add(n as u64, Ordering::Relaxed);
+        let took = t0.elapsed();
+        metrics::histogram!(crate::metrics::STAGE_SECONDS, "layers" => self.label.clone()).record(took.as_secs_f64());
+        metrics::counter!(crate::metrics::STAGE_TOKENS, "layers" => self.label.clone()).increment(n as u64);
+        let us = took.as_micros() as u64 / n.max(1) as u64;
         let old = self.us_per_token.load(Ordering::Relaxed);
         self.us_per_token.store(if old == 0 { us } else { (old * 7 + us) / 8 }, Ordering::Relaxed);
         tracing::trace!(session = req.session, step = req.step, "forward done");
@@ -241,6 +248,8 @@ impl ShardState {
                     self.rt.report(&owner, req.request, e).await;
                     return;
                 }
+                metrics::counter!(crate::metrics::WIRE_BYTES, "encoding" => Encoding::F32.name())
+                    .increment(bytes.len() as u64);
                 let next = sess.next.clone();
                 let msg = Message::StageRequest(StageRequest {
                     request: req.request,
@@ -297,14 +306,16 @@ impl Actor for ShardActor {
     type Arguments = ShardArgs;
 
     async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+        let r = args.shard.range();
         Ok(ShardState {
+            label: format!("{}..{}", r.start, r.end),
             shard: args.shard,
             rt: args.rt,
             queued: args.queued,
             us_per_token: args.us_per_token,
             sessions: HashMap::new(),
             codec: ActivationCodec::new(),
-            tokens: 0,
+            tokens: args.tokens,
         })
     }
 
@@ -325,7 +336,7 @@ impl Actor for ShardActor {
                     sessions: st.sessions.len(),
                     memory_bytes: st.shard.memory_bytes(),
                     cache_bytes: st.sessions.values().filter_map(|s| s.cache.as_ref()).map(|c| c.memory_bytes()).sum(),
-                    tokens: st.tokens,
+                    tokens: st.tokens.load(Ordering::Relaxed),
                     queued: st.queued.load(Ordering::Relaxed),
                 });
             }

@@ -27,6 +27,8 @@ pub mod cluster;
 pub mod fetch;
 pub mod http;
 pub mod measure;
+pub mod metrics;
+pub mod openai;
 pub mod mesh;
 pub mod net;
 pub mod node;

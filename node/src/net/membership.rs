@@ -81,6 +81,9 @@ pub struct PeerInfo {
     /// Models it holds locally, as hex SHA-256.
     #[serde(default)]
     pub models: Vec<String>,
+    /// Tokens per second its shards processed (from its last load report).
+    #[serde(default)]
+    pub tokens_per_s: f32,
 }
 
 /// The live view of the mesh.
@@ -252,6 +255,7 @@ impl Membership {
                     shards: e.load.iter().map(|s| [s.start, s.end, s.queue_depth]).collect(),
                     agent: e.agent.clone(),
                     models: caps.map(|c| c.models.iter().map(hex::encode).collect()).unwrap_or_default(),
+                    tokens_per_s: e.load.iter().map(|s| s.tokens_per_s).sum(),
                 }
             })
             .collect()

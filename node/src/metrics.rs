@@ -1,0 +1,43 @@
+//! The process's Prometheus recorder (installed once) and the metrics the
+//! HTTP layer records; `GET /metrics` renders them with the actors' ones
+//! (`fogmesh_actors::metrics`).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Counter: HTTP requests by `endpoint` and `status`.
+pub const HTTP_REQUESTS: &str = "fogmesh_http_requests_total";
+/// Histogram: seconds from an API request to its first streamed token.
+pub const TTFT_SECONDS: &str = "fogmesh_time_to_first_token_seconds";
+/// Counter: tokens streamed to API clients (`endpoint`).
+pub const API_TOKENS: &str = "fogmesh_api_completion_tokens_total";
+/// Gauge: connected peers in the view.
+pub const PEERS: &str = "fogmesh_peers_connected";
+/// Gauge: peers in the view, connected or not.
+pub const PEERS_KNOWN: &str = "fogmesh_peers_known";
+/// Gauge: layer ranges loaded on this peer.
+pub const SHARDS: &str = "fogmesh_shards_loaded";
+
+/// Histogram buckets (seconds), from a sub-millisecond hop to a slow prompt.
+const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The process's recorder handle; `None` when another recorder was
+/// installed first (then `/metrics` says so).
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
+            let h = builder.install_recorder().ok()?;
+            fogmesh_actors::metrics::describe();
+            metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by endpoint and status");
+            metrics::describe_histogram!(TTFT_SECONDS, metrics::Unit::Seconds, "API request to first streamed token");
+            metrics::describe_counter!(API_TOKENS, "Completion tokens returned to API clients");
+            metrics::describe_gauge!(PEERS, "Connected peers in this node's view");
+            metrics::describe_gauge!(PEERS_KNOWN, "Peers in this node's view");
+            metrics::describe_gauge!(SHARDS, "Layer ranges loaded on this peer");
+            Some(h)
+        })
+        .as_ref()
+}

@@ -1,0 +1,550 @@
+//! The OpenAI-compatible API: `POST /v1/chat/completions`,
+//! `POST /v1/completions` (streamed as server-sent events or not),
+//! `GET /v1/models` and `GET /v1/models/{id}`.
+//!
+//! Requests are parsed by hand from the body (bounded by
+//! [`crate::http::MAX_BODY`]) so that every mistake gets a 400 in OpenAI's
+//! error shape naming the field, rather than a framework's plain-text
+//! rejection. Fields OpenAI defines that do not change what fogmesh does
+//! (`user`, `presence_penalty`, …) are accepted and ignored; `n` above 1,
+//! unknown roles, out-of-range sampling values, an unknown model and a
+//! prompt plus `max_tokens` past the context are refused.
+
+use std::convert::Infallible;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fogmesh_actors::{GenerateRequest, GenerationHandle, SessionEvent};
+use fogmesh_models::{ChatMessage, FinishReason, SamplingParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::cli::GenFlags;
+use crate::http::{AppState, error};
+
+/// Most messages in one chat request.
+pub const MAX_MESSAGES: usize = 1024;
+/// Most stop strings (OpenAI's own bound).
+pub const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    /// fogmesh extension: keep the K most likely tokens (0: all).
+    #[serde(default)]
+    top_k: Option<usize>,
+    /// fogmesh extension: repetition penalty (1: off).
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<InMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// A message's content: text, or a list of parts of which text ones count.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// `prompt` of `/v1/completions`: text, one text in a list, token ids, or
+/// one list of token ids in a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    best_of: Option<u32>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+fn bad(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+}
+
+fn bad_param(param: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "message": message.into(), "type": "invalid_request_error", "param": param, "code": Value::Null } });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+/// Reads a JSON body (bounded) into `T`, or answers 400/413 saying what is
+/// wrong.
+pub(crate) async fn parse<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, Response> {
+    let body = crate::http::read_body(body).await?;
+    if body.is_empty() {
+        return Err(bad("the request body is empty; send a JSON object (Content-Type: application/json)"));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        let msg = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => format!("invalid JSON: {e}"),
+            _ => format!("invalid request: {e}"),
+        };
+        bad(msg)
+    })
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn finish_name(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Context => "length",
+    }
+}
+
+/// What both endpoints settle before generating.
+struct Plan {
+    model: String,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Checks the shared fields against the served model; `prompt` is already
+/// tokenized.
+fn plan(s: &AppState, c: Common, prompt: Vec<u32>) -> Result<Plan, Response> {
+    let (_, model) = s.served_model(&c.model)?;
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(bad_param("n", "only n = 1 is supported"));
+    }
+    let defaults = GenFlags::default();
+    let temperature = c.temperature.unwrap_or(defaults.temperature);
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err(bad_param("temperature", format!("temperature must be between 0 and 2, got {temperature}")));
+    }
+    let top_p = c.top_p.unwrap_or(defaults.top_p);
+    if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad_param("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+    }
+    let repeat = c.repeat_penalty.unwrap_or(defaults.repeat_penalty);
+    if !(repeat.is_finite() && repeat > 0.0 && repeat <= 10.0) {
+        return Err(bad_param("repeat_penalty", format!("repeat_penalty must be in (0, 10], got {repeat}")));
+    }
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(bad_param("stop", format!("stop takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes")));
+    }
+    let context = model.config.context;
+    if prompt.is_empty() {
+        return Err(bad_param("prompt", "the prompt is empty"));
+    }
+    if prompt.len() >= context {
+        let m = format!("the prompt has {} tokens; this model's context is {context} tokens", prompt.len());
+        return Err(context_exceeded(m));
+    }
+    let room = context - prompt.len();
+    let asked = c.max_completion_tokens.or(c.max_tokens);
+    let max_tokens = match asked {
+        None => room,
+        Some(0) => return Err(bad_param("max_tokens", "max_tokens must be at least 1")),
+        Some(m) if m > room as u64 => {
+            let m = format!(
+                "max_tokens {m} plus the prompt's {} tokens exceed this model's context of {context} tokens; ask for at most {room}",
+                prompt.len()
+            );
+            return Err(context_exceeded(m));
+        }
+        Some(m) => m as usize,
+    };
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(bad_param("stream_options", "stream_options is only allowed with stream: true"));
+    }
+    let include_usage = c.stream_options.unwrap_or_default().include_usage.unwrap_or(false);
+    let sampling = SamplingParams {
+        temperature,
+        top_k: c.top_k.unwrap_or(defaults.top_k),
+        top_p,
+        repetition_penalty: repeat,
+        repeat_last_n: 64,
+        // No seed: a fresh one, as OpenAI's sampling is not reproducible
+        // without one.
+        seed: c.seed.map_or_else(rand::random::<u64>, |s| s as u64),
+    };
+    Ok(Plan { model: c.model, prompt, max_tokens, sampling, stop, stream, include_usage })
+}
+
+fn context_exceeded(message: String) -> Response {
+    let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded" } });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(State(s): State<AppState>, body: Body) -> Response {
+    let req: ChatRequest = match parse(body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let (_, model) = match s.served_model(&req.common.model) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    if req.messages.is_empty() || req.messages.len() > MAX_MESSAGES {
+        return bad_param("messages", format!("messages must hold 1 to {MAX_MESSAGES} messages"));
+    }
+    let mut msgs = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return bad_param("messages", format!("messages[{i}].role {other:?} is not one of system, developer, user, assistant"));
+            }
+        };
+        let text = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(x)) => t.push_str(x),
+                        (kind, _) => {
+                            return bad_param("messages", format!("messages[{i}]: content part of type {kind:?} is not supported (text only)"));
+                        }
+                    }
+                }
+                t
+            }
+        };
+        msgs.push(ChatMessage::new(role, &text));
+    }
+    let prompt = match model.tokenizer.apply_chat_template(&msgs).and_then(|t| model.tokenizer.encode(&t)) {
+        Ok(p) => p,
+        Err(e) => return bad_param("messages", format!("cannot render the chat template: {e}")),
+    };
+    let p = match plan(&s, req.common, prompt) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    respond(s, p, Kind::Chat).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(s): State<AppState>, body: Body) -> Response {
+    let req: CompletionRequest = match parse(body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let (_, model) = match s.served_model(&req.common.model) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    if req.echo == Some(true) {
+        return bad_param("echo", "echo is not supported");
+    }
+    if req.suffix.as_deref().is_some_and(|x| !x.is_empty()) {
+        return bad_param("suffix", "suffix is not supported");
+    }
+    if req.best_of.is_some_and(|b| b != 1) {
+        return bad_param("best_of", "only best_of = 1 is supported");
+    }
+    let vocab = model.config.vocab;
+    let ids = |ids: Vec<u32>| -> Result<Vec<u32>, Response> {
+        match ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(t) => Err(bad_param("prompt", format!("token id {t} is outside the vocabulary of {vocab}"))),
+            None => Ok(ids),
+        }
+    };
+    let text = |t: String| model.tokenizer.encode(&t).map_err(|e| bad_param("prompt", format!("cannot tokenize the prompt: {e}")));
+    let prompt = match req.prompt {
+        Prompt::Text(t) => text(t),
+        Prompt::Texts(mut v) if v.len() == 1 => text(v.remove(0)),
+        Prompt::Ids(v) => ids(v),
+        Prompt::IdLists(mut v) if v.len() == 1 => ids(v.remove(0)),
+        _ => Err(bad_param("prompt", "one prompt per request (a list of prompts is not supported)")),
+    };
+    let prompt = match prompt {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let p = match plan(&s, req.common, prompt) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    respond(s, p, Kind::Text).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// The response's fixed fields.
+#[derive(Clone)]
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Head {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+
+    /// One streamed choice: `text` (None: the first chat chunk, carrying
+    /// the role) and a finish reason.
+    fn chunk(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => {
+                let delta = match (text, finish) {
+                    (None, None) => json!({ "role": "assistant", "content": "" }),
+                    (Some(t), _) => json!({ "content": t }),
+                    (None, Some(_)) => json!({}),
+                };
+                json!({ "index": 0, "delta": delta, "logprobs": Value::Null, "finish_reason": finish })
+            }
+            Kind::Text => json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": Value::Null, "finish_reason": finish }),
+        };
+        json!({ "id": self.id, "object": self.object(true), "created": self.created, "model": self.model,
+                "system_fingerprint": fingerprint(), "choices": [choice] })
+    }
+
+    fn usage_chunk(&self, usage: Value) -> Value {
+        json!({ "id": self.id, "object": self.object(true), "created": self.created, "model": self.model,
+                "system_fingerprint": fingerprint(), "choices": [], "usage": usage })
+    }
+}
+
+fn fingerprint() -> String {
+    format!("fogmesh-{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+}
+
+async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
+    let rt = match s.served_model(&p.model) {
+        Ok((rt, _)) => rt.clone(),
+        Err(r) => return r,
+    };
+    let started = Instant::now();
+    let prompt_len = p.prompt.len();
+    let req = GenerateRequest { prompt: p.prompt, max_tokens: p.max_tokens, sampling: p.sampling, stop: p.stop };
+    let h = match rt.generate(req).await {
+        Ok(h) => h,
+        Err(e @ fogmesh_actors::RuntimeError::Invalid(_)) => return bad(e.to_string()),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    };
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    let head = Head { id: format!("{prefix}-{:016x}", rand::random::<u64>()), created: now_s(), model: p.model, kind };
+    let endpoint = if kind == Kind::Chat { "chat" } else { "completions" };
+    if p.stream {
+        stream(s, h, head, prompt_len, p.include_usage, started, endpoint)
+    } else {
+        whole(s, h, head, prompt_len, started, endpoint).await
+    }
+}
+
+/// Waits for the whole generation and answers one JSON object.
+async fn whole(s: AppState, mut h: GenerationHandle, head: Head, prompt_len: usize, started: Instant, endpoint: &'static str) -> Response {
+    let mut first = true;
+    while let Some(e) = h.next().await {
+        s.observe(&e);
+        match e {
+            SessionEvent::Token { .. } if first => {
+                first = false;
+                metrics::histogram!(crate::metrics::TTFT_SECONDS, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+            }
+            SessionEvent::Done { generation: g, .. } => {
+                metrics::counter!(crate::metrics::API_TOKENS, "endpoint" => endpoint).increment(g.tokens.len() as u64);
+                let finish = finish_name(g.finish_reason);
+                let choice = match head.kind {
+                    Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": g.text },
+                                          "logprobs": Value::Null, "finish_reason": finish }),
+                    Kind::Text => json!({ "index": 0, "text": g.text, "logprobs": Value::Null, "finish_reason": finish }),
+                };
+                let body = json!({ "id": head.id, "object": head.object(false), "created": head.created, "model": head.model,
+                                   "system_fingerprint": fingerprint(), "choices": [choice],
+                                   "usage": usage(prompt_len, g.tokens.len()) });
+                return Json(body).into_response();
+            }
+            SessionEvent::Error(m) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the generation failed: {m}")),
+            _ => {}
+        }
+    }
+    error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the generation ended without an answer (the node is shutting down?)")
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Streams the generation as server-sent events in OpenAI's chunk format,
+/// ending with `data: [DONE]`. A client that goes away drops the stream,
+/// which drops the handle and cancels the session on every hop.
+fn stream(
+    s: AppState,
+    h: GenerationHandle,
+    head: Head,
+    prompt_len: usize,
+    include_usage: bool,
+    started: Instant,
+    endpoint: &'static str,
+) -> Response {
+    struct St {
+        s: AppState,
+        h: GenerationHandle,
+        head: Head,
+        first: bool,
+        ended: bool,
+    }
+    let st = St { s, h, head, first: true, ended: false };
+    let chunks = futures::stream::unfold(st, move |mut st| async move {
+        if st.ended {
+            return None;
+        }
+        loop {
+            let Some(e) = st.h.next().await else {
+                st.ended = true;
+                let err = json!({ "error": { "message": "the generation ended without an answer (the node is shutting down?)", "type": "unavailable" } });
+                return Some((Ok::<_, Infallible>(sse(&err)), st));
+            };
+            st.s.observe(&e);
+            match e {
+                SessionEvent::Started { .. } if st.head.kind == Kind::Chat => {
+                    return Some((Ok(sse(&st.head.chunk(None, None))), st));
+                }
+                SessionEvent::Token { step, .. } => {
+                    if st.first {
+                        st.first = false;
+                        metrics::histogram!(crate::metrics::TTFT_SECONDS, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+                    }
+                    if !step.text.is_empty() {
+                        return Some((Ok(sse(&st.head.chunk(Some(&step.text), None))), st));
+                    }
+                }
+                SessionEvent::Done { generation: g, .. } => {
+                    st.ended = true;
+                    metrics::counter!(crate::metrics::API_TOKENS, "endpoint" => endpoint).increment(g.tokens.len() as u64);
+                    let mut out = sse(&st.head.chunk(None, Some(finish_name(g.finish_reason)))).to_vec();
+                    if include_usage {
+                        out.extend_from_slice(&sse(&st.head.usage_chunk(usage(prompt_len, g.tokens.len()))));
+                    }
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    return Some((Ok(Bytes::from(out)), st));
+                }
+                SessionEvent::Error(m) => {
+                    st.ended = true;
+                    let err = json!({ "error": { "message": format!("the generation failed: {m}"), "type": "unavailable" } });
+                    return Some((Ok(sse(&err)), st));
+                }
+                _ => {}
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(chunks))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(s): State<AppState>) -> Response {
+    let data: Vec<Value> = s.model_id().into_iter().map(|id| model_object(&id)).collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    match s.served_model(&id) {
+        Ok(_) => Json(model_object(&id)).into_response(),
+        Err(r) => r,
+    }
+}
+
+fn model_object(id: &str) -> Value {
+    json!({ "id": id, "object": "model", "created": 0, "owned_by": "fogmesh" })
+}
