@@ -20,6 +20,10 @@ use crate::link::PeerKey;
 use crate::policy::{BanList, Hop};
 use crate::runtime::{GenerateRequest, ModelInfo, Runtime};
 
+/// Deadlines a step may miss while the pipeline reports queued work
+/// before the session treats the route as broken.
+const MAX_BUSY_WAITS: u32 = 30;
+
 /// What a generation reports to its caller, in order.
 #[derive(Debug, Clone)]
 pub enum SessionEvent {
@@ -97,6 +101,8 @@ pub struct SessionState {
     step: u32,
     pending_tokens: usize,
     stalls: u32,
+    /// Deadlines missed while the pipeline had work queued (reset by a token).
+    busy_waits: u32,
     bans: BanList,
     failovers: u32,
     failed_at: Option<Instant>,
@@ -216,6 +222,7 @@ impl SessionState {
                 self.route = route;
                 self.rt.register_session(wire, myself.clone());
                 self.stalls = 0;
+                self.busy_waits = 0;
                 self.opened = Instant::now();
                 self.feed(myself, history).await;
                 return Ok(());
@@ -312,7 +319,10 @@ impl SessionState {
         self.send_tokens(myself, &history, 0).await;
     }
 
-    async fn probe(&self) -> Vec<PeerKey> {
+    /// Probes every remote hop: the ones that did not answer, and whether
+    /// any hop (this peer's included) has stage work waiting, i.e. the
+    /// pipeline is busy rather than broken.
+    async fn probe(&self) -> (Vec<PeerKey>, bool) {
         let local = self.rt.local_peer().to_string();
         let t = self.rt.config().probe_timeout;
         let probes = self.route.iter().filter(|h| h.peer != local).map(|h| {
@@ -320,11 +330,16 @@ impl SessionState {
             let peer = h.peer.clone();
             async move {
                 let q = Message::LoadReport(fogmesh_protocols::LoadReport { peer: vec![], timestamp_ms: 0, shards: vec![] });
-                let ok = matches!(tokio::time::timeout(t, rt.call(&peer, q)).await, Ok(Ok(Message::LoadReport(_))));
-                (peer, ok)
+                match tokio::time::timeout(t, rt.call(&peer, q)).await {
+                    Ok(Ok(Message::LoadReport(r))) => (peer, true, r.shards.iter().any(|s| s.queue_depth > 0)),
+                    _ => (peer, false, false),
+                }
             }
         });
-        futures::future::join_all(probes).await.into_iter().filter(|(_, ok)| !ok).map(|(p, _)| p).collect()
+        let answers = futures::future::join_all(probes).await;
+        let local_busy = self.rt.shards().await.iter().any(|s| s.queued.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        let busy = local_busy || answers.iter().any(|(_, _, b)| *b);
+        (answers.into_iter().filter(|(_, ok, _)| !ok).map(|(p, _, _)| p).collect(), busy)
     }
 
     async fn trouble(&mut self, myself: &ActorRef<SessionMsg>, t: Trouble) -> Result<(), String> {
@@ -335,7 +350,16 @@ impl SessionState {
             Trouble::Culprits(c, r) => (c, r),
             Trouble::Rebuild(r) => (Vec::new(), r),
             Trouble::Unknown(r) => {
-                let dead = self.probe().await;
+                let (dead, busy) = self.probe().await;
+                if dead.is_empty() && busy && self.busy_waits < MAX_BUSY_WAITS {
+                    // Every hop answers and work is queued: the pipeline is
+                    // loaded, not broken (many sessions at once).
+                    self.busy_waits += 1;
+                    tracing::debug!(session = self.wire, step = self.step, "step is late; the pipeline is busy; waiting longer");
+                    let n = self.pending_tokens;
+                    self.arm(myself, n);
+                    return Ok(());
+                }
                 if dead.is_empty() && self.stalls < 2 {
                     // Every hop answers: the pipeline is slow, not broken.
                     self.stalls += 1;
@@ -371,6 +395,7 @@ impl SessionState {
             timer.abort();
         }
         self.stalls = 0;
+        self.busy_waits = 0;
         // The first token on a route settles its awarded hops' promises: each
         // is charged its share of the time to that token.
         if !self.promises.is_empty() {
@@ -465,6 +490,7 @@ impl Actor for SessionActor {
             step: 0,
             pending_tokens: 0,
             stalls: 0,
+            busy_waits: 0,
             bans,
             failovers: 0,
             failed_at: None,
