@@ -361,10 +361,9 @@ impl Browser {
         let port_file = dir.path().join("DevToolsActivePort");
         let t = Instant::now();
         let port = loop {
-            if let Some(p) = std::fs::read_to_string(&port_file).ok().and_then(|s| s.lines().next().map(str::to_string)) {
-                if !p.is_empty() {
-                    break p;
-                }
+            let port = std::fs::read_to_string(&port_file).ok().and_then(|s| s.lines().next().map(str::to_string));
+            if let Some(p) = port.filter(|p| !p.is_empty()) {
+                break p;
             }
             assert!(t.elapsed() < Duration::from_secs(30), "chromium did not open its DevTools port");
             std::thread::sleep(Duration::from_millis(100));

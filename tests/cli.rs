@@ -82,3 +82,60 @@ fn bad_arguments_give_clear_errors() {
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }
+
+/// `fogmesh` with extra environment variables.
+fn fogmesh_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fogmesh"));
+    c.args(args).env_remove("FOGMESH_CONFIG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run fogmesh");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn config_file_and_environment_mirror_the_flags() {
+    // No node listens on these ports: the error names the address used, so
+    // it shows which setting won (flag > environment > file > default).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, "threads = 1\n[status]\nnode = \"127.0.0.1:9\"\n").unwrap();
+    let c = cfg.to_str().unwrap();
+    let home = [("FOGMESH_HOME", dir.path().to_str().unwrap())];
+    let (ok, _, err) = fogmesh_env(&["status", "--config", c], &home);
+    assert!(!ok && err.contains("127.0.0.1:9"), "the file's setting: {err}");
+    let (_, _, err) = fogmesh_env(&["status", "--config", c], &[home[0], ("FOGMESH_NODE", "127.0.0.1:10")]);
+    assert!(err.contains("127.0.0.1:10"), "the environment beats the file: {err}");
+    let (_, _, err) = fogmesh_env(&["status", "--config", c, "--node", "127.0.0.1:11"], &[home[0], ("FOGMESH_NODE", "127.0.0.1:10")]);
+    assert!(err.contains("127.0.0.1:11"), "the flag beats both: {err}");
+    // The default file in $FOGMESH_HOME, and the file named by FOGMESH_CONFIG.
+    let (_, _, err) = fogmesh_env(&["status"], &home);
+    assert!(err.contains("127.0.0.1:9"), "$FOGMESH_HOME/config.toml is read: {err}");
+    let (_, _, err) = fogmesh_env(&["status"], &[("FOGMESH_HOME", "/nonexistent"), ("FOGMESH_CONFIG", c)]);
+    assert!(err.contains("127.0.0.1:9"), "FOGMESH_CONFIG names the file: {err}");
+    // Mistakes are named, not ignored.
+    let bad: &[(&str, &str)] = &[
+        ("bogus = 1\n", "bogus is not a flag of any fogmesh command"),
+        ("[node]\nprompt = \"x\"\n", "`fogmesh node` has no flag --prompt"),
+        ("[nodes]\nhttp = \"x\"\n", "[nodes] is not a fogmesh command"),
+        ("[status]\njson = \"yes\"\n", "json is a switch"),
+        ("node = [\n", "not valid TOML"),
+    ];
+    for (text, needle) in bad {
+        std::fs::write(&cfg, text).unwrap();
+        let (ok, _, err) = fogmesh_env(&["status", "--config", c], &home);
+        assert!(!ok && err.contains(needle), "{text:?}: {err}");
+    }
+    let (ok, _, err) = fogmesh_env(&["status", "--config", "/nonexistent.toml"], &home);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn help_has_examples() {
+    for cmd in [&["--help"][..], &["node", "--help"], &["run", "--help"], &["status", "--help"], &["demo", "--help"]] {
+        let (ok, out, _) = fogmesh(cmd);
+        assert!(ok);
+        assert!(out.contains("fogmesh ") && (out.contains("Example") || out.contains("Quick start")), "{cmd:?}:\n{out}");
+    }
+}

@@ -283,6 +283,17 @@ impl LocalModel {
     /// Loads the model at `path` cut into `ranges` (which must cover every
     /// layer in order), computing with `threads` threads.
     pub fn load(path: &Path, ranges: Option<&[Range<usize>]>, threads: usize) -> Result<Self> {
+        Self::load_with_progress(path, ranges, threads, &mut |_, _| {})
+    }
+
+    /// [`LocalModel::load`], calling `progress(layers_read, layers)` as it
+    /// goes (progress bars).
+    pub fn load_with_progress(
+        path: &Path,
+        ranges: Option<&[Range<usize>]>,
+        threads: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let g = Gguf::open(path)?;
         let config = LlamaConfig::from_gguf(&g)?;
         let tokenizer = Arc::new(Tokenizer::from_gguf(&g)?);
@@ -299,12 +310,17 @@ impl LocalModel {
             return Err(ModelError::Input(format!("ranges end at layer {next}, the model has {}", config.layers)));
         }
         let pool = Arc::new(ThreadPool::new(threads));
+        let total = config.layers;
+        let mut done = 0;
         let shards = ranges
             .iter()
             .map(|r| {
                 let file = std::fs::File::open(path)
                     .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-                Shard::load_from(&g, std::io::BufReader::new(file), r.clone(), pool.clone())
+                Shard::load_from_with_progress(&g, std::io::BufReader::new(file), r.clone(), pool.clone(), &mut |_| {
+                    done += 1;
+                    progress(done, total);
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(LocalModel { shards, tokenizer, config })

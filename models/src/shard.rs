@@ -201,6 +201,18 @@ impl Shard {
 
     /// Loads layers `range` from an already parsed file.
     pub fn load_from<R: Read + Seek>(g: &Gguf, file: R, range: Range<usize>, pool: Arc<ThreadPool>) -> Result<Self> {
+        Self::load_from_with_progress(g, file, range, pool, &mut |_| {})
+    }
+
+    /// [`Shard::load_from`], calling `layer_done` after each layer is read
+    /// (progress bars).
+    pub fn load_from_with_progress<R: Read + Seek>(
+        g: &Gguf,
+        file: R,
+        range: Range<usize>,
+        pool: Arc<ThreadPool>,
+        layer_done: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(g)?;
         if range.start >= range.end || range.end > cfg.layers {
             return Err(ModelError::LayerRange { start: range.start, end: range.end, layers: cfg.layers });
@@ -226,6 +238,7 @@ impl Shard {
                 gate_up: stack(vec![ld.matrix(&n("ffn_gate"), d, ffn)?, ld.matrix(&n("ffn_up"), d, ffn)?]),
                 down: ld.matrix(&n("ffn_down"), ffn, d)?,
             });
+            layer_done(i);
         }
         let head = if last {
             let norm = ld.vector("output_norm.weight", d)?;

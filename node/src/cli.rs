@@ -13,8 +13,25 @@ use crate::fetch;
 
 /// fogmesh: a peer-to-peer runtime for AI inference on edge and fog devices.
 #[derive(Debug, Parser)]
-#[command(name = "fogmesh", version, about, long_about = None)]
+#[command(
+    name = "fogmesh",
+    version,
+    about,
+    long_about = None,
+    after_help = "Quick start:\n  \
+        fogmesh demo                        # a 3-peer mesh on this host, streaming an answer\n  \
+        fogmesh node --model M.gguf         # join the LAN's mesh (mDNS) and serve a model\n  \
+        fogmesh status --watch              # what the local node sees\n  \
+        fogmesh run --prompt 'Hello'        # generate on the mesh through the local node\n  \
+        curl localhost:8469/v1/models       # the OpenAI-compatible API; the dashboard is at /\n\n\
+        Every flag can also be set as FOGMESH_<FLAG> (e.g. FOGMESH_HTTP=0.0.0.0:8469) or in\n\
+        $FOGMESH_HOME/config.toml (keys mirror the flags; see the README)."
+)]
 pub struct Cli {
+    /// Settings file (TOML) whose keys mirror the flags; see "Configuration"
+    /// in the README [default: $FOGMESH_HOME/config.toml if it exists].
+    #[arg(long, global = true, env = crate::config::CONFIG_ENV, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,7 +61,10 @@ enum Command {
     /// --bootstrap. With a cluster secret, only peers holding it can connect.
     #[command(after_help = "Examples:\n  fogmesh node\n  \
         fogmesh node --secret-file /etc/fogmesh/secret --listen /ip4/0.0.0.0/tcp/4001\n  \
-        fogmesh node --no-mdns --bootstrap /ip4/10.0.0.5/tcp/4001 --http 127.0.0.1:0\n\n\
+        fogmesh node --no-mdns --bootstrap /ip4/10.0.0.5/tcp/4001 --http 127.0.0.1:0\n  \
+        fogmesh node --model ~/models/SmolLM2-135M-Instruct.Q4_1.gguf --http 0.0.0.0:8469\n\n\
+        The HTTP address serves the OpenAI-compatible API (/v1/chat/completions, /v1/completions,\n\
+        /v1/models), /metrics (Prometheus), /health and the dashboard at /.\n\
         Logs go to stderr; RUST_LOG=debug shows more.")]
     Node(crate::node::NodeArgs),
     /// Print the membership view of a running node.
@@ -61,9 +81,10 @@ enum Command {
     /// has no multicast-capable interface), with a random cluster secret.
     #[command(after_help = "Example:\n  fogmesh demo --prompt 'Explain edge computing in two sentences.'")]
     Demo(crate::run::DemoArgs),
-    /// Print the status of a running node (identity, addresses, secret, peers).
-    #[command(after_help = "Examples:\n  fogmesh status\n  fogmesh status --node 127.0.0.1:8469 --json")]
-    Status(crate::node::NodeQueryArgs),
+    /// Show the mesh as a running node sees it: peers, the layers each holds,
+    /// load, speed, the route and recent failovers.
+    #[command(after_help = "Examples:\n  fogmesh status\n  fogmesh status --watch\n  fogmesh status --node 127.0.0.1:8469 --json")]
+    Status(crate::node::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -223,7 +244,19 @@ struct ScoreArgs {
 
 /// Runs the command line; the binary's whole `main`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let cmd = crate::config::with_env(Cli::command());
+    let argv = match crate::config::apply(&cmd, std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::from_arg_matches(&cmd.get_matches_from(argv)) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     // A node's startup and membership lines are info; other commands stay quiet.
     init_tracing(if matches!(cli.command, Command::Node(_)) { "warn,fogmesh=info,fogmesh_node=info,libp2p_kad=error" } else { "warn" });
     match run(cli) {
@@ -304,7 +337,16 @@ fn load(m: &ModelArgs) -> Result<LocalModel> {
     let g = fogmesh_models::gguf::Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
     let cfg = fogmesh_models::LlamaConfig::from_gguf(&g)?;
     let ranges = uneven_ranges(cfg.layers, m.split).context("--split")?;
-    LocalModel::load(&path, Some(&ranges), threads).with_context(|| format!("loading {}", path.display()))
+    let bar = indicatif::ProgressBar::new(cfg.layers as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} layers ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("loading");
+    let m = LocalModel::load_with_progress(&path, Some(&ranges), threads, &mut |done, _| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    m.with_context(|| format!("loading {}", path.display()))
 }
 
 #[derive(Serialize)]

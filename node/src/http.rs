@@ -57,6 +57,7 @@ impl AppState {
 
     /// This node's runtime and model if it serves `id`; else 404 in
     /// OpenAI's shape, saying what it does serve.
+    #[allow(clippy::result_large_err)] // the Err is the finished response
     pub(crate) fn served_model(&self, id: &str) -> Result<(&Runtime, &Arc<ModelInfo>), Response> {
         let served = self.rt.as_ref().and_then(|rt| rt.model().map(|m| (rt, m)));
         match served {
@@ -167,6 +168,7 @@ async fn count_requests(req: Request, next: Next) -> Response {
 }
 
 /// Reads a request body of at most [`MAX_BODY`] bytes; past it, 413.
+#[allow(clippy::result_large_err)] // the Err is the finished response
 pub(crate) async fn read_body(body: Body) -> Result<Bytes, Response> {
     axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
         // axum reports the bound as an error whose chain says "length limit".

@@ -14,6 +14,8 @@
 //!   `NetLink`, the actors' `MeshLink` over the swarm.
 //! - `run.rs`: `fogmesh run` and `fogmesh demo`.
 //! - `cluster.rs`: peer processes on this host (demo, tests, benchmarks).
+//! - `config.rs`: `FOGMESH_*` variables and the TOML config file, both
+//!   mirroring the flags.
 //! - `fetch.rs`: obtaining the default model through pip, verified by SHA-256.
 //! - `net/`: the swarm task and its [`net::NetHandle`]; `membership.rs` (the
 //!   sans-I/O peer view), `codec.rs` (framed stage traffic), `keys.rs`
@@ -24,6 +26,7 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod config;
 pub mod fetch;
 pub mod http;
 pub mod measure;

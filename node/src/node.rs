@@ -127,7 +127,18 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         let server = tokio::spawn(crate::http::serve(http, handle.clone(), rt, async move {
             let _ = stop_rx.await;
         }));
+        // The first thing a new user gets wrong: peers that never meet.
+        let lonely = {
+            let (h, mdns, bootstrap) = (handle.clone(), !args.no_mdns, !args.bootstrap.is_empty());
+            tokio::spawn(async move {
+                tokio::time::sleep(NO_PEERS_HINT_AFTER).await;
+                if h.peers().await.is_ok_and(|p| p.is_empty()) {
+                    tracing::warn!("{}", no_peers_hint(NO_PEERS_HINT_AFTER, mdns, bootstrap));
+                }
+            })
+        };
         wait_for_signal().await;
+        lonely.abort();
         tracing::info!("shutting down");
         let _ = stop_tx.send(());
         if tokio::time::timeout(Duration::from_secs(5), mesh.shutdown()).await.is_err() {
@@ -142,6 +153,25 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// When a node with no peers says what to check.
+pub const NO_PEERS_HINT_AFTER: Duration = Duration::from_secs(5);
+
+/// What to check when no peer showed up after `after`.
+pub fn no_peers_hint(after: Duration, mdns: bool, bootstrap: bool) -> String {
+    let mut s = format!("no peers after {} s —", after.as_secs());
+    if mdns {
+        s.push_str(" are the hosts on one LAN? is multicast (UDP 5353) blocked?");
+    } else {
+        s.push_str(" mDNS is off (--no-mdns);");
+    }
+    if bootstrap {
+        s.push_str(" is the --bootstrap address reachable, and do both peers hold the same cluster secret?");
+    } else {
+        s.push_str(" try --bootstrap ADDR with a peer's address (see its startup line), and the same --secret on every peer");
+    }
+    s
 }
 
 async fn wait_for_signal() {
@@ -235,32 +265,200 @@ pub fn run_peers(args: NodeQueryArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prints a running node's status: itself, then its view.
-pub fn run_status(args: NodeQueryArgs) -> Result<()> {
-    let (node, body) = args.get("/status")?;
-    if args.json {
+/// Options of `fogmesh status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    query: NodeQueryArgs,
+    /// Redraw every second until interrupted.
+    #[arg(long)]
+    watch: bool,
+}
+
+/// Prints a running node's view of the mesh: itself, the peers with the
+/// layers they hold, their load and speed, the route and recent failovers.
+pub fn run_status(args: StatusArgs) -> Result<()> {
+    if args.query.json {
+        let (_, body) = args.query.get("/v1/fogmesh/dashboard")?;
         println!("{body}");
         return Ok(());
     }
-    let s: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{node} sent a malformed status"))?;
-    println!("node        {}", s["peer_id"].as_str().unwrap_or("?"));
-    let listen: Vec<&str> = s["listen_addrs"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
-    println!("listening   {}", listen.join(" "));
-    println!("mDNS        {}", if s["mdns"] == true { "on" } else { "off" });
-    println!("secret      {}", if s["secret"] == true { "on" } else { "off (anyone on the network can join)" });
-    println!("connections {}", s["connections"]);
-    let m = &s["measurement"];
-    println!(
-        "this host   {} cores, {} MiB free, {:.1} GFLOP/s, fogmesh {}",
+    let mut last: Option<(std::time::Instant, u64)> = None;
+    loop {
+        let (node, body) = args.query.get("/v1/fogmesh/dashboard")?;
+        let d: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{node} sent a malformed status"))?;
+        let generated = d["generated_tokens"].as_u64().unwrap_or(0);
+        let now = std::time::Instant::now();
+        let rate = last.map(|(t, g)| generated.saturating_sub(g) as f64 / now.duration_since(t).as_secs_f64().max(1e-3));
+        last = Some((now, generated));
+        let view = status_view(&node, &d, rate);
+        if args.watch {
+            // Clear the screen and home the cursor, then draw.
+            print!("\x1b[2J\x1b[H{view}");
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            std::thread::sleep(Duration::from_secs(1));
+        } else {
+            print!("{view}");
+            return Ok(());
+        }
+    }
+}
+
+/// The terminal view of a node's `/v1/fogmesh/dashboard` answer.
+pub fn status_view(node: &str, d: &serde_json::Value, rate: Option<f64>) -> String {
+    use std::fmt::Write;
+    let short = |p: &str| fogmesh_actors::placement_actor::short(p).to_string();
+    let mut o = String::new();
+    let me = d["peer_id"].as_str().unwrap_or("?");
+    let _ = writeln!(o, "fogmesh {} — node {me} at {node}", d["version"].as_str().unwrap_or("?"));
+    let listen: Vec<&str> = d["listen_addrs"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    let _ = writeln!(o, "listening   {}", listen.join(" "));
+    let _ = writeln!(
+        o,
+        "discovery   mDNS {}; cluster secret {}",
+        if d["mdns"] == true { "on" } else { "off" },
+        if d["secret"] == true { "on" } else { "off (anyone who can reach this host can join)" }
+    );
+    let layers = d["layers"].as_u64().unwrap_or(0);
+    match d["model"].as_str() {
+        Some(m) => {
+            let _ = writeln!(o, "model       {m} ({layers} layers)");
+        }
+        None => {
+            let _ = writeln!(o, "model       none (start the node with --model PATH to serve one)");
+        }
+    }
+    let m = &d["measurement"];
+    let _ = writeln!(
+        o,
+        "this host   {} cores, {} MiB free, {:.1} GFLOP/s",
         m["cores"],
         m["memory_bytes"].as_u64().unwrap_or(0) >> 20,
-        m["gflops"].as_f64().unwrap_or(0.0),
-        m["version"].as_str().unwrap_or("?")
+        m["gflops"].as_f64().unwrap_or(0.0)
     );
-    let n = s["peers"].as_array().map_or(0, |p| p.len());
-    println!("peers       {n}");
-    if n == 0 {
-        println!("            none yet: are the hosts on one LAN? is multicast blocked? try --bootstrap ADDR");
+    if let Some(r) = rate {
+        let _ = writeln!(o, "generating  {r:.1} tokens/s here ({} sessions so far)", d["sessions"]);
     }
-    Ok(())
+    let _ = writeln!(o);
+    let bar = |ranges: &[(u64, u64)]| -> String {
+        let w = 30usize;
+        let mut cells = vec!['·'; w];
+        for &(s, e) in ranges {
+            if layers == 0 {
+                break;
+            }
+            let (a, b) = ((s * w as u64 / layers) as usize, (e * w as u64).div_ceil(layers) as usize);
+            for c in cells.iter_mut().take(b.min(w)).skip(a) {
+                *c = '█';
+            }
+        }
+        cells.into_iter().collect()
+    };
+    let _ = writeln!(o, "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7} {:>7}", "PEER", "LAYERS", "RANGES", "QUEUE", "TOK/S", "GFLOPS", "RTT ms");
+    let own: Vec<(u64, u64)> = d["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| (s["start"].as_u64().unwrap_or(0), s["end"].as_u64().unwrap_or(0)))
+        .collect();
+    let fmt_ranges = |r: &[(u64, u64)]| r.iter().map(|(a, b)| format!("{a}..{b}")).collect::<Vec<_>>().join(" ");
+    let queue: u64 = d["shards"].as_array().into_iter().flatten().map(|s| s["queued"].as_u64().unwrap_or(0)).sum();
+    let _ = writeln!(
+        o,
+        "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7.1} {:>7}",
+        format!("…{} (this)", short(me)),
+        bar(&own),
+        fmt_ranges(&own),
+        queue,
+        "-",
+        m["gflops"].as_f64().unwrap_or(0.0),
+        "-"
+    );
+    let peers = d["peers"].as_array().cloned().unwrap_or_default();
+    for p in &peers {
+        let r: Vec<(u64, u64)> =
+            p["shards"].as_array().into_iter().flatten().map(|s| (s[0].as_u64().unwrap_or(0), s[1].as_u64().unwrap_or(0))).collect();
+        let q: u64 = p["shards"].as_array().into_iter().flatten().map(|s| s[2].as_u64().unwrap_or(0)).sum();
+        let gone = if p["connections"].as_u64().unwrap_or(0) == 0 { " (gone)" } else { "" };
+        let _ = writeln!(
+            o,
+            "{:<18} {:<30} {:<16} {:>5} {:>7.1} {:>7.1} {:>7}{gone}",
+            format!("…{}", short(p["peer_id"].as_str().unwrap_or("?"))),
+            bar(&r),
+            fmt_ranges(&r),
+            q,
+            p["tokens_per_s"].as_f64().unwrap_or(0.0),
+            p["gflops"].as_f64().unwrap_or(0.0),
+            p["rtt_ms"].as_f64().map_or("-".to_string(), |r| format!("{r:.2}")),
+        );
+    }
+    if peers.is_empty() {
+        let _ = writeln!(o, "\nno peers yet: are the hosts on one LAN? is multicast blocked? try --bootstrap ADDR on `fogmesh node`");
+    }
+    let route: Vec<String> = d["route"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| format!("…{} [{}..{})", short(h["peer"].as_str().unwrap_or("?")), h["layers"][0], h["layers"][1]))
+        .collect();
+    let _ = writeln!(o);
+    if !route.is_empty() {
+        let _ = writeln!(o, "route       {}", route.join(" → "));
+    } else if let Some(why) = d["no_route"].as_str() {
+        let _ = writeln!(o, "route       none: {why}");
+    }
+    let incidents = d["incidents"].as_array().cloned().unwrap_or_default();
+    if !incidents.is_empty() {
+        let _ = writeln!(o, "recent failovers:");
+        for i in incidents.iter().rev().take(5) {
+            match i["kind"].as_str() {
+                Some("failover") => {
+                    let banned: Vec<String> = i["banned"].as_array().into_iter().flatten().filter_map(|b| b.as_str()).map(|b| format!("…{}", short(b))).collect();
+                    let _ = writeln!(o, "  failover: banned {} — {}", banned.join(", "), i["reason"].as_str().unwrap_or(""));
+                }
+                _ => {
+                    let _ = writeln!(o, "  recovered in {:.0} ms", i["recovery_ms"].as_f64().unwrap_or(0.0));
+                }
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn status_view_shows_peers_layers_route_and_failovers() {
+        let d = json!({
+            "peer_id": "12D3KooWAAAAself", "version": "0.1.0", "model": "m", "layers": 30,
+            "listen_addrs": ["/ip4/10.0.0.1/tcp/4001"], "mdns": true, "secret": true,
+            "measurement": { "cores": 4, "memory_bytes": 1u64 << 33, "gflops": 50.0 },
+            "shards": [{ "start": 0, "end": 10, "queued": 2 }],
+            "peers": [{ "peer_id": "12D3KooWBBBBpeer", "shards": [[10, 30, 1]], "tokens_per_s": 12.5, "gflops": 40.0,
+                        "rtt_ms": 0.7, "connections": 1 }],
+            "route": [{ "peer": "12D3KooWAAAAself", "layers": [0, 10] }, { "peer": "12D3KooWBBBBpeer", "layers": [10, 30] }],
+            "generated_tokens": 5, "sessions": 1,
+            "incidents": [{ "kind": "failover", "banned": ["12D3KooWCCCCgone"], "reason": "hop did not answer" },
+                          { "kind": "recovered", "recovery_ms": 320.0 }],
+        });
+        let v = status_view("127.0.0.1:8469", &d, Some(3.0));
+        for needle in ["(this)", "0..10", "10..30", "12.5", "0.70", "route", "→", "hop did not answer", "recovered in 320 ms", "3.0 tokens/s"] {
+            assert!(v.contains(needle), "{needle:?} missing from:\n{v}");
+        }
+        assert!(!v.contains("no peers yet"));
+        let mut lonely = d.clone();
+        lonely["peers"] = json!([]);
+        assert!(status_view("n", &lonely, None).contains("try --bootstrap ADDR"));
+    }
+
+    #[test]
+    fn the_no_peers_hint_says_what_to_try() {
+        let h = no_peers_hint(Duration::from_secs(5), true, false);
+        assert!(h.starts_with("no peers after 5 s") && h.contains("multicast") && h.contains("--bootstrap ADDR"), "{h}");
+        assert!(no_peers_hint(Duration::from_secs(5), false, true).contains("cluster secret"));
+    }
 }

@@ -10,6 +10,10 @@
 //! unknown roles, out-of-range sampling values, an unknown model and a
 //! prompt plus `max_tokens` past the context are refused.
 
+// Handlers' helpers return the finished error response as their `Err`; it
+// is built once per refused request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::convert::Infallible;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
