@@ -5,6 +5,13 @@
 //!   each vs 1 peer on one core (`taskset`);
 //! - time to first token of a 512-token prompt: 1 vs 3 stages;
 //! - recovery after losing the middle stage with a 100-token history;
+//! - streamed tokens/s through the OpenAI API (`/v1/completions`, SSE) vs
+//!   `fogmesh run`'s stream on the same 3-peer mesh, both timed by the client
+//!   from first to last token;
+//! - 32 concurrent streaming chat clients on a 3-peer mesh: all complete,
+//!   aggregate tokens/s and time to first token, beside one client alone;
+//! - time from `cargo run --release -- demo` (crates already built) to the
+//!   first answer token on its stdout;
 //! - with `--llama-cpp DIR` (its `build/bin`): llama.cpp's RPC backend with 2
 //!   `ggml-rpc-server`s on loopback vs a 2-peer fogmesh pipeline, same threads.
 //!
@@ -61,6 +68,45 @@ fn mesh(exe: &Path, model: &Path, peers: usize, threads: usize, pin: Option<Vec<
     // Warm-up (page cache, connections, streams).
     generate_on(&c.peers[0].http, &flags("Hello", 8), |_| {})?;
     Ok(c)
+}
+
+/// Streams `/v1/completions` (greedy, raw prompt): (tokens, seconds from the
+/// first streamed token to the last, seconds to the first).
+fn api_stream(http: &str, path: &str, body: &Value) -> Result<(usize, f64, f64)> {
+    use std::io::BufRead;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let t0 = Instant::now();
+    let resp = agent.post(&format!("http://{http}{path}")).header("content-type", "application/json").send(body.to_string().as_bytes())?;
+    anyhow::ensure!(resp.status().is_success(), "{path}: {}", resp.status());
+    let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let (mut first, mut last, mut n) = (None, t0, 0);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("{path}: the stream ended without [DONE]");
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        anyhow::ensure!(v.get("error").is_none(), "{path}: {v}");
+        let c = &v["choices"][0];
+        if c["text"].as_str().or(c["delta"]["content"].as_str()).is_some_and(|t| !t.is_empty()) {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            n += 1;
+        }
+    }
+    let first = first.context("no token streamed")?;
+    Ok((n, last.duration_since(first).as_secs_f64(), first.duration_since(t0).as_secs_f64()))
+}
+
+/// Tokens/s from the first streamed piece to the last.
+fn stream_rate(n: usize, secs: f64) -> f64 {
+    n.saturating_sub(1) as f64 / secs.max(1e-9)
 }
 
 /// Aggregate tokens/s of `n` concurrent sessions through `http`.
@@ -187,6 +233,110 @@ fn main() -> Result<()> {
             gaps.push(gap.context("no token after the kill")?.as_secs_f64() * 1e3);
         }
         println!("recovery after losing the middle stage at token 100: median {:.0} ms (all: {gaps:.0?})", median(gaps.clone()));
+    }
+
+    if want("api") {
+        let m3 = mesh(&exe, &model, 3, 1, None)?;
+        let http = m3.peers[0].http.clone();
+        let body = serde_json::json!({ "model": "SmolLM2-135M-Instruct.Q4_1", "prompt": story.prompt, "max_tokens": story.max_tokens,
+                                       "temperature": 0, "stream": true });
+        let (mut api, mut run) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let (n, secs, _) = api_stream(&http, "/v1/completions", &body)?;
+            api.push(stream_rate(n, secs));
+            let (mut first, mut last, mut k) = (None, Instant::now(), 0usize);
+            generate_on(&http, &story, |t| {
+                if !t.is_empty() {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    last = now;
+                    k += 1;
+                }
+            })?;
+            run.push(stream_rate(k, last.duration_since(first.context("no token")?).as_secs_f64()));
+        }
+        let (a, r) = (median(api), median(run));
+        println!("streamed tok/s on a 3-peer mesh: OpenAI API (SSE) {a:.1}; fogmesh run {r:.1}; ratio {:.2}x", a / r);
+    }
+
+    if want("streams") {
+        let m3 = mesh(&exe, &model, 3, 1, None)?;
+        let chat = |i: usize| {
+            serde_json::json!({ "model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{ "role": "user", "content": format!("Tell me about the number {i}.") }],
+                                "max_tokens": 32, "temperature": 0, "stream": true })
+        };
+        let mut runs = Vec::new();
+        for _ in 0..reps.min(3) {
+            let (n1, s1, f1) = api_stream(&m3.peers[0].http, "/v1/chat/completions", &chat(0))?;
+            let t = Instant::now();
+            let hs: Vec<_> = (0..32)
+                .map(|i| {
+                    let http = m3.peers[i % 3].http.clone();
+                    let body = chat(i);
+                    std::thread::spawn(move || api_stream(&http, "/v1/chat/completions", &body))
+                })
+                .collect();
+            let mut done = Vec::new();
+            for h in hs {
+                done.push(h.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+            }
+            let wall = t.elapsed().as_secs_f64();
+            let tokens: usize = done.iter().map(|d| d.0).sum();
+            let ttft: Vec<f64> = done.iter().map(|d| d.2 * 1e3).collect();
+            runs.push((done.len(), tokens as f64 / wall, median(ttft.clone()), ttft.iter().cloned().fold(0.0, f64::max), wall, stream_rate(n1, s1), f1 * 1e3));
+        }
+        for (k, agg, ttft_med, ttft_max, wall, one, one_ttft) in &runs {
+            println!(
+                "32 concurrent streaming clients: {k}/32 completed in {wall:.1} s, aggregate {agg:.1} tok/s, first token median {ttft_med:.0} ms / max {ttft_max:.0} ms; one client alone {one:.1} tok/s, first token {one_ttft:.0} ms; aggregate/alone {:.2}x",
+                agg / one
+            );
+        }
+    }
+
+    if want("demo") {
+        // The README's main command, the crates already built: how long a new
+        // user waits for the first word of the answer.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut times = Vec::new();
+        for _ in 0..reps.min(3) {
+            let t = Instant::now();
+            let mut child = Command::new(env!("CARGO"))
+                .args(["run", "--release", "-q", "--", "demo", "--max-tokens", "16"])
+                .current_dir(root)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut out = child.stdout.take().context("stdout")?;
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 256];
+            let mut first = None;
+            loop {
+                use std::io::Read;
+                let n = out.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                // The answer starts after the echoed prompt ("> …" and a blank line).
+                if first.is_none() {
+                    if let Some(i) = seen.windows(2).position(|w| w == b"> ") {
+                        let rest = &seen[i..];
+                        if let Some(j) = rest.windows(2).position(|w| w == b"
+
+") {
+                            if rest.len() > j + 2 {
+                                first = Some(t.elapsed().as_secs_f64());
+                            }
+                        }
+                    }
+                }
+            }
+            let status = child.wait()?;
+            anyhow::ensure!(status.success(), "the demo failed:
+{}", String::from_utf8_lossy(&seen));
+            times.push(first.context("no answer in the demo's output")?);
+        }
+        println!("`cargo run --release -- demo` to the first answer token: median {:.1} s (all: {times:.1?})", median(times.clone()));
     }
 
     if let Some(dir) = llama.filter(|_| want("llama")) {

@@ -155,6 +155,12 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     })
 }
 
+/// Blocks the calling (non-async) thread until SIGINT or SIGTERM.
+pub fn block_on_signal() -> Result<()> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?.block_on(wait_for_signal());
+    Ok(())
+}
+
 /// When a node with no peers says what to check.
 pub const NO_PEERS_HINT_AFTER: Duration = Duration::from_secs(5);
 

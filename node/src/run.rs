@@ -148,6 +148,9 @@ pub struct DemoArgs {
     /// Seconds to wait for the peers to find each other.
     #[arg(long, default_value_t = 60)]
     wait: u64,
+    /// Keep the mesh running after the answer (dashboard, API) until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// Whether this host has an interface (other than loopback) that is up and
@@ -169,7 +172,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     if a.peers == 0 || a.peers > 16 {
         bail!("--peers must be between 1 and 16");
     }
+    let demo_started = Instant::now();
     let model = crate::cli::resolve_model(a.model.as_deref())?;
+    let model_path = model.clone();
     let exe = std::env::current_exe().context("locating the fogmesh binary")?;
     let secret: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
     let mdns = has_multicast_interface();
@@ -221,11 +226,22 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let started = Instant::now();
+    let mut first_token = None;
     let r = generate_on(&peers.peers[0].http, &flags, |t| {
+        first_token.get_or_insert_with(|| demo_started.elapsed());
         let _ = stdout.write_all(t.as_bytes());
         let _ = stdout.flush();
     });
     drop(stdout);
+    if a.keep && r.is_ok() {
+        let http = &peers.peers[0].http;
+        println!("\n\nthe mesh stays up until Ctrl-C:");
+        println!("  dashboard  http://{http}/");
+        println!("  API        curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\");
+        println!("               -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'", crate::http::model_id(&model_path));
+        println!("  status     fogmesh status --node {http}");
+        crate::node::block_on_signal()?;
+    }
     let codes = peers.stop();
     let r = r?;
     println!("\n");
@@ -237,6 +253,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         started.elapsed().as_secs_f64(),
         route_line(&r.done["route"])
     );
+    if let Some(t) = first_token {
+        println!("[first answer token {:.1} s after the demo started, model fetch and peer start-up included]", t.as_secs_f64());
+    }
     let clean = codes.iter().all(|c| *c == Some(0));
     println!("peers stopped {}", if clean { "cleanly" } else { "(some had to be killed)" });
     if !clean {
