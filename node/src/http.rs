@@ -238,6 +238,7 @@ async fn dashboard(State(s): State<AppState>) -> Response {
         "listen_addrs": st.listen_addrs,
         "mdns": st.mdns,
         "secret": st.secret,
+        "connections": st.connections,
         "measurement": st.measurement,
         "shards": shards,
         "route": route,
