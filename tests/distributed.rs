@@ -103,6 +103,16 @@ fn killing_the_middle_peer_mid_generation_keeps_every_token() {
     assert!(r.done["failovers"].as_u64().unwrap() >= 1);
     let route = r.done["route"].as_array().unwrap();
     assert!(route.iter().all(|h| h["peer"] != middle.as_str()), "the dead peer is out of the route");
+    // The entry node's dashboard, its status view and its metrics show it.
+    let entry = &c.peers[(idx + 1) % 3].http;
+    let d = get(entry, "/v1/fogmesh/dashboard");
+    let incidents = d["incidents"].as_array().unwrap();
+    assert!(incidents.iter().any(|i| i["kind"] == "failover" && i["banned"][0] == middle.as_str()), "{d}");
+    assert!(incidents.iter().any(|i| i["kind"] == "recovered"), "{d}");
+    let view = fogmesh::node::node::status_view(entry, &d, None);
+    assert!(view.contains("recent failovers:") && view.contains("recovered in"), "{view}");
+    let m = fogmesh::node::node::http_get(entry, "/metrics").unwrap();
+    assert!(m.contains("fogmesh_failovers_total") && m.contains("fogmesh_failover_recovery_seconds_count"), "{m}");
     println!(
         "recovery: {:?} from the kill to the next token; session's own measure {:?}",
         gap,
