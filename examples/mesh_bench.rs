@@ -104,6 +104,14 @@ fn api_stream(http: &str, path: &str, body: &Value) -> Result<(usize, f64, f64)>
     Ok((n, last.duration_since(first).as_secs_f64(), first.duration_since(t0).as_secs_f64()))
 }
 
+/// Whether the demo's stdout holds a piece of the answer: it starts after
+/// the echoed prompt ("> …" and a blank line).
+fn answer_started(out: &[u8]) -> bool {
+    let Some(i) = out.windows(2).position(|w| w == b"> ") else { return false };
+    let rest = &out[i..];
+    rest.windows(2).position(|w| w == b"\n\n").is_some_and(|j| rest.len() > j + 2)
+}
+
 /// Tokens/s from the first streamed piece to the last.
 fn stream_rate(n: usize, secs: f64) -> f64 {
     n.saturating_sub(1) as f64 / secs.max(1e-9)
@@ -317,23 +325,12 @@ fn main() -> Result<()> {
                     break;
                 }
                 seen.extend_from_slice(&buf[..n]);
-                // The answer starts after the echoed prompt ("> …" and a blank line).
-                if first.is_none() {
-                    if let Some(i) = seen.windows(2).position(|w| w == b"> ") {
-                        let rest = &seen[i..];
-                        if let Some(j) = rest.windows(2).position(|w| w == b"
-
-") {
-                            if rest.len() > j + 2 {
-                                first = Some(t.elapsed().as_secs_f64());
-                            }
-                        }
-                    }
+                if first.is_none() && answer_started(&seen) {
+                    first = Some(t.elapsed().as_secs_f64());
                 }
             }
             let status = child.wait()?;
-            anyhow::ensure!(status.success(), "the demo failed:
-{}", String::from_utf8_lossy(&seen));
+            anyhow::ensure!(status.success(), "the demo failed:\n{}", String::from_utf8_lossy(&seen));
             times.push(first.context("no answer in the demo's output")?);
         }
         println!("`cargo run --release -- demo` to the first answer token: median {:.1} s (all: {times:.1?})", median(times.clone()));
