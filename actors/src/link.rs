@@ -21,6 +21,8 @@ pub struct PeerView {
     pub models: Vec<ModelHash>,
     /// Layer ranges it has loaded (from its gossiped load), as `(start, end)`.
     pub shards: Vec<(u32, u32)>,
+    /// Stage requests waiting at it, over all its shards (gossiped load).
+    pub queued: u32,
 }
 
 /// Why a message did not reach a peer.

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::link::{LinkError, MeshLink, PeerKey, PeerView};
 use crate::placement::{ModelCosts, PlacementPeer};
-use crate::sched::{Action as SchedAction, AwardBasis, Quote as SchedQuote, SchedConfig, Scheduler, TaskSpec as SchedTask};
+use crate::sched::{Action as SchedAction, LoadReport as SchedLoadReport, Quote as SchedQuote, SchedConfig, Scheduler, TaskSpec as SchedTask};
 use crate::placement_actor::{PlacementActor, PlacementMsg};
 use crate::policy::{self, Deadlines, Hop};
 use crate::session::{SessionActor, SessionEvent, SessionMsg};
@@ -367,12 +367,14 @@ impl Runtime {
         let mut v = self.0.link.view().await;
         v.retain(|p| p.peer != self.0.local);
         if let Some(m) = &self.0.model {
+            let shards = self.shards().await;
             v.push(PeerView {
                 peer: self.0.local.clone(),
                 gflops: self.0.cfg.gflops,
                 memory_bytes: self.0.cfg.memory_bytes,
                 models: vec![m.hash],
-                shards: self.shards().await.iter().map(|s| (s.range.start as u32, s.range.end as u32)).collect(),
+                shards: shards.iter().map(|s| (s.range.start as u32, s.range.end as u32)).collect(),
+                queued: shards.iter().map(|s| s.queued.load(Ordering::Relaxed) as u32).sum(),
             });
         }
         v
@@ -547,14 +549,29 @@ impl Runtime {
         let now = || self.0.started.elapsed().as_secs_f64();
         let task = SchedTask { work: tokens as f64 };
         let pairs: Vec<(u64, f64)> = ids.iter().map(|&i| (i, 0.0)).collect();
+        // The gossiped load of each candidate, for the scheduler's fallback
+        // when no bid comes in time: its speed on this range (tokens/s from
+        // its GFLOPS) and its waiting stage requests at that speed. The view
+        // is the latest gossip, so it counts as fresh.
+        let work = model.costs.stage_work(range.clone());
+        let view = self.view().await;
+        {
+            let mut sched = lock(&self.0.sched);
+            for (p, &id) in candidates.iter().zip(&ids) {
+                let Some(v) = view.iter().find(|v| v.peer == *p) else { continue };
+                let speed = f64::from(v.gflops) * 1e9 / work.max(1.0);
+                let report = SchedLoadReport { queue_s: f64::from(v.queued) / speed.max(1e-9), speed, sent_at: now() };
+                sched.on_load_report(id, report, now());
+            }
+        }
         let (auction, actions) = lock(&self.0.sched).start(task, &pairs, now());
-        // No bid at all: the scheduler's gossip fallback has no load views
-        // here, so the plan's own peer keeps the hop.
+        // No bid and no gossip about any candidate: the plan's own peer keeps
+        // the hop.
         let planned = ids[0];
         let award = |actions: Vec<SchedAction>| {
             actions.into_iter().find_map(|a| match a {
-                SchedAction::Award { basis: AwardBasis::Gossip, .. } => Some((planned, f64::INFINITY)),
-                SchedAction::Award { peer, expected_s, .. } => Some((peer, expected_s)),
+                SchedAction::Award { peer, expected_s, .. } if expected_s.is_finite() => Some((peer, expected_s)),
+                SchedAction::Award { .. } => Some((planned, f64::INFINITY)),
                 _ => None,
             })
         };

@@ -111,6 +111,7 @@ impl MeshLink for NetLink {
                     .filter_map(|h| hex::decode(h).ok().and_then(|b| <ModelHash>::try_from(b).ok()))
                     .collect(),
                 shards: p.shards.iter().map(|s| (s[0], s[1])).collect(),
+                queued: p.shards.iter().map(|s| s[2]).sum(),
             })
             .collect()
     }
