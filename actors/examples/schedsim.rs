@@ -6,16 +6,18 @@
 //! ```
 //!
 //! `--peers classic` is the textbook example's three nodes of capacity 10, 15
-//! and 8; a number gives a random cluster with speeds spread over 20x.
+//! and 8; a number gives a random cluster with speeds spread over 20x, on
+//! wired links (`--links lan`, the default: 1-20 ms, 2-100 MB/s) or on edge
+//! access links (`--links fog`: 2-100 ms, 2-100 Mbit/s).
 //! `--json` prints one object keyed by policy name.
 
-use fogmesh_actors::sim::{Policy, SimConfig, classic_cluster, random_cluster, simulate};
+use fogmesh_actors::sim::{Links, Policy, SimConfig, classic_cluster, random_cluster_with, simulate};
 
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}\nusage: schedsim [--peers N|classic] [--load L] [--seed S] [--tasks N] [--json]");
+            eprintln!("error: {e}\nusage: schedsim [--peers N|classic] [--load L] [--seed S] [--tasks N] [--links lan|fog] [--json]");
             std::process::ExitCode::FAILURE
         }
     }
@@ -24,6 +26,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let (mut peers, mut load, mut seed, mut tasks, mut json) = ("10".to_string(), 0.8, 1u64, None, false);
+    let mut links = Links::Lan;
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
@@ -32,6 +35,13 @@ fn run() -> Result<(), String> {
             "--seed" => seed = val("--seed")?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--tasks" => tasks = Some(val("--tasks")?.parse().map_err(|e| format!("--tasks: {e}"))?),
             "--json" => json = true,
+            "--links" => {
+                links = match val("--links")?.as_str() {
+                    "lan" => Links::Lan,
+                    "fog" => Links::Fog,
+                    other => return Err(format!("--links {other}: expected lan or fog")),
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -45,7 +55,7 @@ fn run() -> Result<(), String> {
         if !(2..=10_000).contains(&n) {
             return Err(format!("--peers {n} must be in 2..=10000"));
         }
-        random_cluster(n, seed)
+        random_cluster_with(n, seed, links)
     };
     let mut cfg = SimConfig::new(cluster, load, seed);
     if let Some(t) = tasks {

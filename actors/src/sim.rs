@@ -191,15 +191,33 @@ pub fn classic_cluster() -> Vec<PeerSpec> {
     [10.0, 15.0, 8.0].iter().map(|&speed| PeerSpec { speed, latency_s: 0.005, bandwidth: 12.5e6 }).collect()
 }
 
+/// The links of a random cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// A wired site: latencies uniform over 1-20 ms, 2-100 MB/s.
+    Lan,
+    /// Edge devices on mixed access links (Wi-Fi, cellular, DSL uplinks):
+    /// latencies log-uniform over 2-100 ms, 0.25-12.5 MB/s (2-100 Mbit/s).
+    Fog,
+}
+
 /// `n` peers with speeds log-uniform over [1, 20] (a 20x spread), latencies of
 /// 1 to 20 ms and links of 2 to 100 MB/s.
 pub fn random_cluster(n: usize, seed: u64) -> Vec<PeerSpec> {
+    random_cluster_with(n, seed, Links::Lan)
+}
+
+/// `n` peers with speeds log-uniform over [1, 20] and `links`. The speeds
+/// are the same for both kinds of links with the same seed.
+pub fn random_cluster_with(n: usize, seed: u64, links: Links) -> Vec<PeerSpec> {
     let mut r = Rng::new(seed ^ 0xC1A5_7E55);
     (0..n)
-        .map(|_| PeerSpec {
-            speed: 20f64.powf(r.uniform()),
-            latency_s: 0.001 + 0.019 * r.uniform(),
-            bandwidth: 2e6 * 50f64.powf(r.uniform()),
+        .map(|_| {
+            let (speed, a, b) = (20f64.powf(r.uniform()), r.uniform(), r.uniform());
+            match links {
+                Links::Lan => PeerSpec { speed, latency_s: 0.001 + 0.019 * a, bandwidth: 2e6 * 50f64.powf(b) },
+                Links::Fog => PeerSpec { speed, latency_s: 0.002 * 50f64.powf(a), bandwidth: 0.25e6 * 50f64.powf(b) },
+            }
         })
         .collect()
 }
