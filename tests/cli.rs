@@ -139,3 +139,21 @@ fn help_has_examples() {
         assert!(out.contains("fogmesh ") && (out.contains("Example") || out.contains("Quick start")), "{cmd:?}:\n{out}");
     }
 }
+
+#[test]
+fn the_demo_ignores_the_callers_node_settings() {
+    // A config file and variables that would break any `fogmesh node` the
+    // demo starts if its peers inherited them.
+    let Some(model) = common::model_path() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[node]\nhttp = \"not-an-address\"\n").unwrap();
+    let env = [
+        ("FOGMESH_HOME", dir.path().to_str().unwrap()),
+        ("FOGMESH_MODEL", model.to_str().unwrap()),
+        ("FOGMESH_BOOTSTRAP", "not-a-multiaddr"),
+        ("FOGMESH_PEER_TTL", "-1"),
+    ];
+    let (ok, out, err) = fogmesh_env(&["demo", "--peers", "2", "--max-tokens", "4", "--temperature", "0"], &env);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("peers stopped cleanly"), "{out}");
+}

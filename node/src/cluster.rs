@@ -103,9 +103,18 @@ impl LocalCluster {
                 .arg("--data-dir")
                 .arg(&dir)
                 .env("RUST_LOG", &o.log)
+                // The peers' settings are exactly these flags: none from the
+                // caller's FOGMESH_* variables or config file.
+                .env(crate::config::CONFIG_ENV, "/dev/null")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log);
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy();
+                if k.starts_with("FOGMESH_") && !matches!(k.as_ref(), "FOGMESH_HOME" | "FOGMESH_KERNEL" | "FOGMESH_CONFIG") {
+                    cmd.env_remove(k.as_ref());
+                }
+            }
             if let Some(m) = &o.model {
                 cmd.arg("--model").arg(m);
             }
