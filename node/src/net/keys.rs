@@ -13,7 +13,7 @@ pub enum KeyError {
     #[error("cluster secret must be 64 hex digits (32 bytes), or a go-libp2p swarm.key file: {0}")]
     BadSecret(String),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
