@@ -26,6 +26,10 @@ use crate::net::{NetError, NetHandle};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
+/// Generations one node runs for HTTP clients at once; past it, 429. Each
+/// stage keeps at most this many sessions' caches
+/// (`RuntimeConfig::max_sessions_per_shard`), so more would evict each other.
+pub const MAX_RUNNING: usize = 64;
 /// Failovers the dashboard remembers.
 pub const RECENT_FAILOVERS: usize = 20;
 
@@ -38,6 +42,8 @@ struct Board {
     generated: AtomicU64,
     /// Generations started here.
     sessions: AtomicU64,
+    /// Generations running through this node's HTTP endpoint (bounded).
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the handlers share.
@@ -49,6 +55,17 @@ pub struct AppState {
 }
 
 impl AppState {
+    fn new(net: NetHandle, rt: Option<Runtime>) -> Self {
+        let board = Arc::new(Board {
+            started: Instant::now(),
+            incidents: Mutex::new(VecDeque::with_capacity(RECENT_FAILOVERS)),
+            generated: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
+        });
+        AppState { net, rt, board }
+    }
+
     /// The id `/v1/models` lists: the model file's name without `.gguf`.
     pub(crate) fn model_id(&self) -> Option<String> {
         let m = self.rt.as_ref()?.model()?;
@@ -92,6 +109,21 @@ impl AppState {
         }
     }
 
+    /// A slot for one more generation, or 429 (OpenAI's shape, with
+    /// `Retry-After`) when [`MAX_RUNNING`] are running.
+    #[allow(clippy::result_large_err)] // the Err is the finished response
+    pub(crate) fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+        self.board.running.clone().try_acquire_owned().map_err(|_| {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!("this node is running {MAX_RUNNING} generations, its limit; retry shortly"),
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        })
+    }
+
     fn incident(&self, v: Value) {
         let mut q = self.board.incidents.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() == RECENT_FAILOVERS {
@@ -119,12 +151,7 @@ fn not_found_model(message: String) -> Response {
 /// The router over a node's handle and (when it serves a model) its actors.
 pub fn router(net: NetHandle, rt: Option<Runtime>) -> Router {
     crate::metrics::handle();
-    let board = Arc::new(Board {
-        started: Instant::now(),
-        incidents: Mutex::new(VecDeque::with_capacity(RECENT_FAILOVERS)),
-        generated: AtomicU64::new(0),
-        sessions: AtomicU64::new(0),
-    });
+    let state = AppState::new(net, rt);
     Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/health", get(health))
@@ -145,7 +172,7 @@ pub fn router(net: NetHandle, rt: Option<Runtime>) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", format!("{} is not allowed on {}", req.method(), req.uri().path()))
         })
         .layer(middleware::from_fn(count_requests))
-        .with_state(AppState { net, rt, board })
+        .with_state(state)
 }
 
 /// The dashboard page (one file: markup, style and script).
@@ -314,6 +341,10 @@ async fn generate(State(s): State<AppState>, body: Body) -> Response {
         Ok(f) => f,
         Err(r) => return r,
     };
+    let slot = match s.slot() {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let model = rt.model().expect("a runtime with a model").clone();
     if flags.prompt.is_empty() {
         return error(StatusCode::BAD_REQUEST, "invalid_request_error", "prompt is empty");
@@ -342,12 +373,12 @@ async fn generate(State(s): State<AppState>, body: Body) -> Response {
     let (seed, n) = (flags.seed, prompt.len());
     // Dropping the body (a client that went away) drops the receiver; the
     // session notices on its next event and cancels everywhere.
-    let lines = futures::stream::unfold((h.events, s), move |(mut rx, s)| async move {
+    let lines = futures::stream::unfold((h.events, s, slot), move |(mut rx, s, slot)| async move {
         let e = rx.recv().await?;
         s.observe(&e);
         let mut line = event_json(e, seed, n).to_string();
         line.push('\n');
-        Some((Ok::<_, std::convert::Infallible>(line), (rx, s)))
+        Some((Ok::<_, std::convert::Infallible>(line), (rx, s, slot)))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -363,4 +394,27 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(net, rt)).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn generations_past_the_bound_get_429_with_retry_after() {
+        let mesh = crate::mesh::Mesh::builder()
+            .mdns(false)
+            .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .start()
+            .await
+            .unwrap();
+        let s = AppState::new(mesh.net().clone(), None);
+        let held: Vec<_> = (0..MAX_RUNNING).map(|_| s.slot().expect("within the bound")).collect();
+        let refused = s.slot().expect_err("past the bound");
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        drop(held);
+        assert!(s.slot().is_ok(), "slots come back when generations end");
+        mesh.shutdown().await;
+    }
 }

@@ -358,13 +358,16 @@ enum Kind {
     Text,
 }
 
-/// The response's fixed fields.
+/// The response's fixed fields, and what its metrics need.
 #[derive(Clone)]
 struct Head {
     id: String,
     created: u64,
     model: String,
     kind: Kind,
+    prompt_len: usize,
+    started: Instant,
+    endpoint: &'static str,
 }
 
 impl Head {
@@ -413,6 +416,10 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
         Ok((rt, _)) => rt.clone(),
         Err(r) => return r,
     };
+    let slot = match s.slot() {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let started = Instant::now();
     let prompt_len = p.prompt.len();
     let req = GenerateRequest { prompt: p.prompt, max_tokens: p.max_tokens, sampling: p.sampling, stop: p.stop };
@@ -422,17 +429,21 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     };
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-    let head = Head { id: format!("{prefix}-{:016x}", rand::random::<u64>()), created: now_s(), model: p.model, kind };
     let endpoint = if kind == Kind::Chat { "chat" } else { "completions" };
+    let id = format!("{prefix}-{:016x}", rand::random::<u64>());
+    let head = Head { id, created: now_s(), model: p.model, kind, prompt_len, started, endpoint };
     if p.stream {
-        stream(s, h, head, prompt_len, p.include_usage, started, endpoint)
+        stream(s, h, head, p.include_usage, slot)
     } else {
-        whole(s, h, head, prompt_len, started, endpoint).await
+        let r = whole(s, h, head).await;
+        drop(slot);
+        r
     }
 }
 
 /// Waits for the whole generation and answers one JSON object.
-async fn whole(s: AppState, mut h: GenerationHandle, head: Head, prompt_len: usize, started: Instant, endpoint: &'static str) -> Response {
+async fn whole(s: AppState, mut h: GenerationHandle, head: Head) -> Response {
+    let (prompt_len, started, endpoint) = (head.prompt_len, head.started, head.endpoint);
     let mut first = true;
     while let Some(e) = h.next().await {
         s.observe(&e);
@@ -468,23 +479,18 @@ fn sse(v: &Value) -> Bytes {
 /// Streams the generation as server-sent events in OpenAI's chunk format,
 /// ending with `data: [DONE]`. A client that goes away drops the stream,
 /// which drops the handle and cancels the session on every hop.
-fn stream(
-    s: AppState,
-    h: GenerationHandle,
-    head: Head,
-    prompt_len: usize,
-    include_usage: bool,
-    started: Instant,
-    endpoint: &'static str,
-) -> Response {
+fn stream(s: AppState, h: GenerationHandle, head: Head, include_usage: bool, slot: tokio::sync::OwnedSemaphorePermit) -> Response {
+    let (prompt_len, started, endpoint) = (head.prompt_len, head.started, head.endpoint);
     struct St {
         s: AppState,
         h: GenerationHandle,
         head: Head,
         first: bool,
         ended: bool,
+        /// Held until the stream is dropped (finished or abandoned).
+        _slot: tokio::sync::OwnedSemaphorePermit,
     }
-    let st = St { s, h, head, first: true, ended: false };
+    let st = St { s, h, head, first: true, ended: false, _slot: slot };
     let chunks = futures::stream::unfold(st, move |mut st| async move {
         if st.ended {
             return None;
