@@ -156,6 +156,25 @@ fn openai_api_over_three_peers() {
     let run: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(run["text"], want.text.as_str());
 
+    // Log-probabilities of the chosen tokens, whole and streamed: one per
+    // generated token, the same both ways, never above 0.
+    let body = json!({ "model": MODEL, "messages": [{ "role": "user", "content": question }], "max_tokens": 12,
+                       "temperature": 0, "logprobs": true });
+    let (s, v) = post(&http, "/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{v}");
+    let whole: Vec<Value> = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(whole.len() as u64, v["usage"]["completion_tokens"].as_u64().unwrap(), "{v}");
+    assert!(whole.iter().all(|e| e["logprob"].as_f64().unwrap() <= 0.0 && e["token"].is_string()), "{v}");
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (_, text) = post_raw(&http, "/v1/chat/completions", sb.to_string().as_bytes());
+    let streamed: Vec<Value> = sse_text(&text)
+        .1
+        .iter()
+        .flat_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(streamed, whole);
+
     // Completions, greedy, text and token-id prompts, through another node.
     let raw = "The capital of France is";
     let ids = tok.encode(raw).unwrap();
@@ -190,6 +209,7 @@ fn openai_api_over_three_peers() {
         assert_eq!(v["completion"], want.text.as_str());
         assert_eq!(v["not_found"], 404);
         assert_eq!(v["bad_request"], 400);
+        assert_eq!(v["logprobs"], 4, "one log-probability per token through the client's types");
     }
 
     // curl, streamed and not.
@@ -254,6 +274,9 @@ fn bad_input(http: &str) {
         (chat, json!({ "model": MODEL, "messages": [] }).to_string().into_bytes(), 400, "messages"),
         (chat, json!({ "model": "gpt-9", "messages": user }).to_string().into_bytes(), 404, "not served"),
         (chat, json!({ "model": MODEL, "messages": [{ "role": "user", "content": "x".repeat(60_000) }] }).to_string().into_bytes(), 400, "context"),
+        (chat, json!({ "model": MODEL, "messages": user, "logprobs": "yes" }).to_string().into_bytes(), 400, "true or false"),
+        (chat, json!({ "model": MODEL, "messages": user, "logprobs": true, "top_logprobs": 3 }).to_string().into_bytes(), 400, "top_logprobs"),
+        ("/v1/completions", json!({ "model": MODEL, "prompt": "x", "logprobs": 5 }).to_string().into_bytes(), 400, "logprobs"),
         ("/v1/completions", json!({ "model": MODEL, "prompt": [999_999] }).to_string().into_bytes(), 400, "vocabulary"),
         ("/v1/completions", json!({ "model": MODEL, "prompt": ["a", "b"] }).to_string().into_bytes(), 400, "one prompt"),
         ("/v1/completions", json!({ "model": MODEL, "prompt": "" }).to_string().into_bytes(), 400, "empty"),

@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -23,7 +24,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fogmesh_actors::{GenerateRequest, GenerationHandle, SessionEvent};
-use fogmesh_models::{ChatMessage, FinishReason, SamplingParams};
+use fogmesh_models::{ChatMessage, FinishReason, SamplingParams, Tokenizer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -79,6 +80,12 @@ struct Common {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<u32>,
+    /// Chat: `true` for each chosen token's log-probability. Completions:
+    /// refused unless null/0 (its legacy format is not served).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,12 +187,25 @@ struct Plan {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    logprobs: bool,
 }
 
 /// Checks the shared fields against the served model; `prompt` is already
 /// tokenized.
-fn plan(s: &AppState, c: Common, prompt: Vec<u32>) -> Result<Plan, Response> {
+fn plan(s: &AppState, c: Common, prompt: Vec<u32>, kind: Kind) -> Result<Plan, Response> {
     let (_, model) = s.served_model(&c.model)?;
+    let logprobs = match (kind, &c.logprobs) {
+        (_, None | Some(Value::Null)) => false,
+        (Kind::Chat, Some(Value::Bool(b))) => *b,
+        (Kind::Chat, Some(other)) => return Err(bad_param("logprobs", format!("logprobs must be true or false, got {other}"))),
+        (Kind::Text, Some(v)) if v == &json!(0) || v == &json!(false) => false,
+        (Kind::Text, Some(_)) => {
+            return Err(bad_param("logprobs", "logprobs is not served on /v1/completions; use /v1/chat/completions with logprobs: true"));
+        }
+    };
+    if c.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(bad_param("top_logprobs", "top_logprobs above 0 is not supported: fogmesh returns each chosen token's log-probability"));
+    }
     if c.n.is_some_and(|n| n != 1) {
         return Err(bad_param("n", "only n = 1 is supported"));
     }
@@ -247,7 +267,7 @@ fn plan(s: &AppState, c: Common, prompt: Vec<u32>) -> Result<Plan, Response> {
         // without one.
         seed: c.seed.map_or_else(rand::random::<u64>, |s| s as u64),
     };
-    Ok(Plan { model: c.model, prompt, max_tokens, sampling, stop, stream, include_usage })
+    Ok(Plan { model: c.model, prompt, max_tokens, sampling, stop, stream, include_usage, logprobs })
 }
 
 fn context_exceeded(message: String) -> Response {
@@ -300,7 +320,7 @@ pub async fn chat(State(s): State<AppState>, body: Body) -> Response {
         Ok(p) => p,
         Err(e) => return bad_param("messages", format!("cannot render the chat template: {e}")),
     };
-    let p = match plan(&s, req.common, prompt) {
+    let p = match plan(&s, req.common, prompt, Kind::Chat) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -345,7 +365,7 @@ pub async fn completions(State(s): State<AppState>, body: Body) -> Response {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let p = match plan(&s, req.common, prompt) {
+    let p = match plan(&s, req.common, prompt, Kind::Text) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -368,9 +388,24 @@ struct Head {
     prompt_len: usize,
     started: Instant,
     endpoint: &'static str,
+    /// Set when the request asked for logprobs: the tokenizer that names
+    /// each token.
+    logprobs: Option<Arc<Tokenizer>>,
 }
 
 impl Head {
+    /// One chosen token's entry of `logprobs.content`.
+    fn logprob(&self, token: u32, logprob: f32) -> Option<Value> {
+        let tok = self.logprobs.as_ref()?;
+        let text = tok.decode(&[token], false).unwrap_or_default();
+        Some(json!({ "token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": [] }))
+    }
+
+    /// `logprobs` of a choice holding `entries` (null when not asked for).
+    fn logprobs_of(&self, entries: Vec<Value>) -> Value {
+        if self.logprobs.is_some() { json!({ "content": entries }) } else { Value::Null }
+    }
+
     fn object(&self, chunk: bool) -> &'static str {
         match (self.kind, chunk) {
             (Kind::Chat, false) => "chat.completion",
@@ -380,8 +415,10 @@ impl Head {
     }
 
     /// One streamed choice: `text` (None: the first chat chunk, carrying
-    /// the role) and a finish reason.
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+    /// the role), the log-probabilities of the tokens it covers, and a
+    /// finish reason.
+    fn chunk(&self, text: Option<&str>, logprobs: Vec<Value>, finish: Option<&str>) -> Value {
+        let lp = if text.is_some() || !logprobs.is_empty() { self.logprobs_of(logprobs) } else { Value::Null };
         let choice = match self.kind {
             Kind::Chat => {
                 let delta = match (text, finish) {
@@ -389,9 +426,9 @@ impl Head {
                     (Some(t), _) => json!({ "content": t }),
                     (None, Some(_)) => json!({}),
                 };
-                json!({ "index": 0, "delta": delta, "logprobs": Value::Null, "finish_reason": finish })
+                json!({ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish })
             }
-            Kind::Text => json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": Value::Null, "finish_reason": finish }),
+            Kind::Text => json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish }),
         };
         json!({ "id": self.id, "object": self.object(true), "created": self.created, "model": self.model,
                 "system_fingerprint": fingerprint(), "choices": [choice] })
@@ -431,7 +468,8 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     let endpoint = if kind == Kind::Chat { "chat" } else { "completions" };
     let id = format!("{prefix}-{:016x}", rand::random::<u64>());
-    let head = Head { id, created: now_s(), model: p.model, kind, prompt_len, started, endpoint };
+    let logprobs = p.logprobs.then(|| rt.model().map(|m| m.tokenizer.clone())).flatten();
+    let head = Head { id, created: now_s(), model: p.model, kind, prompt_len, started, endpoint, logprobs };
     if p.stream {
         stream(s, h, head, p.include_usage, slot)
     } else {
@@ -445,19 +483,23 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
 async fn whole(s: AppState, mut h: GenerationHandle, head: Head) -> Response {
     let (prompt_len, started, endpoint) = (head.prompt_len, head.started, head.endpoint);
     let mut first = true;
+    let mut entries = Vec::new();
     while let Some(e) = h.next().await {
         s.observe(&e);
         match e {
-            SessionEvent::Token { .. } if first => {
-                first = false;
-                metrics::histogram!(crate::metrics::TTFT_SECONDS, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+            SessionEvent::Token { step, logprob } => {
+                if first {
+                    first = false;
+                    metrics::histogram!(crate::metrics::TTFT_SECONDS, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+                }
+                entries.extend(head.logprob(step.token, logprob));
             }
             SessionEvent::Done { generation: g, .. } => {
                 metrics::counter!(crate::metrics::API_TOKENS, "endpoint" => endpoint).increment(g.tokens.len() as u64);
                 let finish = finish_name(g.finish_reason);
                 let choice = match head.kind {
                     Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": g.text },
-                                          "logprobs": Value::Null, "finish_reason": finish }),
+                                          "logprobs": head.logprobs_of(entries), "finish_reason": finish }),
                     Kind::Text => json!({ "index": 0, "text": g.text, "logprobs": Value::Null, "finish_reason": finish }),
                 };
                 let body = json!({ "id": head.id, "object": head.object(false), "created": head.created, "model": head.model,
@@ -487,10 +529,12 @@ fn stream(s: AppState, h: GenerationHandle, head: Head, include_usage: bool, slo
         head: Head,
         first: bool,
         ended: bool,
+        /// Log-probabilities of tokens whose text is still held back.
+        pending: Vec<Value>,
         /// Held until the stream is dropped (finished or abandoned).
         _slot: tokio::sync::OwnedSemaphorePermit,
     }
-    let st = St { s, h, head, first: true, ended: false, _slot: slot };
+    let st = St { s, h, head, first: true, ended: false, pending: Vec::new(), _slot: slot };
     let chunks = futures::stream::unfold(st, move |mut st| async move {
         if st.ended {
             return None;
@@ -504,21 +548,24 @@ fn stream(s: AppState, h: GenerationHandle, head: Head, include_usage: bool, slo
             st.s.observe(&e);
             match e {
                 SessionEvent::Started { .. } if st.head.kind == Kind::Chat => {
-                    return Some((Ok(sse(&st.head.chunk(None, None))), st));
+                    return Some((Ok(sse(&st.head.chunk(None, Vec::new(), None))), st));
                 }
-                SessionEvent::Token { step, .. } => {
+                SessionEvent::Token { step, logprob } => {
                     if st.first {
                         st.first = false;
                         metrics::histogram!(crate::metrics::TTFT_SECONDS, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
                     }
+                    st.pending.extend(st.head.logprob(step.token, logprob));
                     if !step.text.is_empty() {
-                        return Some((Ok(sse(&st.head.chunk(Some(&step.text), None))), st));
+                        let lp = std::mem::take(&mut st.pending);
+                        return Some((Ok(sse(&st.head.chunk(Some(&step.text), lp, None))), st));
                     }
                 }
                 SessionEvent::Done { generation: g, .. } => {
                     st.ended = true;
                     metrics::counter!(crate::metrics::API_TOKENS, "endpoint" => endpoint).increment(g.tokens.len() as u64);
-                    let mut out = sse(&st.head.chunk(None, Some(finish_name(g.finish_reason)))).to_vec();
+                    let lp = std::mem::take(&mut st.pending);
+                    let mut out = sse(&st.head.chunk(None, lp, Some(finish_name(g.finish_reason)))).to_vec();
                     if include_usage {
                         out.extend_from_slice(&sse(&st.head.usage_chunk(usage(prompt_len, g.tokens.len()))));
                     }

@@ -25,6 +25,9 @@ for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
         pieces.append(chunk.choices[0].delta.content)
 assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+with_lp = client.chat.completions.create(model=model, messages=question, max_tokens=4, temperature=0, logprobs=True)
+lp = with_lp.choices[0].logprobs.content
+assert len(lp) == with_lp.usage.completion_tokens and all(e.logprob <= 0 for e in lp), with_lp
 completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0)
 try:
     client.chat.completions.create(model="no-such-model", messages=question)
@@ -42,4 +45,5 @@ print(json.dumps({
     "completion": completion.choices[0].text,
     "not_found": not_found,
     "bad_request": bad_request,
+    "logprobs": len(lp),
 }))
