@@ -127,6 +127,11 @@ fn config_file_and_environment_mirror_the_flags() {
         let (ok, _, err) = fogmesh_env(&["status", "--config", c], &home);
         assert!(!ok && err.contains(needle), "{text:?}: {err}");
     }
+    // A command's table beats the top level whatever the keys' order: the
+    // top-level value would not even parse.
+    std::fs::write(&cfg, "temperature = \"hot\"\n[generate]\ntemperature = 0\n").unwrap();
+    let (ok, _, err) = fogmesh_env(&["generate", "--config", c, "--model", "/nonexistent.gguf", "-p", "x"], &home);
+    assert!(!ok && err.contains("does not exist") && !err.contains("invalid value"), "{err}");
     let (ok, _, err) = fogmesh_env(&["status", "--config", "/nonexistent.toml"], &home);
     assert!(!ok && err.contains("does not exist"), "{err}");
 }

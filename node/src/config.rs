@@ -101,45 +101,37 @@ pub fn apply(cmd: &Command, argv: Vec<OsString>) -> Result<Vec<OsString>> {
     Ok(out)
 }
 
-fn is_flag_of(cmd: &Command, key: &str) -> bool {
-    cmd.get_arguments().any(|a| a.get_long() == Some(key))
+fn flag<'a>(cmd: &'a Command, key: &str) -> Option<&'a clap::Arg> {
+    cmd.get_arguments().find(|a| a.get_long() == Some(key))
 }
 
 /// The arguments `table` adds to subcommand `name`.
 fn settings(cmd: &Command, name: &str, sub_matches: &ArgMatches, table: &toml::Table) -> Result<Vec<String>> {
     let sub = cmd.find_subcommand(name).context("unknown subcommand")?;
-    let mut pairs: Vec<(String, &toml::Value)> = Vec::new();
+    // The command's own table, then the top-level keys it does not set.
+    let (mut own, mut top): (Vec<(&clap::Arg, &toml::Value)>, Vec<(&clap::Arg, &toml::Value)>) = (Vec::new(), Vec::new());
     for (k, v) in table {
         let key = k.replace('_', "-");
         if let Some(t) = v.as_table() {
-            if cmd.find_subcommand(&key).is_none() {
-                bail!("[{k}] is not a fogmesh command");
-            }
+            let Some(table_cmd) = cmd.find_subcommand(&key) else { bail!("[{k}] is not a fogmesh command") };
             for (k2, v2) in t {
                 let key2 = k2.replace('_', "-");
-                if !is_flag_of(cmd.find_subcommand(&key).expect("checked"), &key2) {
-                    bail!("[{k}] {k2}: `fogmesh {key}` has no flag --{key2}");
-                }
+                let Some(arg) = flag(table_cmd, &key2) else { bail!("[{k}] {k2}: `fogmesh {key}` has no flag --{key2}") };
                 if key == name {
-                    pairs.push((key2, v2));
+                    own.push((arg, v2));
                 }
             }
-        } else if is_flag_of(sub, &key) {
-            pairs.push((key, v));
-        } else if !cmd.get_subcommands().any(|s| is_flag_of(s, &key)) {
+        } else if let Some(arg) = flag(sub, &key) {
+            top.push((arg, v));
+        } else if !cmd.get_subcommands().any(|s| flag(s, &key).is_some()) {
             bail!("{k} is not a flag of any fogmesh command");
         }
     }
-    // A command's own table overrides the top-level keys.
+    top.retain(|(a, _)| !own.iter().any(|(o, _)| o.get_id() == a.get_id()));
     let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (key, v) in pairs.iter().rev() {
-        if !seen.insert(key.clone()) {
-            continue;
-        }
-        let arg = sub.get_arguments().find(|a| a.get_long() == Some(key.as_str())).expect("checked");
-        let id = arg.get_id().as_str();
-        if matches!(sub_matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+    for (arg, v) in own.into_iter().chain(top) {
+        let key = arg.get_long().unwrap_or_default();
+        if matches!(sub_matches.value_source(arg.get_id().as_str()), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
             continue;
         }
         let takes_value = arg.get_action().takes_values();
