@@ -109,7 +109,8 @@ fn flag<'a>(cmd: &'a Command, key: &str) -> Option<&'a clap::Arg> {
 fn settings(cmd: &Command, name: &str, sub_matches: &ArgMatches, table: &toml::Table) -> Result<Vec<String>> {
     let sub = cmd.find_subcommand(name).context("unknown subcommand")?;
     // The command's own table, then the top-level keys it does not set.
-    let (mut own, mut top): (Vec<(&clap::Arg, &toml::Value)>, Vec<(&clap::Arg, &toml::Value)>) = (Vec::new(), Vec::new());
+    let mut own: Vec<(&clap::Arg, &toml::Value)> = Vec::new();
+    let mut top: Vec<(&clap::Arg, &toml::Value)> = Vec::new();
     for (k, v) in table {
         let key = k.replace('_', "-");
         if let Some(t) = v.as_table() {
