@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -178,16 +178,10 @@ pub fn router(net: NetHandle, rt: Option<Runtime>) -> Router {
 /// The dashboard page (one file: markup, style and script).
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// Endpoints counted under their own name in `fogmesh_http_requests_total`
-/// (anything else is `other`, so clients cannot grow the label set).
-const ENDPOINTS: &[&str] = &[
-    "/", "/health", "/metrics", "/status", "/peers", "/plan", "/v1/models", "/v1/chat/completions", "/v1/completions",
-    "/v1/fogmesh/generate", "/v1/fogmesh/dashboard",
-];
-
+/// Counts requests by the route they matched (`other` for unknown paths,
+/// so clients cannot grow the label set) and status.
 async fn count_requests(req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    let endpoint = ENDPOINTS.iter().find(|e| **e == path).copied().unwrap_or(if path.starts_with("/v1/models/") { "/v1/models/{id}" } else { "other" });
+    let endpoint = req.extensions().get::<MatchedPath>().map_or_else(|| "other".to_string(), |m| m.as_str().to_string());
     let resp = next.run(req).await;
     metrics::counter!(crate::metrics::HTTP_REQUESTS, "endpoint" => endpoint, "status" => resp.status().as_u16().to_string())
         .increment(1);
