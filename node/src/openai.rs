@@ -23,7 +23,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use fogmesh_actors::{GenerateRequest, GenerationHandle, SessionEvent};
+use fogmesh_actors::{GenerateRequest, GenerationHandle, ModelInfo, Runtime, SessionEvent};
 use fogmesh_models::{ChatMessage, FinishReason, SamplingParams, Tokenizer};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -180,6 +180,7 @@ fn finish_name(f: FinishReason) -> &'static str {
 
 /// What both endpoints settle before generating.
 struct Plan {
+    rt: Runtime,
     model: String,
     prompt: Vec<u32>,
     max_tokens: usize,
@@ -192,8 +193,7 @@ struct Plan {
 
 /// Checks the shared fields against the served model; `prompt` is already
 /// tokenized.
-fn plan(s: &AppState, c: Common, prompt: Vec<u32>, kind: Kind) -> Result<Plan, Response> {
-    let (_, model) = s.served_model(&c.model)?;
+fn plan(rt: &Runtime, model: &ModelInfo, c: Common, prompt: Vec<u32>, kind: Kind) -> Result<Plan, Response> {
     let logprobs = match (kind, &c.logprobs) {
         (_, None | Some(Value::Null)) => false,
         (Kind::Chat, Some(Value::Bool(b))) => *b,
@@ -267,7 +267,7 @@ fn plan(s: &AppState, c: Common, prompt: Vec<u32>, kind: Kind) -> Result<Plan, R
         // without one.
         seed: c.seed.map_or_else(rand::random::<u64>, |s| s as u64),
     };
-    Ok(Plan { model: c.model, prompt, max_tokens, sampling, stop, stream, include_usage, logprobs })
+    Ok(Plan { rt: rt.clone(), model: c.model, prompt, max_tokens, sampling, stop, stream, include_usage, logprobs })
 }
 
 fn context_exceeded(message: String) -> Response {
@@ -281,7 +281,7 @@ pub async fn chat(State(s): State<AppState>, body: Body) -> Response {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let (_, model) = match s.served_model(&req.common.model) {
+    let (rt, model) = match s.served_model(&req.common.model) {
         Ok(m) => m,
         Err(r) => return r,
     };
@@ -320,7 +320,7 @@ pub async fn chat(State(s): State<AppState>, body: Body) -> Response {
         Ok(p) => p,
         Err(e) => return bad_param("messages", format!("cannot render the chat template: {e}")),
     };
-    let p = match plan(&s, req.common, prompt, Kind::Chat) {
+    let p = match plan(rt, model, req.common, prompt, Kind::Chat) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -333,7 +333,7 @@ pub async fn completions(State(s): State<AppState>, body: Body) -> Response {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let (_, model) = match s.served_model(&req.common.model) {
+    let (rt, model) = match s.served_model(&req.common.model) {
         Ok(m) => m,
         Err(r) => return r,
     };
@@ -365,7 +365,7 @@ pub async fn completions(State(s): State<AppState>, body: Body) -> Response {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let p = match plan(&s, req.common, prompt, Kind::Text) {
+    let p = match plan(rt, model, req.common, prompt, Kind::Text) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -449,10 +449,7 @@ fn usage(prompt: usize, completion: usize) -> Value {
 }
 
 async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
-    let rt = match s.served_model(&p.model) {
-        Ok((rt, _)) => rt.clone(),
-        Err(r) => return r,
-    };
+    let rt = p.rt;
     let slot = match s.slot() {
         Ok(p) => p,
         Err(r) => return r,
