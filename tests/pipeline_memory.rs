@@ -13,7 +13,7 @@ use common::*;
 use fogmesh::actors::memnet::{Fault, MemNet};
 use fogmesh::actors::{GenerateRequest, ModelInfo, PeerView, Runtime, RuntimeConfig, SessionEvent};
 use fogmesh::models::{LocalModel, SamplingParams};
-use fogmesh::protocols::{ErrorCode, Message, SamplingSpec, SessionOpen, StageInput, StageRequest};
+use fogmesh::protocols::{Award, CallForBids, ErrorCode, Message, SamplingSpec, SessionOpen, StageInput, StageRequest};
 
 const HASH: [u8; 32] = [0xab; 32];
 
@@ -261,6 +261,37 @@ async fn holders_of_a_range_bid_for_the_hop() {
     assert_eq!(tokens, want);
     assert_eq!(route[1].peer, "peer-x", "the faster holder won the middle hop: {route:?}");
     assert_eq!(route[0].peer, plan[0].peer);
+    // Every candidate heard how its auctions ended: no bid still holds work.
+    let mid_rt = m.peers.iter().find(|r| r.local_peer() == plan[1].peer).unwrap().clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while (mid_rt.open_bids() > 0 || m.peers[3].open_bids() > 0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((mid_rt.open_bids(), m.peers[3].open_bids()), (0, 0), "a loser's bid still holds");
+    // A bid counts the work of the bidder's open bids, until the owner's
+    // award or release arrives.
+    let call = |auction| CallForBids {
+        auction,
+        session: 0,
+        model: HASH,
+        start: plan[1].start as u32,
+        end: plan[1].end as u32,
+        tokens: 8,
+        activation_bytes: 0,
+        deadline_ms: 1000,
+    };
+    let owner = plan[0].peer.clone();
+    let first = mid_rt.bid(&owner, &call(900)).await.unwrap();
+    let second = mid_rt.bid(&owner, &call(901)).await.unwrap();
+    assert!(second.queue_ms >= first.queue_ms + first.service_ms * 0.99, "{first:?} then {second:?}");
+    for auction in [900, 901] {
+        let award = Message::Award(Award { auction, peer: b"someone".to_vec() });
+        assert!(matches!(mid_rt.handle_call(&owner, award).await, Message::Award(_)));
+    }
+    let third = mid_rt.bid(&owner, &call(902)).await.unwrap();
+    assert_eq!(third.queue_ms, first.queue_ms, "released bids still count: {first:?} then {third:?}");
+    mid_rt.handle_call(&owner, Message::Award(Award { auction: 902, peer: vec![] })).await;
+    assert_eq!(mid_rt.open_bids(), 0);
     // Silent, it cannot win: its bid never arrives.
     m.net.set_fault("peer-x", Fault::Silent);
     let got = run(&m.peers[0], req(p, 12, SamplingParams::greedy()), |_| {}).await;

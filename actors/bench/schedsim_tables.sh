@@ -28,7 +28,7 @@ for (peers, load), runs in groups.items():
     print("| policy | mean s | p50 s | p99 s | tasks/s | load variance | msgs/task | msgs/task/candidate |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for p in ["greedy", "round_robin", "random", "p2c", "bidding", "oracle"]:
-        m = {k: med([r[p][k] for r in runs]) for k in runs[0][p]}
+        m = {k: med([r[p][k] for r in runs]) for k, v in runs[0][p].items() if isinstance(v, (int, float))}
         print(f"| {p} | {m['mean_s']:.3f} | {m['p50_s']:.3f} | {m['p99_s']:.3f} | {m['throughput']:.1f} | "
               f"{m['load_variance']:.4f} | {m['messages_per_task']:.2f} | {m['messages_per_task_per_candidate']:.2f} |")
     g = med([r["bidding"]["p99_s"] / r["greedy"]["p99_s"] for r in runs])

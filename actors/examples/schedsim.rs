@@ -9,7 +9,8 @@
 //! and 8; a number gives a random cluster with speeds spread over 20x, on
 //! wired links (`--links lan`, the default: 1-20 ms, 2-100 MB/s) or on edge
 //! access links (`--links fog`: 2-100 ms, 2-100 Mbit/s).
-//! `--json` prints one object keyed by policy name.
+//! `--mean-up S` sets the mean seconds between a peer's failures (default
+//! 600; 0: peers never fail). `--json` prints one object keyed by policy name.
 
 use fogmesh_actors::sim::{Links, Policy, SimConfig, classic_cluster, random_cluster_with, simulate};
 
@@ -17,7 +18,7 @@ fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}\nusage: schedsim [--peers N|classic] [--load L] [--seed S] [--tasks N] [--links lan|fog] [--json]");
+            eprintln!("error: {e}\nusage: schedsim [--peers N|classic] [--load L] [--seed S] [--tasks N] [--links lan|fog] [--mean-up S] [--json]");
             std::process::ExitCode::FAILURE
         }
     }
@@ -27,6 +28,7 @@ fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let (mut peers, mut load, mut seed, mut tasks, mut json) = ("10".to_string(), 0.8, 1u64, None, false);
     let mut links = Links::Lan;
+    let mut mean_up = None;
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
@@ -35,6 +37,13 @@ fn run() -> Result<(), String> {
             "--seed" => seed = val("--seed")?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--tasks" => tasks = Some(val("--tasks")?.parse().map_err(|e| format!("--tasks: {e}"))?),
             "--json" => json = true,
+            "--mean-up" => {
+                let s: f64 = val("--mean-up")?.parse().map_err(|e| format!("--mean-up: {e}"))?;
+                if !(s >= 0.0 && s.is_finite()) {
+                    return Err(format!("--mean-up {s} must be 0 (no failures) or a number of seconds"));
+                }
+                mean_up = Some(s);
+            }
             "--links" => {
                 links = match val("--links")?.as_str() {
                     "lan" => Links::Lan,
@@ -60,6 +69,9 @@ fn run() -> Result<(), String> {
     let mut cfg = SimConfig::new(cluster, load, seed);
     if let Some(t) = tasks {
         cfg.tasks = t;
+    }
+    if let Some(s) = mean_up {
+        cfg.mean_up_s = s;
     }
     let mut out = serde_json::Map::new();
     for p in Policy::ALL {

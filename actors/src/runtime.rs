@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fogmesh_models::gguf::Gguf;
 use fogmesh_models::{LlamaConfig, ModelProfile, SamplingParams, Shard, ThreadPool, Tokenizer};
 use fogmesh_protocols::{
-    Bid, CallForBids, ErrorCode, ErrorFrame, Limits, LoadReport, Message, ModelHash, SessionOpen, ShardAdvert, ShardLoad, StageError,
+    Award, Bid, CallForBids, ErrorCode, ErrorFrame, Limits, LoadReport, Message, ModelHash, SessionOpen, ShardAdvert, ShardLoad, StageError,
     StageOutcome, StageReply,
 };
 use ractor::{Actor, ActorRef};
@@ -20,7 +20,10 @@ use tokio::sync::mpsc;
 
 use crate::link::{LinkError, MeshLink, PeerKey, PeerView};
 use crate::placement::{ModelCosts, PlacementPeer};
-use crate::sched::{Action as SchedAction, LoadReport as SchedLoadReport, Quote as SchedQuote, SchedConfig, Scheduler, TaskSpec as SchedTask};
+use crate::sched::{
+    Action as SchedAction, BidBook, LoadReport as SchedLoadReport, Quote as SchedQuote, SchedConfig, Scheduler,
+    TaskSpec as SchedTask,
+};
 use crate::placement_actor::{PlacementActor, PlacementMsg};
 use crate::policy::{self, Deadlines, Hop};
 use crate::session::{SessionActor, SessionEvent, SessionMsg};
@@ -230,12 +233,20 @@ struct Inner {
     sched: Mutex<Scheduler>,
     /// Peer ids as the scheduler numbers them.
     sched_ids: Mutex<Vec<PeerKey>>,
+    /// Bids this peer made that their owners have not yet decided on
+    /// (keyed by owner and auction): their work counts in its other bids.
+    bids: Mutex<BidBook<(PeerKey, u64)>>,
     started: Instant,
     /// The compute thread's queue (forward passes of every shard here).
     compute: std::sync::mpsc::SyncSender<ComputeJob>,
 }
 
 type ComputeJob = Box<dyn FnOnce() + Send>;
+
+/// Open bids a peer tracks (beyond, the one whose lease ends first goes).
+const OPEN_BIDS: usize = 1024;
+/// A bid holds its work at most this long, whatever the call's deadline.
+const MAX_BID_LEASE: Duration = Duration::from_secs(10);
 
 /// Forward passes wait here at most (beyond: BUSY).
 const COMPUTE_QUEUE: usize = 1024;
@@ -298,6 +309,7 @@ impl Runtime {
             compute: compute_thread().map_err(|e| RuntimeError::Actor(format!("compute thread: {e}")))?,
             sched: Mutex::new(Scheduler::new(SchedConfig { auction_timeout_s: cfg_bid_timeout.as_secs_f64(), ..SchedConfig::default() })),
             sched_ids: Mutex::new(Vec::new()),
+            bids: Mutex::new(BidBook::new(OPEN_BIDS)),
             started: Instant::now(),
         }));
         if rt.0.model.is_some() {
@@ -484,10 +496,15 @@ impl Runtime {
                 Err((code, reason)) => error_frame(code, reason),
             },
             Message::LoadReport(_) => Message::LoadReport(self.load_report().await),
-            Message::CallForBids(c) => match self.bid(&c).await {
+            Message::CallForBids(c) => match self.bid(from, &c).await {
                 Some(b) => Message::Bid(b),
                 None => error_frame(ErrorCode::NOT_SERVED, "this peer holds no such model or range"),
             },
+            // An auction this peer bid in is decided: its bid no longer holds.
+            Message::Award(a) => {
+                lock(&self.0.bids).release(&(from.to_string(), a.auction));
+                Message::Award(a)
+            }
             Message::SessionClose(c) => {
                 self.close_served(c.session);
                 Message::SessionClose(c)
@@ -496,10 +513,13 @@ impl Runtime {
         }
     }
 
-    /// This peer's bid for running `c`'s layers: its queue and compute time
-    /// from the shard's measured speed (from its GFLOPS estimate and a load
-    /// time when the range is not loaded). Transfer is the owner's to add.
-    pub async fn bid(&self, c: &CallForBids) -> Option<Bid> {
+    /// This peer's bid for running `c`'s layers for `owner`: its queue and
+    /// compute time from the shard's measured speed (from its GFLOPS estimate
+    /// and a load time when the range is not loaded). The queue counts the
+    /// work of this peer's other open bids; this bid's own work is held until
+    /// the owner's award or release arrives, or for twice the call's deadline.
+    /// Transfer is the owner's to add.
+    pub async fn bid(&self, owner: &str, c: &CallForBids) -> Option<Bid> {
         let m = self.0.model.as_ref()?;
         let (start, end) = (c.start as usize, c.end as usize);
         if c.model != m.hash || start >= end || end > m.config.layers {
@@ -517,11 +537,20 @@ impl Runtime {
             // Not loaded: reading its weights comes first (~1 GB/s).
             None => (estimate_ms, m.costs.stage_bytes(start..end) as f64 / 1e6),
         };
+        let service_ms = per_token_ms * f64::from(c.tokens.max(1));
+        let now = self.0.started.elapsed().as_secs_f64();
+        let lease_s = (2.0 * f64::from(c.deadline_ms) / 1e3).clamp(0.01, MAX_BID_LEASE.as_secs_f64());
+        let held_ms = {
+            let mut book = lock(&self.0.bids);
+            let held = book.held_s(now) * 1e3;
+            book.hold((owner.to_string(), c.auction), service_ms / 1e3, now, lease_s);
+            held
+        };
         Some(Bid {
             auction: c.auction,
             peer: self.0.local.as_bytes().to_vec(),
-            queue_ms: queue_ms as f32,
-            service_ms: (per_token_ms * f64::from(c.tokens.max(1))) as f32,
+            queue_ms: (queue_ms + held_ms) as f32,
+            service_ms: service_ms as f32,
             transfer_ms: 0.0,
         })
     }
@@ -536,6 +565,14 @@ impl Runtime {
         }
         ids.push(peer.to_string());
         Some(ids.len() as u64 - 1)
+    }
+
+    /// Bids this peer made whose auctions it has not heard the end of.
+    pub fn open_bids(&self) -> usize {
+        let now = self.0.started.elapsed().as_secs_f64();
+        let mut book = lock(&self.0.bids);
+        book.held_s(now);
+        book.len()
     }
 
     /// Runs an auction among `candidates` (the first is the planned peer) for
@@ -568,14 +605,15 @@ impl Runtime {
         // No bid and no gossip about any candidate: the plan's own peer keeps
         // the hop.
         let planned = ids[0];
-        let award = |actions: Vec<SchedAction>| {
-            actions.into_iter().find_map(|a| match a {
+        let award = |actions: &[SchedAction]| {
+            actions.iter().find_map(|a| match *a {
                 SchedAction::Award { peer, expected_s, .. } if expected_s.is_finite() => Some((peer, expected_s)),
                 SchedAction::Award { .. } => Some((planned, f64::INFINITY)),
                 _ => None,
             })
         };
-        let mut won = award(actions.clone());
+        let mut won = award(&actions);
+        let mut decided = Vec::new();
         if won.is_none() {
             let timeout = self.0.cfg.bid_timeout;
             let calls = actions.into_iter().filter_map(|a| match a {
@@ -603,19 +641,41 @@ impl Runtime {
                         service_s: f64::from(b.service_ms) / 1e3,
                         transfer_s: f64::from(b.transfer_ms) / 1e3,
                     };
-                    if let Some(w) = award(lock(&self.0.sched).on_bid(auction, id, q, now())) {
+                    let actions = lock(&self.0.sched).on_bid(auction, id, q, now());
+                    if let Some(w) = award(&actions) {
                         won = Some(w);
+                        decided = actions;
                     }
                 }
             }
             if won.is_none() {
                 // The deadline has passed for whatever did not answer.
-                won = award(lock(&self.0.sched).on_tick(now() + timeout.as_secs_f64()));
+                decided = lock(&self.0.sched).on_tick(now() + timeout.as_secs_f64());
+                won = award(&decided);
             }
         }
         let (id, expected) = won?;
-        let ids = lock(&self.0.sched_ids);
-        ids.get(id as usize).map(|p| (p.clone(), expected))
+        let winner = lock(&self.0.sched_ids).get(id as usize).cloned()?;
+        // Every candidate asked hears the outcome, so the losers' bids stop
+        // counting against their other offers (the winner's too: the session
+        // opening on it brings the work itself). Sent in the background; a
+        // lost one lapses at the bid's lease.
+        let told: Vec<PeerKey> = decided
+            .iter()
+            .filter_map(|a| match *a {
+                SchedAction::Release { peer, .. } | SchedAction::Award { peer, .. } => {
+                    candidates.get(ids.iter().position(|&i| i == peer)?).cloned()
+                }
+                _ => None,
+            })
+            .collect();
+        for peer in told {
+            let (rt, msg) = (self.clone(), Message::Award(Award { auction, peer: winner.as_bytes().to_vec() }));
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(MAX_BID_LEASE, rt.call(&peer, msg)).await;
+            });
+        }
+        Some((winner, expected))
     }
 
     /// Tells the scheduler how a promise turned out.

@@ -11,6 +11,13 @@
 //! among the bids it has; one with no bid at all falls back to the best
 //! choice by gossiped load.
 //!
+//! A bid is an offer the bidder holds: until it hears how the auction went,
+//! it counts the task's work in the bids it makes to other owners (see
+//! [`BidBook`]), so concurrent auctions do not all pile onto the peer that
+//! looked idle when they asked. Every candidate hears the outcome: the
+//! winner its award, the others a [`Action::Release`]. That is at most three
+//! messages per candidate (call, bid, award or release).
+//!
 //! Driven as `handle(input, now) -> actions` (see quinn-proto): no clock, no
 //! I/O, no randomness, so the same inputs always give the same schedule.
 
@@ -95,6 +102,16 @@ pub enum Action {
         expected_s: f64,
         /// How it was decided.
         basis: AwardBasis,
+    },
+    /// Tell `peer`, a candidate that did not win `auction`, that its bid is
+    /// released (it was awarded to `winner`).
+    Release {
+        /// The auction.
+        auction: AuctionId,
+        /// The losing candidate.
+        peer: PeerId,
+        /// Who won.
+        winner: PeerId,
     },
 }
 
@@ -225,20 +242,25 @@ impl Scheduler {
         }
         a.bids.entry(peer).or_insert(quote);
         if a.bids.len() == a.candidates.len() {
-            return self.close(auction, AwardBasis::AllBids, now).into_iter().collect();
+            return self.close(auction, AwardBasis::AllBids, now);
         }
         // Close early when no silent candidate can beat the best bid.
         let a = &self.auctions[&auction];
         let best = a.bids.iter().map(|(p, q)| (q.total() * self.record(*p), *p)).min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
         let beatable = a.candidates.iter().filter(|(p, _)| !a.bids.contains_key(p)).any(|&(p, transfer)| {
             match (self.views.get(&p), best) {
-                // A lower bound of its adjusted bid: no queue at all.
-                (Some((r, _)), Some((b, _))) => (a.task.work / r.speed + transfer) * self.record(p) <= b,
+                // A lower bound of its adjusted bid: a queue drains at most
+                // one second per second, so it holds at least what it
+                // reported less the time since.
+                (Some((r, _)), Some((b, _))) => {
+                    let queue = (r.queue_s - (now - r.sent_at).max(0.0)).max(0.0);
+                    (queue + a.task.work / r.speed + transfer) * self.record(p) <= b
+                }
                 _ => true,
             }
         });
         if !beatable {
-            return self.close(auction, AwardBasis::Decided, now).into_iter().collect();
+            return self.close(auction, AwardBasis::Decided, now);
         }
         Vec::new()
     }
@@ -247,7 +269,7 @@ impl Scheduler {
     pub fn on_tick(&mut self, now: f64) -> Vec<Action> {
         let due: Vec<AuctionId> = self.auctions.iter().filter(|(_, a)| a.deadline <= now).map(|(id, _)| *id).collect();
         due.into_iter()
-            .filter_map(|id| {
+            .flat_map(|id| {
                 let basis = if self.auctions[&id].bids.is_empty() { AwardBasis::Gossip } else { AwardBasis::PartialBids };
                 self.close(id, basis, now)
             })
@@ -264,8 +286,9 @@ impl Scheduler {
         self.auctions.len()
     }
 
-    fn close(&mut self, id: AuctionId, basis: AwardBasis, now: f64) -> Option<Action> {
-        let a = self.auctions.remove(&id)?;
+    /// Awards `id` and releases every other candidate.
+    fn close(&mut self, id: AuctionId, basis: AwardBasis, now: f64) -> Vec<Action> {
+        let Some(a) = self.auctions.remove(&id) else { return Vec::new() };
         let best = |it: &mut dyn Iterator<Item = (PeerId, f64)>| {
             it.filter(|(_, v)| v.is_finite()).min_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)))
         };
@@ -276,7 +299,72 @@ impl Scheduler {
         } else {
             best(&mut a.bids.iter().map(|(p, q)| (*p, q.total() * self.record(*p))))
         };
-        chosen.map(|(peer, expected_s)| Action::Award { auction: id, peer, expected_s, basis })
+        let Some((winner, expected_s)) = chosen else { return Vec::new() };
+        let mut out = vec![Action::Award { auction: id, peer: winner, expected_s, basis }];
+        out.extend(
+            a.candidates.iter().filter(|(p, _)| *p != winner).map(|&(peer, _)| Action::Release { auction: id, peer, winner }),
+        );
+        out
+    }
+}
+
+/// A bidder's open bids. Each holds the seconds of work it offered until the
+/// owner awards or releases it, or until its lease runs out (an owner that
+/// never answers cannot pin the bidder's quotes). Bounded: past `capacity`
+/// holds, the one whose lease ends first is dropped.
+#[derive(Debug, Clone)]
+pub struct BidBook<K: Ord> {
+    holds: BTreeMap<K, (f64, f64)>,
+    capacity: usize,
+}
+
+impl<K: Ord + Clone> BidBook<K> {
+    /// An empty book of at most `capacity` open bids.
+    pub fn new(capacity: usize) -> Self {
+        BidBook { holds: BTreeMap::new(), capacity: capacity.max(1) }
+    }
+
+    /// Seconds of work held by open bids at `now` (lapsed ones are dropped).
+    pub fn held_s(&mut self, now: f64) -> f64 {
+        self.holds.retain(|_, (_, until)| *until > now);
+        self.holds.values().map(|(s, _)| s).sum()
+    }
+
+    /// Holds `seconds` for the bid `key` until `now + lease_s`. A second hold
+    /// for the same key replaces the first.
+    pub fn hold(&mut self, key: K, seconds: f64, now: f64, lease_s: f64) {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return;
+        }
+        self.holds.retain(|_, (_, until)| *until > now);
+        if self.holds.len() >= self.capacity && !self.holds.contains_key(&key) {
+            let first = self.holds.iter().min_by(|a, b| a.1.1.total_cmp(&b.1.1)).map(|(k, _)| k.clone());
+            if let Some(k) = first {
+                self.holds.remove(&k);
+            }
+        }
+        self.holds.insert(key, (seconds, now + lease_s));
+    }
+
+    /// The owner decided (an award or a release): the bid no longer holds.
+    /// Returns whether it was held.
+    pub fn release(&mut self, key: &K) -> bool {
+        self.holds.remove(key).is_some()
+    }
+
+    /// Open bids.
+    pub fn len(&self) -> usize {
+        self.holds.len()
+    }
+
+    /// Whether no bid is open.
+    pub fn is_empty(&self) -> bool {
+        self.holds.is_empty()
+    }
+
+    /// Forgets every bid (the bidder restarted).
+    pub fn clear(&mut self) {
+        self.holds.clear();
     }
 }
 

@@ -22,11 +22,17 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use serde::Serialize;
 
-use crate::sched::{Action, LoadReport, Quote, SchedConfig, Scheduler, TaskSpec};
+use crate::sched::{Action, BidBook, LoadReport, Quote, SchedConfig, Scheduler, TaskSpec};
 
 /// Gossip intervals without a report after which a peer is presumed down
 /// (by gossip-based policies: p2c and bidding).
 pub const SILENT_AFTER_INTERVALS: f64 = 2.5;
+
+/// A bid holds its work for this many auction timeouts at most (its release
+/// comes sooner: the auction closes within one timeout).
+pub const BID_LEASE_TIMEOUTS: f64 = 2.0;
+/// Open bids a peer keeps track of.
+pub const BID_BOOK_CAPACITY: usize = 1024;
 
 /// Bidding's candidate weights are 1 / estimate^beta with beta this much
 /// per mean-sized task of work...
@@ -153,6 +159,39 @@ pub struct Metrics {
     pub completed: usize,
     /// Dispatches repeated because a peer failed.
     pub redispatched: usize,
+    /// Where the mean latency goes.
+    pub breakdown: Breakdown,
+    /// The same over the slowest 1 % of tasks (those at or past the p99).
+    pub tail_breakdown: Breakdown,
+}
+
+/// The mean latency of completed tasks, in parts (seconds; they sum to the
+/// mean).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Breakdown {
+    /// Arrival to the final dispatch: the auction (bidding), and re-dispatch
+    /// after a failure (every policy).
+    pub decide_s: f64,
+    /// The activation's way to the chosen peer.
+    pub transfer_s: f64,
+    /// Waiting in the peer's queue.
+    pub wait_s: f64,
+    /// Service.
+    pub service_s: f64,
+    /// The result's way back to the owner.
+    pub return_s: f64,
+}
+
+impl Breakdown {
+    fn mean(parts: &[[f64; 5]]) -> Self {
+        let k = parts.len().max(1) as f64;
+        let sum = parts.iter().fold([0.0; 5], |mut acc, p| {
+            acc.iter_mut().zip(p).for_each(|(a, x)| *a += x);
+            acc
+        });
+        let [decide_s, transfer_s, wait_s, service_s, return_s] = sum.map(|x| x / k);
+        Breakdown { decide_s, transfer_s, wait_s, service_s, return_s }
+    }
 }
 
 /// A SplitMix64 generator: small, seeded, reproducible.
@@ -231,6 +270,11 @@ struct Task {
     dispatched: f64,
     promised: f64,
     auction: u64,
+    /// When it reached its peer, and when service started there.
+    reached: f64,
+    started: f64,
+    /// When the result left the peer.
+    finished: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -250,9 +294,12 @@ enum Event {
     Done { peer: usize, epoch: u32 },
     /// The result reaches the owner.
     Result { task: Task, peer: usize },
-    /// A bid's reservation lapses (its auction is over).
-    Unreserve { peer: usize, share: f64 },
+    /// An auction's outcome reaches a candidate, `key` = (owner, auction):
+    /// its award (`awarded` work) or its release (0).
+    Heard { peer: usize, key: (usize, u64), awarded: f64 },
     Gossip { peer: usize },
+    /// A report made at `made` becomes visible to the others.
+    Seen { peer: usize, queue_s: f64, made: f64 },
     Fail { peer: usize },
     Recover { peer: usize },
 }
@@ -292,8 +339,12 @@ struct PeerState {
     backlog: f64,
     /// Work assigned (sent, not yet finished), as a central scheduler sees it.
     assigned: f64,
-    /// Shares of tasks this peer has bid for in auctions still open.
-    reserved: f64,
+    /// Work awarded to this peer whose award has not reached it yet
+    /// (bidding: the peer cannot count what it has not heard of).
+    unheard: f64,
+    /// Bids this peer made in auctions it has not heard the outcome of
+    /// (bidding), keyed by (owner, auction).
+    book: BidBook<(usize, u64)>,
     busy_s: f64,
     started: f64,
     /// Last report visible to others: (queue seconds, made at).
@@ -324,6 +375,9 @@ struct Sim<'a> {
     redispatched: usize,
     arrivals: usize,
     last_done: f64,
+    /// Per completed task (in the order of `latencies`), the parts of its
+    /// latency (see [`Breakdown`]).
+    parts: Vec<[f64; 5]>,
 }
 
 impl Sim<'_> {
@@ -497,14 +551,25 @@ impl Sim<'_> {
                     let (_, task) = self.pending[owner].swap_remove(i);
                     let p = peer as usize;
                     let promised = if expected_s.is_finite() { expected_s } else { self.gossip_estimate(owner, p, task.work) };
+                    self.peers[p].unheard += task.work;
+                    let d = self.msg_delay(owner, p);
+                    self.at(d, Event::Heard { peer: p, key: (owner, auction), awarded: task.work });
                     self.send(task, p, promised);
+                }
+                Action::Release { auction, peer, .. } => {
+                    self.messages += 1.0;
+                    let p = peer as usize;
+                    let d = self.msg_delay(owner, p);
+                    self.at(d, Event::Heard { peer: p, key: (owner, auction), awarded: 0.0 });
                 }
             }
         }
     }
 
     fn start_service(&mut self, p: usize) {
-        if let Some(t) = self.peers[p].queue.front() {
+        let now = self.now;
+        if let Some(t) = self.peers[p].queue.front_mut() {
+            t.started = now;
             let d = t.work / self.peers[p].spec.speed;
             self.peers[p].started = self.now;
             let epoch = self.peers[p].epoch;
@@ -523,6 +588,9 @@ impl Sim<'_> {
                     dispatched: self.now,
                     promised: 0.0,
                     auction: 0,
+                    reached: 0.0,
+                    started: 0.0,
+                    finished: 0.0,
                 };
                 self.arrivals += 1;
                 self.dispatch(task);
@@ -536,22 +604,20 @@ impl Sim<'_> {
             Event::Dispatch(task) => self.dispatch(task),
             Event::Call { task, peer } => {
                 if self.peers[peer].up {
-                    // The bidder counts work already awarded to it but still in
-                    // flight (the award message precedes the activation), and a
-                    // share of the tasks it is bidding for until those auctions
-                    // are over, so concurrent auctions do not all pile onto it.
-                    let s = &self.peers[peer];
-                    let quote = Quote {
-                        queue_s: ((s.assigned + s.reserved) / s.spec.speed).max(0.0),
-                        service_s: task.work / self.peers[peer].spec.speed,
-                        transfer_s: self.transfer(task.owner, peer),
-                    };
+                    // The bidder counts the work awarded to it that it has
+                    // heard of (queued, in service or on its way) and the
+                    // work of its own open bids, so concurrent auctions do
+                    // not all pile onto it; then it holds this bid's work
+                    // until the owner awards or releases it.
+                    let now = self.now;
+                    let lease = BID_LEASE_TIMEOUTS * self.cfg.auction_timeout_s;
+                    let transfer_s = self.transfer(task.owner, peer);
+                    let s = &mut self.peers[peer];
+                    let service_s = task.work / s.spec.speed;
+                    let queue_s = ((s.assigned - s.unheard) / s.spec.speed).max(0.0) + s.book.held_s(now);
+                    s.book.hold((task.owner, task.auction), service_s, now, lease);
                     let d = self.msg_delay(peer, task.owner);
-                    self.at(d, Event::Bid { task, peer, quote });
-                    let share = task.work / self.cfg.candidates.max(1) as f64;
-                    self.peers[peer].reserved += share;
-                    let t = self.cfg.auction_timeout_s;
-                    self.at(t, Event::Unreserve { peer, share });
+                    self.at(d, Event::Bid { task, peer, quote: Quote { queue_s, service_s, transfer_s } });
                 }
             }
             Event::Bid { task, peer, quote } => {
@@ -564,7 +630,7 @@ impl Sim<'_> {
                 let actions = self.scheds[owner].on_tick(self.now);
                 self.apply(owner, actions);
             }
-            Event::Reach { task, peer, epoch } => {
+            Event::Reach { mut task, peer, epoch } => {
                 let s = &mut self.peers[peer];
                 if !s.up || s.epoch != epoch {
                     s.assigned -= task.work;
@@ -573,6 +639,7 @@ impl Sim<'_> {
                     self.at(d, Event::Dispatch(task));
                     return;
                 }
+                task.reached = self.now;
                 s.queue.push_back(task);
                 s.backlog += task.work;
                 if s.queue.len() == 1 {
@@ -584,7 +651,8 @@ impl Sim<'_> {
                     return;
                 }
                 let s = &mut self.peers[peer];
-                let Some(task) = s.queue.pop_front() else { return };
+                let Some(mut task) = s.queue.pop_front() else { return };
+                task.finished = self.now;
                 s.backlog -= task.work;
                 s.assigned -= task.work;
                 s.busy_s += self.now - s.started;
@@ -594,20 +662,36 @@ impl Sim<'_> {
             }
             Event::Result { task, peer } => {
                 self.latencies.push(self.now - task.arrived);
+                let parts = [
+                    task.dispatched - task.arrived,
+                    task.reached - task.dispatched,
+                    task.started - task.reached,
+                    task.finished - task.started,
+                    self.now - task.finished,
+                ];
+                self.parts.push(parts);
                 self.last_done = self.now;
                 if self.policy == Policy::Bidding {
                     self.scheds[task.owner].on_outcome(peer as u64, task.promised, self.now - task.dispatched);
                 }
             }
-            Event::Unreserve { peer, share } => self.peers[peer].reserved -= share,
+            Event::Heard { peer, key, awarded } => {
+                self.peers[peer].book.release(&key);
+                self.peers[peer].unheard -= awarded;
+            }
             Event::Gossip { peer } => {
                 if self.peers[peer].up {
-                    let q = self.queue_s(peer);
-                    self.peers[peer].board = Some((q, self.now + self.cfg.gossip_delay_s));
+                    let (queue_s, made) = (self.queue_s(peer), self.now);
+                    self.at(self.cfg.gossip_delay_s, Event::Seen { peer, queue_s, made });
                     self.gossip += (n - 1) as f64;
                 }
                 if self.arrivals < self.cfg.tasks || self.latencies.len() < self.arrivals {
                     self.at(self.cfg.gossip_interval_s, Event::Gossip { peer });
+                }
+            }
+            Event::Seen { peer, queue_s, made } => {
+                if self.peers[peer].board.is_none_or(|(_, at)| at <= made) {
+                    self.peers[peer].board = Some((queue_s, made));
                 }
             }
             Event::Fail { peer } => {
@@ -616,6 +700,7 @@ impl Sim<'_> {
                     s.busy_s += self.now - s.started;
                 }
                 s.up = false;
+                s.book.clear();
                 s.epoch += 1;
                 let lost: Vec<Task> = s.queue.drain(..).collect();
                 s.backlog = 0.0;
@@ -660,7 +745,8 @@ pub fn simulate(cfg: &SimConfig, policy: Policy) -> Metrics {
             queue: VecDeque::new(),
             backlog: 0.0,
             assigned: 0.0,
-            reserved: 0.0,
+            unheard: 0.0,
+            book: BidBook::new(BID_BOOK_CAPACITY),
             busy_s: 0.0,
             started: 0.0,
             board: Some((0.0, 0.0)),
@@ -687,6 +773,7 @@ pub fn simulate(cfg: &SimConfig, policy: Policy) -> Metrics {
         redispatched: 0,
         arrivals: 0,
         last_done: 0.0,
+        parts: Vec::new(),
     };
     // Failures, arrivals and gossip draw from separate streams so every policy
     // sees the same arrivals and the same failures.
@@ -709,8 +796,10 @@ pub fn simulate(cfg: &SimConfig, policy: Policy) -> Metrics {
         sim.now = at;
         sim.handle(ev);
     }
-    let mut lat = std::mem::take(&mut sim.latencies);
-    lat.sort_by(f64::total_cmp);
+    let mut order: Vec<usize> = (0..sim.latencies.len()).collect();
+    order.sort_by(|&a, &b| sim.latencies[a].total_cmp(&sim.latencies[b]));
+    let lat: Vec<f64> = order.iter().map(|&i| sim.latencies[i]).collect();
+    let parts: Vec<[f64; 5]> = order.iter().map(|&i| sim.parts[i]).collect();
     let completed = lat.len();
     let span = sim.last_done.max(1e-9);
     let util: Vec<f64> = sim.peers.iter().map(|p| p.busy_s / span).collect();
@@ -733,6 +822,8 @@ pub fn simulate(cfg: &SimConfig, policy: Policy) -> Metrics {
         gossip_per_task: sim.gossip / tasks,
         completed,
         redispatched: sim.redispatched,
+        breakdown: Breakdown::mean(&parts),
+        tail_breakdown: Breakdown::mean(&parts[parts.len() - parts.len().div_ceil(100)..]),
     }
 }
 

@@ -56,6 +56,13 @@ proptest! {
         let awards: Vec<_> = actions.iter().filter_map(|a| match a { Action::Award { peer, basis, .. } => Some((*peer, *basis)), _ => None }).collect();
         prop_assert_eq!(awards.len(), 1, "exactly one award");
         let (peer, basis) = awards[0];
+        // Every other candidate hears that its bid is released, once.
+        let released: Vec<PeerId> = actions.iter().filter_map(|a| match a {
+            Action::Release { auction, peer: p, winner } if *auction == id && *winner == peer => Some(*p),
+            _ => None,
+        }).collect();
+        let others: Vec<PeerId> = (0..n as u64).filter(|p| *p != peer).collect();
+        prop_assert_eq!(released, others);
         if basis == AwardBasis::Gossip {
             prop_assert!(bidders.is_empty());
         } else {
@@ -151,11 +158,14 @@ proptest! {
         order in any::<u64>(),
         work in 0.1f64..4.0,
     ) {
-        // Each peer: speed, transfer, queue. Bids are honest, so each is at
-        // least the lower bound the scheduler derives from gossiped speed.
+        // Each peer: speed, transfer, queue now. Each gossiped a queue at
+        // time 0 that has drained by at most the time since (0.4 s), so the
+        // bids are at least the lower bound the scheduler derives from
+        // gossip.
         let mut s = Scheduler::new(SchedConfig::default());
-        for (p, (speed, _, _)) in peers.iter().enumerate() {
-            s.on_load_report(p as u64, LoadReport { queue_s: 0.0, speed: *speed, sent_at: 0.0 }, 0.0);
+        for (p, (speed, _, queue)) in peers.iter().enumerate() {
+            let gossiped = queue + 0.4 * ((p * 7 % 5) as f64 / 4.0);
+            s.on_load_report(p as u64, LoadReport { queue_s: gossiped, speed: *speed, sent_at: 0.0 }, 0.0);
         }
         let cands: Vec<(PeerId, f64)> = peers.iter().enumerate().map(|(p, (_, t, _))| (p as u64, *t)).collect();
         let (id, _) = s.start(TaskSpec { work }, &cands, 0.0);
@@ -169,7 +179,7 @@ proptest! {
         for &p in &idx {
             let (speed, transfer, queue) = peers[p];
             let q = Quote { queue_s: queue, service_s: work / speed, transfer_s: transfer };
-            if let Some(a) = award(&s.on_bid(id, p as u64, q, 0.0)) {
+            if let Some(a) = award(&s.on_bid(id, p as u64, q, 0.4)) {
                 got = Some(a.0);
                 break;
             }
@@ -178,4 +188,55 @@ proptest! {
         let want = (0..peers.len()).min_by(|&a, &b| total(a).total_cmp(&total(b)).then(a.cmp(&b))).unwrap();
         prop_assert_eq!(got, Some(want as u64));
     }
+}
+
+proptest! {
+    #[test]
+    fn a_bid_book_holds_exactly_the_open_unexpired_bids(
+        ops in proptest::collection::vec((0u8..3, 0u64..12, 0.0f64..2.0, 0.01f64..1.0), 0..80),
+    ) {
+        // Against a model: a map of key -> (seconds, until), time moving on.
+        let cap = 8;
+        let mut book = BidBook::new(cap);
+        let mut model: std::collections::BTreeMap<u64, (f64, f64)> = Default::default();
+        let mut now = 0.0;
+        for (op, key, secs, lease) in ops {
+            now += 0.05;
+            // Lapsed holds go when the book is next asked for a sum or a
+            // hold; a release in between still finds them.
+            match op {
+                0 => {
+                    model.retain(|_, (_, until)| *until > now);
+                    if model.len() >= cap && !model.contains_key(&key) {
+                        let first = *model.iter().min_by(|a, b| a.1.1.total_cmp(&b.1.1)).unwrap().0;
+                        model.remove(&first);
+                    }
+                    model.insert(key, (secs, now + lease));
+                    book.hold(key, secs, now, lease);
+                }
+                1 => prop_assert_eq!(book.release(&key), model.remove(&key).is_some()),
+                _ => {}
+            }
+            model.retain(|_, (_, until)| *until > now);
+            let want: f64 = model.values().map(|(s, _)| s).sum();
+            prop_assert!((book.held_s(now) - want).abs() < 1e-9);
+            prop_assert!(book.len() <= cap);
+        }
+    }
+}
+
+#[test]
+fn a_bid_book_ignores_nonsense_and_forgets_on_clear() {
+    let mut book = BidBook::new(4);
+    book.hold(1, f64::NAN, 0.0, 1.0);
+    book.hold(2, -1.0, 0.0, 1.0);
+    book.hold(3, f64::INFINITY, 0.0, 1.0);
+    assert!(book.is_empty());
+    book.hold(4, 0.5, 0.0, 1.0);
+    book.hold(4, 0.25, 0.0, 1.0);
+    assert_eq!(book.held_s(0.5), 0.25);
+    assert_eq!(book.held_s(1.0), 0.0, "the lease ran out");
+    book.hold(5, 0.5, 1.0, 1.0);
+    book.clear();
+    assert_eq!(book.held_s(1.0), 0.0);
 }
