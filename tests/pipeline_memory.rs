@@ -29,7 +29,7 @@ async fn mesh(n: usize, cfg: RuntimeConfig) -> Option<Mesh> {
     let mut peers = Vec::new();
     for i in 0..n {
         let id = format!("peer-{i}");
-        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0 });
+        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
         let mut c = cfg.clone();
         c.gflops = 10.0;
         c.memory_bytes = 1 << 32;
@@ -241,7 +241,7 @@ async fn holders_of_a_range_bid_for_the_hop() {
     // holds the middle range and, by its own estimate, computes it far faster.
     let path = model_path().unwrap();
     let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
-    let link = m.net.add(PeerView { peer: "peer-x".into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0 });
+    let link = m.net.add(PeerView { peer: "peer-x".into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
     let c = RuntimeConfig { gflops: 1000.0, memory_bytes: 1 << 32, placement_interval: Duration::from_secs(3600), ..cfg() };
     let fast = Runtime::start(link, Some(info), c).await.unwrap();
     m.net.attach("peer-x", fast.clone());

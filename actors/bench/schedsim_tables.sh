@@ -2,17 +2,19 @@
 # Runs the scheduling simulator over seeds and prints, per cluster and load,
 # the median over seeds of each policy's metrics and the p99 ratios the
 # scheduling issue targets. Usage: actors/bench/schedsim_tables.sh [SEEDS]
+# (LINKS=fog for edge access links instead of wired ones; CLUSTERS and LOADS
+# to pick cells, e.g. CLUSTERS="10 100" LOADS=0.8).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 seeds=${1:-5}
 cargo build --release --manifest-path "$root/Cargo.toml" -p fogmesh-actors --example schedsim >&2
 sim="$root/target/release/examples/schedsim"
 out=$(mktemp)
-for peers in classic 10 100; do
-  for load in 0.5 0.8 0.95; do
+for peers in ${CLUSTERS:-classic 10 100}; do
+  for load in ${LOADS:-0.5 0.8 0.95}; do
     for seed in $(seq "$seeds"); do
       printf '{"peers":"%s","load":%s,"seed":%s,"result":%s}\n' "$peers" "$load" "$seed" \
-        "$("$sim" --peers "$peers" --load "$load" --seed "$seed" --json)" >> "$out"
+        "$("$sim" --links "${LINKS:-lan}" --peers "$peers" --load "$load" --seed "$seed" --json)" >> "$out"
     done
   done
 done

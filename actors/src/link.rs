@@ -23,6 +23,8 @@ pub struct PeerView {
     pub shards: Vec<(u32, u32)>,
     /// Stage requests waiting at it, over all its shards (gossiped load).
     pub queued: u32,
+    /// Round-trip time to it, from pings (milliseconds), when measured.
+    pub rtt_ms: Option<f32>,
 }
 
 /// Why a message did not reach a peer.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fogmesh_models::gguf::Gguf;
+use futures::StreamExt;
 use fogmesh_models::{LlamaConfig, ModelProfile, SamplingParams, Shard, ThreadPool, Tokenizer};
 use fogmesh_protocols::{
     Award, Bid, CallForBids, ErrorCode, ErrorFrame, Limits, LoadReport, Message, ModelHash, SessionOpen, ShardAdvert, ShardLoad, StageError,
@@ -387,6 +388,7 @@ impl Runtime {
                 models: vec![m.hash],
                 shards: shards.iter().map(|s| (s.range.start as u32, s.range.end as u32)).collect(),
                 queued: shards.iter().map(|s| s.queued.load(Ordering::Relaxed) as u32).sum(),
+                rtt_ms: Some(0.0),
             });
         }
         v
@@ -599,6 +601,9 @@ impl Runtime {
                 let speed = f64::from(v.gflops) * 1e9 / work.max(1.0);
                 let report = SchedLoadReport { queue_s: f64::from(v.queued) / speed.max(1e-9), speed, sent_at: now() };
                 sched.on_load_report(id, report, now());
+                if let Some(rtt) = v.rtt_ms {
+                    sched.on_rtt(id, f64::from(rtt) / 1e3);
+                }
             }
         }
         let (auction, actions) = lock(&self.0.sched).start(task, &pairs, now());
@@ -634,7 +639,21 @@ impl Runtime {
                 });
                 async move { (id, tokio::time::timeout(timeout, self.call(&peer, msg)).await) }
             });
-            for (id, r) in futures::future::join_all(calls).await {
+            // Bids are taken as they come; the scheduler closes the auction
+            // as soon as no missing bid could win, or at its deadline (the
+            // timeout, or sooner where every candidate's round trip is known).
+            let mut calls: futures::stream::FuturesUnordered<_> = calls.collect();
+            let wait = lock(&self.0.sched).deadline(auction).map_or(0.0, |d| (d - now()).max(0.0));
+            let deadline = tokio::time::sleep(Duration::from_secs_f64(wait));
+            tokio::pin!(deadline);
+            while won.is_none() {
+                let (id, r) = tokio::select! {
+                    next = calls.next() => match next {
+                        Some(answer) => answer,
+                        None => break,
+                    },
+                    () = &mut deadline => break,
+                };
                 if let Ok(Ok(Message::Bid(b))) = r {
                     let q = SchedQuote {
                         queue_s: f64::from(b.queue_ms) / 1e3,

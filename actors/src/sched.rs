@@ -118,8 +118,14 @@ pub enum Action {
 /// Tuning of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedConfig {
-    /// How long an auction waits for bids (seconds).
+    /// How long an auction waits for bids at most (seconds).
     pub auction_timeout_s: f64,
+    /// When the round-trip time to every candidate is known, the auction
+    /// waits only `rtt_factor` times the longest of them plus
+    /// `rtt_margin_s` (within the timeout): a bid that late is presumed lost.
+    pub rtt_factor: f64,
+    /// See `rtt_factor` (seconds).
+    pub rtt_margin_s: f64,
     /// Weight of the newest observation in a peer's promise record.
     pub trust_alpha: f64,
     /// Bounds of the actual/promised ratio a record may reach.
@@ -130,7 +136,14 @@ pub struct SchedConfig {
 
 impl Default for SchedConfig {
     fn default() -> Self {
-        SchedConfig { auction_timeout_s: 0.05, trust_alpha: 0.1, trust_bounds: (0.5, 20.0), max_gossip_age_s: 10.0 }
+        SchedConfig {
+            auction_timeout_s: 0.25,
+            rtt_factor: 1.5,
+            rtt_margin_s: 0.005,
+            trust_alpha: 0.1,
+            trust_bounds: (0.5, 20.0),
+            max_gossip_age_s: 10.0,
+        }
     }
 }
 
@@ -140,6 +153,7 @@ struct Auction {
     /// Candidates and the owner's estimate of the transfer time to each.
     candidates: Vec<(PeerId, f64)>,
     bids: BTreeMap<PeerId, Quote>,
+    started: f64,
     deadline: f64,
 }
 
@@ -148,6 +162,8 @@ struct Auction {
 pub struct Scheduler {
     cfg: SchedConfig,
     views: BTreeMap<PeerId, (LoadReport, f64)>,
+    /// Round-trip time to each peer, as the owner measured it.
+    rtts: BTreeMap<PeerId, f64>,
     /// Per peer: EWMA of actual / promised completion time.
     record: BTreeMap<PeerId, f64>,
     auctions: BTreeMap<AuctionId, Auction>,
@@ -169,9 +185,18 @@ impl Scheduler {
         }
     }
 
+    /// Records the round-trip time to a peer (seconds), from the owner's
+    /// pings: a silent candidate's bid is not expected before it.
+    pub fn on_rtt(&mut self, peer: PeerId, rtt_s: f64) {
+        if rtt_s.is_finite() && rtt_s >= 0.0 {
+            self.rtts.insert(peer, rtt_s);
+        }
+    }
+
     /// Forgets a peer (it left the mesh).
     pub fn forget(&mut self, peer: PeerId) {
         self.views.remove(&peer);
+        self.rtts.remove(&peer);
     }
 
     /// The actual/promised ratio on record for `peer` (1 without a record).
@@ -225,8 +250,12 @@ impl Scheduler {
             }
             _ => {
                 let calls = cands.iter().map(|(p, _)| Action::CallForBids { auction: id, peer: *p }).collect();
-                let deadline = now + self.cfg.auction_timeout_s;
-                self.auctions.insert(id, Auction { task, candidates: cands, bids: BTreeMap::new(), deadline });
+                let wait = cands
+                    .iter()
+                    .map(|(p, _)| self.rtts.get(p).map_or(f64::INFINITY, |r| r * self.cfg.rtt_factor + self.cfg.rtt_margin_s))
+                    .fold(0.0, f64::max);
+                let deadline = now + wait.min(self.cfg.auction_timeout_s);
+                self.auctions.insert(id, Auction { task, candidates: cands, bids: BTreeMap::new(), started: now, deadline });
                 (id, calls)
             }
         }
@@ -244,7 +273,9 @@ impl Scheduler {
         if a.bids.len() == a.candidates.len() {
             return self.close(auction, AwardBasis::AllBids, now);
         }
-        // Close early when no silent candidate can beat the best bid.
+        // Close early when no silent candidate can beat the best bid, counting
+        // the time its bid still needs to arrive: waiting for it delays the
+        // task as much as a longer queue would.
         let a = &self.auctions[&auction];
         let best = a.bids.iter().map(|(p, q)| (q.total() * self.record(*p), *p)).min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
         let beatable = a.candidates.iter().filter(|(p, _)| !a.bids.contains_key(p)).any(|&(p, transfer)| {
@@ -254,7 +285,8 @@ impl Scheduler {
                 // reported less the time since.
                 (Some((r, _)), Some((b, _))) => {
                     let queue = (r.queue_s - (now - r.sent_at).max(0.0)).max(0.0);
-                    (queue + a.task.work / r.speed + transfer) * self.record(p) <= b
+                    let due = self.rtts.get(&p).map_or(0.0, |rtt| (a.started + rtt - now).max(0.0));
+                    due + (queue + a.task.work / r.speed + transfer) * self.record(p) <= b
                 }
                 _ => true,
             }
@@ -279,6 +311,11 @@ impl Scheduler {
     /// The earliest open deadline, for the shell's timer.
     pub fn next_deadline(&self) -> Option<f64> {
         self.auctions.values().map(|a| a.deadline).min_by(f64::total_cmp)
+    }
+
+    /// When auction `id` stops waiting for bids, if it is open.
+    pub fn deadline(&self, id: AuctionId) -> Option<f64> {
+        self.auctions.get(&id).map(|a| a.deadline)
     }
 
     /// Open auctions.

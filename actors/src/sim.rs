@@ -129,7 +129,7 @@ impl SimConfig {
             mean_down_s: 20.0,
             detect_s: 0.5,
             candidates: 6,
-            auction_timeout_s: 0.05,
+            auction_timeout_s: 0.25,
             seed,
         }
     }
@@ -523,14 +523,16 @@ impl Sim<'_> {
                 let report = LoadReport { queue_s: q, speed: self.peers[p].spec.speed, sent_at: at };
                 self.scheds[o].on_load_report(p as u64, report, self.now);
             }
+            let rtt = 2.0 * self.msg_delay(o, p);
+            self.scheds[o].on_rtt(p as u64, rtt);
         }
         let list: Vec<(u64, f64)> = cands.iter().map(|&p| (p as u64, self.transfer(o, p))).collect();
         let (id, actions) = self.scheds[o].start(TaskSpec { work: task.work }, &list, self.now);
         task.auction = id;
         self.candidates_asked += cands.len() as f64;
         self.pending[o].push((id, task));
-        if cands.len() > 1 {
-            let t = self.cfg.auction_timeout_s;
+        if let Some(at) = self.scheds[o].deadline(id) {
+            let t = at - self.now;
             self.at(t + 1e-9, Event::Deadline { owner: o });
         }
         self.apply(o, actions);

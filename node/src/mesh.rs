@@ -112,6 +112,7 @@ impl MeshLink for NetLink {
                     .collect(),
                 shards: p.shards.iter().map(|s| (s[0], s[1])).collect(),
                 queued: p.shards.iter().map(|s| s[2]).sum(),
+                rtt_ms: p.rtt_ms.map(|r| r as f32),
             })
             .collect()
     }

@@ -240,3 +240,38 @@ fn a_bid_book_ignores_nonsense_and_forgets_on_clear() {
     book.clear();
     assert_eq!(book.held_s(1.0), 0.0);
 }
+
+#[test]
+fn an_auction_waits_only_as_long_as_its_candidates_round_trips() {
+    let cfg = SchedConfig::default();
+    let mut s = Scheduler::new(cfg);
+    s.on_rtt(1, 0.010);
+    s.on_rtt(2, 0.020);
+    let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 1.0);
+    let want = 1.0 + 0.020 * cfg.rtt_factor + cfg.rtt_margin_s;
+    assert!((s.deadline(id).unwrap() - want).abs() < 1e-12);
+    assert_eq!(award(&s.on_tick(want - 1e-6)), None);
+    assert_eq!(award(&s.on_tick(want)), Some((1, AwardBasis::Gossip)));
+    // A candidate whose round trip is unknown: the full timeout.
+    let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (3, 0.0)], 2.0);
+    assert_eq!(s.deadline(id), Some(2.0 + cfg.auction_timeout_s));
+}
+
+#[test]
+fn waiting_for_a_far_candidate_counts_against_it() {
+    // Peer 2 is faster and idle by gossip, but its bid needs 0.2 s to come
+    // back: peer 1's bid of 0.1 s wins at once rather than after the wait.
+    let mut s = Scheduler::new(SchedConfig::default());
+    s.on_load_report(1, LoadReport { queue_s: 0.0, speed: 10.0, sent_at: 0.0 }, 0.0);
+    s.on_load_report(2, LoadReport { queue_s: 0.0, speed: 20.0, sent_at: 0.0 }, 0.0);
+    s.on_rtt(1, 0.002);
+    s.on_rtt(2, 0.200);
+    let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 0.0);
+    let q = Quote { queue_s: 0.0, service_s: 0.1, transfer_s: 0.0 };
+    assert_eq!(award(&s.on_bid(id, 1, q, 0.002)), Some((1, AwardBasis::Decided)));
+    // Without the round trip known, its 0.05 s of service could still win.
+    let mut s = Scheduler::new(SchedConfig::default());
+    s.on_load_report(2, LoadReport { queue_s: 0.0, speed: 20.0, sent_at: 0.0 }, 0.0);
+    let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 0.0);
+    assert_eq!(award(&s.on_bid(id, 1, q, 0.002)), None);
+}
