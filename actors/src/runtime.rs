@@ -612,8 +612,10 @@ impl Runtime {
         let planned = ids[0];
         let award = |actions: &[SchedAction]| {
             actions.iter().find_map(|a| match *a {
-                SchedAction::Award { peer, expected_s, .. } if expected_s.is_finite() => Some((peer, expected_s)),
-                SchedAction::Award { .. } => Some((planned, f64::INFINITY)),
+                SchedAction::Award { auction: a, peer, expected_s, .. } if a == auction && expected_s.is_finite() => {
+                    Some((peer, expected_s))
+                }
+                SchedAction::Award { auction: a, .. } if a == auction => Some((planned, f64::INFINITY)),
                 _ => None,
             })
         };
@@ -668,8 +670,9 @@ impl Runtime {
                 }
             }
             if won.is_none() {
-                // The deadline has passed for whatever did not answer.
-                decided = lock(&self.0.sched).on_tick(now() + timeout.as_secs_f64());
+                // The deadline has passed, or every call has failed: this
+                // auction (not the other sessions' ones) closes on what it has.
+                decided = lock(&self.0.sched).close_now(auction, now());
                 won = award(&decided);
             }
         }

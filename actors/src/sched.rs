@@ -300,12 +300,16 @@ impl Scheduler {
     /// Closes every auction whose deadline has passed.
     pub fn on_tick(&mut self, now: f64) -> Vec<Action> {
         let due: Vec<AuctionId> = self.auctions.iter().filter(|(_, a)| a.deadline <= now).map(|(id, _)| *id).collect();
-        due.into_iter()
-            .flat_map(|id| {
-                let basis = if self.auctions[&id].bids.is_empty() { AwardBasis::Gossip } else { AwardBasis::PartialBids };
-                self.close(id, basis, now)
-            })
-            .collect()
+        due.into_iter().flat_map(|id| self.close_now(id, now)).collect()
+    }
+
+    /// Closes auction `id` now, whatever its deadline: the shell stopped
+    /// waiting for bids (every call failed or timed out). Decided as at the
+    /// deadline: among the bids in, else by gossip.
+    pub fn close_now(&mut self, id: AuctionId, now: f64) -> Vec<Action> {
+        let Some(a) = self.auctions.get(&id) else { return Vec::new() };
+        let basis = if a.bids.is_empty() { AwardBasis::Gossip } else { AwardBasis::PartialBids };
+        self.close(id, basis, now)
     }
 
     /// The earliest open deadline, for the shell's timer.

@@ -275,3 +275,18 @@ fn waiting_for_a_far_candidate_counts_against_it() {
     let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 0.0);
     assert_eq!(award(&s.on_bid(id, 1, q, 0.002)), None);
 }
+
+#[test]
+fn closing_one_auction_leaves_the_others_open() {
+    let mut s = Scheduler::new(SchedConfig::default());
+    let (a, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 0.0);
+    let (b, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 0.0);
+    s.on_bid(a, 2, quote(1.0), 0.01);
+    let closed = s.close_now(a, 0.02);
+    assert_eq!(award(&closed), Some((2, AwardBasis::PartialBids)));
+    assert!(closed.iter().all(|x| matches!(x, Action::Award { auction, .. } | Action::Release { auction, .. } if *auction == a)));
+    assert_eq!(s.open_auctions(), 1);
+    assert!(s.close_now(a, 0.03).is_empty(), "already closed");
+    assert_eq!(award(&s.on_bid(b, 1, quote(1.0), 0.03)), None);
+    assert_eq!(award(&s.on_bid(b, 2, quote(2.0), 0.03)), Some((1, AwardBasis::AllBids)));
+}
