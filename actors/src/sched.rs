@@ -6,10 +6,12 @@
 //! speed) + transfer time of the task's activation over the link. The owner
 //! awards the task to the lowest bid after adjusting every bid by what that
 //! peer's past promises turned out to be worth (an exponentially weighted
-//! ratio of actual to promised time), ties going to the lower peer id. An
-//! auction that has not heard from every candidate by its deadline awards
-//! among the bids it has; one with no bid at all falls back to the best
-//! choice by gossiped load.
+//! ratio of actual to promised time), ties going to the lower peer id. It
+//! closes as soon as no missing bid could win (a silent candidate's best case
+//! counts the wait until its bid can arrive). An auction that has not heard
+//! from every candidate by its deadline (the timeout, or sooner when the
+//! round trips to all candidates are known) awards among the bids it has;
+//! one with no bid at all falls back to the best choice by gossiped load.
 //!
 //! A bid is an offer the bidder holds: until it hears how the auction went,
 //! it counts the task's work in the bids it makes to other owners (see
