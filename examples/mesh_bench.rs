@@ -23,9 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fogmesh::node::cli::GenFlags;
+use fogmesh::node::api::types::{GenFlags, PlanView};
+use fogmesh::models::Timings;
 use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
-use fogmesh::node::run::generate_on;
+use fogmesh::node::client::generate_on;
 use serde_json::Value;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -41,12 +42,12 @@ fn flags(prompt: &str, max: usize) -> GenFlags {
     GenFlags { prompt: prompt.into(), raw: true, max_tokens: max, temperature: 0.0, ..GenFlags::default() }
 }
 
-fn decode_rate(t: &Value) -> f64 {
-    t["decode_tokens"].as_f64().unwrap_or(0.0) / (t["decode_ms"].as_f64().unwrap_or(1.0) / 1e3)
+fn decode_rate(t: &Timings) -> f64 {
+    t.decode_tokens as f64 / (t.decode_ms / 1e3)
 }
 
 /// One-process generation through the CLI: its timings.
-fn one_process(exe: &Path, f: &GenFlags, threads: usize) -> Result<Value> {
+fn one_process(exe: &Path, f: &GenFlags, threads: usize) -> Result<Timings> {
     let out = Command::new(exe)
         .args(["generate", "--raw", "--temperature", "0", "--json", "--threads", &threads.to_string()])
         .args(["--max-tokens", &f.max_tokens.to_string(), "--prompt", &f.prompt])
@@ -55,7 +56,7 @@ fn one_process(exe: &Path, f: &GenFlags, threads: usize) -> Result<Value> {
         bail!("generate failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v["timings"].clone())
+    Ok(serde_json::from_value(v["timings"].clone())?)
 }
 
 fn mesh(exe: &Path, model: &Path, peers: usize, threads: usize, pin: Option<Vec<usize>>) -> Result<LocalCluster> {
@@ -124,7 +125,7 @@ fn concurrent(http: &str, n: usize, max: usize) -> Result<f64> {
         .map(|i| {
             let http = http.to_string();
             let f = flags(["Once upon a time", "The history of computing", "In a small village", "Rust is a language"][i % 4], max);
-            std::thread::spawn(move || generate_on(&http, &f, |_| {}).map(|r| r.done["tokens"].as_array().map_or(0, |t| t.len())))
+            std::thread::spawn(move || generate_on(&http, &f, |_| {}).map(|r| r.done.tokens.len()))
         })
         .collect();
     let mut tokens = 0;
@@ -193,7 +194,7 @@ fn main() -> Result<()> {
         for _ in 0..reps {
             p1.push(decode_rate(&one_process(&exe, &story, 1)?));
             p2.push(decode_rate(&one_process(&exe, &story, cores)?));
-            d3.push(decode_rate(&generate_on(&m3.peers[0].http, &story, |_| {})?.done["timings"]));
+            d3.push(decode_rate(&generate_on(&m3.peers[0].http, &story, |_| {})?.done.timings));
         }
         let (p1, p2, d3) = (median(p1), median(p2), median(d3));
         println!("decode tok/s: one process 1 thread {p1:.1}, {cores} threads {p2:.1}; 3 peers (1 thread each) {d3:.1}");
@@ -207,9 +208,9 @@ fn main() -> Result<()> {
         let (mut t1, mut t3, mut n) = (Vec::new(), Vec::new(), 0);
         for _ in 0..reps {
             let r = generate_on(&m1.peers[0].http, &long, |_| {})?;
-            n = r.done["prompt_tokens"].as_array().map_or(0, |a| a.len());
-            t1.push(r.done["timings"]["prefill_ms"].as_f64().unwrap_or(f64::NAN));
-            t3.push(generate_on(&m3.peers[0].http, &long, |_| {})?.done["timings"]["prefill_ms"].as_f64().unwrap_or(f64::NAN));
+            n = r.done.prompt_tokens.len();
+            t1.push(r.done.timings.prefill_ms);
+            t3.push(generate_on(&m3.peers[0].http, &long, |_| {})?.done.timings.prefill_ms);
         }
         let (t1, t3) = (median(t1), median(t3));
         println!("time to first token, {n}-token prompt: 1 stage ({cores} threads) {t1:.0} ms; 3 stages (1 thread each) {t3:.0} ms; ratio {:.2}x", t3 / t1);
@@ -231,13 +232,13 @@ fn main() -> Result<()> {
         let mut gaps = Vec::new();
         for _ in 0..reps {
             let mut c = mesh(&exe, &model, 3, 1, None)?;
-            let plan: Value = serde_json::from_str(&fogmesh::node::node::http_get(&c.peers[0].http, "/plan")?)?;
-            let middle = plan["route"][1]["peer"].as_str().unwrap_or("").to_string();
+            let plan: PlanView = serde_json::from_str(&fogmesh::node::client::http_get(&c.peers[0].http, "/plan")?)?;
+            let middle = plan.route.get(1).map(|h| h.peer.clone()).unwrap_or_default();
             let idx = c.index_of(&middle).context("middle peer")?;
             // The session's own node must survive: use another one.
             let entry = (idx + 1) % c.peers.len();
             let (r, gap) = c.generate_killing(entry, idx, 100, &flags("Once upon a time", 160))?;
-            anyhow::ensure!(r.done["failovers"].as_u64().unwrap_or(0) >= 1, "no failover happened");
+            anyhow::ensure!(r.done.failovers >= 1, "no failover happened");
             gaps.push(gap.context("no token after the kill")?.as_secs_f64() * 1e3);
         }
         println!("recovery after losing the middle stage at token 100: median {:.0} ms (all: {gaps:.0?})", median(gaps.clone()));
@@ -341,7 +342,7 @@ fn main() -> Result<()> {
         let story64 = flags("Once upon a time", 64);
         let (mut f, mut l) = (Vec::new(), Vec::new());
         for _ in 0..reps.min(3) {
-            f.push(decode_rate(&generate_on(&m2.peers[0].http, &story64, |_| {})?.done["timings"]));
+            f.push(decode_rate(&generate_on(&m2.peers[0].http, &story64, |_| {})?.done.timings));
             l.push(llama_rpc(&dir, &model, 3)?);
         }
         let (f, l) = (median(f), median(l));

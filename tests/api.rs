@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fogmesh::models::{ChatMessage, LocalModel, SamplingParams};
-use fogmesh::node::cli::GenFlags;
+use fogmesh::node::api::types::GenFlags;
 use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
 use serde_json::{Value, json};
 
@@ -290,7 +290,7 @@ fn bad_input(http: &str) {
         assert!(msg.contains(needle), "{path}: {msg:?} should mention {needle:?}");
     }
     // A body past the bound.
-    let huge = vec![b' '; fogmesh::node::http::MAX_BODY + 4096];
+    let huge = vec![b' '; fogmesh::node::api::MAX_BODY + 4096];
     let (s, text) = post_raw(http, chat, &huge);
     assert_eq!(s, 413, "{text}");
     // Still serving.

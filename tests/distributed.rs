@@ -16,14 +16,15 @@ use std::time::Duration;
 
 use common::*;
 use fogmesh::models::LocalModel;
-use fogmesh::node::cli::GenFlags;
+use fogmesh::node::api::types::{Dashboard, GenEvent, GenFlags, Incident, PlanView};
+use fogmesh::node::client::{generate_on, http_get};
 use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fogmesh");
 
-fn get(http: &str, path: &str) -> Value {
-    serde_json::from_str(&fogmesh::node::node::http_get(http, path).unwrap()).unwrap()
+fn get<T: serde::de::DeserializeOwned>(http: &str, path: &str) -> T {
+    serde_json::from_str(&http_get(http, path).unwrap()).unwrap()
 }
 
 /// `n` peer processes with the model (or none), planned over all of them.
@@ -79,11 +80,11 @@ fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
     let handles: Vec<_> = jobs
         .iter()
         .cloned()
-        .map(|(node, f)| std::thread::spawn(move || fogmesh::node::run::generate_on(&node, &f, |_| {}).unwrap()))
+        .map(|(node, f)| std::thread::spawn(move || generate_on(&node, &f, |_| {}).unwrap()))
         .collect();
     for (h, (_, f)) in handles.into_iter().zip(&jobs) {
         let r = h.join().unwrap();
-        assert_eq!(tokens(&r.done), single(&local, f), "{f:?}");
+        assert_eq!(r.done.tokens, single(&local, f), "{f:?}");
     }
 }
 
@@ -92,31 +93,36 @@ fn killing_the_middle_peer_mid_generation_keeps_every_token() {
     let Some(path) = model_path() else { return };
     let local = LocalModel::load(&path, None, 1).unwrap();
     let mut c = cluster(Some(&path), 3);
-    let route = get(&c.peers[0].http, "/plan")["route"].clone();
-    let middle = route[1]["peer"].as_str().unwrap().to_string();
+    let plan: PlanView = get(&c.peers[0].http, "/plan");
+    let middle = plan.route[1].peer.clone();
     let idx = c.index_of(&middle).unwrap();
     // The session's own node (the entry) must survive: use another one.
     let f = GenFlags { max_tokens: 160, ..flags("Once upon a time", 160, 0.7, 42) };
     let want = single(&local, &f);
     let (r, gap) = c.generate_killing((idx + 1) % 3, idx, 100, &f).unwrap();
-    assert_eq!(tokens(&r.done), want, "same tokens after losing the middle stage");
-    assert!(r.done["failovers"].as_u64().unwrap() >= 1);
-    let route = r.done["route"].as_array().unwrap();
-    assert!(route.iter().all(|h| h["peer"] != middle.as_str()), "the dead peer is out of the route");
+    assert_eq!(r.done.tokens, want, "same tokens after losing the middle stage");
+    assert!(r.done.failovers >= 1);
+    assert!(r.done.route.iter().all(|h| h.peer != middle), "the dead peer is out of the route");
     // The entry node's dashboard, its status view and its metrics show it.
     let entry = &c.peers[(idx + 1) % 3].http;
-    let d = get(entry, "/v1/fogmesh/dashboard");
-    let incidents = d["incidents"].as_array().unwrap();
-    assert!(incidents.iter().any(|i| i["kind"] == "failover" && i["banned"][0] == middle.as_str()), "{d}");
-    assert!(incidents.iter().any(|i| i["kind"] == "recovered"), "{d}");
-    let view = fogmesh::node::node::status_view(entry, &d, None);
+    let d: Dashboard = get(entry, "/v1/fogmesh/dashboard");
+    let failed = d.incidents.iter().any(|i| matches!(i, Incident::Failover { banned, .. } if banned.first() == Some(&middle)));
+    assert!(failed, "{d:?}");
+    assert!(d.incidents.iter().any(|i| matches!(i, Incident::Recovered { .. })), "{d:?}");
+    let view = fogmesh::node::cli::node::status_view(entry, &d, None);
     assert!(view.contains("recent failovers:") && view.contains("recovered in"), "{view}");
-    let m = fogmesh::node::node::http_get(entry, "/metrics").unwrap();
+    let m = http_get(entry, "/metrics").unwrap();
     assert!(m.contains("fogmesh_failovers_total") && m.contains("fogmesh_failover_recovery_seconds_count"), "{m}");
     println!(
         "recovery: {:?} from the kill to the next token; session's own measure {:?}",
         gap,
-        r.incidents.iter().filter_map(|i| i["recovery_ms"].as_f64()).collect::<Vec<_>>()
+        r.incidents
+            .iter()
+            .filter_map(|i| match i {
+                GenEvent::Recovered { recovery_ms, .. } => Some(*recovery_ms),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
     );
 }
 
@@ -132,15 +138,15 @@ fn bad_input_ends_in_clear_errors() {
     let without = cluster(None, 1);
     let (http, http2) = (with.peers[0].http.clone(), without.peers[0].http.clone());
     let long = "word ".repeat(9000);
-    let err = fogmesh::node::run::generate_on(&http, &flags(&long, 8, 0.0, 0), |_| {}).unwrap_err().to_string();
+    let err = generate_on(&http, &flags(&long, 8, 0.0, 0), |_| {}).unwrap_err().to_string();
     assert!(err.contains("context"), "{err}");
-    let err = fogmesh::node::run::generate_on(&http, &GenFlags { max_tokens: 1 << 20, ..flags("hi", 8, 0.0, 0) }, |_| {})
+    let err = generate_on(&http, &GenFlags { max_tokens: 1 << 20, ..flags("hi", 8, 0.0, 0) }, |_| {})
         .unwrap_err()
         .to_string();
     assert!(err.contains("max_tokens"), "{err}");
-    let err = fogmesh::node::run::generate_on(&http2, &flags("hi", 8, 0.0, 0), |_| {}).unwrap_err().to_string();
+    let err = generate_on(&http2, &flags("hi", 8, 0.0, 0), |_| {}).unwrap_err().to_string();
     assert!(err.contains("serves no model"), "{err}");
-    let bad = fogmesh::node::node::http_get(&http, "/plan").unwrap();
+    let bad = http_get(&http, "/plan").unwrap();
     assert!(bad.contains("route"));
     // Malformed request bodies.
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -153,6 +159,6 @@ fn bad_input_ends_in_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no fogmesh node answered"));
     // The node still serves after all that.
-    let ok = fogmesh::node::run::generate_on(&http, &flags("The capital of France is", 4, 0.0, 0), |_| {}).unwrap();
-    assert_eq!(tokens(&ok.done).len(), 4);
+    let ok = generate_on(&http, &flags("The capital of France is", 4, 0.0, 0), |_| {}).unwrap();
+    assert_eq!(ok.done.tokens.len(), 4);
 }

@@ -13,7 +13,7 @@ use common::*;
 use fogmesh::models::gguf::{Gguf, write_gguf};
 use fogmesh::models::{LlamaConfig, Shard, ThreadPool, Tokenizer};
 use fogmesh::protocols::{
-    ActivationCodec, Award, Bid, CallForBids, Capabilities, Encoding, ErrorFrame, Limits, LoadReport, Message,
+    ActivationCodec, Award, Bid, CallForBids, Capabilities, Encoding, ErrorCode, ErrorFrame, Limits, LoadReport, Message,
     MessageKind, SamplingSpec, SessionCancel, SessionClose, SessionOpen, ShardAdvert, ShardLoad, StageError, StageInput,
     StageOutcome, StageReply, StageRequest, TokenResult, WeightChunkReply, WeightChunkRequest, WireDType,
     decode_payload, encode_message, read_message,
@@ -74,7 +74,7 @@ fn sample_messages() -> Vec<Message> {
         Message::StageRequest(StageRequest { request: 9, session: 2, step: 0, stage: 0, position: 0, sample: false, input: StageInput::Tokens(vec![504, 3575, 282]) }),
         Message::StageRequest(StageRequest { request: 10, session: 2, step: 1, stage: 1, position: 3, sample: true, input: StageInput::Activation(vec![1, 2, 3]) }),
         Message::StageReply(StageReply { request: 9, outcome: StageOutcome::Activation(vec![4, 5, 6]) }),
-        Message::StageReply(StageReply { request: 10, outcome: StageOutcome::Error(StageError { session: 2, peer: "12D3KooWexamplepeer".into(), code: 3, reason: "busy".into() }) }),
+        Message::StageReply(StageReply { request: 10, outcome: StageOutcome::Error(StageError { session: 2, peer: "12D3KooWexamplepeer".into(), code: ErrorCode::Busy, reason: "busy".into() }) }),
         Message::TokenResult(TokenResult { session: 2, step: 1, token: 7042, logprob: -0.1 }),
         Message::SessionOpen(SessionOpen {
             session: 2,
@@ -92,7 +92,7 @@ fn sample_messages() -> Vec<Message> {
         Message::SessionCancel(SessionCancel { session: 2, reason: "client went away".into() }),
         Message::WeightChunkRequest(WeightChunkRequest { model, tensor: "blk.0.attn_q.weight".into(), offset: 0, len: 4096 }),
         Message::WeightChunkReply(WeightChunkReply { model, tensor: "blk.0.attn_q.weight".into(), offset: 0, data: vec![9; 64] }),
-        Message::Error(ErrorFrame { request: 9, code: 1, message: "malformed".into() }),
+        Message::Error(ErrorFrame { request: 9, code: ErrorCode::Malformed, message: "malformed".into() }),
     ]
 }
 

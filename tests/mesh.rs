@@ -164,19 +164,19 @@ async fn rpc_requests_round_trip_and_overload_is_answered_busy() {
     let held = tokio::spawn(async move { h.request(sid, bid(3)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     match client.handle.request(sid, bid(4)).await.unwrap() {
-        Message::Error(e) => assert_eq!(e.code, ErrorCode::BUSY),
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::Busy),
         other => panic!("expected BUSY, got {other:?}"),
     }
     // A request dropped unanswered comes back as an error, not a hang.
     drop(server.inbound.recv().await.unwrap());
     match held.await.unwrap().unwrap() {
-        Message::Error(e) => assert_eq!(e.code, ErrorCode::INTERNAL),
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::Internal),
         other => panic!("expected INTERNAL, got {other:?}"),
     }
     // A node that serves nothing answers NOT_SERVED.
     drop(server.inbound);
     match client.handle.request(sid, bid(5)).await.unwrap() {
-        Message::Error(e) => assert_eq!(e.code, ErrorCode::NOT_SERVED),
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::NotServed),
         other => panic!("expected NOT_SERVED, got {other:?}"),
     }
     // A request to a peer nobody knows fails with an error.
@@ -220,7 +220,7 @@ async fn stage_streams_carry_frames_both_ways() {
     }
     // The server ends the stream on a message it does not expect; the client
     // sees an error, not a hang.
-    s.send(&Message::Error(fogmesh::protocols::ErrorFrame { request: 0, code: 1, message: "x".into() })).await.unwrap();
+    s.send(&Message::Error(fogmesh::protocols::ErrorFrame { request: 0, code: fogmesh::protocols::ErrorCode::Malformed, message: "x".into() })).await.unwrap();
     assert!(tokio::time::timeout(Duration::from_secs(5), s.recv()).await.unwrap().is_err());
 }
 

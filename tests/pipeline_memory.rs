@@ -199,11 +199,11 @@ async fn bad_requests_get_clear_errors() {
         })
     };
     match m.peers[0].handle_call("peer-1", open([0x11; 32], 0, 30)).await {
-        Message::Error(e) => assert!(e.code == ErrorCode::NOT_SERVED && e.message.contains("does not hold model"), "{e:?}"),
+        Message::Error(e) => assert!(e.code == ErrorCode::NotServed && e.message.contains("does not hold model"), "{e:?}"),
         other => panic!("{other:?}"),
     }
     match m.peers[0].handle_call("peer-1", open(HASH, 20, 99)).await {
-        Message::Error(e) => assert_eq!(e.code, ErrorCode::MALFORMED, "{e:?}"),
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::Malformed, "{e:?}"),
         other => panic!("{other:?}"),
     }
     // Stage traffic for a session nobody opened is answered, not dropped.

@@ -7,7 +7,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 seeds=${1:-5}
-cargo build --release --manifest-path "$root/Cargo.toml" -p fogmesh-actors --example schedsim >&2
+cargo build --release --manifest-path "$root/Cargo.toml" -p fogmesh-actors --features sim --example schedsim >&2
 sim="$root/target/release/examples/schedsim"
 out=$(mktemp)
 for peers in ${CLUSTERS:-classic 10 100}; do

@@ -1,8 +1,8 @@
 //! Compares scheduling policies on a simulated fog cluster.
 //!
 //! ```sh
-//! cargo run --release -p fogmesh-actors --example schedsim -- --peers 100 --load 0.8 --seed 1 --json
-//! cargo run --release -p fogmesh-actors --example schedsim -- --peers classic --load 0.8
+//! cargo run --release -p fogmesh-actors --features sim --example schedsim -- --peers 100 --load 0.8 --seed 1 --json
+//! cargo run --release -p fogmesh-actors --features sim --example schedsim -- --peers classic --load 0.8
 //! ```
 //!
 //! `--peers classic` is the textbook example's three nodes of capacity 10, 15

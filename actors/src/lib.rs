@@ -6,32 +6,49 @@
 //! ## Layout
 //! - `link.rs`: [`MeshLink`], the handle through which actors reach peers
 //!   (`fogmesh-node` implements it over libp2p, `memnet.rs` in memory).
-//! - `runtime.rs`: [`Runtime`], one peer's actors and the routing of inbound
-//!   traffic and calls to them; loads shards on demand.
-//! - `shard_actor.rs`: `ShardActor`, one loaded layer range with per-session KV
-//!   caches (bounded, LRU + TTL), a bounded work queue; forwards activations
-//!   to the next stage, samples on the last.
-//! - `session.rs`: `SessionActor`, one generation: route, chunked prefill,
-//!   decode, and failover by ban + new route + replay of the history.
-//! - `placement_actor.rs`: `PlacementActor`, the plan from the view; loads and
-//!   unloads this peer's shards.
-//! - `policy.rs`: sans-I/O ban list, route choice and deadlines.
+//! - `runtime.rs` (+ `runtime/`): [`Runtime`], one peer's actors: starting
+//!   sessions and placement; `registry.rs` (shards loaded here, on demand),
+//!   `routing.rs` (inbound traffic, calls, session opens), `bidding.rs`
+//!   (bids, auctions, load report), `hosts.rs` (the actors' host traits over
+//!   the runtime).
+//! - `shard_actor.rs`: `ShardActor` and its `ShardHost`: one loaded layer
+//!   range with per-session KV caches (bounded, LRU + TTL), a bounded work
+//!   queue; forwards activations to the next stage, samples on the last.
+//! - `session.rs`: `SessionActor` and its `SessionHost`: one generation:
+//!   route, chunked prefill, decode, and failover by ban + new route + replay
+//!   of the history.
+//! - `placement_actor.rs`: `PlacementActor` and its `PlacementHost`: the plan
+//!   from the view; loads and unloads this peer's shards.
+//! - `compute.rs`: [`Compute`], the thread every forward pass runs on.
+//! - `config.rs`: [`RuntimeConfig`]. `error.rs`: [`RuntimeError`].
+//!   `model.rs`: [`ModelInfo`]. `wire.rs`: engine types to and from their
+//!   wire forms.
+//! - `policy.rs`: sans-I/O ban list, route choice, deadlines, the failover
+//!   decision, cache eviction and standby ranges.
 //! - `metrics.rs`: names of the metrics the actors record (the node's
 //!   `/metrics` renders them).
-//! - `memnet.rs`: an in-memory network with injectable faults (tests).
+//! - `memnet.rs`: an in-memory network with injectable faults (feature
+//!   `testing`).
 //! - `placement.rs`: the exact, deterministic linear partition of layers over
 //!   peers (fastest slowest stage, then fewest stages) with replicas.
 //! - `sched.rs`: the sans-I/O scheduling core (gossip views, auctions, awards,
 //!   promise records).
-//! - `sim.rs`: a seeded discrete-event simulator of a fog cluster comparing
-//!   scheduling policies (`examples/schedsim.rs` is its command line).
+//! - `sim.rs` (+ `sim/`): a seeded discrete-event simulator of a fog cluster
+//!   comparing scheduling policies (feature `sim`; `examples/schedsim.rs` is
+//!   its command line); `cluster.rs` (simulated peers), `engine.rs` (the
+//!   event loop).
 
 pub use fogmesh_models as models;
 pub use fogmesh_protocols as protocols;
 
+pub mod compute;
+pub mod config;
+pub mod error;
 pub mod link;
+#[cfg(any(test, feature = "testing"))]
 pub mod memnet;
 pub mod metrics;
+pub mod model;
 pub mod placement;
 pub mod placement_actor;
 pub mod policy;
@@ -39,10 +56,17 @@ pub mod runtime;
 pub mod sched;
 pub mod session;
 pub mod shard_actor;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod wire;
 
+pub use compute::Compute;
+pub use config::RuntimeConfig;
+pub use error::RuntimeError;
+pub use fogmesh_models::GenerateRequest;
 pub use link::{LinkError, MeshLink, PeerKey, PeerView};
+pub use model::ModelInfo;
 pub use policy::Hop;
-pub use runtime::{GenerateRequest, GenerationHandle, ModelInfo, Runtime, RuntimeConfig, RuntimeError};
+pub use runtime::{GenerationHandle, Runtime};
 pub use session::{SessionEvent, SessionMsg};
 pub use ractor;

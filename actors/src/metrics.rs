@@ -16,7 +16,7 @@ pub const GENERATED_TOKENS: &str = "fogmesh_generated_tokens_total";
 pub const PROMPT_TOKENS: &str = "fogmesh_prompt_tokens_total";
 /// Counter: failovers of sessions this peer owned.
 pub const FAILOVERS: &str = "fogmesh_failovers_total";
-/// Histogram: milliseconds from noticing a failed hop to the next token.
+/// Histogram: seconds from noticing a failed hop to the next token.
 pub const RECOVERY_SECONDS: &str = "fogmesh_failover_recovery_seconds";
 
 /// Describes the metrics above (help text) on the installed recorder.

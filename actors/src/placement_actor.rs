@@ -4,11 +4,35 @@
 //! plan no longer gives it.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::policy::Hop;
-use crate::runtime::Runtime;
+use crate::config::RuntimeConfig;
+use crate::error::RuntimeError;
+use crate::link::PeerView;
+use crate::model::ModelInfo;
+use crate::policy::{self, Hop};
+
+/// What the placement actor needs of its peer: the view and the model,
+/// and loading and unloading this peer's shards.
+#[async_trait::async_trait]
+pub trait PlacementHost: Send + Sync + 'static {
+    /// This peer's id.
+    fn local_peer(&self) -> &str;
+    /// The runtime's intervals and bounds.
+    fn config(&self) -> &RuntimeConfig;
+    /// The model this peer holds.
+    fn model(&self) -> Option<&Arc<ModelInfo>>;
+    /// The peers as placement sees them (this one included).
+    async fn view(&self) -> Vec<PeerView>;
+    /// Unloads shards outside `keep` that serve no session.
+    async fn unload_except(&self, keep: &[Range<usize>]);
+    /// Loads `range` unless it is loaded.
+    async fn load(&self, range: Range<usize>) -> Result<(), RuntimeError>;
+    /// Whether a standby copy of `range` fits.
+    async fn room_for(&self, range: Range<usize>) -> bool;
+}
 
 /// Messages of the [`PlacementActor`].
 #[derive(Debug)]
@@ -21,7 +45,7 @@ pub enum PlacementMsg {
 
 /// State of the [`PlacementActor`].
 pub struct PlacementState {
-    rt: Runtime,
+    rt: Arc<dyn PlacementHost>,
     plan: Vec<Hop>,
 }
 
@@ -32,9 +56,9 @@ pub struct PlacementActor;
 impl Actor for PlacementActor {
     type Msg = PlacementMsg;
     type State = PlacementState;
-    type Arguments = Runtime;
+    type Arguments = Arc<dyn PlacementHost>;
 
-    async fn pre_start(&self, myself: ActorRef<PlacementMsg>, rt: Runtime) -> Result<PlacementState, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<PlacementMsg>, rt: Arc<dyn PlacementHost>) -> Result<PlacementState, ActorProcessingErr> {
         // The first look waits one interval, so peers starting together see
         // each other before anyone loads a range.
         myself.send_after(rt.config().placement_interval, || PlacementMsg::Tick);
@@ -44,7 +68,12 @@ impl Actor for PlacementActor {
     async fn handle(&self, myself: ActorRef<PlacementMsg>, msg: PlacementMsg, st: &mut PlacementState) -> Result<(), ActorProcessingErr> {
         match msg {
             PlacementMsg::Tick => {
-                match st.rt.route(&[]).await {
+                let Some(model) = st.rt.model().cloned() else {
+                    return Ok(());
+                };
+                let view = st.rt.view().await;
+                let cands = policy::candidates(&view, &model.hash, &[], st.rt.config().memory_cap);
+                match policy::route(&model.costs, &cands) {
                     Ok(plan) if plan != st.plan => {
                         let map: Vec<String> =
                             plan.iter().map(|h| format!("{}:{}..{}", short(&h.peer), h.start, h.end)).collect();
@@ -56,23 +85,15 @@ impl Actor for PlacementActor {
                         // other peer of the plan were lost, loaded ahead so a
                         // failover finds them ready (as memory and the shard
                         // bound allow).
-                        let mut standby: Vec<Range<usize>> = Vec::new();
-                        if st.rt.config().standby_shards {
-                            for lost in plan.iter().filter(|h| h.peer != me) {
-                                if let Ok(alt) = st.rt.route(std::slice::from_ref(&lost.peer)).await {
-                                    for h in alt.iter().filter(|h| h.peer == me) {
-                                        let r = h.start..h.end;
-                                        if !mine.contains(&r) && !standby.contains(&r) {
-                                            standby.push(r);
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                        let standby = if st.rt.config().standby_shards {
+                            policy::standby_ranges(&model.costs, &cands, &plan, &me)
+                        } else {
+                            Vec::new()
+                        };
                         let keep: Vec<Range<usize>> = mine.iter().chain(&standby).cloned().collect();
                         st.rt.unload_except(&keep).await;
                         for r in &mine {
-                            if let Err(e) = st.rt.ensure_shard(r.clone()).await {
+                            if let Err(e) = st.rt.load(r.clone()).await {
                                 tracing::warn!(layers = ?r, error = %e, "could not load the planned shard");
                             }
                         }
@@ -80,8 +101,8 @@ impl Actor for PlacementActor {
                             if !st.rt.room_for(r.clone()).await {
                                 break;
                             }
-                            match st.rt.ensure_shard(r.clone()).await {
-                                Ok(_) => tracing::info!(layers = ?r, "standby shard ready for a failover"),
+                            match st.rt.load(r.clone()).await {
+                                Ok(()) => tracing::info!(layers = ?r, "standby shard ready for a failover"),
                                 Err(e) => tracing::debug!(layers = ?r, error = %e, "no standby shard"),
                             }
                         }
@@ -101,8 +122,22 @@ impl Actor for PlacementActor {
     }
 }
 
-/// The last characters of a peer id, for logs and stage maps.
+/// The last eight characters of a peer id, for logs and stage maps (cut
+/// at a character boundary, whatever the id holds).
 pub fn short(peer: &str) -> &str {
-    let n = peer.len();
-    &peer[n.saturating_sub(8)..]
+    let cut = peer.char_indices().rev().nth(7).map_or(0, |(i, _)| i);
+    &peer[cut..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+
+    #[test]
+    fn short_ids_cut_at_character_boundaries() {
+        assert_eq!(short("12D3KooWabcdefgh"), "abcdefgh");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short("ééééééééé"), "éééééééé");
+        assert_eq!(short(""), "");
+    }
 }

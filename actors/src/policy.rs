@@ -1,10 +1,13 @@
-//! Sans-I/O policy of sessions: banning failed peers with backoff, choosing a
-//! route from the view, and how long a hop may take.
+//! Sans-I/O policy of sessions and shards: banning failed peers with
+//! backoff, choosing a route from the view, how long a hop may take, what a
+//! session does about a late or failed step, which session caches a shard
+//! evicts, and which standby ranges a peer keeps.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use fogmesh_protocols::ModelHash;
+use fogmesh_protocols::{ErrorCode, ModelHash};
 
 use crate::link::{PeerKey, PeerView};
 use crate::placement::{self, ModelCosts, PlacementPeer};
@@ -98,6 +101,107 @@ impl Deadlines {
     /// treats it as lost.
     pub fn step(&self, tokens: usize) -> Duration {
         self.base + self.per_token.saturating_mul(tokens.min(1 << 20) as u32)
+    }
+}
+
+/// Standby ranges of `me`: what it would serve if any one other peer of
+/// `plan` were lost (the plan over `peers` without that peer), minus what the
+/// plan already gives it; each range once, in the order the lost peers appear.
+pub fn standby_ranges(costs: &ModelCosts, peers: &[PlacementPeer], plan: &[Hop], me: &str) -> Vec<Range<usize>> {
+    let mine: Vec<Range<usize>> = plan.iter().filter(|h| h.peer == me).map(|h| h.start..h.end).collect();
+    let mut standby: Vec<Range<usize>> = Vec::new();
+    let mut lost_seen: Vec<&str> = Vec::new();
+    for lost in plan.iter().filter(|h| h.peer != me) {
+        if lost_seen.contains(&lost.peer.as_str()) {
+            continue;
+        }
+        lost_seen.push(&lost.peer);
+        let rest: Vec<PlacementPeer> = peers.iter().filter(|p| p.id != lost.peer).cloned().collect();
+        let Ok(alt) = route(costs, &rest) else { continue };
+        for h in alt.iter().filter(|h| h.peer == me) {
+            let r = h.start..h.end;
+            if !mine.contains(&r) && !standby.contains(&r) {
+                standby.push(r);
+            }
+        }
+    }
+    standby
+}
+
+/// The session caches a shard drops before opening one more: every cache
+/// idle longer than `ttl`, then the least recently used until fewer than
+/// `max` remain (`max` at least 1). `caches` is `(session, last used)`.
+pub fn evictions(caches: &[(u64, Instant)], now: Instant, ttl: Duration, max: usize) -> Vec<u64> {
+    let mut out: Vec<u64> = caches.iter().filter(|(_, t)| now.saturating_duration_since(*t) > ttl).map(|(k, _)| *k).collect();
+    let mut live: Vec<(u64, Instant)> = caches.iter().filter(|(k, _)| !out.contains(k)).copied().collect();
+    // Oldest first; ties by session id so the choice is deterministic.
+    live.sort_by_key(|&(k, t)| (t, k));
+    let excess = (live.len() + 1).saturating_sub(max.max(1));
+    out.extend(live.iter().take(excess).map(|(k, _)| *k));
+    out
+}
+
+/// What went wrong with a session's step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trouble {
+    /// These peers failed.
+    Culprits(Vec<PeerKey>, String),
+    /// Something failed; find out who (probe the hops).
+    Unknown(String),
+    /// Not a peer's fault (an evicted cache): rebuild on a fresh route.
+    Rebuild(String),
+}
+
+/// How a session reads a stage error from `e_peer` (empty when unknown)
+/// with `code`: an error that ends the generation (`Err`: the model itself
+/// failed, or this peer's own stage refused the input), or trouble to fail
+/// over from.
+pub fn stage_trouble(code: ErrorCode, e_peer: &str, reason: String, local: &str) -> Result<Trouble, String> {
+    match code {
+        ErrorCode::Model => Err(format!("stage {e_peer} failed: {reason}")),
+        ErrorCode::Malformed if e_peer == local => Err(format!("stage failed: {reason}")),
+        ErrorCode::UnknownSession => Ok(Trouble::Rebuild(reason)),
+        _ if e_peer.is_empty() => Ok(Trouble::Unknown(reason)),
+        _ => Ok(Trouble::Culprits(vec![e_peer.to_string()], reason)),
+    }
+}
+
+/// Deadlines a step may miss while the pipeline reports queued work before
+/// the session treats the route as broken.
+pub const MAX_BUSY_WAITS: u32 = 30;
+/// Deadlines a step may miss while every hop answers probes and none has
+/// work queued.
+pub const MAX_STALLS: u32 = 2;
+
+/// What a session does about a late step, once its hops were probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LateStep {
+    /// Every hop answers and work is queued: the pipeline is loaded, not
+    /// broken; wait another deadline.
+    WaitBusy,
+    /// Every hop answers: slow, not broken; wait another deadline.
+    WaitSlow,
+    /// Fail over, banning these peers.
+    FailOver(Vec<PeerKey>, String),
+}
+
+/// The failover decision for a step that missed its deadline (`why`):
+/// `dead` are the hops that did not answer a probe, `busy` whether any hop
+/// has stage work waiting; `busy_waits` and `stalls` count the deadlines
+/// already waited out on this step. This peer (`local`) is never a culprit.
+pub fn late_step(why: &str, dead: Vec<PeerKey>, busy: bool, busy_waits: u32, stalls: u32, route: &[Hop], local: &str) -> LateStep {
+    if dead.is_empty() && busy && busy_waits < MAX_BUSY_WAITS {
+        return LateStep::WaitBusy;
+    }
+    if dead.is_empty() && stalls < MAX_STALLS {
+        return LateStep::WaitSlow;
+    }
+    if dead.is_empty() {
+        let culprits = route.iter().map(|h| h.peer.clone()).filter(|p| p != local).collect();
+        LateStep::FailOver(culprits, format!("{why}, repeatedly"))
+    } else {
+        let culprits = dead.into_iter().filter(|p| p != local).collect();
+        LateStep::FailOver(culprits, format!("{why}; hop did not answer a probe"))
     }
 }
 

@@ -9,20 +9,51 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fogmesh_models::{Generation, GenerationState, Step, Timings};
+use fogmesh_models::{GenerateRequest, Generation, GenerationState, Step, Timings};
 use fogmesh_protocols::{
-    ErrorCode, Message, SamplingSpec, SessionClose, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
+    ErrorCode, Message, SessionClose, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
-use crate::link::PeerKey;
-use crate::policy::{BanList, Hop};
-use crate::runtime::{GenerateRequest, ModelInfo, Runtime};
+use crate::config::RuntimeConfig;
+use crate::error::RuntimeError;
+use crate::link::{LinkError, PeerKey, PeerView};
+use crate::model::ModelInfo;
+use crate::policy::{self, BanList, Hop, LateStep, Trouble};
 
-/// Deadlines a step may miss while the pipeline reports queued work
-/// before the session treats the route as broken.
-const MAX_BUSY_WAITS: u32 = 30;
+/// What a session actor needs of its peer: routes and the view, auctions
+/// for its hops, ids, sending and calling (looped back in-process when the
+/// peer is this one), and registration of its wire ids so inbound tokens
+/// and stage errors reach it.
+#[async_trait::async_trait]
+pub trait SessionHost: Send + Sync + 'static {
+    /// This peer's id.
+    fn local_peer(&self) -> &str;
+    /// The runtime's bounds and timeouts.
+    fn config(&self) -> &RuntimeConfig;
+    /// A fresh id (wire sessions, requests).
+    fn next_id(&self) -> u64;
+    /// The route placement gives, leaving out `excluded`.
+    async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError>;
+    /// The peers as placement sees them (this one included).
+    async fn view(&self) -> Vec<PeerView>;
+    /// Runs an auction among `candidates` (the planned peer first) for
+    /// `range`; the winner and its promise in seconds.
+    async fn auction(&self, candidates: &[PeerKey], range: std::ops::Range<usize>, tokens: usize) -> Option<(PeerKey, f64)>;
+    /// How an awarded peer's promise turned out.
+    fn auction_outcome(&self, peer: &str, promised_s: f64, actual_s: f64);
+    /// Sends stage traffic to `peer`.
+    async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError>;
+    /// Calls `peer`.
+    async fn call(&self, peer: &str, msg: Message) -> Result<Message, LinkError>;
+    /// Routes inbound traffic for wire session `wire` to `actor`.
+    fn register_session(&self, wire: u64, actor: ActorRef<SessionMsg>);
+    /// Stops routing wire session `wire`.
+    fn unregister_session(&self, wire: u64);
+    /// Whether any shard of this peer has stage work waiting.
+    async fn local_busy(&self) -> bool;
+}
 
 /// What a generation reports to its caller, in order.
 #[derive(Debug, Clone)]
@@ -90,7 +121,7 @@ pub enum SessionMsg {
 
 /// State of a [`SessionActor`].
 pub struct SessionState {
-    rt: Runtime,
+    rt: Arc<dyn SessionHost>,
     model: Arc<ModelInfo>,
     state: Option<GenerationState>,
     max_tokens: usize,
@@ -119,26 +150,6 @@ pub struct SessionState {
 /// The actor owning one generation.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SessionActor;
-
-fn spec(p: &fogmesh_models::SamplingParams) -> SamplingSpec {
-    SamplingSpec {
-        temperature: p.temperature,
-        top_k: p.top_k.min(u32::MAX as usize) as u32,
-        top_p: p.top_p,
-        repetition_penalty: p.repetition_penalty,
-        repeat_last_n: p.repeat_last_n.min(u32::MAX as usize) as u32,
-        seed: p.seed,
-    }
-}
-
-enum Trouble {
-    /// These peers failed.
-    Culprits(Vec<PeerKey>, String),
-    /// Something failed; find out who.
-    Unknown(String),
-    /// Not a peer's fault (an evicted cache): rebuild on a fresh route.
-    Rebuild(String),
-}
 
 impl SessionState {
     fn state(&mut self) -> &mut GenerationState {
@@ -180,7 +191,7 @@ impl SessionState {
             let state = self.state.as_ref().expect("generation state");
             let history = state.history().to_vec();
             let draws = state.sampler().draws();
-            let sampling = spec(state.sampler().params());
+            let sampling = crate::wire::sampling_spec(state.sampler().params());
             let mut failed = Vec::new();
             let opens = route.iter().enumerate().map(|(i, h)| {
                 let open = SessionOpen {
@@ -288,7 +299,15 @@ impl SessionState {
     /// stage, in chunks; the last chunk asks for a sample.
     async fn send_tokens(&mut self, myself: &ActorRef<SessionMsg>, tokens: &[u32], pos: usize) {
         let chunk = self.rt.config().prefill_chunk.max(1);
-        let first = self.route[0].peer.clone();
+        let Some(first) = self.route.first().map(|h| h.peer.clone()) else {
+            let _ = myself.cast(SessionMsg::Failed(StageError {
+                session: self.wire,
+                peer: String::new(),
+                code: ErrorCode::NotServed,
+                reason: "the route has no hop".into(),
+            }));
+            return;
+        };
         let n = tokens.len();
         for (i, c) in tokens.chunks(chunk).enumerate() {
             let msg = Message::StageRequest(StageRequest {
@@ -305,7 +324,7 @@ impl SessionState {
                 let _ = myself.cast(SessionMsg::Failed(StageError {
                     session: self.wire,
                     peer: first.clone(),
-                    code: ErrorCode::NOT_SERVED,
+                    code: ErrorCode::NotServed,
                     reason: e.to_string(),
                 }));
                 return;
@@ -337,7 +356,7 @@ impl SessionState {
             }
         });
         let answers = futures::future::join_all(probes).await;
-        let local_busy = self.rt.shards().await.iter().any(|s| s.queued.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        let local_busy = self.rt.local_busy().await;
         let busy = local_busy || answers.iter().any(|(_, _, b)| *b);
         (answers.into_iter().filter(|(_, ok, _)| !ok).map(|(p, _, _)| p).collect(), busy)
     }
@@ -351,28 +370,23 @@ impl SessionState {
             Trouble::Rebuild(r) => (Vec::new(), r),
             Trouble::Unknown(r) => {
                 let (dead, busy) = self.probe().await;
-                if dead.is_empty() && busy && self.busy_waits < MAX_BUSY_WAITS {
-                    // Every hop answers and work is queued: the pipeline is
-                    // loaded, not broken (many sessions at once).
-                    self.busy_waits += 1;
-                    tracing::debug!(session = self.wire, step = self.step, "step is late; the pipeline is busy; waiting longer");
-                    let n = self.pending_tokens;
-                    self.arm(myself, n);
-                    return Ok(());
-                }
-                if dead.is_empty() && self.stalls < 2 {
-                    // Every hop answers: the pipeline is slow, not broken.
-                    self.stalls += 1;
-                    tracing::info!(session = self.wire, step = self.step, "step is late but every hop answers; waiting longer");
-                    let n = self.pending_tokens;
-                    self.arm(myself, n);
-                    return Ok(());
-                }
-                if dead.is_empty() {
-                    let local = self.rt.local_peer().to_string();
-                    (self.route.iter().map(|h| h.peer.clone()).filter(|p| *p != local).collect(), format!("{r}, repeatedly"))
-                } else {
-                    (dead, format!("{r}; hop did not answer a probe"))
+                let local = self.rt.local_peer().to_string();
+                match policy::late_step(&r, dead, busy, self.busy_waits, self.stalls, &self.route, &local) {
+                    LateStep::WaitBusy => {
+                        self.busy_waits += 1;
+                        tracing::debug!(session = self.wire, step = self.step, "step is late; the pipeline is busy; waiting longer");
+                        let n = self.pending_tokens;
+                        self.arm(myself, n);
+                        return Ok(());
+                    }
+                    LateStep::WaitSlow => {
+                        self.stalls += 1;
+                        tracing::info!(session = self.wire, step = self.step, "step is late but every hop answers; waiting longer");
+                        let n = self.pending_tokens;
+                        self.arm(myself, n);
+                        return Ok(());
+                    }
+                    LateStep::FailOver(culprits, reason) => (culprits, reason),
                 }
             }
         };
@@ -470,7 +484,7 @@ impl SessionState {
 impl Actor for SessionActor {
     type Msg = SessionMsg;
     type State = SessionState;
-    type Arguments = (Runtime, Arc<ModelInfo>, GenerateRequest, mpsc::Sender<SessionEvent>);
+    type Arguments = (Arc<dyn SessionHost>, Arc<ModelInfo>, GenerateRequest, mpsc::Sender<SessionEvent>);
 
     async fn pre_start(&self, myself: ActorRef<SessionMsg>, args: Self::Arguments) -> Result<SessionState, ActorProcessingErr> {
         let (rt, model, req, events) = args;
@@ -527,13 +541,7 @@ impl Actor for SessionActor {
                 if e.session != st.wire {
                     return Ok(());
                 }
-                let t = match e.code {
-                    ErrorCode::MODEL => Err(format!("stage {} failed: {}", e.peer, e.reason)),
-                    ErrorCode::MALFORMED if e.peer == st.rt.local_peer() => Err(format!("stage failed: {}", e.reason)),
-                    ErrorCode::UNKNOWN_SESSION => Ok(Trouble::Rebuild(e.reason)),
-                    _ if e.peer.is_empty() => Ok(Trouble::Unknown(e.reason)),
-                    _ => Ok(Trouble::Culprits(vec![e.peer], e.reason)),
-                };
+                let t = policy::stage_trouble(e.code, &e.peer, e.reason, st.rt.local_peer());
                 match t {
                     Ok(t) => st.trouble(&myself, t).await.map(|()| false),
                     Err(e) => Err(e),

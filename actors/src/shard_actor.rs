@@ -8,14 +8,39 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use fogmesh_models::{LogitsFor, Sampler, SamplingParams, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
+use fogmesh_models::{LogitsFor, Sampler, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
 use fogmesh_protocols::{
-    ActivationCodec, Encoding, ErrorCode, Message, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
+    ActivationCodec, Encoding, ErrorCode, Message, SessionOpen, StageError, StageInput, StageOutcome, StageReply,
+    StageRequest, TokenResult,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::link::PeerKey;
-use crate::runtime::Runtime;
+use crate::compute::Compute;
+use crate::config::RuntimeConfig;
+use crate::link::{LinkError, PeerKey};
+use crate::policy;
+
+/// What a shard actor needs of its peer: who it is, its bounds, a way to
+/// send (looped back in-process when the peer is this one), and to let go of
+/// a session it no longer serves.
+#[async_trait::async_trait]
+pub trait ShardHost: Send + Sync + 'static {
+    /// This peer's id.
+    fn local_peer(&self) -> &str;
+    /// The runtime's bounds and timeouts.
+    fn config(&self) -> &RuntimeConfig;
+    /// Sends stage traffic to `peer`.
+    async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError>;
+    /// The session is no longer served here (its cache is gone).
+    fn forget_served(&self, session: u64);
+    /// Reports a failed stage request to whoever should hear of it.
+    async fn report(&self, to: &str, request: u64, err: StageError) {
+        let msg = Message::StageReply(StageReply { request, outcome: StageOutcome::Error(err) });
+        if let Err(e) = self.send(to, msg).await {
+            tracing::debug!(peer = to, error = %e, "could not report a stage error");
+        }
+    }
+}
 
 /// Messages of a [`ShardActor`].
 #[derive(Debug)]
@@ -31,7 +56,7 @@ pub enum ShardMsg {
 }
 
 /// A shard's state, for status pages and tests.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ShardStatus {
     /// First layer.
     pub start: usize,
@@ -53,8 +78,10 @@ pub struct ShardStatus {
 pub struct ShardArgs {
     /// The loaded range.
     pub shard: Arc<Shard>,
-    /// This peer's runtime.
-    pub rt: Runtime,
+    /// This peer, as the actor sees it.
+    pub host: Arc<dyn ShardHost>,
+    /// The compute thread its forward passes run on.
+    pub compute: Compute,
     /// Work waiting (shared with the runtime, which refuses work past its bound).
     pub queued: Arc<AtomicUsize>,
     /// Measured microseconds per token (EWMA), for bids.
@@ -76,7 +103,8 @@ struct Session {
 /// State of a [`ShardActor`].
 pub struct ShardState {
     shard: Arc<Shard>,
-    rt: Runtime,
+    rt: Arc<dyn ShardHost>,
+    compute: Compute,
     queued: Arc<AtomicUsize>,
     us_per_token: Arc<AtomicU64>,
     sessions: HashMap<u64, Session>,
@@ -90,7 +118,7 @@ pub struct ShardState {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ShardActor;
 
-fn stage_error(session: u64, peer: &str, code: u16, reason: impl Into<String>) -> StageError {
+fn stage_error(session: u64, peer: &str, code: ErrorCode, reason: impl Into<String>) -> StageError {
     StageError { session, peer: peer.to_string(), code, reason: reason.into() }
 }
 
@@ -98,32 +126,18 @@ impl ShardState {
     fn open(&mut self, open: SessionOpen) -> Result<(), StageError> {
         let local = self.rt.local_peer().to_string();
         let now = Instant::now();
-        let ttl = self.rt.config().session_ttl;
-        let expired: Vec<u64> =
-            self.sessions.iter().filter(|(_, s)| now.duration_since(s.last_used) > ttl).map(|(k, _)| *k).collect();
-        for k in expired {
+        let cfg = self.rt.config();
+        let caches: Vec<(u64, Instant)> = self.sessions.iter().map(|(k, s)| (*k, s.last_used)).collect();
+        for k in policy::evictions(&caches, now, cfg.session_ttl, cfg.max_sessions_per_shard) {
+            tracing::info!(session = k, "evicting a session cache (idle past its TTL, or the least recently used)");
             self.sessions.remove(&k);
             self.rt.forget_served(k);
         }
-        while self.sessions.len() >= self.rt.config().max_sessions_per_shard.max(1) {
-            let Some((&oldest, _)) = self.sessions.iter().min_by_key(|(_, s)| s.last_used) else { break };
-            tracing::info!(session = oldest, "evicting the least recently used session cache");
-            self.sessions.remove(&oldest);
-            self.rt.forget_served(oldest);
-        }
         let sampler = if self.shard.is_last() {
-            let s = &open.sampling;
-            let params = SamplingParams {
-                temperature: s.temperature,
-                top_k: s.top_k as usize,
-                top_p: s.top_p,
-                repetition_penalty: s.repetition_penalty,
-                repeat_last_n: s.repeat_last_n as usize,
-                seed: s.seed,
-            };
+            let params = crate::wire::sampling_params(&open.sampling);
             Some(
                 Sampler::resume(params, u64::from(open.draws))
-                    .map_err(|e| stage_error(open.session, &local, ErrorCode::MALFORMED, e.to_string()))?,
+                    .map_err(|e| stage_error(open.session, &local, ErrorCode::Malformed, e.to_string()))?,
             )
         } else {
             None
@@ -132,7 +146,7 @@ impl ShardState {
             return Err(stage_error(
                 open.session,
                 &local,
-                ErrorCode::MALFORMED,
+                ErrorCode::Malformed,
                 "exactly the stage holding the last layer has no next hop",
             ));
         }
@@ -157,7 +171,7 @@ impl ShardState {
         self.queued.fetch_sub(1, Ordering::Relaxed);
         let local = self.rt.local_peer().to_string();
         let Some(sess) = self.sessions.get_mut(&req.session) else {
-            let e = stage_error(req.session, &local, ErrorCode::UNKNOWN_SESSION, "session evicted or closed");
+            let e = stage_error(req.session, &local, ErrorCode::UnknownSession, "session evicted or closed");
             self.rt.report(&from, req.request, e).await;
             return;
         };
@@ -167,7 +181,7 @@ impl ShardState {
         let pos = req.position as usize;
         if pos > cache.pos() {
             sess.cache = Some(cache);
-            let e = stage_error(req.session, &local, ErrorCode::UNKNOWN_SESSION, format!("input at position {pos} but {} tokens are cached", sess.cache.as_ref().map_or(0, |c| c.pos())));
+            let e = stage_error(req.session, &local, ErrorCode::UnknownSession, format!("input at position {pos} but {} tokens are cached", sess.cache.as_ref().map_or(0, |c| c.pos())));
             self.rt.report(&owner, req.request, e).await;
             return;
         }
@@ -182,13 +196,13 @@ impl ShardState {
                     Ok(info) if info.width == d && x.len() == info.tokens * d => Input::Hidden(x),
                     Ok(info) => {
                         sess.cache = Some(cache);
-                        let e = stage_error(req.session, &from, ErrorCode::MALFORMED, format!("activation of width {} for a model of width {d}", info.width));
+                        let e = stage_error(req.session, &from, ErrorCode::Malformed, format!("activation of width {} for a model of width {d}", info.width));
                         self.rt.report(&owner, req.request, e).await;
                         return;
                     }
                     Err(err) => {
                         sess.cache = Some(cache);
-                        let e = stage_error(req.session, &from, ErrorCode::MALFORMED, format!("undecodable activation: {err}"));
+                        let e = stage_error(req.session, &from, ErrorCode::Malformed, format!("undecodable activation: {err}"));
                         self.rt.report(&owner, req.request, e).await;
                         return;
                     }
@@ -201,14 +215,14 @@ impl ShardState {
         };
         if pos + n > sess.max_tokens {
             sess.cache = Some(cache);
-            let e = stage_error(req.session, &local, ErrorCode::MODEL, format!("{} tokens exceed the session's bound of {}", pos + n, sess.max_tokens));
+            let e = stage_error(req.session, &local, ErrorCode::Model, format!("{} tokens exceed the session's bound of {}", pos + n, sess.max_tokens));
             self.rt.report(&owner, req.request, e).await;
             return;
         }
         tracing::trace!(session = req.session, step = req.step, "forward start");
         let shard = self.shard.clone();
         let t0 = Instant::now();
-        let joined = self.rt.compute(move || {
+        let joined = self.compute.run(move || {
             let r = match &input {
                 Input::Tokens(t) => shard.forward(&mut cache, ShardInput::Tokens(t), LogitsFor::Last),
                 Input::Hidden(h) => shard.forward(&mut cache, ShardInput::Hidden(h), LogitsFor::Last),
@@ -220,7 +234,7 @@ impl ShardState {
         let (cache, out) = match joined {
             Ok(v) => v,
             Err(e) => {
-                let e = stage_error(req.session, &local, ErrorCode::INTERNAL, format!("forward pass failed: {e}"));
+                let e = stage_error(req.session, &local, ErrorCode::Internal, format!("forward pass failed: {e}"));
                 self.rt.report(&owner, req.request, e).await;
                 self.sessions.remove(&req.session);
                 self.rt.forget_served(req.session);
@@ -238,13 +252,13 @@ impl ShardState {
         tracing::trace!(session = req.session, step = req.step, "forward done");
         match out {
             Err(err) => {
-                let e = stage_error(req.session, &local, ErrorCode::MODEL, err.to_string());
+                let e = stage_error(req.session, &local, ErrorCode::Model, err.to_string());
                 self.rt.report(&owner, req.request, e).await;
             }
             Ok(ShardOutput::Hidden(h)) => {
                 let mut bytes = Vec::new();
                 if let Err(err) = self.codec.encode(&h, n, d, Encoding::F32, &mut bytes) {
-                    let e = stage_error(req.session, &local, ErrorCode::INTERNAL, err.to_string());
+                    let e = stage_error(req.session, &local, ErrorCode::Internal, err.to_string());
                     self.rt.report(&owner, req.request, e).await;
                     return;
                 }
@@ -261,7 +275,7 @@ impl ShardState {
                     input: StageInput::Activation(bytes),
                 });
                 if let Err(err) = self.rt.send(&next, msg).await {
-                    let e = stage_error(req.session, &next, ErrorCode::NOT_SERVED, format!("next stage unreachable: {err}"));
+                    let e = stage_error(req.session, &next, ErrorCode::NotServed, format!("next stage unreachable: {err}"));
                     self.rt.report(&owner, req.request, e).await;
                 }
             }
@@ -273,7 +287,7 @@ impl ShardState {
                 let token = match sampler.sample(&l, &sess.history) {
                     Ok(t) => t,
                     Err(err) => {
-                        let e = stage_error(req.session, &local, ErrorCode::MODEL, err.to_string());
+                        let e = stage_error(req.session, &local, ErrorCode::Model, err.to_string());
                         self.rt.report(&owner, req.request, e).await;
                         return;
                     }
@@ -310,7 +324,8 @@ impl Actor for ShardActor {
         Ok(ShardState {
             label: format!("{}..{}", r.start, r.end),
             shard: args.shard,
-            rt: args.rt,
+            rt: args.host,
+            compute: args.compute,
             queued: args.queued,
             us_per_token: args.us_per_token,
             sessions: HashMap::new(),

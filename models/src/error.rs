@@ -83,3 +83,30 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 pub(crate) fn gguf_err(msg: impl Into<String>) -> ModelError {
     ModelError::Gguf(msg.into())
 }
+
+/// What kind of check a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequestErrorKind {
+    /// A field is out of its range.
+    Invalid,
+    /// The prompt, or the prompt plus `max_tokens`, does not fit the context.
+    ContextExceeded,
+}
+
+/// Why a request was refused: the field at fault and a message for the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    /// The field at fault, as the APIs name it (`prompt`, `max_tokens`,
+    /// `temperature`, `top_p`, `repeat_penalty`, `stop`).
+    pub param: &'static str,
+    /// The kind of failure.
+    pub kind: RequestErrorKind,
+    /// What is wrong, and what would be accepted.
+    pub message: String,
+}
+
+pub(crate) fn invalid(param: &'static str, message: String) -> RequestError {
+    RequestError { param, kind: RequestErrorKind::Invalid, message }
+}

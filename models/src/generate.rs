@@ -28,7 +28,7 @@ pub const PREFILL_CHUNK: usize = 256;
 pub type BoundaryHook<'a> = dyn FnMut(usize, &mut Vec<f32>) -> Result<()> + 'a;
 
 /// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// An end-of-generation token or a stop string.

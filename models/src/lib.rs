@@ -26,6 +26,7 @@
 //!   cache for one session).
 //! - `tokenizer.rs`: [`Tokenizer`] and chat template from metadata.
 //! - `sampling.rs`: [`Sampler`].
+//! - `request.rs`: [`GenerateRequest`] and its one set of checks.
 //! - `generate.rs`: [`GenerationState`] (the token loop) and [`LocalModel`].
 //! - `profile.rs`: per-layer cost for placement.
 //! - `paths.rs`: cache directory and the default model's identity.
@@ -41,6 +42,7 @@ mod paths;
 mod pool;
 mod profile;
 mod quant;
+mod request;
 pub mod reference;
 mod sampling;
 mod shard;
@@ -49,7 +51,7 @@ mod tokenizer;
 pub mod testing;
 
 pub use config::LlamaConfig;
-pub use error::{ModelError, Result};
+pub use error::{ModelError, RequestError, RequestErrorKind, Result};
 pub use generate::{
     BoundaryHook, FinishReason, Generation, GenerationState, LocalModel, PREFILL_CHUNK, Step, Timings, uneven_ranges,
 };
@@ -59,7 +61,8 @@ pub use paths::{
 };
 pub use pool::ThreadPool;
 pub use profile::{LayerCost, ModelProfile};
-pub use sampling::{Sampler, SamplingParams, TokenLogit, argmax, log_prob, top_logits};
+pub use request::{GenerateRequest, MAX_STOP_BYTES, MAX_STOPS};
+pub use sampling::{MAX_REPEAT_PENALTY, MAX_TEMPERATURE, REPEAT_LAST_N, Sampler, SamplingParams, TokenLogit, argmax, log_prob, top_logits};
 pub use shard::{LogitsFor, SessionCache, Shard, ShardInput, ShardOutput};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

@@ -5,7 +5,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
+use crate::error::{ModelError, RequestError, Result, invalid};
+
+/// Highest sampling temperature (OpenAI's bound).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+/// Highest repetition penalty.
+pub const MAX_REPEAT_PENALTY: f32 = 10.0;
+/// Recent tokens the repetition penalty looks at, everywhere.
+pub const REPEAT_LAST_N: usize = 64;
 
 /// How to pick tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,7 +33,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 40, top_p: 0.95, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplingParams { temperature: 0.0, top_k: 40, top_p: 0.95, repetition_penalty: 1.0, repeat_last_n: REPEAT_LAST_N, seed: 0 }
     }
 }
 
@@ -38,15 +45,23 @@ impl SamplingParams {
 
     /// Checks the parameters, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(ModelError::Sampling(m));
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!("temperature {} must be a finite number >= 0", self.temperature));
+        self.check().map_err(|e| ModelError::Sampling(e.message))
+    }
+
+    /// Checks the parameters against the bounds every entry point applies,
+    /// naming the field at fault.
+    pub fn check(&self) -> std::result::Result<(), RequestError> {
+        let p = self;
+        let t = p.temperature;
+        if !(t.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&t)) {
+            return Err(invalid("temperature", format!("temperature must be between 0 and {MAX_TEMPERATURE}, got {t}")));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
+        if !(p.top_p.is_finite() && p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(invalid("top_p", format!("top_p must be in (0, 1], got {}", p.top_p)));
         }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!("repetition penalty {} must be > 0", self.repetition_penalty));
+        let r = p.repetition_penalty;
+        if !(r.is_finite() && r > 0.0 && r <= MAX_REPEAT_PENALTY) {
+            return Err(invalid("repeat_penalty", format!("repeat_penalty must be in (0, {MAX_REPEAT_PENALTY}], got {r}")));
         }
         Ok(())
     }

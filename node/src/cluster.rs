@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
-
-use crate::node::{HTTP_ADDR_FILE, http_get};
+use crate::api::types::{GenFlags, PlanView};
+use crate::client::{HTTP_ADDR_FILE, MeshRun, generate_on, http_get};
+use crate::mesh::NodeStatus;
 
 /// How to start a [`LocalCluster`].
 #[derive(Debug, Clone)]
@@ -145,11 +145,11 @@ impl LocalCluster {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             };
-            let st: Value = serde_json::from_str(&http_get(&http, "/status")?)?;
+            let st: NodeStatus = serde_json::from_str(&http_get(&http, "/status")?)?;
             if i == 0 {
-                bootstrap = st["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_string);
+                bootstrap = st.listen_addrs.first().cloned();
             }
-            c.peers[i].peer_id = st["peer_id"].as_str().unwrap_or("").to_string();
+            c.peers[i].peer_id = st.peer_id;
             c.peers[i].http = http;
         }
         Ok(c)
@@ -162,24 +162,20 @@ impl LocalCluster {
 
     /// Waits until every running peer plans over `stages` peers and holds its
     /// own range; returns peer 0's plan (`GET /plan`).
-    pub fn wait_plan(&self, stages: usize, wait: Duration) -> Result<Value> {
+    pub fn wait_plan(&self, stages: usize, wait: Duration) -> Result<PlanView> {
         let until = Instant::now() + wait;
         loop {
             let mut ready = true;
-            let mut first = Value::Null;
+            let mut first = None;
             for p in self.peers.iter().filter(|p| p.child.is_some()) {
-                let plan: Value = serde_json::from_str(&http_get(&p.http, "/plan")?)?;
-                let route = plan["route"].as_array().cloned().unwrap_or_default();
-                let mine = route.iter().find(|h| h["peer"] == p.peer_id.as_str());
-                let held = mine.is_some_and(|h| {
-                    plan["shards"].as_array().into_iter().flatten().any(|s| s["start"] == h["layers"][0] && s["end"] == h["layers"][1])
-                });
-                ready &= route.len() == stages && held;
-                if first.is_null() {
-                    first = plan;
-                }
+                let plan: PlanView = serde_json::from_str(&http_get(&p.http, "/plan")?)?;
+                let mine = plan.route.iter().find(|h| h.peer == p.peer_id);
+                let held =
+                    mine.is_some_and(|h| plan.shards.iter().any(|s| s.start == h.layers[0] && s.end == h.layers[1]));
+                ready &= plan.route.len() == stages && held;
+                first.get_or_insert(plan);
             }
-            if ready {
+            if ready && let Some(first) = first {
                 return Ok(first);
             }
             if Instant::now() > until {
@@ -213,11 +209,11 @@ impl LocalCluster {
         entry: usize,
         victim: usize,
         at: usize,
-        flags: &crate::cli::GenFlags,
-    ) -> Result<(crate::run::MeshRun, Option<Duration>)> {
+        flags: &GenFlags,
+    ) -> Result<(MeshRun, Option<Duration>)> {
         let pid = self.pid(victim).context("the victim is not running")?;
         let (mut n, mut killed, mut gap) = (0, None, None);
-        let r = crate::run::generate_on(&self.peers[entry].http, flags, |_| {
+        let r = generate_on(&self.peers[entry].http, flags, |_| {
             n += 1;
             if n == at {
                 // SAFETY: kill(2) on a child we spawned and have not reaped.

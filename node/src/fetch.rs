@@ -29,11 +29,7 @@ pub fn sha256_file(path: &Path, progress: bool) -> Result<String> {
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Ok(fogmesh_actors::protocols::hex(&h.finalize()))
 }
 
 fn bar(show: bool, len: u64, msg: &'static str) -> ProgressBar {
@@ -133,7 +129,7 @@ pub fn extract_member(zip_path: &Path, member: &str, target: &Path, sha256: &str
     bar.finish_and_clear();
     out.sync_all()?;
     drop(out);
-    let sum = hex(&h.finalize());
+    let sum = fogmesh_actors::protocols::hex(&h.finalize());
     if sum != sha256 {
         let _ = std::fs::remove_file(&partial);
         bail!("{member} has SHA-256 {sum}, expected {sha256}: the download is corrupt or not the expected release");

@@ -2,37 +2,45 @@
 //!
 //! The fogmesh peer: the command line, model fetching, the libp2p swarm
 //! (mDNS, Kademlia, gossipsub, identify, ping, pnet and the stage-traffic
-//! protocol) with its membership view, self-measurement, and the local HTTP
-//! endpoint, and [`mesh::Mesh`], a peer with its actors. It holds no
-//! inference logic: that lives in `fogmesh-models` and `fogmesh-actors`.
+//! protocol) with its membership view, self-measurement, the HTTP API, and
+//! [`mesh::Mesh`], a peer with its actors. It holds no inference logic: that
+//! lives in `fogmesh-models` and `fogmesh-actors`.
+//!
+//! Arrows point one way: `cli` → `cluster` → `client` → `api` → `mesh` →
+//! `net`.
 //!
 //! ## Layout
-//! - `cli.rs`: the `fogmesh` command line (`fetch`, `generate`, `score`,
-//!   `bench`, `node`, `peers`, `status`, `run`, `demo`) and the shared
-//!   generation flags.
+//! - `cli.rs` (+ `cli/`): the `fogmesh` command line: clap definitions and
+//!   dispatch; `local.rs` (`generate`, `score`, `bench`), `node.rs` (`node`,
+//!   `peers`, `status`), `run.rs` (`run`, `demo`).
+//! - `cluster.rs`: peer processes on this host (demo, tests, benchmarks).
+//! - `client.rs`: the HTTP client side of the API (`fogmesh run`, `status`,
+//!   local clusters): a node's address, GETs, streamed generations.
+//! - `api.rs` (+ `api/`): the HTTP API: router, state, the error builder;
+//!   `openai.rs` (the OpenAI-compatible API), `fogmesh.rs` (status, peers,
+//!   plan, dashboard data, streamed generation), `types.rs` (every JSON body
+//!   written and read back), `dashboard.html` (the page at `/`).
 //! - `mesh.rs`: [`mesh::Mesh`] (builder, start, generate, shutdown) and
 //!   `NetLink`, the actors' `MeshLink` over the swarm.
-//! - `run.rs`: `fogmesh run` and `fogmesh demo`.
-//! - `cluster.rs`: peer processes on this host (demo, tests, benchmarks).
+//! - `net.rs` (+ `net/`): the swarm task and its [`net::NetHandle`];
+//!   `membership.rs` (the sans-I/O peer view), `codec.rs` (framed stage
+//!   traffic), `keys.rs` (identity and cluster secret), `behaviour.rs` (the
+//!   transport and behaviours), `event_loop.rs` (the swarm task),
+//!   `dialer.rs` (redial backoff, sans-I/O), `gossip.rs` (gossip
+//!   validation), `types.rs` (public types and the handle).
 //! - `config.rs`: `FOGMESH_*` variables and the TOML config file, both
 //!   mirroring the flags.
 //! - `fetch.rs`: obtaining the default model through pip, verified by SHA-256.
-//! - `net/`: the swarm task and its [`net::NetHandle`]; `membership.rs` (the
-//!   sans-I/O peer view), `codec.rs` (framed stage traffic), `keys.rs`
-//!   (identity and cluster secret).
 //! - `measure.rs`: what a host measures about itself at start.
-//! - `http.rs`: the local HTTP endpoint (status, plan, streamed generation).
-//! - `node.rs`: `fogmesh node` and `fogmesh peers`.
+//! - `metrics.rs`: the Prometheus recorder and the node's metric names.
 
+pub mod api;
 pub mod cli;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod fetch;
-pub mod http;
 pub mod measure;
 pub mod metrics;
-pub mod openai;
 pub mod mesh;
 pub mod net;
-pub mod node;
-pub mod run;

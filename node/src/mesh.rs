@@ -20,7 +20,8 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::Semaphore;
 
 use crate::measure::SelfMeasurement;
-use crate::net::{self, NetConfig, NetError, NetHandle, StageStream};
+use crate::net::{self, NetConfig, StageStream};
+pub use crate::net::{NetError, NetHandle, NodeStatus, PeerInfo, keys};
 
 /// How long opening a stage stream or a call may take.
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);

@@ -15,12 +15,59 @@
 //! allocates anything for the payload (as mini-redis checks before parsing).
 
 use crate::error::{ProtocolError, Result};
-use crate::messages::MessageKind;
+
+/// Message kinds, as numbered in frame headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[allow(missing_docs)]
+pub enum MessageKind {
+    Capabilities = 1,
+    LoadReport = 2,
+    ShardAdvert = 3,
+    CallForBids = 4,
+    Bid = 5,
+    Award = 6,
+    StageRequest = 7,
+    StageReply = 8,
+    TokenResult = 9,
+    SessionOpen = 10,
+    SessionClose = 11,
+    SessionCancel = 12,
+    WeightChunkRequest = 13,
+    WeightChunkReply = 14,
+    Error = 15,
+}
+
+impl MessageKind {
+    /// Every kind, in number order.
+    pub const ALL: [MessageKind; 15] = [
+        MessageKind::Capabilities,
+        MessageKind::LoadReport,
+        MessageKind::ShardAdvert,
+        MessageKind::CallForBids,
+        MessageKind::Bid,
+        MessageKind::Award,
+        MessageKind::StageRequest,
+        MessageKind::StageReply,
+        MessageKind::TokenResult,
+        MessageKind::SessionOpen,
+        MessageKind::SessionClose,
+        MessageKind::SessionCancel,
+        MessageKind::WeightChunkRequest,
+        MessageKind::WeightChunkReply,
+        MessageKind::Error,
+    ];
+
+    /// The kind numbered `v`, if any.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        Self::ALL.get((v as usize).checked_sub(1)?).copied()
+    }
+}
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FGMS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 16;
 

@@ -22,7 +22,7 @@ mod messages;
 pub use activation::{ACT_HEADER_LEN, ActivationCodec, ActivationInfo, Encoding, WireDType};
 pub use choose::{CodecProfile, LinkStats, choose_encoding, default_profiles};
 pub use error::{ProtocolError, Result};
-pub use frame::{FrameHeader, HEADER_LEN, Limits, MAGIC, VERSION, read_frame, write_frame};
+pub use frame::{FrameHeader, HEADER_LEN, Limits, MAGIC, MessageKind, VERSION, read_frame, write_frame};
 pub use messages::*;
 
 /// The libp2p protocol name of the stage-traffic protocol: a long-lived
@@ -35,3 +35,12 @@ pub const STAGE_PROTOCOL: &str = "/fogmesh/stage/1.0.0";
 pub const RPC_PROTOCOL: &str = "/fogmesh/rpc/1.0.0";
 /// The libp2p protocol name of the Kademlia DHT fogmesh peers use.
 pub const KAD_PROTOCOL: &str = "/fogmesh/kad/1.0.0";
+
+/// Lower-case hex of `bytes` (model hashes, secrets).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

@@ -11,58 +11,10 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::error::{ProtocolError, Result};
-use crate::frame::{Limits, read_frame, write_frame};
+use crate::frame::{Limits, MessageKind, read_frame, write_frame};
 
 /// SHA-256 of a model file: the identity of a model across peers.
 pub type ModelHash = [u8; 32];
-
-/// Message kinds, as numbered in frame headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-#[allow(missing_docs)]
-pub enum MessageKind {
-    Capabilities = 1,
-    LoadReport = 2,
-    ShardAdvert = 3,
-    CallForBids = 4,
-    Bid = 5,
-    Award = 6,
-    StageRequest = 7,
-    StageReply = 8,
-    TokenResult = 9,
-    SessionOpen = 10,
-    SessionClose = 11,
-    SessionCancel = 12,
-    WeightChunkRequest = 13,
-    WeightChunkReply = 14,
-    Error = 15,
-}
-
-impl MessageKind {
-    /// Every kind, in number order.
-    pub const ALL: [MessageKind; 15] = [
-        MessageKind::Capabilities,
-        MessageKind::LoadReport,
-        MessageKind::ShardAdvert,
-        MessageKind::CallForBids,
-        MessageKind::Bid,
-        MessageKind::Award,
-        MessageKind::StageRequest,
-        MessageKind::StageReply,
-        MessageKind::TokenResult,
-        MessageKind::SessionOpen,
-        MessageKind::SessionClose,
-        MessageKind::SessionCancel,
-        MessageKind::WeightChunkRequest,
-        MessageKind::WeightChunkReply,
-        MessageKind::Error,
-    ];
-
-    /// The kind numbered `v`, if any.
-    pub fn from_u16(v: u16) -> Option<Self> {
-        Self::ALL.get((v as usize).checked_sub(1)?).copied()
-    }
-}
 
 /// A peer's description of itself, gossiped when it joins.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -202,8 +154,8 @@ pub struct StageError {
     /// The peer at fault in the reporter's view (itself, or an unreachable
     /// next hop), as a peer id string; empty if unknown.
     pub peer: String,
-    /// Machine-readable reason (see [`ErrorCode`]).
-    pub code: u16,
+    /// Machine-readable reason.
+    pub code: ErrorCode,
     /// Human-readable reason.
     pub reason: String,
 }
@@ -327,22 +279,25 @@ pub struct WeightChunkReply {
     pub data: Vec<u8>,
 }
 
-/// Reasons carried by error frames and stage errors.
-pub struct ErrorCode;
-
-impl ErrorCode {
+/// Reasons carried by error frames and stage errors. An unknown code fails
+/// validation of the whole message.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum ErrorCode {
     /// The frame could not be decoded.
-    pub const MALFORMED: u16 = 1;
+    Malformed = 1,
     /// The peer does not serve what was asked.
-    pub const NOT_SERVED: u16 = 2;
+    NotServed = 2,
     /// The peer is overloaded; retry elsewhere.
-    pub const BUSY: u16 = 3;
+    Busy = 3,
     /// The session is unknown (evicted or never opened).
-    pub const UNKNOWN_SESSION: u16 = 4;
+    UnknownSession = 4,
     /// The model failed on the input.
-    pub const MODEL: u16 = 5;
+    Model = 5,
     /// Anything else.
-    pub const INTERNAL: u16 = 6;
+    Internal = 6,
 }
 
 /// A peer's complaint about something it received.
@@ -350,8 +305,8 @@ impl ErrorCode {
 pub struct ErrorFrame {
     /// The request concerned (0 if none).
     pub request: u64,
-    /// Reason code ([`ErrorCode`]).
-    pub code: u16,
+    /// Reason code.
+    pub code: ErrorCode,
     /// Human-readable reason.
     pub message: String,
 }

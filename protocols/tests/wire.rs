@@ -3,6 +3,17 @@
 use fogmesh_protocols::*;
 use proptest::prelude::*;
 
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::Malformed),
+        Just(ErrorCode::NotServed),
+        Just(ErrorCode::Busy),
+        Just(ErrorCode::UnknownSession),
+        Just(ErrorCode::Model),
+        Just(ErrorCode::Internal),
+    ]
+}
+
 fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..max)
 }
@@ -73,7 +84,7 @@ fn message() -> impl Strategy<Value = Message> {
             prop_oneof![
                 bytes(512).prop_map(StageOutcome::Activation),
                 token_result().prop_map(StageOutcome::Token),
-                (any::<u64>(), text(), any::<u16>(), text())
+                (any::<u64>(), text(), error_code(), text())
                     .prop_map(|(session, peer, code, reason)| StageOutcome::Error(StageError { session, peer, code, reason })),
             ]
         )
@@ -101,7 +112,7 @@ fn message() -> impl Strategy<Value = Message> {
             .prop_map(|(model, tensor, offset, len)| Message::WeightChunkRequest(WeightChunkRequest { model, tensor, offset, len })),
         (hash(), text(), any::<u64>(), bytes(1024))
             .prop_map(|(model, tensor, offset, data)| Message::WeightChunkReply(WeightChunkReply { model, tensor, offset, data })),
-        (any::<u64>(), any::<u16>(), text()).prop_map(|(request, code, message)| Message::Error(ErrorFrame { request, code, message })),
+        (any::<u64>(), error_code(), text()).prop_map(|(request, code, message)| Message::Error(ErrorFrame { request, code, message })),
     ]
 }
 

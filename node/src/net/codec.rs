@@ -93,7 +93,7 @@ mod tests {
     use fogmesh_protocols::{ErrorFrame, MessageKind, write_frame};
 
     fn sample() -> Message {
-        Message::Error(ErrorFrame { request: 7, code: 3, message: "busy".into() })
+        Message::Error(ErrorFrame { request: 7, code: fogmesh_protocols::ErrorCode::Busy, message: "busy".into() })
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use fogmesh_protocols::{
-    Capabilities, ErrorCode, ErrorFrame, KAD_PROTOCOL, Limits, LoadReport, Message, RPC_PROTOCOL, STAGE_PROTOCOL, ShardLoad,
+    Capabilities, ErrorCode, KAD_PROTOCOL, Limits, LoadReport, Message, RPC_PROTOCOL, STAGE_PROTOCOL, ShardLoad,
     encode_message, read_message,
 };
 use futures::StreamExt;
@@ -51,6 +51,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::measure::SelfMeasurement;
+use fogmesh_actors::runtime::error_frame;
 use codec::StageCodec;
 pub use membership::{Membership, PeerInfo, Source};
 
@@ -190,7 +191,7 @@ impl InboundRequest {
 }
 
 /// The node as the status endpoint shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct NodeStatus {
     /// Our peer id.
     pub peer_id: String,
@@ -594,10 +595,6 @@ const MAX_REDIAL: Duration = Duration::from_secs(30);
 /// Failed dials in a row after which a candidate is forgotten.
 const MAX_REDIALS: u32 = 10;
 
-fn error_message(code: u16, message: &str) -> Message {
-    Message::Error(ErrorFrame { request: 0, code, message: message.into() })
-}
-
 fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
         Protocol::Ip4(ip) => ip.is_loopback(),
@@ -641,7 +638,7 @@ impl Runner {
                     Some(cmd) => self.on_command(cmd),
                 },
                 Some((channel, response)) = self.responses.next(), if !self.responses.is_empty() => {
-                    let response = response.unwrap_or_else(|| error_message(ErrorCode::INTERNAL, "request dropped unanswered"));
+                    let response = response.unwrap_or_else(|| error_frame(ErrorCode::Internal, "request dropped unanswered"));
                     if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
                         tracing::debug!("rpc response dropped: the requester has gone");
                     }
@@ -1015,14 +1012,14 @@ impl Runner {
                             .swarm
                             .behaviour_mut()
                             .rpc
-                            .send_response(channel, error_message(ErrorCode::BUSY, "inbound queue full"));
+                            .send_response(channel, error_frame(ErrorCode::Busy, "inbound queue full"));
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         let _ = self
                             .swarm
                             .behaviour_mut()
                             .rpc
-                            .send_response(channel, error_message(ErrorCode::NOT_SERVED, "this node serves no stages"));
+                            .send_response(channel, error_frame(ErrorCode::NotServed, "this node serves no stages"));
                     }
                 }
             }

@@ -2,20 +2,17 @@
 //! `fogmesh status` (ask a running node).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use libp2p::Multiaddr;
 
-use crate::mesh::Mesh;
-use crate::net::{PeerInfo, keys};
-
-/// Where `fogmesh node` serves HTTP unless told otherwise.
-pub const DEFAULT_HTTP: &str = "127.0.0.1:8469";
-/// File in the data dir holding the HTTP address of the running node.
-pub const HTTP_ADDR_FILE: &str = "http.addr";
+use super::{data_dir, resolve_model};
+use crate::api::types::{Dashboard, Incident};
+use crate::client::{DEFAULT_HTTP, HTTP_ADDR_FILE, http_get, node_addr};
+use crate::mesh::{Mesh, PeerInfo, keys};
 
 /// Options of `fogmesh node`.
 #[derive(Debug, Args)]
@@ -55,10 +52,6 @@ pub struct NodeArgs {
     pub threads: Option<usize>,
 }
 
-pub(crate) fn data_dir(d: &Option<PathBuf>) -> PathBuf {
-    d.clone().unwrap_or_else(|| fogmesh_models::home_dir().join("node"))
-}
-
 fn secret(args: &NodeArgs) -> Result<Option<libp2p::pnet::PreSharedKey>> {
     Ok(match (&args.secret, &args.secret_file) {
         (Some(s), _) => Some(keys::parse_secret(s)?),
@@ -79,7 +72,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         bail!("--threads must be at least 1");
     }
     let model = match &args.model {
-        Some(p) => Some(crate::cli::resolve_model(Some(p))?),
+        Some(p) => Some(resolve_model(Some(p))?),
         None => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
@@ -124,7 +117,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let rt = mesh.model().is_some().then(|| mesh.runtime().clone());
-        let server = tokio::spawn(crate::http::serve(http, handle.clone(), rt, async move {
+        let server = tokio::spawn(crate::api::serve(http, handle.clone(), rt, async move {
             let _ = stop_rx.await;
         }));
         // The first thing a new user gets wrong: peers that never meet.
@@ -155,12 +148,6 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     })
 }
 
-/// Blocks the calling (non-async) thread until SIGINT or SIGTERM.
-pub fn block_on_signal() -> Result<()> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?.block_on(wait_for_signal());
-    Ok(())
-}
-
 /// When a node with no peers says what to check.
 pub const NO_PEERS_HINT_AFTER: Duration = Duration::from_secs(5);
 
@@ -180,7 +167,7 @@ pub fn no_peers_hint(after: Duration, mdns: bool, bootstrap: bool) -> String {
     s
 }
 
-async fn wait_for_signal() {
+pub(super) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -219,27 +206,6 @@ impl NodeQueryArgs {
         let body = http_get(&node, path)?;
         Ok((node, body))
     }
-}
-
-pub(crate) fn node_addr(node: &Option<String>, dir: &Path) -> String {
-    if let Some(n) = node {
-        return n.clone();
-    }
-    std::fs::read_to_string(dir.join(HTTP_ADDR_FILE))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| DEFAULT_HTTP.to_string())
-}
-
-/// Fetches `path` from the node's HTTP endpoint.
-pub fn http_get(node: &str, path: &str) -> Result<String> {
-    let base = if node.starts_with("http://") { node.to_string() } else { format!("http://{node}") };
-    let url = format!("{}{}", base.trim_end_matches('/'), path);
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
-    let mut resp = agent.get(&url).call().with_context(|| format!("no fogmesh node answered at {node} (is `fogmesh node` running? pass --node ADDR)"))?;
-    resp.body_mut().with_config().limit(64 << 20).read_to_string().with_context(|| format!("reading {url}"))
 }
 
 /// Prints the view of a running node.
@@ -292,8 +258,8 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
     let mut last: Option<(std::time::Instant, u64)> = None;
     loop {
         let (node, body) = args.query.get("/v1/fogmesh/dashboard")?;
-        let d: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{node} sent a malformed status"))?;
-        let generated = d["generated_tokens"].as_u64().unwrap_or(0);
+        let d: Dashboard = serde_json::from_str(&body).with_context(|| format!("{node} sent a malformed status"))?;
+        let generated = d.generated_tokens;
         let now = std::time::Instant::now();
         let rate = last.map(|(t, g)| generated.saturating_sub(g) as f64 / now.duration_since(t).as_secs_f64().max(1e-3));
         last = Some((now, generated));
@@ -312,22 +278,21 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
 }
 
 /// The terminal view of a node's `/v1/fogmesh/dashboard` answer.
-pub fn status_view(node: &str, d: &serde_json::Value, rate: Option<f64>) -> String {
+pub fn status_view(node: &str, d: &Dashboard, rate: Option<f64>) -> String {
     use std::fmt::Write;
     let short = |p: &str| fogmesh_actors::placement_actor::short(p).to_string();
     let mut o = String::new();
-    let me = d["peer_id"].as_str().unwrap_or("?");
-    let _ = writeln!(o, "fogmesh {} — node {me} at {node}", d["version"].as_str().unwrap_or("?"));
-    let listen: Vec<&str> = d["listen_addrs"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
-    let _ = writeln!(o, "listening   {}", listen.join(" "));
+    let me = d.peer_id.as_str();
+    let _ = writeln!(o, "fogmesh {} — node {me} at {node}", d.version);
+    let _ = writeln!(o, "listening   {}", d.listen_addrs.join(" "));
     let _ = writeln!(
         o,
         "discovery   mDNS {}; cluster secret {}",
-        if d["mdns"] == true { "on" } else { "off" },
-        if d["secret"] == true { "on" } else { "off (anyone who can reach this host can join)" }
+        if d.mdns { "on" } else { "off" },
+        if d.secret { "on" } else { "off (anyone who can reach this host can join)" }
     );
-    let layers = d["layers"].as_u64().unwrap_or(0);
-    match d["model"].as_str() {
+    let layers = d.layers as u64;
+    match &d.model {
         Some(m) => {
             let _ = writeln!(o, "model       {m} ({layers} layers)");
         }
@@ -335,16 +300,10 @@ pub fn status_view(node: &str, d: &serde_json::Value, rate: Option<f64>) -> Stri
             let _ = writeln!(o, "model       none (start the node with --model PATH to serve one)");
         }
     }
-    let m = &d["measurement"];
-    let _ = writeln!(
-        o,
-        "this host   {} cores, {} MiB free, {:.1} GFLOP/s",
-        m["cores"],
-        m["memory_bytes"].as_u64().unwrap_or(0) >> 20,
-        m["gflops"].as_f64().unwrap_or(0.0)
-    );
+    let m = &d.measurement;
+    let _ = writeln!(o, "this host   {} cores, {} MiB free, {:.1} GFLOP/s", m.cores, m.memory_bytes >> 20, m.gflops);
     if let Some(r) = rate {
-        let _ = writeln!(o, "generating  {r:.1} tokens/s here ({} sessions so far)", d["sessions"]);
+        let _ = writeln!(o, "generating  {r:.1} tokens/s here ({} sessions so far)", d.sessions);
     }
     let _ = writeln!(o);
     let bar = |ranges: &[(u64, u64)]| -> String {
@@ -362,14 +321,9 @@ pub fn status_view(node: &str, d: &serde_json::Value, rate: Option<f64>) -> Stri
         cells.into_iter().collect()
     };
     let _ = writeln!(o, "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7} {:>7}", "PEER", "LAYERS", "RANGES", "QUEUE", "TOK/S", "GFLOPS", "RTT ms");
-    let own: Vec<(u64, u64)> = d["shards"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| (s["start"].as_u64().unwrap_or(0), s["end"].as_u64().unwrap_or(0)))
-        .collect();
+    let own: Vec<(u64, u64)> = d.shards.iter().map(|s| (s.start as u64, s.end as u64)).collect();
     let fmt_ranges = |r: &[(u64, u64)]| r.iter().map(|(a, b)| format!("{a}..{b}")).collect::<Vec<_>>().join(" ");
-    let queue: u64 = d["shards"].as_array().into_iter().flatten().map(|s| s["queued"].as_u64().unwrap_or(0)).sum();
+    let queue: u64 = d.shards.iter().map(|s| s.queued as u64).sum();
     let _ = writeln!(
         o,
         "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7.1} {:>7}",
@@ -378,53 +332,44 @@ pub fn status_view(node: &str, d: &serde_json::Value, rate: Option<f64>) -> Stri
         fmt_ranges(&own),
         queue,
         "-",
-        m["gflops"].as_f64().unwrap_or(0.0),
+        m.gflops,
         "-"
     );
-    let peers = d["peers"].as_array().cloned().unwrap_or_default();
-    for p in &peers {
-        let r: Vec<(u64, u64)> =
-            p["shards"].as_array().into_iter().flatten().map(|s| (s[0].as_u64().unwrap_or(0), s[1].as_u64().unwrap_or(0))).collect();
-        let q: u64 = p["shards"].as_array().into_iter().flatten().map(|s| s[2].as_u64().unwrap_or(0)).sum();
-        let gone = if p["connections"].as_u64().unwrap_or(0) == 0 { " (gone)" } else { "" };
+    for p in &d.peers {
+        let r: Vec<(u64, u64)> = p.shards.iter().map(|s| (u64::from(s[0]), u64::from(s[1]))).collect();
+        let q: u64 = p.shards.iter().map(|s| u64::from(s[2])).sum();
+        let gone = if p.connections == 0 { " (gone)" } else { "" };
         let _ = writeln!(
             o,
             "{:<18} {:<30} {:<16} {:>5} {:>7.1} {:>7.1} {:>7}{gone}",
-            format!("…{}", short(p["peer_id"].as_str().unwrap_or("?"))),
+            format!("…{}", short(&p.peer_id)),
             bar(&r),
             fmt_ranges(&r),
             q,
-            p["tokens_per_s"].as_f64().unwrap_or(0.0),
-            p["gflops"].as_f64().unwrap_or(0.0),
-            p["rtt_ms"].as_f64().map_or("-".to_string(), |r| format!("{r:.2}")),
+            p.tokens_per_s,
+            p.gflops,
+            p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.2}")),
         );
     }
-    if peers.is_empty() {
+    if d.peers.is_empty() {
         let _ = writeln!(o, "\nno peers yet: are the hosts on one LAN? is multicast blocked? try --bootstrap ADDR on `fogmesh node`");
     }
-    let route: Vec<String> = d["route"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| format!("…{} [{}..{})", short(h["peer"].as_str().unwrap_or("?")), h["layers"][0], h["layers"][1]))
-        .collect();
     let _ = writeln!(o);
-    if !route.is_empty() {
-        let _ = writeln!(o, "route       {}", route.join(" → "));
-    } else if let Some(why) = d["no_route"].as_str() {
+    if !d.route.is_empty() {
+        let _ = writeln!(o, "route       {}", super::run::route_line(&d.route));
+    } else if let Some(why) = &d.no_route {
         let _ = writeln!(o, "route       none: {why}");
     }
-    let incidents = d["incidents"].as_array().cloned().unwrap_or_default();
-    if !incidents.is_empty() {
+    if !d.incidents.is_empty() {
         let _ = writeln!(o, "recent failovers:");
-        for i in incidents.iter().rev().take(5) {
-            match i["kind"].as_str() {
-                Some("failover") => {
-                    let banned: Vec<String> = i["banned"].as_array().into_iter().flatten().filter_map(|b| b.as_str()).map(|b| format!("…{}", short(b))).collect();
-                    let _ = writeln!(o, "  failover: banned {} — {}", banned.join(", "), i["reason"].as_str().unwrap_or(""));
+        for i in d.incidents.iter().rev().take(5) {
+            match i {
+                Incident::Failover { banned, reason, .. } => {
+                    let banned: Vec<String> = banned.iter().map(|b| format!("…{}", short(b))).collect();
+                    let _ = writeln!(o, "  failover: banned {} — {reason}", banned.join(", "));
                 }
-                _ => {
-                    let _ = writeln!(o, "  recovered in {:.0} ms", i["recovery_ms"].as_f64().unwrap_or(0.0));
+                Incident::Recovered { recovery_ms, .. } => {
+                    let _ = writeln!(o, "  recovered in {recovery_ms:.0} ms");
                 }
             }
         }
@@ -435,29 +380,62 @@ pub fn status_view(node: &str, d: &serde_json::Value, rate: Option<f64>) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn status_view_shows_peers_layers_route_and_failovers() {
-        let d = json!({
-            "peer_id": "12D3KooWAAAAself", "version": "0.1.0", "model": "m", "layers": 30,
-            "listen_addrs": ["/ip4/10.0.0.1/tcp/4001"], "mdns": true, "secret": true,
-            "measurement": { "cores": 4, "memory_bytes": 1u64 << 33, "gflops": 50.0 },
-            "shards": [{ "start": 0, "end": 10, "queued": 2 }],
-            "peers": [{ "peer_id": "12D3KooWBBBBpeer", "shards": [[10, 30, 1]], "tokens_per_s": 12.5, "gflops": 40.0,
-                        "rtt_ms": 0.7, "connections": 1 }],
-            "route": [{ "peer": "12D3KooWAAAAself", "layers": [0, 10] }, { "peer": "12D3KooWBBBBpeer", "layers": [10, 30] }],
-            "generated_tokens": 5, "sessions": 1,
-            "incidents": [{ "kind": "failover", "banned": ["12D3KooWCCCCgone"], "reason": "hop did not answer" },
-                          { "kind": "recovered", "recovery_ms": 320.0 }],
-        });
+        use crate::api::types::RouteHop;
+        use crate::measure::SelfMeasurement;
+        use fogmesh_actors::shard_actor::ShardStatus;
+        let peer = PeerInfo {
+            peer_id: "12D3KooWBBBBpeer".into(),
+            addrs: vec![],
+            cores: 4,
+            memory_bytes: 1 << 30,
+            gflops: 40.0,
+            version: "0.1.0".into(),
+            rtt_ms: Some(0.7),
+            last_seen_ms: 0,
+            connections: 1,
+            sources: vec![],
+            shards: vec![[10, 30, 1]],
+            agent: None,
+            models: vec![],
+            tokens_per_s: 12.5,
+        };
+        let d = Dashboard {
+            peer_id: "12D3KooWAAAAself".into(),
+            version: "0.1.0".into(),
+            model: Some("m".into()),
+            layers: 30,
+            uptime_s: 1.0,
+            listen_addrs: vec!["/ip4/10.0.0.1/tcp/4001".into()],
+            mdns: true,
+            secret: true,
+            connections: 1,
+            measurement: SelfMeasurement { cores: 4, memory_bytes: 1 << 33, gflops: 50.0, version: "0.1.0".into() },
+            shards: vec![ShardStatus { start: 0, end: 10, sessions: 0, memory_bytes: 0, cache_bytes: 0, tokens: 0, queued: 2 }],
+            route: vec![
+                RouteHop { peer: "12D3KooWAAAAself".into(), layers: [0, 10] },
+                RouteHop { peer: "12D3KooWBBBBpeer".into(), layers: [10, 30] },
+            ],
+            no_route: None,
+            peers: vec![peer],
+            generated_tokens: 5,
+            sessions: 1,
+            incidents: vec![
+                Incident::Failover { at_ms: 0, banned: vec!["12D3KooWCCCCgone".into()], reason: "hop did not answer".into() },
+                Incident::Recovered { at_ms: 0, route: vec![], recovery_ms: 320.0 },
+            ],
+        };
         let v = status_view("127.0.0.1:8469", &d, Some(3.0));
         for needle in ["(this)", "0..10", "10..30", "12.5", "0.70", "route", "→", "hop did not answer", "recovered in 320 ms", "3.0 tokens/s"] {
             assert!(v.contains(needle), "{needle:?} missing from:\n{v}");
         }
         assert!(!v.contains("no peers yet"));
-        let mut lonely = d.clone();
-        lonely["peers"] = json!([]);
+        // The typed body survives its JSON round trip (what `fogmesh status` reads).
+        let back: Dashboard = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
+        let lonely = Dashboard { peers: vec![], ..d };
         assert!(status_view("n", &lonely, None).contains("try --bootstrap ADDR"));
     }
 

@@ -3,7 +3,7 @@
 //! `GET /v1/models` and `GET /v1/models/{id}`.
 //!
 //! Requests are parsed by hand from the body (bounded by
-//! [`crate::http::MAX_BODY`]) so that every mistake gets a 400 in OpenAI's
+//! [`super::MAX_BODY`]) so that every mistake gets a 400 in OpenAI's
 //! error shape naming the field, rather than a framework's plain-text
 //! rejection. Fields OpenAI defines that do not change what fogmesh does
 //! (`user`, `presence_penalty`, …) are accepted and ignored; `n` above 1,
@@ -24,19 +24,15 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fogmesh_actors::{GenerateRequest, GenerationHandle, ModelInfo, Runtime, SessionEvent};
-use fogmesh_models::{ChatMessage, FinishReason, SamplingParams, Tokenizer};
+use fogmesh_models::{ChatMessage, FinishReason, REPEAT_LAST_N, SamplingParams, Tokenizer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::cli::GenFlags;
-use crate::http::{AppState, error};
+use super::types::GenFlags;
+use super::{AppState, api_error, error, request_error};
 
 /// Most messages in one chat request.
 pub const MAX_MESSAGES: usize = 1024;
-/// Most stop strings (OpenAI's own bound).
-pub const MAX_STOP: usize = 4;
-/// Longest stop string, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Deserialize)]
@@ -147,14 +143,13 @@ fn bad(message: impl Into<String>) -> Response {
 }
 
 fn bad_param(param: &str, message: impl Into<String>) -> Response {
-    let body = json!({ "error": { "message": message.into(), "type": "invalid_request_error", "param": param, "code": Value::Null } });
-    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+    api_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some(param), None, message)
 }
 
 /// Reads a JSON body (bounded) into `T`, or answers 400/413 saying what is
 /// wrong.
-pub(crate) async fn parse<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, Response> {
-    let body = crate::http::read_body(body).await?;
+pub async fn parse<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, Response> {
+    let body = super::read_body(body).await?;
     if body.is_empty() {
         return Err(bad("the request body is empty; send a JSON object (Content-Type: application/json)"));
     }
@@ -210,47 +205,10 @@ fn plan(rt: &Runtime, model: &ModelInfo, c: Common, prompt: Vec<u32>, kind: Kind
         return Err(bad_param("n", "only n = 1 is supported"));
     }
     let defaults = GenFlags::default();
-    let temperature = c.temperature.unwrap_or(defaults.temperature);
-    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-        return Err(bad_param("temperature", format!("temperature must be between 0 and 2, got {temperature}")));
-    }
-    let top_p = c.top_p.unwrap_or(defaults.top_p);
-    if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
-        return Err(bad_param("top_p", format!("top_p must be in (0, 1], got {top_p}")));
-    }
-    let repeat = c.repeat_penalty.unwrap_or(defaults.repeat_penalty);
-    if !(repeat.is_finite() && repeat > 0.0 && repeat <= 10.0) {
-        return Err(bad_param("repeat_penalty", format!("repeat_penalty must be in (0, 10], got {repeat}")));
-    }
     let stop = match c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
-    };
-    if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
-        return Err(bad_param("stop", format!("stop takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes")));
-    }
-    let context = model.config.context;
-    if prompt.is_empty() {
-        return Err(bad_param("prompt", "the prompt is empty"));
-    }
-    if prompt.len() >= context {
-        let m = format!("the prompt has {} tokens; this model's context is {context} tokens", prompt.len());
-        return Err(context_exceeded(m));
-    }
-    let room = context - prompt.len();
-    let asked = c.max_completion_tokens.or(c.max_tokens);
-    let max_tokens = match asked {
-        None => room,
-        Some(0) => return Err(bad_param("max_tokens", "max_tokens must be at least 1")),
-        Some(m) if m > room as u64 => {
-            let m = format!(
-                "max_tokens {m} plus the prompt's {} tokens exceed this model's context of {context} tokens; ask for at most {room}",
-                prompt.len()
-            );
-            return Err(context_exceeded(m));
-        }
-        Some(m) => m as usize,
     };
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
@@ -258,25 +216,27 @@ fn plan(rt: &Runtime, model: &ModelInfo, c: Common, prompt: Vec<u32>, kind: Kind
     }
     let include_usage = c.stream_options.unwrap_or_default().include_usage.unwrap_or(false);
     let sampling = SamplingParams {
-        temperature,
+        temperature: c.temperature.unwrap_or(defaults.temperature),
         top_k: c.top_k.unwrap_or(defaults.top_k),
-        top_p,
-        repetition_penalty: repeat,
-        repeat_last_n: 64,
+        top_p: c.top_p.unwrap_or(defaults.top_p),
+        repetition_penalty: c.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        repeat_last_n: REPEAT_LAST_N,
         // No seed: a fresh one, as OpenAI's sampling is not reproducible
         // without one.
         seed: c.seed.map_or_else(rand::random::<u64>, |s| s as u64),
     };
+    // Without max_tokens, the rest of the context.
+    let room = model.config.context.saturating_sub(prompt.len());
+    let asked = c.max_completion_tokens.or(c.max_tokens);
+    let max_tokens = asked.map_or(room, |m| m.min(usize::MAX as u64) as usize);
+    let req = GenerateRequest { prompt, max_tokens, sampling, stop };
+    req.validate(&model.config).map_err(|e| request_error(&e))?;
+    let GenerateRequest { prompt, max_tokens, sampling, stop } = req;
     Ok(Plan { rt: rt.clone(), model: c.model, prompt, max_tokens, sampling, stop, stream, include_usage, logprobs })
 }
 
-fn context_exceeded(message: String) -> Response {
-    let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded" } });
-    (StatusCode::BAD_REQUEST, Json(body)).into_response()
-}
-
 /// `POST /v1/chat/completions`.
-pub async fn chat(State(s): State<AppState>, body: Body) -> Response {
+pub(super) async fn chat(State(s): State<AppState>, body: Body) -> Response {
     let req: ChatRequest = match parse(body).await {
         Ok(r) => r,
         Err(r) => return r,
@@ -328,7 +288,7 @@ pub async fn chat(State(s): State<AppState>, body: Body) -> Response {
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(s): State<AppState>, body: Body) -> Response {
+pub(super) async fn completions(State(s): State<AppState>, body: Body) -> Response {
     let req: CompletionRequest = match parse(body).await {
         Ok(r) => r,
         Err(r) => return r,
@@ -586,13 +546,13 @@ fn stream(s: AppState, h: GenerationHandle, head: Head, include_usage: bool, slo
 }
 
 /// `GET /v1/models`.
-pub async fn models(State(s): State<AppState>) -> Response {
+pub(super) async fn models(State(s): State<AppState>) -> Response {
     let data: Vec<Value> = s.model_id().into_iter().map(|id| model_object(&id)).collect();
     Json(json!({ "object": "list", "data": data })).into_response()
 }
 
 /// `GET /v1/models/{id}`.
-pub async fn model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+pub(super) async fn model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match s.served_model(&id) {
         Ok(_) => Json(model_object(&id)).into_response(),
         Err(r) => r,

@@ -1,0 +1,78 @@
+//! Tunables of a peer's runtime: bounds, timeouts and intervals of its
+//! actors.
+
+use std::time::Duration;
+
+use fogmesh_protocols::Limits;
+
+use crate::policy::Deadlines;
+
+/// Tunables of a peer's runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Compute threads (shared by this peer's shards).
+    pub threads: usize,
+    /// This peer's speed and memory as placement sees it (what it gossips).
+    pub gflops: f32,
+    /// Free memory this peer reports.
+    pub memory_bytes: u64,
+    /// Caps the memory placement plans on any peer (0 = as reported).
+    pub memory_cap: u64,
+    /// Sessions one shard keeps caches for; the least recently used goes.
+    pub max_sessions_per_shard: usize,
+    /// A session cache untouched this long is dropped.
+    pub session_ttl: Duration,
+    /// Stage requests waiting per shard before new ones are refused (BUSY).
+    pub max_queue: usize,
+    /// Layer ranges this peer keeps loaded at most.
+    pub max_shards: usize,
+    /// Keep standby replicas: the ranges this peer would serve if one other
+    /// peer were lost, while they fit in `max_shards` and half the free memory.
+    pub standby_shards: bool,
+    /// Prompt tokens per pipeline chunk.
+    pub prefill_chunk: usize,
+    /// How long a step may take before its hops are probed.
+    pub deadlines: Deadlines,
+    /// A session gives up after this many failovers.
+    pub max_failovers: u32,
+    /// First ban of a failed peer (doubles on repeat).
+    pub ban_base: Duration,
+    /// Longest ban.
+    pub ban_max: Duration,
+    /// How long a probe of a silent hop may take.
+    pub probe_timeout: Duration,
+    /// How often placement looks at the view.
+    pub placement_interval: Duration,
+    /// Bounds on decoded activations.
+    pub limits: Limits,
+    /// How long a session waits for bids from the holders of a range.
+    pub bid_timeout: Duration,
+    /// Events buffered per generation before the session waits for its caller.
+    pub event_capacity: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            gflops: 1.0,
+            memory_bytes: 1 << 30,
+            memory_cap: 0,
+            max_sessions_per_shard: 64,
+            session_ttl: Duration::from_secs(600),
+            max_queue: 256,
+            max_shards: 4,
+            standby_shards: true,
+            prefill_chunk: 64,
+            deadlines: Deadlines::default(),
+            max_failovers: 6,
+            ban_base: Duration::from_secs(2),
+            ban_max: Duration::from_secs(60),
+            probe_timeout: Duration::from_millis(800),
+            placement_interval: Duration::from_secs(1),
+            limits: Limits::default(),
+            bid_timeout: Duration::from_millis(150),
+            event_capacity: 256,
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! [`ModelInfo`]: a model file this peer holds, read up to its weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fogmesh_models::gguf::Gguf;
+use fogmesh_models::{LlamaConfig, ModelProfile, Tokenizer};
+use fogmesh_protocols::ModelHash;
+
+use crate::placement::ModelCosts;
+
+/// A model file this peer holds, and what was read from it.
+#[derive(Debug)]
+pub struct ModelInfo {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its SHA-256.
+    pub hash: ModelHash,
+    /// Its architecture.
+    pub config: LlamaConfig,
+    /// Its tokenizer and chat template.
+    pub tokenizer: Arc<Tokenizer>,
+    /// Per-layer costs (placement).
+    pub costs: ModelCosts,
+}
+
+impl ModelInfo {
+    /// Reads the file's directory (not its weights). `hash` is its SHA-256.
+    pub fn open(path: &Path, hash: ModelHash) -> fogmesh_models::Result<Self> {
+        let g = Gguf::open(path)?;
+        let config = LlamaConfig::from_gguf(&g)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(&g)?);
+        let costs = ModelCosts::from_profile(&ModelProfile::from_gguf(&g)?);
+        Ok(ModelInfo { path: path.to_path_buf(), hash, config, tokenizer, costs })
+    }
+}

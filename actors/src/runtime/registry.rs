@@ -1,0 +1,141 @@
+//! The shards loaded on this peer: loading on demand (within the shard
+//! bound), standby room, unloading what the plan no longer needs.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fogmesh_models::Shard;
+use ractor::{Actor, ActorRef};
+
+use super::{Runtime, lock};
+use crate::error::RuntimeError;
+use crate::shard_actor::{ShardActor, ShardArgs, ShardMsg, ShardStatus};
+
+/// A loaded layer range on this peer.
+#[derive(Debug, Clone)]
+pub struct ShardSlot {
+    /// Its layers.
+    pub range: Range<usize>,
+    /// Its actor.
+    pub actor: ActorRef<ShardMsg>,
+    /// Stage requests delivered but not yet taken up.
+    pub queued: Arc<AtomicUsize>,
+    /// Bytes of weights it holds.
+    pub memory_bytes: usize,
+    /// Measured compute time per token (EWMA, microseconds; 0 = none yet).
+    pub us_per_token: Arc<AtomicU64>,
+    /// Tokens processed since load.
+    pub tokens: Arc<AtomicU64>,
+    /// The last (time, tokens) sample the load report's rate is taken from.
+    pub(super) rate: Arc<Mutex<(Instant, u64)>>,
+}
+
+impl ShardSlot {
+    /// Tokens per second since the previous call (the gossiped rate).
+    pub fn tokens_per_s(&self) -> f32 {
+        let now = Instant::now();
+        let total = self.tokens.load(Ordering::Relaxed);
+        let mut last = lock(&self.rate);
+        let dt = now.duration_since(last.0).as_secs_f64();
+        let rate = if dt > 0.0 { total.saturating_sub(last.1) as f64 / dt } else { 0.0 };
+        *last = (now, total);
+        rate as f32
+    }
+}
+
+impl Runtime {
+    /// The shards loaded here.
+    pub async fn shards(&self) -> Vec<ShardSlot> {
+        self.0.shards.lock().await.clone()
+    }
+
+    /// Status of every shard loaded here.
+    pub async fn shard_status(&self) -> Vec<ShardStatus> {
+        let mut out = Vec::new();
+        for s in self.shards().await {
+            if let Ok(ractor::rpc::CallResult::Success(st)) =
+                s.actor.call(ShardMsg::Status, Some(Duration::from_secs(2))).await
+            {
+                out.push(st);
+            }
+        }
+        out
+    }
+
+    /// The shard serving exactly `range`, loading it if needed.
+    pub async fn ensure_shard(&self, range: Range<usize>) -> Result<ShardSlot, RuntimeError> {
+        let model = self.0.model.clone().ok_or(RuntimeError::NoModel)?;
+        let mut shards = self.0.shards.lock().await;
+        if let Some(s) = shards.iter().find(|s| s.range == range) {
+            return Ok(s.clone());
+        }
+        if shards.len() >= self.0.cfg.max_shards {
+            // Drop the first shard that serves no session.
+            let busy: Vec<u64> = lock(&self.0.served).values().map(|(s, _)| s.actor.get_id().pid()).collect();
+            let Some(i) = shards.iter().position(|s| !busy.contains(&s.actor.get_id().pid())) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "this peer already serves {} layer ranges, all in use",
+                    shards.len()
+                )));
+            };
+            let old = shards.remove(i);
+            tracing::info!(layers = ?old.range, "unloading shard");
+            old.actor.stop(None);
+        }
+        let started = Instant::now();
+        let path = model.path.clone();
+        let pool = self.0.pool.clone();
+        let r = range.clone();
+        let shard = tokio::task::spawn_blocking(move || Shard::load(&path, r, pool))
+            .await
+            .map_err(|e| RuntimeError::Actor(e.to_string()))??;
+        let memory_bytes = shard.memory_bytes();
+        tracing::info!(layers = ?range, ms = started.elapsed().as_millis() as u64, memory_mib = memory_bytes >> 20, "shard loaded");
+        let queued = Arc::new(AtomicUsize::new(0));
+        let us_per_token = Arc::new(AtomicU64::new(0));
+        let tokens = Arc::new(AtomicU64::new(0));
+        let args = ShardArgs {
+            shard: Arc::new(shard),
+            host: Arc::new(self.clone()),
+            compute: self.0.compute.clone(),
+            queued: queued.clone(),
+            us_per_token: us_per_token.clone(),
+            tokens: tokens.clone(),
+        };
+        let (actor, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| RuntimeError::Actor(e.to_string()))?;
+        let rate = Arc::new(Mutex::new((Instant::now(), 0)));
+        let slot = ShardSlot { range, actor, queued, memory_bytes, us_per_token, tokens, rate };
+        shards.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// Whether a standby copy of `range` fits: a free shard slot, and all
+    /// shards here within half the memory this peer reported.
+    pub async fn room_for(&self, range: Range<usize>) -> bool {
+        let Some(m) = &self.0.model else { return false };
+        let shards = self.0.shards.lock().await;
+        if shards.iter().any(|s| s.range == range) {
+            return true;
+        }
+        let bytes = m.costs.stage_bytes(range);
+        let held: u64 = shards.iter().map(|s| s.memory_bytes as u64).sum();
+        shards.len() < self.0.cfg.max_shards && held + bytes <= self.0.cfg.memory_bytes / 2
+    }
+
+    /// Unloads shards whose range is not in `keep` and that serve no session.
+    pub async fn unload_except(&self, keep: &[Range<usize>]) {
+        let busy: Vec<u64> = lock(&self.0.served).values().map(|(s, _)| s.actor.get_id().pid()).collect();
+        let mut shards = self.0.shards.lock().await;
+        shards.retain(|s| {
+            let drop = !keep.contains(&s.range) && !busy.contains(&s.actor.get_id().pid());
+            if drop {
+                tracing::info!(layers = ?s.range, "unloading shard the plan no longer needs");
+                s.actor.stop(None);
+            }
+            !drop
+        });
+    }
+
+}

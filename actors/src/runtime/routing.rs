@@ -1,0 +1,154 @@
+//! Inbound traffic and calls: stage requests to the shard serving their
+//! session, tokens and stage errors to the session owning them, session
+//! opens, load probes, bids and awards; and sending, looped back in-process
+//! when the peer is this one.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fogmesh_protocols::{ErrorCode, ErrorFrame, Message, SessionOpen, ShardAdvert, StageError, StageOutcome, StageReply};
+
+use crate::shard_actor::ShardHost as _;
+
+use super::{Runtime, lock};
+use crate::link::LinkError;
+use crate::session::SessionMsg;
+use crate::shard_actor::ShardMsg;
+
+/// The error frame answering a call that failed.
+pub fn error_frame(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error(ErrorFrame { request: 0, code, message: message.into() })
+}
+
+impl Runtime {
+    /// Sends stage traffic to `peer` (delivered in-process when it is us).
+    pub async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError> {
+        if peer == self.0.local {
+            Box::pin(self.deliver(peer, msg)).await;
+            Ok(())
+        } else {
+            self.0.link.send(peer, msg).await
+        }
+    }
+
+    /// Calls `peer` (answered in-process when it is us).
+    pub async fn call(&self, peer: &str, msg: Message) -> Result<Message, LinkError> {
+        if peer == self.0.local { Ok(Box::pin(self.handle_call(peer, msg)).await) } else { self.0.link.call(peer, msg).await }
+    }
+
+    /// Stage traffic from `from`.
+    pub async fn deliver(&self, from: &str, msg: Message) {
+        match msg {
+            Message::StageRequest(req) => {
+                tracing::trace!(session = req.session, step = req.step, stage = req.stage, "stage request in");
+                let slot = lock(&self.0.served).get(&req.session).cloned();
+                let Some((slot, owner)) = slot else {
+                    let err = StageError {
+                        session: req.session,
+                        peer: self.0.local.clone(),
+                        code: ErrorCode::UnknownSession,
+                        reason: format!("session {} is not open on {}", req.session, self.0.local),
+                    };
+                    self.report(from, req.request, err).await;
+                    return;
+                };
+                if slot.queued.load(Ordering::Relaxed) >= self.0.cfg.max_queue {
+                    let err = StageError {
+                        session: req.session,
+                        peer: self.0.local.clone(),
+                        code: ErrorCode::Busy,
+                        reason: format!("{} stage requests already wait on layers {:?}", self.0.cfg.max_queue, slot.range),
+                    };
+                    self.report(&owner, req.request, err).await;
+                    return;
+                }
+                slot.queued.fetch_add(1, Ordering::Relaxed);
+                if slot.actor.cast(ShardMsg::Work(from.to_string(), req)).is_err() {
+                    slot.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            Message::TokenResult(t) => {
+                tracing::trace!(session = t.session, step = t.step, "token in");
+                if let Some(a) = lock(&self.0.sessions).get(&t.session) {
+                    let _ = a.cast(SessionMsg::Token(t));
+                }
+            }
+            Message::StageReply(StageReply { outcome: StageOutcome::Error(e), request }) => {
+                let owner_actor = lock(&self.0.sessions).get(&e.session).cloned();
+                if let Some(a) = owner_actor {
+                    let _ = a.cast(SessionMsg::Failed(e));
+                    return;
+                }
+                // A stage error for a session we serve goes on to its owner.
+                let owner = lock(&self.0.served).get(&e.session).map(|(_, o)| o.clone());
+                if let Some(owner) = owner.filter(|o| *o != from) {
+                    self.report(&owner, request, e).await;
+                }
+            }
+            Message::SessionClose(c) => self.close_served(c.session),
+            Message::SessionCancel(c) => self.close_served(c.session),
+            other => tracing::debug!(peer = from, kind = ?other.kind(), "unexpected stage traffic ignored"),
+        }
+    }
+
+    fn close_served(&self, session: u64) {
+        if let Some((slot, _)) = lock(&self.0.served).remove(&session) {
+            let _ = slot.actor.cast(ShardMsg::Close(session));
+        }
+    }
+
+    /// A call from `from`; returns the answer.
+    pub async fn handle_call(&self, from: &str, msg: Message) -> Message {
+        match msg {
+            Message::SessionOpen(open) => match self.open_served(from, open).await {
+                Ok(m) => m,
+                Err((code, reason)) => error_frame(code, reason),
+            },
+            Message::LoadReport(_) => Message::LoadReport(self.load_report().await),
+            Message::CallForBids(c) => match self.bid(from, &c).await {
+                Some(b) => Message::Bid(b),
+                None => error_frame(ErrorCode::NotServed, "this peer holds no such model or range"),
+            },
+            // An auction this peer bid in is decided: its bid no longer holds.
+            Message::Award(a) => {
+                lock(&self.0.bids).release(&(from.to_string(), a.auction));
+                Message::Award(a)
+            }
+            Message::SessionClose(c) => {
+                self.close_served(c.session);
+                Message::SessionClose(c)
+            }
+            other => error_frame(ErrorCode::NotServed, format!("{:?} is not a call this peer answers", other.kind())),
+        }
+    }
+
+    async fn open_served(&self, from: &str, open: SessionOpen) -> Result<Message, (ErrorCode, String)> {
+        let model = self.0.model.as_ref().ok_or((ErrorCode::NotServed, "this peer holds no model".to_string()))?;
+        if open.model != model.hash {
+            return Err((ErrorCode::NotServed, format!("this peer does not hold model {}", fogmesh_protocols::hex(&open.model))));
+        }
+        let (start, end) = (open.start as usize, open.end as usize);
+        if start >= end || end > model.config.layers {
+            return Err((ErrorCode::Malformed, format!("layers {start}..{end} are not a range of a {}-layer model", model.config.layers)));
+        }
+        if open.owner.is_empty() || open.owner != from && from != self.0.local {
+            return Err((ErrorCode::Malformed, "a session is opened by its owner".to_string()));
+        }
+        let slot = self.ensure_shard(start..end).await.map_err(|e| (ErrorCode::Busy, e.to_string()))?;
+        let session = open.session;
+        let owner = open.owner.clone();
+        match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err((e.code, e.reason)),
+            _ => return Err((ErrorCode::Internal, "shard actor did not answer".to_string())),
+        }
+        lock(&self.0.served).insert(session, (slot, owner));
+        Ok(Message::ShardAdvert(ShardAdvert {
+            peer: self.0.local.as_bytes().to_vec(),
+            model: model.hash,
+            start: start as u32,
+            end: end as u32,
+        }))
+    }
+
+}
