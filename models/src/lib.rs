@@ -22,8 +22,11 @@
 //!   VNNI / AVX2 kernels, `generic.rs` candle `vec_dot` for other types).
 //! - `pool.rs`: the fork-join [`ThreadPool`].
 //! - `ops.rs`: RMSNorm, RoPE, SiLU, attention.
-//! - `shard.rs`: [`Shard`] (a loaded layer range) and [`SessionCache`] (its KV
-//!   cache for one session).
+//! - `shard.rs`: [`Shard`] (a loaded layer range: range loading, embedding,
+//!   head, dispatch through the blocks) and [`SessionCache`] (its KV cache for
+//!   one session).
+//! - `arch.rs` (+ `arch/`): the blocks, one file per architecture
+//!   (`llama.rs`), and what they share (tensor loader, scratch buffers).
 //! - `tokenizer.rs`: [`Tokenizer`] and chat template from metadata.
 //! - `sampling.rs`: [`Sampler`].
 //! - `request.rs`: [`GenerateRequest`] and its one set of checks.
@@ -33,6 +36,7 @@
 //! - `reference.rs`: a slow f32 forward pass on candle tensors, the test oracle.
 //! - `testing.rs`: quantized test tensors and pseudo-random data (hidden).
 
+mod arch;
 mod config;
 mod error;
 pub mod gguf;

@@ -1,4 +1,7 @@
-//! A contiguous range of a Llama-family model's layers, and its forward pass.
+//! A contiguous range of a model's layers, and its forward pass: what every
+//! architecture shares (range loading, the embedding and the head, the
+//! per-session [`SessionCache`], dispatch through the blocks); the blocks
+//! themselves live in `arch/`.
 //!
 //! A [`Shard`] holds only the weights its range needs: the token embedding when
 //! it is the first stage, the final norm and output head when it is the last.
@@ -15,12 +18,14 @@ use std::sync::Arc;
 
 use tracing::debug_span;
 
+use crate::arch::llama::Layer;
+use crate::arch::{Loader, Scratch};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::gguf::{Gguf, TensorInfo};
+use crate::gguf::Gguf;
 use crate::ops;
 use crate::pool::ThreadPool;
-use crate::quant::{ActBuf, Weights};
+use crate::quant::Weights;
 
 /// What a shard consumes.
 #[derive(Debug, Clone, Copy)]
@@ -56,19 +61,6 @@ impl ShardOutput {
             ShardOutput::Hidden(v) | ShardOutput::Logits(v) => v,
         }
     }
-}
-
-/// One transformer block's weights.
-#[derive(Debug)]
-struct Layer {
-    attn_norm: Vec<f32>,
-    /// Q, K and V stacked when their layouts allow, else three matrices.
-    qkv: Vec<Weights>,
-    wo: Weights,
-    ffn_norm: Vec<f32>,
-    /// Gate and up stacked when their layouts allow, else two matrices.
-    gate_up: Vec<Weights>,
-    down: Weights,
 }
 
 /// The last stage's final norm and output projection.
@@ -109,18 +101,6 @@ pub struct SessionCache {
     scratch: Scratch,
 }
 
-#[derive(Debug, Default)]
-struct Scratch {
-    xn: Vec<f32>,
-    qkv: Vec<f32>,
-    att: Vec<f32>,
-    out: Vec<f32>,
-    gu: Vec<f32>,
-    h: Vec<f32>,
-    tmp: Vec<f32>,
-    acts: ActBuf,
-}
-
 impl SessionCache {
     /// Tokens already processed in this session.
     pub fn pos(&self) -> usize {
@@ -141,53 +121,6 @@ impl SessionCache {
     /// Bytes held by the KV cache.
     pub fn memory_bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|x| x.capacity() * 4).sum()
-    }
-}
-
-/// Reads tensors of one file, keeping count of the bytes read.
-struct Loader<'a, R> {
-    g: &'a Gguf,
-    file: R,
-}
-
-impl<R: Read + Seek> Loader<'_, R> {
-    fn info(&self, name: &str, dims: &[usize]) -> Result<&TensorInfo> {
-        let t = self.g.tensor(name)?;
-        if t.dims != dims {
-            return Err(ModelError::Tensor {
-                name: name.into(),
-                problem: format!("shape {:?}, expected {:?}", t.dims, dims),
-            });
-        }
-        Ok(t)
-    }
-
-    /// A matrix of `rows` rows of `cols`.
-    fn matrix(&mut self, name: &str, cols: usize, rows: usize) -> Result<Weights> {
-        let t = self.info(name, &[cols, rows])?.clone();
-        let data = self.g.read_tensor(&mut self.file, &t)?;
-        Weights::from_gguf(name, t.dtype, rows, cols, &data)
-    }
-
-    /// A vector of `n` values as f32.
-    fn vector(&mut self, name: &str, n: usize) -> Result<Vec<f32>> {
-        let t = self.info(name, &[n])?.clone();
-        let data = self.g.read_tensor(&mut self.file, &t)?;
-        let w = Weights::from_gguf(name, t.dtype, 1, n, &data)?;
-        let mut out = vec![0.0; n];
-        w.row_f32(0, &mut out)?;
-        if out.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::Tensor { name: name.into(), problem: "holds NaN or infinity".into() });
-        }
-        Ok(out)
-    }
-}
-
-/// Stacks matrices into one when possible.
-fn stack(parts: Vec<Weights>) -> Vec<Weights> {
-    match Weights::concat(&parts) {
-        Some(w) => vec![w],
-        None => parts,
     }
 }
 
@@ -218,31 +151,19 @@ impl Shard {
             return Err(ModelError::LayerRange { start: range.start, end: range.end, layers: cfg.layers });
         }
         let _span = debug_span!("load_shard", start = range.start, end = range.end).entered();
-        let mut ld = Loader { g, file };
-        let (d, kvd, ffn, vocab) = (cfg.hidden, cfg.kv_dim(), cfg.ffn, cfg.vocab);
+        let mut ld = Loader::new(g, file);
+        let (d, vocab) = (cfg.hidden, cfg.vocab);
         let first = range.start == 0;
         let last = range.end == cfg.layers;
         let embed = if first { Some(Arc::new(ld.matrix("token_embd.weight", d, vocab)?)) } else { None };
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
-            layers.push(Layer {
-                attn_norm: ld.vector(&n("attn_norm"), d)?,
-                qkv: stack(vec![
-                    ld.matrix(&n("attn_q"), d, d)?,
-                    ld.matrix(&n("attn_k"), d, kvd)?,
-                    ld.matrix(&n("attn_v"), d, kvd)?,
-                ]),
-                wo: ld.matrix(&n("attn_output"), d, d)?,
-                ffn_norm: ld.vector(&n("ffn_norm"), d)?,
-                gate_up: stack(vec![ld.matrix(&n("ffn_gate"), d, ffn)?, ld.matrix(&n("ffn_up"), d, ffn)?]),
-                down: ld.matrix(&n("ffn_down"), ffn, d)?,
-            });
+            layers.push(Layer::load(&mut ld, &cfg, i)?);
             layer_done(i);
         }
         let head = if last {
             let norm = ld.vector("output_norm.weight", d)?;
-            let output = if g.tensors.contains_key("output.weight") {
+            let output = if ld.has("output.weight") {
                 Arc::new(ld.matrix("output.weight", d, vocab)?)
             } else if let Some(e) = &embed {
                 e.clone()
@@ -268,9 +189,7 @@ impl Shard {
             m += e.memory_bytes();
         }
         for l in &self.layers {
-            m += 4 * (l.attn_norm.len() + l.ffn_norm.len());
-            m += l.qkv.iter().chain(&l.gate_up).map(Weights::memory_bytes).sum::<usize>();
-            m += l.wo.memory_bytes() + l.down.memory_bytes();
+            m += l.memory_bytes();
         }
         if let Some(h) = &self.head {
             m += 4 * h.norm.len();
@@ -372,7 +291,7 @@ impl Shard {
         let rope = ops::rope_table(&self.inv_freq, cache.pos, tokens);
         for (li, layer) in self.layers.iter().enumerate() {
             let _span = debug_span!("layer", layer = self.range.start + li, tokens).entered();
-            self.layer_forward(li, layer, cache, &rope, &mut x)?;
+            layer.forward(&self.cfg, &self.pool, &mut cache.k[li], &mut cache.v[li], cache.pos, &mut cache.scratch, &rope, &mut x)?;
         }
         cache.pos += tokens;
         let Some(head) = &self.head else {
@@ -393,83 +312,5 @@ impl Shard {
         Ok(ShardOutput::Logits(out))
     }
 
-    fn layer_forward(&self, li: usize, l: &Layer, cache: &mut SessionCache, rope: &[(f32, f32)], x: &mut [f32]) -> Result<()> {
-        let cfg = &self.cfg;
-        let (d, kvd, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
-        let tokens = x.len() / d;
-        let s = &mut cache.scratch;
-        let pool = &*self.pool;
-
-        // Attention.
-        s.xn.resize(x.len(), 0.0);
-        for t in 0..tokens {
-            ops::rms_norm(&x[t * d..(t + 1) * d], &l.attn_norm, cfg.eps, &mut s.xn[t * d..(t + 1) * d]);
-        }
-        let qkv_w = d + 2 * kvd;
-        matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.tmp, &mut s.qkv, qkv_w)?;
-        let half = cfg.rope_dims / 2;
-        for t in 0..tokens {
-            let row = &mut s.qkv[t * qkv_w..(t + 1) * qkv_w];
-            let rt = &rope[t * half..(t + 1) * half];
-            for h in 0..cfg.heads + cfg.kv_heads {
-                ops::rope(&mut row[h * cfg.head_dim..h * cfg.head_dim + cfg.rope_dims], rt);
-            }
-            cache.k[li].extend_from_slice(&row[d..d + kvd]);
-            cache.v[li].extend_from_slice(&row[d + kvd..]);
-        }
-        s.att.resize(tokens * d, 0.0);
-        ops::attention(pool, cfg, &s.qkv, qkv_w, &cache.k[li], &cache.v[li], cache.pos, &mut s.att);
-        s.out.resize(tokens * d, 0.0);
-        l.wo.matmul(pool, &s.att, &mut s.acts, &mut s.out)?;
-        for (xv, o) in x.iter_mut().zip(&s.out) {
-            *xv += o;
-        }
-
-        // Feed-forward.
-        for t in 0..tokens {
-            ops::rms_norm(&x[t * d..(t + 1) * d], &l.ffn_norm, cfg.eps, &mut s.xn[t * d..(t + 1) * d]);
-        }
-        matmul_stacked(pool, &l.gate_up, &s.xn, &mut s.acts, &mut s.tmp, &mut s.gu, 2 * ffn)?;
-        s.h.resize(tokens * ffn, 0.0);
-        for t in 0..tokens {
-            let gu = &s.gu[t * 2 * ffn..(t + 1) * 2 * ffn];
-            let (g, u) = gu.split_at(ffn);
-            for ((h, &g), &u) in s.h[t * ffn..(t + 1) * ffn].iter_mut().zip(g).zip(u) {
-                *h = ops::silu(g) * u;
-            }
-        }
-        l.down.matmul(pool, &s.h, &mut s.acts, &mut s.out)?;
-        for (xv, o) in x.iter_mut().zip(&s.out) {
-            *xv += o;
-        }
-        Ok(())
-    }
 }
 
-/// Multiplies `x` by matrices stacked by rows, writing `[tokens, width]` to `out`.
-fn matmul_stacked(
-    pool: &ThreadPool,
-    parts: &[Weights],
-    x: &[f32],
-    acts: &mut ActBuf,
-    tmp: &mut Vec<f32>,
-    out: &mut Vec<f32>,
-    width: usize,
-) -> Result<()> {
-    let tokens = x.len() / parts[0].cols();
-    out.resize(tokens * width, 0.0);
-    if let [one] = parts {
-        return one.matmul(pool, x, acts, out);
-    }
-    let mut col = 0;
-    for p in parts {
-        let rows = p.rows();
-        tmp.resize(tokens * rows, 0.0);
-        p.matmul(pool, x, acts, tmp)?;
-        for t in 0..tokens {
-            out[t * width + col..t * width + col + rows].copy_from_slice(&tmp[t * rows..(t + 1) * rows]);
-        }
-        col += rows;
-    }
-    Ok(())
-}

@@ -1,0 +1,117 @@
+//! The Llama block (also Mistral and Granite files): RMSNorm, attention
+//! with grouped-query heads and RoPE, RMSNorm, SwiGLU feed-forward, each
+//! with a residual.
+
+use std::io::{Read, Seek};
+
+use super::{Loader, Scratch, matmul_stacked, stack};
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::ops;
+use crate::pool::ThreadPool;
+use crate::quant::Weights;
+
+/// One transformer block's weights.
+#[derive(Debug)]
+pub(crate) struct Layer {
+    attn_norm: Vec<f32>,
+    /// Q, K and V stacked when their layouts allow, else three matrices.
+    qkv: Vec<Weights>,
+    wo: Weights,
+    ffn_norm: Vec<f32>,
+    /// Gate and up stacked when their layouts allow, else two matrices.
+    gate_up: Vec<Weights>,
+    down: Weights,
+}
+
+impl Layer {
+    /// Reads block `i`'s tensors.
+    pub(crate) fn load<R: Read + Seek>(ld: &mut Loader<'_, R>, cfg: &LlamaConfig, i: usize) -> Result<Layer> {
+        let (d, kvd, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        Ok(Layer {
+            attn_norm: ld.vector(&n("attn_norm"), d)?,
+            qkv: stack(vec![
+                ld.matrix(&n("attn_q"), d, d)?,
+                ld.matrix(&n("attn_k"), d, kvd)?,
+                ld.matrix(&n("attn_v"), d, kvd)?,
+            ]),
+            wo: ld.matrix(&n("attn_output"), d, d)?,
+            ffn_norm: ld.vector(&n("ffn_norm"), d)?,
+            gate_up: stack(vec![ld.matrix(&n("ffn_gate"), d, ffn)?, ld.matrix(&n("ffn_up"), d, ffn)?]),
+            down: ld.matrix(&n("ffn_down"), ffn, d)?,
+        })
+    }
+
+    /// Bytes of weights it holds.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        4 * (self.attn_norm.len() + self.ffn_norm.len())
+            + self.qkv.iter().chain(&self.gate_up).map(Weights::memory_bytes).sum::<usize>()
+            + self.wo.memory_bytes()
+            + self.down.memory_bytes()
+    }
+
+    /// Runs the block over `x` (`tokens` rows of the hidden width) at
+    /// positions `pos..`, appending this layer's keys and values to `k` and
+    /// `v`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        cfg: &LlamaConfig,
+        pool: &ThreadPool,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        pos: usize,
+        s: &mut Scratch,
+        rope: &[(f32, f32)],
+        x: &mut [f32],
+    ) -> Result<()> {
+        let l = self;
+        let (d, kvd, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
+        let tokens = x.len() / d;
+
+        // Attention.
+        s.xn.resize(x.len(), 0.0);
+        for t in 0..tokens {
+            ops::rms_norm(&x[t * d..(t + 1) * d], &l.attn_norm, cfg.eps, &mut s.xn[t * d..(t + 1) * d]);
+        }
+        let qkv_w = d + 2 * kvd;
+        matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.tmp, &mut s.qkv, qkv_w)?;
+        let half = cfg.rope_dims / 2;
+        for t in 0..tokens {
+            let row = &mut s.qkv[t * qkv_w..(t + 1) * qkv_w];
+            let rt = &rope[t * half..(t + 1) * half];
+            for h in 0..cfg.heads + cfg.kv_heads {
+                ops::rope(&mut row[h * cfg.head_dim..h * cfg.head_dim + cfg.rope_dims], rt);
+            }
+            k.extend_from_slice(&row[d..d + kvd]);
+            v.extend_from_slice(&row[d + kvd..]);
+        }
+        s.att.resize(tokens * d, 0.0);
+        ops::attention(pool, cfg, &s.qkv, qkv_w, k, v, pos, &mut s.att);
+        s.out.resize(tokens * d, 0.0);
+        l.wo.matmul(pool, &s.att, &mut s.acts, &mut s.out)?;
+        for (xv, o) in x.iter_mut().zip(&s.out) {
+            *xv += o;
+        }
+
+        // Feed-forward.
+        for t in 0..tokens {
+            ops::rms_norm(&x[t * d..(t + 1) * d], &l.ffn_norm, cfg.eps, &mut s.xn[t * d..(t + 1) * d]);
+        }
+        matmul_stacked(pool, &l.gate_up, &s.xn, &mut s.acts, &mut s.tmp, &mut s.gu, 2 * ffn)?;
+        s.h.resize(tokens * ffn, 0.0);
+        for t in 0..tokens {
+            let gu = &s.gu[t * 2 * ffn..(t + 1) * 2 * ffn];
+            let (g, u) = gu.split_at(ffn);
+            for ((h, &g), &u) in s.h[t * ffn..(t + 1) * ffn].iter_mut().zip(g).zip(u) {
+                *h = ops::silu(g) * u;
+            }
+        }
+        l.down.matmul(pool, &s.h, &mut s.acts, &mut s.out)?;
+        for (xv, o) in x.iter_mut().zip(&s.out) {
+            *xv += o;
+        }
+        Ok(())
+    }
+}

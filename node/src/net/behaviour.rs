@@ -1,0 +1,118 @@
+//! The transport (TCP + noise + yamux, pnet under a cluster secret, QUIC
+//! without one) and the composed behaviour of a fogmesh peer.
+
+use std::time::Duration;
+
+use fogmesh_protocols::{KAD_PROTOCOL, RPC_PROTOCOL};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, upgrade::Version};
+use libp2p::core::Transport;
+use libp2p::identity::Keypair;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    PeerId, StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, noise, ping, quic, request_response, tcp,
+    yamux,
+};
+
+use super::codec::StageCodec;
+use super::gossip::{CAPS_TOPIC, LOAD_TOPIC};
+use super::handle::{NetConfig, NetError};
+use super::{IDENTIFY_PROTOCOL, MAX_GOSSIP_BYTES};
+
+#[derive(NetworkBehaviour)]
+pub(super) struct Behaviour {
+    pub(super) limits: connection_limits::Behaviour,
+    pub(super) identify: identify::Behaviour,
+    pub(super) ping: ping::Behaviour,
+    pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(super) gossipsub: gossipsub::Behaviour,
+    pub(super) rpc: request_response::Behaviour<StageCodec>,
+    pub(super) streams: libp2p_stream::Behaviour,
+}
+
+pub(super) fn build_transport(key: &Keypair, secret: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
+    let setup = |e: noise::Error| NetError::Setup(e.to_string());
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let timeout = Duration::from_secs(20);
+    match secret {
+        Some(psk) => Ok(tcp
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise::Config::new(key).map_err(setup)?)
+            .multiplex(yamux::Config::default())
+            .timeout(timeout)
+            .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
+            .boxed()),
+        None => {
+            let tcp = tcp
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise::Config::new(key).map_err(setup)?)
+                .multiplex(yamux::Config::default())
+                .timeout(timeout)
+                .map(|(p, m), _| (p, StreamMuxerBox::new(m)));
+            let quic = quic::tokio::Transport::new(quic::Config::new(key)).map(|(p, c), _| (p, StreamMuxerBox::new(c)));
+            Ok(tcp.or_transport(quic).map(|either, _| either.into_inner()).boxed())
+        }
+    }
+}
+
+pub(super) fn build_behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
+    let key = &cfg.keypair;
+    let local = key.public().to_peer_id();
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(cfg.max_connections))
+        .with_max_established_per_peer(Some(4))
+        .with_max_pending_incoming(Some(32))
+        .with_max_pending_outgoing(Some(32));
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+            .with_agent_version(format!("fogmesh/{}", crate::measure::VERSION))
+            .with_push_listen_addr_updates(true),
+    );
+    let ping = ping::Behaviour::new(ping::Config::new().with_interval(cfg.ping_interval).with_timeout(cfg.ping_timeout));
+    let mdns = if cfg.mdns {
+        let mc = mdns::Config { query_interval: Duration::from_secs(5), ..Default::default() };
+        Some(mdns::tokio::Behaviour::new(mc, local).map_err(|e| setup(&e))?)
+    } else {
+        None
+    };
+    let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    kad_cfg.set_query_timeout(Duration::from_secs(10));
+    kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(30)));
+    let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_cfg);
+    // A LAN has no confirmed external address, so kad would stay a client
+    // and answer nobody's queries; every fogmesh peer serves the DHT.
+    kad.set_mode(Some(kad::Mode::Server));
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(700))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .build()
+        .map_err(|e| setup(&e))?;
+    let mut gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg).map_err(|e| setup(&e))?;
+    for t in [CAPS_TOPIC, LOAD_TOPIC] {
+        gossipsub.subscribe(&gossipsub::IdentTopic::new(t)).map_err(|e| setup(&e))?;
+    }
+    let rpc = request_response::Behaviour::with_codec(
+        StageCodec::new(cfg.limits),
+        [(StreamProtocol::new(RPC_PROTOCOL), request_response::ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(cfg.request_timeout).with_max_concurrent_streams(256),
+    );
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        identify,
+        ping,
+        mdns: Toggle::from(mdns),
+        kad,
+        gossipsub,
+        rpc,
+        streams: libp2p_stream::Behaviour::new(),
+    })
+}
+

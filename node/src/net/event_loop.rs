@@ -1,0 +1,399 @@
+//! The swarm task: it owns the [`Swarm`], serves the handle's commands,
+//! publishes this peer's gossip, keeps the membership view and the dialer,
+//! and routes inbound calls to the node.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use fogmesh_actors::runtime::error_frame;
+use fogmesh_protocols::{Capabilities, ErrorCode, KAD_PROTOCOL, LoadReport, Message, ShardLoad, encode_message};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, mdns, ping, request_response};
+use tokio::sync::{mpsc, oneshot};
+
+use super::behaviour::{Behaviour, BehaviourEvent};
+use super::dialer::{Dialer, dialable};
+use super::gossip::{self, CAPS_TOPIC, Gossip, LOAD_TOPIC};
+use super::handle::{Command, InboundRequest, NetConfig, NetError, NodeStatus};
+use super::membership::{self, Membership, Source};
+use super::IDENTIFY_PROTOCOL;
+
+type Pending = FuturesUnordered<BoxFuture<'static, (request_response::ResponseChannel<Message>, Option<Message>)>>;
+
+pub(super) struct Runner {
+    pub(super) cfg: NetConfig,
+    pub(super) swarm: Swarm<Behaviour>,
+    pub(super) membership: Membership,
+    pub(super) inbound_tx: mpsc::Sender<InboundRequest>,
+    pub(super) pending: HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<Message, NetError>>)>,
+    pub(super) responses: Pending,
+    pub(super) ping_failures: HashMap<PeerId, u32>,
+    pub(super) remotes: HashMap<PeerId, Multiaddr>,
+    pub(super) load: Vec<ShardLoad>,
+    pub(super) listen_addrs: Vec<Multiaddr>,
+    pub(super) connections: u32,
+    pub(super) kad_bootstrapped: Option<Instant>,
+    pub(super) caps_due: bool,
+    pub(super) candidates: Dialer<PeerId>,
+    pub(super) lost: tokio::sync::broadcast::Sender<PeerId>,
+}
+
+impl Runner {
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut announce = tokio::time::interval(self.cfg.announce_interval);
+        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut redial = tokio::time::interval(Duration::from_secs(5));
+        redial.tick().await;
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = commands.recv() => match cmd {
+                    None | Some(Command::Shutdown) => break,
+                    Some(cmd) => self.on_command(cmd),
+                },
+                Some((channel, response)) = self.responses.next(), if !self.responses.is_empty() => {
+                    let response = response.unwrap_or_else(|| error_frame(ErrorCode::Internal, "request dropped unanswered"));
+                    if self.swarm.behaviour_mut().rpc.send_response(channel, response).is_err() {
+                        tracing::debug!("rpc response dropped: the requester has gone");
+                    }
+                }
+                _ = tick.tick() => {
+                    self.redial_candidates(Instant::now());
+                    if std::mem::take(&mut self.caps_due) {
+                        self.announce_caps();
+                    }
+                    for p in self.membership.expire(Instant::now()) {
+                        tracing::info!(peer = %p, "peer left the view");
+                    }
+                }
+                _ = announce.tick() => self.announce(),
+                _ = redial.tick() => self.redial_bootstrap(),
+            }
+        }
+        tracing::info!("network task stopping");
+        for (_, (peer, reply)) in self.pending.drain() {
+            let _ = reply.send(Err(NetError::Request { peer, reason: "node shutting down".into() }));
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            mdns: self.cfg.mdns,
+            secret: self.cfg.secret.is_some(),
+            connections: self.connections,
+            measurement: self.cfg.measurement.clone(),
+            peers: self.membership.snapshot(Instant::now()),
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Dial(addr, reply) => {
+                let r = self.dial_addr(addr.clone()).map_err(|e| NetError::Dial { addr, reason: e.to_string() });
+                let _ = reply.send(r);
+            }
+            Command::Request { peer, message, reply } => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, message);
+                self.pending.insert(id, (peer, reply));
+            }
+            Command::SetLoad(shards) => self.load = shards,
+            Command::Shutdown => {}
+        }
+    }
+
+    fn publish(&mut self, topic: &str, msg: &Message) {
+        let mut buf = Vec::new();
+        if let Err(e) = encode_message(msg, &self.cfg.limits, &mut buf) {
+            tracing::warn!(error = %e, "cannot encode gossip");
+            return;
+        }
+        match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), buf) {
+            Ok(_) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(e) => tracing::debug!(topic, error = %e, "gossip not published"),
+        }
+    }
+
+    fn announce_caps(&mut self) {
+        let m = &self.cfg.measurement;
+        let caps = Message::Capabilities(Capabilities {
+            peer: self.swarm.local_peer_id().to_bytes(),
+            cores: m.cores,
+            memory_bytes: m.memory_bytes,
+            gflops: m.gflops,
+            version: m.version.clone(),
+            models: self.cfg.models.clone(),
+        });
+        self.publish(CAPS_TOPIC, &caps);
+    }
+
+    fn announce(&mut self) {
+        self.caps_due = false;
+        self.announce_caps();
+        let me = self.swarm.local_peer_id().to_bytes();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let load = Message::LoadReport(LoadReport { peer: me, timestamp_ms: now_ms, shards: self.load.clone() });
+        self.publish(LOAD_TOPIC, &load);
+    }
+
+    fn redial_bootstrap(&mut self) {
+        if self.connections > 0 {
+            return;
+        }
+        for addr in self.cfg.bootstrap.clone() {
+            if let Err(e) = self.dial_addr(addr.clone()) {
+                tracing::debug!(%addr, error = %e, "bootstrap redial failed");
+            }
+        }
+    }
+
+    /// Dials an address from a fresh local port. (libp2p's default reuses the
+    /// listening port; two peers that find each other at the same moment by
+    /// mDNS then dial listen port to listen port, TCP merges the two dials
+    /// into one simultaneous-open connection where both sides are the
+    /// initiator, and the noise handshake fails on both.)
+    pub(super) fn dial_addr(&mut self, addr: Multiaddr) -> Result<(), libp2p::swarm::DialError> {
+        self.swarm.dial(DialOpts::unknown_peer_id().address(addr).allocate_new_port().build())
+    }
+
+    /// Remembers `addrs` of a discovered peer and dials it now unless
+    /// connected; `tick` retries unconnected candidates with backoff.
+    fn discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, source: Source) {
+        if peer == *self.swarm.local_peer_id() || addrs.is_empty() {
+            return;
+        }
+        for a in &addrs {
+            self.membership.discovered(peer, a.clone(), source);
+        }
+        let addrs = self.candidates.discovered(peer, addrs, Instant::now());
+        self.dial_peer(peer, addrs);
+    }
+
+    /// Redials unconnected candidates whose backoff has passed.
+    fn redial_candidates(&mut self, now: Instant) {
+        let swarm = &self.swarm;
+        let due = self.candidates.due(now, |p| swarm.is_connected(p));
+        for (peer, addrs) in due {
+            self.dial_peer(peer, addrs);
+        }
+    }
+
+    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) || addrs.is_empty() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .allocate_new_port()
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "dial not started");
+        }
+    }
+
+    pub(super) fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        let now = Instant::now();
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                self.connections += 1;
+                self.remotes.insert(peer_id, endpoint.get_remote_address().clone());
+                let addr = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => Some(address.clone()),
+                    ConnectedPoint::Listener { .. } => None,
+                };
+                self.candidates.connected(&peer_id, now);
+                let new = !self.membership.contains(&peer_id);
+                self.membership.connected(peer_id, addr, now);
+                if new {
+                    tracing::info!(peer = %peer_id, remote = %endpoint.get_remote_address(), "peer joined the view");
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
+                self.connections = self.connections.saturating_sub(1);
+                if num_established == 0 {
+                    self.remotes.remove(&peer_id);
+                    let _ = self.lost.send(peer_id);
+                }
+                self.membership.disconnected(peer_id);
+                tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(p) = peer_id {
+                    self.candidates.failed(&p);
+                }
+                tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev, now),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, ev: BehaviourEvent, now: Instant) {
+        match ev {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, connection_id }) => {
+                if info.protocol_version != IDENTIFY_PROTOCOL {
+                    tracing::info!(peer = %peer_id, protocol = %info.protocol_version, "not a fogmesh peer; disconnecting");
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
+                let remote = self.remotes.get(&peer_id);
+                let addrs: Vec<Multiaddr> =
+                    info.listen_addrs.iter().filter(|a| dialable(a, remote)).take(16).cloned().collect();
+                self.membership.identified(peer_id, &addrs, &info.agent_version, now);
+                let kad_name = StreamProtocol::new(KAD_PROTOCOL);
+                if info.protocols.contains(&kad_name) {
+                    for a in &addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                    }
+                    let due = self.kad_bootstrapped.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10));
+                    if due && !self.cfg.bootstrap.is_empty() {
+                        self.kad_bootstrapped = Some(now);
+                        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                            tracing::debug!(error = ?e, "kad bootstrap not started");
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Identify(_) => {}
+            BehaviourEvent::Ping(ping::Event { peer, connection, result }) => match result {
+                Ok(rtt) => {
+                    self.ping_failures.remove(&peer);
+                    self.membership.ping(peer, rtt, now);
+                }
+                Err(e) => {
+                    let n = self.ping_failures.entry(peer).or_insert(0);
+                    *n += 1;
+                    tracing::debug!(%peer, error = %e, failures = *n, "ping failed");
+                    if *n >= membership::MAX_PING_FAILURES {
+                        self.ping_failures.remove(&peer);
+                        self.swarm.close_connection(connection);
+                    }
+                }
+            },
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in list {
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    tracing::debug!(%peer, n = addrs.len(), "mDNS found a peer");
+                    self.discovered(peer, addrs, Source::Mdns);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
+                for (peer, addr) in list {
+                    self.candidates.expired(&peer, &addr);
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
+                let addrs: Vec<Multiaddr> = addresses.iter().cloned().collect();
+                self.discovered(peer, addrs, Source::Kad);
+            }
+            BehaviourEvent::Kad(ev) => tracing::trace!(?ev, "kad"),
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
+                let verdict = self.on_gossip(&message, now);
+                let acceptance = match verdict {
+                    Ok(()) => gossipsub::MessageAcceptance::Accept,
+                    Err(reason) => {
+                        tracing::warn!(source = ?message.source, %propagation_source, reason, "gossip rejected");
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                };
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+                if topic == gossipsub::IdentTopic::new(CAPS_TOPIC).hash() =>
+            {
+                // A new subscriber learns our capabilities now, not at the
+                // next announcement (rate-limited: see `tick`).
+                self.caps_due = true;
+            }
+            BehaviourEvent::Gossipsub(_) => {}
+            BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
+            BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Streams(()) => {}
+        }
+    }
+
+    /// Validates one gossip message ([`gossip::validate`]) and hands it to
+    /// the membership view.
+    fn on_gossip(&mut self, message: &gossipsub::Message, now: Instant) -> Result<(), &'static str> {
+        let source = message.source.ok_or("unsigned")?;
+        match gossip::validate(&message.data, message.topic.as_str(), &source, &self.cfg.limits)? {
+            Gossip::Capabilities(c) => self.membership.capabilities(source, c, now),
+            Gossip::Load(r) => self.membership.load(source, r, now),
+        }
+        Ok(())
+    }
+
+    fn on_rpc_event(&mut self, ev: request_response::Event<Message, Message>) {
+        use request_response::{Event, Message as RrMessage};
+        match ev {
+            Event::Message { peer, message: RrMessage::Request { request, channel, .. }, .. } => {
+                let (tx, rx) = oneshot::channel();
+                let inbound = InboundRequest { peer, message: request, reply: tx };
+                match self.inbound_tx.try_send(inbound) {
+                    Ok(()) => self.responses.push(Box::pin(async move { (channel, rx.await.ok()) })),
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .rpc
+                            .send_response(channel, error_frame(ErrorCode::Busy, "inbound queue full"));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .rpc
+                            .send_response(channel, error_frame(ErrorCode::NotServed, "this node serves no stages"));
+                    }
+                }
+            }
+            Event::Message { message: RrMessage::Response { request_id, response }, .. } => {
+                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure { peer, request_id, error, .. } => {
+                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request { peer, reason: error.to_string() }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound rpc request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+

@@ -1,0 +1,98 @@
+//! Validation of gossip messages: one function every received message goes
+//! through before the membership view sees it.
+
+use fogmesh_protocols::{Capabilities, Limits, LoadReport, Message, read_message};
+use libp2p::PeerId;
+
+/// The gossipsub topic of capability announcements.
+pub const CAPS_TOPIC: &str = "fogmesh/capabilities/1";
+/// The gossipsub topic of load reports.
+pub const LOAD_TOPIC: &str = "fogmesh/load/1";
+/// Longest version string a peer may announce.
+pub const MAX_VERSION_BYTES: usize = 64;
+/// Most shards one load report may list.
+pub const MAX_REPORTED_SHARDS: usize = 1024;
+
+/// A gossip message that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gossip {
+    /// A peer's capabilities.
+    Capabilities(Capabilities),
+    /// A peer's load.
+    Load(LoadReport),
+}
+
+/// Checks one gossip message signed by `source` on `topic`: it must decode
+/// within `limits`, fill its frame exactly, be of its topic's kind, name
+/// its signer as its peer, and stay within the list and string bounds.
+pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> Result<Gossip, &'static str> {
+    let (msg, used) = match read_message(data, limits) {
+        Ok(Some(x)) => x,
+        Ok(None) => return Err("truncated frame"),
+        Err(_) => return Err("undecodable"),
+    };
+    if used != data.len() {
+        return Err("trailing bytes");
+    }
+    let (named, g) = match msg {
+        Message::Capabilities(c) if topic == CAPS_TOPIC => (c.peer.clone(), Gossip::Capabilities(c)),
+        Message::LoadReport(r) if topic == LOAD_TOPIC => (r.peer.clone(), Gossip::Load(r)),
+        _ => return Err("message kind does not belong on this topic"),
+    };
+    if named != source.to_bytes() {
+        return Err("the message names another peer than its signer");
+    }
+    match &g {
+        Gossip::Capabilities(c) if c.version.len() > MAX_VERSION_BYTES => Err("version string too long"),
+        Gossip::Load(r) if r.shards.len() > MAX_REPORTED_SHARDS => Err("too many shards"),
+        _ => Ok(g),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fogmesh_protocols::{ShardLoad, encode_message};
+
+    fn frame(m: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_message(m, &Limits::default(), &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn gossip_is_accepted_only_from_its_signer_on_its_topic_within_bounds() {
+        let me = PeerId::random();
+        let other = PeerId::random();
+        let l = Limits::default();
+        let caps = |peer: &PeerId, version: &str| {
+            Message::Capabilities(Capabilities {
+                peer: peer.to_bytes(),
+                cores: 2,
+                memory_bytes: 1 << 30,
+                gflops: 1.0,
+                version: version.into(),
+                models: vec![],
+            })
+        };
+        let load = |peer: &PeerId, n: usize| {
+            let s = ShardLoad { model: [0; 32], start: 0, end: 1, queue_depth: 0, tokens_per_s: 0.0 };
+            Message::LoadReport(LoadReport { peer: peer.to_bytes(), timestamp_ms: 0, shards: vec![s; n] })
+        };
+        assert!(matches!(validate(&frame(&caps(&me, "0.1")), CAPS_TOPIC, &me, &l), Ok(Gossip::Capabilities(_))));
+        assert!(matches!(validate(&frame(&load(&me, 3)), LOAD_TOPIC, &me, &l), Ok(Gossip::Load(_))));
+        // Another peer's name, on either topic.
+        assert!(validate(&frame(&caps(&other, "0.1")), CAPS_TOPIC, &me, &l).is_err());
+        assert!(validate(&frame(&load(&other, 1)), LOAD_TOPIC, &me, &l).is_err());
+        // The wrong topic.
+        assert!(validate(&frame(&caps(&me, "0.1")), LOAD_TOPIC, &me, &l).is_err());
+        // Bounds.
+        assert_eq!(validate(&frame(&caps(&me, &"v".repeat(65))), CAPS_TOPIC, &me, &l), Err("version string too long"));
+        assert_eq!(validate(&frame(&load(&me, 1025)), LOAD_TOPIC, &me, &l), Err("too many shards"));
+        // Framing.
+        let mut f = frame(&caps(&me, "0.1"));
+        f.push(0);
+        assert_eq!(validate(&f, CAPS_TOPIC, &me, &l), Err("trailing bytes"));
+        assert_eq!(validate(&f[..10], CAPS_TOPIC, &me, &l), Err("truncated frame"));
+    }
+}
