@@ -13,7 +13,7 @@ use common::*;
 use fogmesh::models::gguf::{Gguf, write_gguf};
 use fogmesh::models::{LlamaConfig, Shard, ThreadPool, Tokenizer};
 use fogmesh::protocols::{
-    ActivationCodec, Award, Bid, CallForBids, Capabilities, Encoding, ErrorCode, ErrorFrame, Limits, LoadReport, Message,
+    ActivationCodec, Award, Bid, CallForBids, Capabilities, Encoding, ErrorCode, ErrorFrame, Limits, NodeId, LoadReport, Message,
     MessageKind, SamplingSpec, SessionCancel, SessionClose, SessionOpen, ShardAdvert, ShardLoad, StageError, StageInput,
     StageOutcome, StageReply, StageRequest, TokenResult, WeightChunkReply, WeightChunkRequest, WireDType,
     decode_payload, encode_message, read_message,
@@ -58,7 +58,7 @@ fn decode_activation(data: &[u8]) -> bool {
 
 /// One message of every kind.
 fn sample_messages() -> Vec<Message> {
-    let peer = b"12D3KooWexamplepeer".to_vec();
+    let peer = NodeId::from("12D3KooWexamplepeer");
     let model = [7u8; 32];
     vec![
         Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into(), models: vec![model] }),
@@ -74,7 +74,7 @@ fn sample_messages() -> Vec<Message> {
         Message::StageRequest(StageRequest { request: 9, session: 2, step: 0, stage: 0, position: 0, sample: false, input: StageInput::Tokens(vec![504, 3575, 282]) }),
         Message::StageRequest(StageRequest { request: 10, session: 2, step: 1, stage: 1, position: 3, sample: true, input: StageInput::Activation(vec![1, 2, 3]) }),
         Message::StageReply(StageReply { request: 9, outcome: StageOutcome::Activation(vec![4, 5, 6]) }),
-        Message::StageReply(StageReply { request: 10, outcome: StageOutcome::Error(StageError { session: 2, peer: "12D3KooWexamplepeer".into(), code: ErrorCode::Busy, reason: "busy".into() }) }),
+        Message::StageReply(StageReply { request: 10, outcome: StageOutcome::Error(StageError { session: 2, peer: Some(peer.clone()), code: ErrorCode::Busy, reason: "busy".into() }) }),
         Message::TokenResult(TokenResult { session: 2, step: 1, token: 7042, logprob: -0.1 }),
         Message::SessionOpen(SessionOpen {
             session: 2,
@@ -83,7 +83,7 @@ fn sample_messages() -> Vec<Message> {
             end: 30,
             max_tokens: 512,
             owner: "12D3KooWexampleowner".into(),
-            next: String::new(),
+            next: None,
             sampling: SamplingSpec { temperature: 0.7, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, repeat_last_n: 64, seed: 42 },
             history: vec![1, 2, 3],
             draws: 0,

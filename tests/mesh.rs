@@ -148,7 +148,7 @@ async fn rpc_requests_round_trip_and_overload_is_answered_busy() {
     let client = start(None, vec![first_addr(&server)]).await;
     wait_full_view(&[&server, &client], Duration::from_secs(10)).await;
     let sid = server.handle.local_peer_id();
-    let bid = |n: u64| Message::Bid(Bid { auction: n, peer: vec![1, 2, 3], queue_ms: 1.0, service_ms: 2.0, transfer_ms: 3.0 });
+    let bid = |n: u64| Message::Bid(Bid { auction: n, peer: "12D3KooWbidder".into(), queue_ms: 1.0, service_ms: 2.0, transfer_ms: 3.0 });
 
     // An echo server answers one request.
     let h = client.handle.clone();
@@ -209,7 +209,7 @@ async fn stage_streams_carry_frames_both_ways() {
     let mut s = client.handle.open_stage_stream(sid).await.unwrap();
     assert_eq!(s.peer(), sid);
     for i in 0..20u64 {
-        let b = Bid { auction: i, peer: vec![], queue_ms: 0.0, service_ms: 0.0, transfer_ms: 0.0 };
+        let b = Bid { auction: i, peer: Default::default(), queue_ms: 0.0, service_ms: 0.0, transfer_ms: 0.0 };
         s.send(&Message::Bid(b)).await.unwrap();
     }
     for i in 0..20u64 {

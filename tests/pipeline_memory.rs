@@ -192,7 +192,7 @@ async fn bad_requests_get_clear_errors() {
             end,
             max_tokens: 64,
             owner: "peer-1".into(),
-            next: String::new(),
+            next: None,
             sampling: SamplingSpec { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 },
             history: vec![1],
             draws: 0,
@@ -285,12 +285,12 @@ async fn holders_of_a_range_bid_for_the_hop() {
     let second = mid_rt.bid(&owner, &call(901)).await.unwrap();
     assert!(second.queue_ms >= first.queue_ms + first.service_ms * 0.99, "{first:?} then {second:?}");
     for auction in [900, 901] {
-        let award = Message::Award(Award { auction, peer: b"someone".to_vec() });
+        let award = Message::Award(Award { auction, peer: "someone".into() });
         assert!(matches!(mid_rt.handle_call(&owner, award).await, Message::Award(_)));
     }
     let third = mid_rt.bid(&owner, &call(902)).await.unwrap();
     assert_eq!(third.queue_ms, first.queue_ms, "released bids still count: {first:?} then {third:?}");
-    mid_rt.handle_call(&owner, Message::Award(Award { auction: 902, peer: vec![] })).await;
+    mid_rt.handle_call(&owner, Message::Award(Award { auction: 902, peer: Default::default() })).await;
     assert_eq!(mid_rt.open_bids(), 0);
     // Silent, it cannot win: its bid never arrives.
     m.net.set_fault("peer-x", Fault::Silent);

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use fogmesh_models::{GenerateRequest, Generation, GenerationState, Step, Timings};
 use fogmesh_protocols::{
-    ErrorCode, Message, SessionClose, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
+    ErrorCode, Message, NodeId, SessionClose, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
@@ -200,8 +200,8 @@ impl SessionState {
                     start: h.start as u32,
                     end: h.end as u32,
                     max_tokens: (history.len() + self.max_tokens).min(self.model.config.context) as u32,
-                    owner: self.rt.local_peer().to_string(),
-                    next: route.get(i + 1).map(|n| n.peer.clone()).unwrap_or_default(),
+                    owner: NodeId::from(self.rt.local_peer()),
+                    next: route.get(i + 1).map(|n| NodeId::from(n.peer.as_str())),
                     sampling: sampling.clone(),
                     history: history.clone(),
                     draws: draws.min(u32::MAX as u64) as u32,
@@ -302,7 +302,7 @@ impl SessionState {
         let Some(first) = self.route.first().map(|h| h.peer.clone()) else {
             let _ = myself.cast(SessionMsg::Failed(StageError {
                 session: self.wire,
-                peer: String::new(),
+                peer: None,
                 code: ErrorCode::NotServed,
                 reason: "the route has no hop".into(),
             }));
@@ -323,7 +323,7 @@ impl SessionState {
                 self.pending_tokens = n;
                 let _ = myself.cast(SessionMsg::Failed(StageError {
                     session: self.wire,
-                    peer: first.clone(),
+                    peer: Some(NodeId::from(first.as_str())),
                     code: ErrorCode::NotServed,
                     reason: e.to_string(),
                 }));
@@ -348,7 +348,7 @@ impl SessionState {
             let rt = self.rt.clone();
             let peer = h.peer.clone();
             async move {
-                let q = Message::LoadReport(fogmesh_protocols::LoadReport { peer: vec![], timestamp_ms: 0, shards: vec![] });
+                let q = Message::LoadReport(fogmesh_protocols::LoadReport { peer: NodeId::default(), timestamp_ms: 0, shards: vec![] });
                 match tokio::time::timeout(t, rt.call(&peer, q)).await {
                     Ok(Ok(Message::LoadReport(r))) => (peer, true, r.shards.iter().any(|s| s.queue_depth > 0)),
                     _ => (peer, false, false),
@@ -541,7 +541,8 @@ impl Actor for SessionActor {
                 if e.session != st.wire {
                     return Ok(());
                 }
-                let t = policy::stage_trouble(e.code, &e.peer, e.reason, st.rt.local_peer());
+                let culprit = e.peer.as_ref().map_or("", NodeId::as_str);
+                let t = policy::stage_trouble(e.code, culprit, e.reason, st.rt.local_peer());
                 match t {
                     Ok(t) => st.trouble(&myself, t).await.map(|()| false),
                     Err(e) => Err(e),

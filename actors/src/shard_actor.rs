@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use fogmesh_models::{LogitsFor, Sampler, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
 use fogmesh_protocols::{
-    ActivationCodec, Encoding, ErrorCode, Message, SessionOpen, StageError, StageInput, StageOutcome, StageReply,
+    ActivationCodec, Encoding, ErrorCode, Message, NodeId, SessionOpen, StageError, StageInput, StageOutcome, StageReply,
     StageRequest, TokenResult,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -92,7 +92,8 @@ pub struct ShardArgs {
 
 struct Session {
     cache: Option<SessionCache>,
-    next: PeerKey,
+    /// None on the last stage.
+    next: Option<PeerKey>,
     owner: PeerKey,
     sampler: Option<Sampler>,
     history: Vec<u32>,
@@ -119,7 +120,7 @@ pub struct ShardState {
 pub struct ShardActor;
 
 fn stage_error(session: u64, peer: &str, code: ErrorCode, reason: impl Into<String>) -> StageError {
-    StageError { session, peer: peer.to_string(), code, reason: reason.into() }
+    StageError { session, peer: Some(NodeId::from(peer)), code, reason: reason.into() }
 }
 
 impl ShardState {
@@ -142,7 +143,7 @@ impl ShardState {
         } else {
             None
         };
-        if self.shard.is_last() != open.next.is_empty() {
+        if self.shard.is_last() != open.next.is_none() {
             return Err(stage_error(
                 open.session,
                 &local,
@@ -156,8 +157,8 @@ impl ShardState {
             open.session,
             Session {
                 cache: Some(self.shard.new_session()),
-                next: open.next,
-                owner: open.owner,
+                next: open.next.map(|n| n.0),
+                owner: open.owner.0,
                 sampler,
                 history,
                 max_tokens,
@@ -264,7 +265,11 @@ impl ShardState {
                 }
                 metrics::counter!(crate::metrics::WIRE_BYTES, "encoding" => Encoding::F32.name())
                     .increment(bytes.len() as u64);
-                let next = sess.next.clone();
+                let Some(next) = sess.next.clone() else {
+                    let e = stage_error(req.session, &local, ErrorCode::Internal, "hidden states but no next stage");
+                    self.rt.report(&owner, req.request, e).await;
+                    return;
+                };
                 let msg = Message::StageRequest(StageRequest {
                     request: req.request,
                     session: req.session,

@@ -13,8 +13,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 /// SHA-256 of a file, hex encoded, with a progress bar when `progress`.
-pub fn sha256_file(path: &Path, progress: bool) -> Result<String> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+pub fn sha256_file(path: &Path, progress: bool) -> std::io::Result<String> {
+    let f = File::open(path).map_err(|e| std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
     let len = f.metadata()?.len();
     let bar = bar(progress, len, "checking");
     let mut r = BufReader::new(f);

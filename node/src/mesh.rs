@@ -7,11 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use fogmesh_actors::{
     GenerateRequest, GenerationHandle, Hop, LinkError, MeshLink, ModelInfo, PeerKey, PeerView, Runtime,
-    RuntimeConfig,
+    RuntimeConfig, RuntimeError,
 };
 use fogmesh_protocols::{Message, ModelHash};
 use libp2p::identity::Keypair;
@@ -22,6 +21,48 @@ use tokio::sync::Semaphore;
 use crate::measure::SelfMeasurement;
 use crate::net::{self, NetConfig, StageStream};
 pub use crate::net::{NetError, NetHandle, NodeStatus, PeerInfo, keys};
+
+/// Why a mesh peer could not start or do what it was asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// The model file named to the builder is not there.
+    #[error("model file {0} does not exist")]
+    NoModelFile(PathBuf),
+    /// The model file could not be read (hashing or its header).
+    #[error("reading {path}: {reason}")]
+    ModelFile {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The network could not start, or has stopped.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The actors refused (no model, no route, an invalid request).
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The model engine failed (tokenizing, the chat template).
+    #[error(transparent)]
+    Model(#[from] fogmesh_models::ModelError),
+    /// No plan over enough peers formed in time.
+    #[error(
+        "no plan over {stages} peers after {timeout:?}: are the peers on one LAN? is multicast blocked? try --bootstrap ADDR"
+    )]
+    NoPlan {
+        /// The stages waited for.
+        stages: usize,
+        /// How long it waited.
+        timeout: Duration,
+    },
+    /// A start-up task of this peer failed.
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+/// What [`Mesh`] returns.
+pub type Result<T, E = MeshError> = std::result::Result<T, E>;
 
 /// How long opening a stage stream or a call may take.
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -223,26 +264,34 @@ impl MeshBuilder {
     pub async fn start(self) -> Result<Mesh> {
         let measurement = match self.measurement {
             Some(m) => m,
-            None => tokio::task::spawn_blocking(|| SelfMeasurement::measure(Duration::from_millis(200))).await?,
+            None => tokio::task::spawn_blocking(|| SelfMeasurement::measure(Duration::from_millis(200)))
+                .await
+                .map_err(|e| MeshError::Task(e.to_string()))?,
         };
         let model = match &self.model {
             None => None,
             Some(p) => {
                 if !p.is_file() {
-                    bail!("model file {} does not exist", p.display());
+                    return Err(MeshError::NoModelFile(p.clone()));
                 }
+                let bad = |reason: String| MeshError::ModelFile { path: p.clone(), reason };
                 let hash = match self.model_hash {
                     Some(h) => h,
                     None => {
                         let p2 = p.clone();
-                        let hex = tokio::task::spawn_blocking(move || crate::fetch::sha256_file(&p2, false)).await??;
-                        <ModelHash>::try_from(hex::decode(hex)?).map_err(|_| anyhow::anyhow!("bad digest"))?
+                        let hex = tokio::task::spawn_blocking(move || crate::fetch::sha256_file(&p2, false))
+                            .await
+                            .map_err(|e| MeshError::Task(e.to_string()))?
+                            .map_err(|e| bad(e.to_string()))?;
+                        let bytes = hex::decode(hex).map_err(|e| bad(e.to_string()))?;
+                        <ModelHash>::try_from(bytes).map_err(|_| bad("the digest is not 32 bytes".into()))?
                     }
                 };
                 let p2 = p.clone();
                 let info = tokio::task::spawn_blocking(move || ModelInfo::open(&p2, hash))
-                    .await?
-                    .with_context(|| format!("reading {}", p.display()))?;
+                    .await
+                    .map_err(|e| MeshError::Task(e.to_string()))?
+                    .map_err(|e| bad(e.to_string()))?;
                 Some(Arc::new(info))
             }
         };
@@ -391,7 +440,7 @@ impl Mesh {
                 return Ok(plan);
             }
             if start.elapsed() > timeout {
-                bail!("no plan over {stages} peers after {timeout:?}: are the peers on one LAN? is multicast blocked? try --bootstrap ADDR");
+                return Err(MeshError::NoPlan { stages, timeout });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -405,7 +454,7 @@ impl Mesh {
     /// Starts a chat generation: `message` goes through the model's chat
     /// template as the user's turn.
     pub async fn chat(&self, message: &str, max_tokens: usize, sampling: fogmesh_models::SamplingParams) -> Result<GenerationHandle> {
-        let model = self.model().context("this peer serves no model")?;
+        let model = self.model().ok_or(RuntimeError::NoModel)?;
         let text = model.tokenizer.apply_chat_template(&[fogmesh_models::ChatMessage::new("user", message)])?;
         let prompt = model.tokenizer.encode(&text)?;
         self.generate(GenerateRequest { prompt, max_tokens, sampling, stop: Vec::new() }).await

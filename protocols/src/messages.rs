@@ -16,11 +16,41 @@ use crate::frame::{Limits, MessageKind, read_frame, write_frame};
 /// SHA-256 of a model file: the identity of a model across peers.
 pub type ModelHash = [u8; 32];
 
+/// A peer's identity on the wire, the same in every message: the text form
+/// of its libp2p peer id (`12D3KooW…`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub String);
+
+impl NodeId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for NodeId {
+    fn from(s: &str) -> Self {
+        NodeId(s.to_string())
+    }
+}
+
+impl From<String> for NodeId {
+    fn from(s: String) -> Self {
+        NodeId(s)
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A peer's description of itself, gossiped when it joins.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Capabilities {
-    /// The peer's libp2p id (multihash bytes).
-    pub peer: Vec<u8>,
+    /// The peer.
+    pub peer: NodeId,
     /// CPU cores.
     pub cores: u32,
     /// Free memory in bytes.
@@ -52,7 +82,7 @@ pub struct ShardLoad {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct LoadReport {
     /// Reporting peer.
-    pub peer: Vec<u8>,
+    pub peer: NodeId,
     /// Sender's clock, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
     /// One entry per shard it serves.
@@ -63,7 +93,7 @@ pub struct LoadReport {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ShardAdvert {
     /// Serving peer.
-    pub peer: Vec<u8>,
+    pub peer: NodeId,
     /// Model identity.
     pub model: ModelHash,
     /// First layer.
@@ -99,7 +129,7 @@ pub struct Bid {
     /// The auction bid for.
     pub auction: u64,
     /// Bidding peer.
-    pub peer: Vec<u8>,
+    pub peer: NodeId,
     /// Expected wait in the bidder's queue.
     pub queue_ms: f32,
     /// Expected compute time.
@@ -114,7 +144,7 @@ pub struct Award {
     /// The auction.
     pub auction: u64,
     /// The winner.
-    pub peer: Vec<u8>,
+    pub peer: NodeId,
 }
 
 /// What a stage receives: token ids (first stage) or an encoded activation.
@@ -152,8 +182,8 @@ pub struct StageError {
     /// The session concerned.
     pub session: u64,
     /// The peer at fault in the reporter's view (itself, or an unreachable
-    /// next hop), as a peer id string; empty if unknown.
-    pub peer: String,
+    /// next hop), if known.
+    pub peer: Option<NodeId>,
     /// Machine-readable reason.
     pub code: ErrorCode,
     /// Human-readable reason.
@@ -225,10 +255,10 @@ pub struct SessionOpen {
     pub end: u32,
     /// Most tokens the session may hold.
     pub max_tokens: u32,
-    /// Peer id of the session's owner (tokens and errors go there).
-    pub owner: String,
-    /// Peer id of the next stage; empty for the last stage.
-    pub next: String,
+    /// The session's owner (tokens and errors go there).
+    pub owner: NodeId,
+    /// The next stage; none for the last stage.
+    pub next: Option<NodeId>,
     /// Sampling (used by the last stage).
     pub sampling: SamplingSpec,
     /// Tokens of the session so far (the last stage's repetition window).

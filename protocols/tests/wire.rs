@@ -22,6 +22,10 @@ fn text() -> impl Strategy<Value = String> {
     "\\PC{0,40}"
 }
 
+fn node() -> impl Strategy<Value = NodeId> {
+    text().prop_map(NodeId)
+}
+
 fn hash() -> impl Strategy<Value = ModelHash> {
     any::<[u8; 32]>()
 }
@@ -33,12 +37,12 @@ fn token_result() -> impl Strategy<Value = TokenResult> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (bytes(40), any::<u32>(), any::<u64>(), any::<f32>(), text(), proptest::collection::vec(hash(), 0..3)).prop_map(
+        (node(), any::<u32>(), any::<u64>(), any::<f32>(), text(), proptest::collection::vec(hash(), 0..3)).prop_map(
             |(peer, cores, memory_bytes, gflops, version, models)| {
                 Message::Capabilities(Capabilities { peer, cores, memory_bytes, gflops, version, models })
             }
         ),
-        (bytes(40), any::<u64>(), proptest::collection::vec((hash(), any::<u32>(), any::<u32>(), any::<u32>(), any::<f32>()), 0..5))
+        (node(), any::<u64>(), proptest::collection::vec((hash(), any::<u32>(), any::<u32>(), any::<u32>(), any::<f32>()), 0..5))
             .prop_map(|(peer, timestamp_ms, s)| Message::LoadReport(LoadReport {
                 peer,
                 timestamp_ms,
@@ -47,17 +51,17 @@ fn message() -> impl Strategy<Value = Message> {
                     .map(|(model, start, end, queue_depth, tokens_per_s)| ShardLoad { model, start, end, queue_depth, tokens_per_s })
                     .collect(),
             })),
-        (bytes(40), hash(), any::<u32>(), any::<u32>())
+        (node(), hash(), any::<u32>(), any::<u32>())
             .prop_map(|(peer, model, start, end)| Message::ShardAdvert(ShardAdvert { peer, model, start, end })),
         (any::<u64>(), any::<u64>(), hash(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(
             |(auction, session, model, start, end, tokens, activation_bytes, deadline_ms)| {
                 Message::CallForBids(CallForBids { auction, session, model, start, end, tokens, activation_bytes, deadline_ms })
             }
         ),
-        (any::<u64>(), bytes(40), any::<f32>(), any::<f32>(), any::<f32>()).prop_map(
+        (any::<u64>(), node(), any::<f32>(), any::<f32>(), any::<f32>()).prop_map(
             |(auction, peer, queue_ms, service_ms, transfer_ms)| Message::Bid(Bid { auction, peer, queue_ms, service_ms, transfer_ms })
         ),
-        (any::<u64>(), bytes(40)).prop_map(|(auction, peer)| Message::Award(Award { auction, peer })),
+        (any::<u64>(), node()).prop_map(|(auction, peer)| Message::Award(Award { auction, peer })),
         (
             any::<u64>(),
             any::<u64>(),
@@ -84,7 +88,7 @@ fn message() -> impl Strategy<Value = Message> {
             prop_oneof![
                 bytes(512).prop_map(StageOutcome::Activation),
                 token_result().prop_map(StageOutcome::Token),
-                (any::<u64>(), text(), error_code(), text())
+                (any::<u64>(), proptest::option::of(node()), error_code(), text())
                     .prop_map(|(session, peer, code, reason)| StageOutcome::Error(StageError { session, peer, code, reason })),
             ]
         )
@@ -92,7 +96,7 @@ fn message() -> impl Strategy<Value = Message> {
         token_result().prop_map(Message::TokenResult),
         (
             (any::<u64>(), hash(), any::<u32>(), any::<u32>(), any::<u32>()),
-            (text(), text(), (any::<f32>(), any::<u32>(), any::<f32>(), any::<f32>(), any::<u32>(), any::<u64>())),
+            (node(), proptest::option::of(node()), (any::<f32>(), any::<u32>(), any::<f32>(), any::<f32>(), any::<u32>(), any::<u64>())),
             (proptest::collection::vec(any::<u32>(), 0..64), any::<u32>())
         )
             .prop_map(|((session, model, start, end, max_tokens), (owner, next, sp), (history, draws))| {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use fogmesh_protocols::{Award, Bid, CallForBids, LoadReport, Message, ShardLoad};
+use fogmesh_protocols::{Award, Bid, CallForBids, LoadReport, Message, NodeId, ShardLoad};
 
 use super::{Runtime, lock};
 use crate::link::PeerKey;
@@ -52,7 +52,7 @@ impl Runtime {
         };
         Some(Bid {
             auction: c.auction,
-            peer: self.0.local.as_bytes().to_vec(),
+            peer: NodeId::from(self.0.local.as_str()),
             queue_ms: (queue_ms + held_ms) as f32,
             service_ms: service_ms as f32,
             transfer_ms: 0.0,
@@ -194,7 +194,7 @@ impl Runtime {
             })
             .collect();
         for peer in told {
-            let (rt, msg) = (self.clone(), Message::Award(Award { auction, peer: winner.as_bytes().to_vec() }));
+            let (rt, msg) = (self.clone(), Message::Award(Award { auction, peer: NodeId::from(winner.as_str()) }));
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(MAX_BID_LEASE, rt.call(&peer, msg)).await;
             });
@@ -226,7 +226,7 @@ impl Runtime {
                 tokens_per_s: s.tokens_per_s(),
             })
             .collect();
-        LoadReport { peer: self.0.local.as_bytes().to_vec(), timestamp_ms: now_ms, shards }
+        LoadReport { peer: NodeId::from(self.0.local.as_str()), timestamp_ms: now_ms, shards }
     }
 
 }

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fogmesh_protocols::{ErrorCode, ErrorFrame, Message, SessionOpen, ShardAdvert, StageError, StageOutcome, StageReply};
+use fogmesh_protocols::{ErrorCode, ErrorFrame, Message, NodeId, SessionOpen, ShardAdvert, StageError, StageOutcome, StageReply};
 
 use crate::shard_actor::ShardHost as _;
 
@@ -45,7 +45,7 @@ impl Runtime {
                 let Some((slot, owner)) = slot else {
                     let err = StageError {
                         session: req.session,
-                        peer: self.0.local.clone(),
+                        peer: Some(NodeId::from(self.0.local.as_str())),
                         code: ErrorCode::UnknownSession,
                         reason: format!("session {} is not open on {}", req.session, self.0.local),
                     };
@@ -55,7 +55,7 @@ impl Runtime {
                 if slot.queued.load(Ordering::Relaxed) >= self.0.cfg.max_queue {
                     let err = StageError {
                         session: req.session,
-                        peer: self.0.local.clone(),
+                        peer: Some(NodeId::from(self.0.local.as_str())),
                         code: ErrorCode::Busy,
                         reason: format!("{} stage requests already wait on layers {:?}", self.0.cfg.max_queue, slot.range),
                     };
@@ -131,12 +131,12 @@ impl Runtime {
         if start >= end || end > model.config.layers {
             return Err((ErrorCode::Malformed, format!("layers {start}..{end} are not a range of a {}-layer model", model.config.layers)));
         }
-        if open.owner.is_empty() || open.owner != from && from != self.0.local {
+        if open.owner.as_str().is_empty() || open.owner.as_str() != from && from != self.0.local {
             return Err((ErrorCode::Malformed, "a session is opened by its owner".to_string()));
         }
         let slot = self.ensure_shard(start..end).await.map_err(|e| (ErrorCode::Busy, e.to_string()))?;
         let session = open.session;
-        let owner = open.owner.clone();
+        let owner = open.owner.as_str().to_string();
         match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
             Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
             Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err((e.code, e.reason)),
@@ -144,7 +144,7 @@ impl Runtime {
         }
         lock(&self.0.served).insert(session, (slot, owner));
         Ok(Message::ShardAdvert(ShardAdvert {
-            peer: self.0.local.as_bytes().to_vec(),
+            peer: NodeId::from(self.0.local.as_str()),
             model: model.hash,
             start: start as u32,
             end: end as u32,

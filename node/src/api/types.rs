@@ -13,7 +13,7 @@ use fogmesh_models::{ChatMessage, FinishReason, REPEAT_LAST_N, SamplingParams, T
 use serde::{Deserialize, Serialize};
 
 use crate::measure::SelfMeasurement;
-use crate::net::PeerInfo;
+use crate::mesh::PeerInfo;
 
 /// The generation flags `fogmesh generate` and `fogmesh run` share; also the
 /// body of a node's `POST /v1/fogmesh/generate` (missing fields take the

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use fogmesh_models::{LocalModel, TokenLogit, uneven_ranges};
+use fogmesh_models::{GenerateRequest, LocalModel, TokenLogit, uneven_ranges};
 use serde::Serialize;
 
 use super::resolve_model;
@@ -120,10 +120,17 @@ struct GenerateJson<'a> {
 pub(super) fn generate(a: GenerateArgs) -> Result<()> {
     let model = load(&a.model)?;
     let prompt = a.flags.prompt_tokens(model.tokenizer())?;
-    let sampling = a.flags.sampling();
+    let req = GenerateRequest { prompt, max_tokens: a.flags.max_tokens, sampling: a.flags.sampling(), stop: a.flags.stop.clone() };
+    if let Err(e) = req.validate(model.config()) {
+        let flag = match e.param {
+            "messages" | "prompt" => "prompt",
+            p => p,
+        };
+        bail!("{e} (--{})", flag.replace('_', "-"));
+    }
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
-    let out = model.generate(prompt, a.flags.max_tokens, sampling, a.flags.stop.clone(), a.top_logits, |step| {
+    let out = model.generate(req.prompt, req.max_tokens, req.sampling, req.stop, a.top_logits, |step| {
         if stream && !step.text.is_empty() {
             let _ = stdout.write_all(step.text.as_bytes());
             let _ = stdout.flush();

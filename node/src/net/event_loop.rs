@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::runtime::error_frame;
-use fogmesh_protocols::{Capabilities, ErrorCode, KAD_PROTOCOL, LoadReport, Message, ShardLoad, encode_message};
+use fogmesh_protocols::{Capabilities, ErrorCode, KAD_PROTOCOL, LoadReport, Message, NodeId, ShardLoad, encode_message};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -129,7 +129,7 @@ impl Runner {
     fn announce_caps(&mut self) {
         let m = &self.cfg.measurement;
         let caps = Message::Capabilities(Capabilities {
-            peer: self.swarm.local_peer_id().to_bytes(),
+            peer: NodeId::from(self.swarm.local_peer_id().to_string()),
             cores: m.cores,
             memory_bytes: m.memory_bytes,
             gflops: m.gflops,
@@ -142,7 +142,7 @@ impl Runner {
     fn announce(&mut self) {
         self.caps_due = false;
         self.announce_caps();
-        let me = self.swarm.local_peer_id().to_bytes();
+        let me = NodeId::from(self.swarm.local_peer_id().to_string());
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);

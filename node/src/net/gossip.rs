@@ -39,7 +39,7 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
         Message::LoadReport(r) if topic == LOAD_TOPIC => (r.peer.clone(), Gossip::Load(r)),
         _ => return Err("message kind does not belong on this topic"),
     };
-    if named != source.to_bytes() {
+    if named.as_str() != source.to_string() {
         return Err("the message names another peer than its signer");
     }
     match &g {
@@ -67,7 +67,7 @@ mod tests {
         let l = Limits::default();
         let caps = |peer: &PeerId, version: &str| {
             Message::Capabilities(Capabilities {
-                peer: peer.to_bytes(),
+                peer: peer.to_string().into(),
                 cores: 2,
                 memory_bytes: 1 << 30,
                 gflops: 1.0,
@@ -77,7 +77,7 @@ mod tests {
         };
         let load = |peer: &PeerId, n: usize| {
             let s = ShardLoad { model: [0; 32], start: 0, end: 1, queue_depth: 0, tokens_per_s: 0.0 };
-            Message::LoadReport(LoadReport { peer: peer.to_bytes(), timestamp_ms: 0, shards: vec![s; n] })
+            Message::LoadReport(LoadReport { peer: peer.to_string().into(), timestamp_ms: 0, shards: vec![s; n] })
         };
         assert!(matches!(validate(&frame(&caps(&me, "0.1")), CAPS_TOPIC, &me, &l), Ok(Gossip::Capabilities(_))));
         assert!(matches!(validate(&frame(&load(&me, 3)), LOAD_TOPIC, &me, &l), Ok(Gossip::Load(_))));

@@ -276,7 +276,7 @@ mod tests {
     use super::*;
 
     fn caps(cores: u32) -> Capabilities {
-        Capabilities { peer: vec![], cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into(), models: vec![] }
+        Capabilities { peer: Default::default(), cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into(), models: vec![] }
     }
 
     #[test]
@@ -332,7 +332,7 @@ mod tests {
         let mut m = Membership::new(me, ttl);
         let t0 = Instant::now();
         m.capabilities(p, caps(2), t0);
-        let report = LoadReport { peer: vec![], timestamp_ms: 0, shards: vec![] };
+        let report = LoadReport { peer: Default::default(), timestamp_ms: 0, shards: vec![] };
         m.load(p, report.clone(), t0 + Duration::from_secs(2));
         assert!(m.expire(t0 + Duration::from_secs(4)).is_empty());
         assert_eq!(m.expire(t0 + Duration::from_secs(6)), vec![p]);
