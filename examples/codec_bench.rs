@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::Result;
 use fogmesh::models::{LocalModel, LogitsFor, SamplingParams, default_model_path, uneven_ranges};
 use fogmesh::protocols::{ActivationCodec, Encoding, Limits, WireDType};
+use fogmesh::models::stats::median;
 
 const BOUNDARIES: [usize; 3] = [5, 15, 25];
 
@@ -25,11 +26,6 @@ fn encodings() -> Vec<Encoding> {
         }
     }
     v
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 /// Hidden states leaving the shards that end at `BOUNDARIES`, for `tokens`.
@@ -95,7 +91,7 @@ fn main() -> Result<()> {
             let tokens: usize = states.iter().map(|(_, h)| h.len() / width).sum();
             rows.push(serde_json::json!({
                 "case": case, "encoding": enc.name(), "bytes_per_token": bytes as f64 / tokens as f64,
-                "reduction": raw as f64 / bytes as f64, "encode_gb_s": median(enc_t), "decode_gb_s": median(dec_t),
+                "reduction": raw as f64 / bytes as f64, "encode_gb_s": median(&enc_t), "decode_gb_s": median(&dec_t),
             }));
         }
     }

@@ -28,15 +28,7 @@ use fogmesh::models::Timings;
 use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
 use fogmesh::node::client::generate_on;
 use serde_json::Value;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
-}
+use fogmesh::models::stats::median;
 
 fn flags(prompt: &str, max: usize) -> GenFlags {
     GenFlags { prompt: prompt.into(), raw: true, max_tokens: max, temperature: 0.0, ..GenFlags::default() }
@@ -196,7 +188,7 @@ fn main() -> Result<()> {
             p2.push(decode_rate(&one_process(&exe, &story, cores)?));
             d3.push(decode_rate(&generate_on(&m3.peers[0].http, &story, |_| {})?.done.timings));
         }
-        let (p1, p2, d3) = (median(p1), median(p2), median(d3));
+        let (p1, p2, d3) = (median(&p1), median(&p2), median(&d3));
         println!("decode tok/s: one process 1 thread {p1:.1}, {cores} threads {p2:.1}; 3 peers (1 thread each) {d3:.1}");
         println!("  ratio 3-peer / one process: {:.2}x (1 thread), {:.2}x ({cores} threads)", d3 / p1, d3 / p2);
     }
@@ -212,7 +204,7 @@ fn main() -> Result<()> {
             t1.push(r.done.timings.prefill_ms);
             t3.push(generate_on(&m3.peers[0].http, &long, |_| {})?.done.timings.prefill_ms);
         }
-        let (t1, t3) = (median(t1), median(t3));
+        let (t1, t3) = (median(&t1), median(&t3));
         println!("time to first token, {n}-token prompt: 1 stage ({cores} threads) {t1:.0} ms; 3 stages (1 thread each) {t3:.0} ms; ratio {:.2}x", t3 / t1);
     }
 
@@ -224,7 +216,7 @@ fn main() -> Result<()> {
             a1.push(concurrent(&one.peers[0].http, 4, 64)?);
             a2.push(concurrent(&two.peers[0].http, 4, 64)?);
         }
-        let (a1, a2) = (median(a1), median(a2));
+        let (a1, a2) = (median(&a1), median(&a2));
         println!("4 concurrent sessions, aggregate tok/s: 1 peer on 1 core {a1:.1}; 2 peers pinned to 1 core each {a2:.1}; ratio {:.2}x", a2 / a1);
     }
 
@@ -241,7 +233,7 @@ fn main() -> Result<()> {
             anyhow::ensure!(r.done.failovers >= 1, "no failover happened");
             gaps.push(gap.context("no token after the kill")?.as_secs_f64() * 1e3);
         }
-        println!("recovery after losing the middle stage at token 100: median {:.0} ms (all: {gaps:.0?})", median(gaps.clone()));
+        println!("recovery after losing the middle stage at token 100: median {:.0} ms (all: {gaps:.0?})", median(&gaps));
     }
 
     if want("api") {
@@ -264,7 +256,7 @@ fn main() -> Result<()> {
             })?;
             run.push(stream_rate(k, last.duration_since(first.context("no token")?).as_secs_f64()));
         }
-        let (a, r) = (median(api), median(run));
+        let (a, r) = (median(&api), median(&run));
         println!("streamed tok/s on a 3-peer mesh: OpenAI API (SSE) {a:.1}; fogmesh run {r:.1}; ratio {:.2}x", a / r);
     }
 
@@ -292,7 +284,7 @@ fn main() -> Result<()> {
             let wall = t.elapsed().as_secs_f64();
             let tokens: usize = done.iter().map(|d| d.0).sum();
             let ttft: Vec<f64> = done.iter().map(|d| d.2 * 1e3).collect();
-            runs.push((done.len(), tokens as f64 / wall, median(ttft.clone()), ttft.iter().cloned().fold(0.0, f64::max), wall, stream_rate(n1, s1), f1 * 1e3));
+            runs.push((done.len(), tokens as f64 / wall, median(&ttft), ttft.iter().cloned().fold(0.0, f64::max), wall, stream_rate(n1, s1), f1 * 1e3));
         }
         for (k, agg, ttft_med, ttft_max, wall, one, one_ttft) in &runs {
             println!(
@@ -334,7 +326,7 @@ fn main() -> Result<()> {
             anyhow::ensure!(status.success(), "the demo failed:\n{}", String::from_utf8_lossy(&seen));
             times.push(first.context("no answer in the demo's output")?);
         }
-        println!("`cargo run --release -- demo` to the first answer token: median {:.1} s (all: {times:.1?})", median(times.clone()));
+        println!("`cargo run --release -- demo` to the first answer token: median {:.1} s (all: {times:.1?})", median(&times));
     }
 
     if let Some(dir) = llama.filter(|_| want("llama")) {
@@ -345,7 +337,7 @@ fn main() -> Result<()> {
             f.push(decode_rate(&generate_on(&m2.peers[0].http, &story64, |_| {})?.done.timings));
             l.push(llama_rpc(&dir, &model, 3)?);
         }
-        let (f, l) = (median(f), median(l));
+        let (f, l) = (median(&f), median(&l));
         println!("decode tok/s over 2 peers on loopback (1 thread each): fogmesh {f:.1}; llama.cpp RPC (2 rpc-servers) {l:.1}; ratio {:.2}x", f / l);
     }
     Ok(())

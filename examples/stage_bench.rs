@@ -19,6 +19,7 @@ use fogmesh::node::net::{self, Net, NetConfig};
 use fogmesh::protocols::{Message, StageInput, StageRequest};
 use futures::StreamExt;
 use libp2p::PeerId;
+use fogmesh::models::stats::median;
 
 fn message(bytes: usize) -> Message {
     Message::StageRequest(StageRequest {
@@ -39,11 +40,6 @@ async fn node(bootstrap: Vec<libp2p::Multiaddr>) -> Net {
     c.bootstrap = bootstrap;
     c.mdns = false;
     net::start(c).await.expect("start")
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 struct Row {
@@ -73,7 +69,7 @@ async fn bench_rr(client: &Net, server: PeerId, bytes: usize, iters: usize) -> R
     .buffer_unordered(16);
     while inflight.next().await.is_some() {}
     let mb_s = (total * bytes) as f64 / t.elapsed().as_secs_f64() / 1e6;
-    Row { transport: "request-response", bytes, rtt_ms: median(&mut rtts), pipelined_mb_s: mb_s }
+    Row { transport: "request-response", bytes, rtt_ms: median(&rtts), pipelined_mb_s: mb_s }
 }
 
 /// Echoes requests; a request whose payload length is odd gets a tiny reply.
@@ -114,7 +110,7 @@ async fn bench_stream(client: &Net, server: PeerId, bytes: usize, iters: usize) 
         received += 1;
     }
     let mb_s = (total * bytes) as f64 / t.elapsed().as_secs_f64() / 1e6;
-    Row { transport: "stream", bytes, rtt_ms: median(&mut rtts), pipelined_mb_s: mb_s }
+    Row { transport: "stream", bytes, rtt_ms: median(&rtts), pipelined_mb_s: mb_s }
 }
 
 fn serve_stream(server: &Net) {
@@ -168,8 +164,8 @@ async fn main() {
             let mut sel: Vec<&Row> = rows.iter().filter(|r| r.transport == transport && r.bytes == bytes).collect();
             sel.sort_by(|a, b| a.rtt_ms.total_cmp(&b.rtt_ms));
             let rtt = sel[sel.len() / 2].rtt_ms;
-            let mut mbs: Vec<f64> = sel.iter().map(|r| r.pipelined_mb_s).collect();
-            let mb_s = median(&mut mbs);
+            let mbs: Vec<f64> = sel.iter().map(|r| r.pipelined_mb_s).collect();
+            let mb_s = median(&mbs);
             out.push((transport, bytes, rtt, mb_s));
         }
     }

@@ -109,7 +109,7 @@ fn killing_the_middle_peer_mid_generation_keeps_every_token() {
     let failed = d.incidents.iter().any(|i| matches!(i, Incident::Failover { banned, .. } if banned.first() == Some(&middle)));
     assert!(failed, "{d:?}");
     assert!(d.incidents.iter().any(|i| matches!(i, Incident::Recovered { .. })), "{d:?}");
-    let view = fogmesh::node::cli::node::status_view(entry, &d, None);
+    let view = fogmesh::node::cli::status::status_view(entry, &d, None);
     assert!(view.contains("recent failovers:") && view.contains("recovered in"), "{view}");
     let m = http_get(entry, "/metrics").unwrap();
     assert!(m.contains("fogmesh_failovers_total") && m.contains("fogmesh_failover_recovery_seconds_count"), "{m}");

@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use fogmesh::models::stats::median;
 
 const SECRET: &str = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7";
 const WRONG_SECRET: &str = "badbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbadbad0";
@@ -278,11 +279,6 @@ fn lan_discovery_bootstrap_and_secret() {
     assert!(log.contains("fogmesh node started"), "{log}");
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Benchmark: time from starting N nodes (one bridge, mDNS only, with the
 /// secret) to every node seeing the other N-1; then idle CPU and RSS of one
 /// node of a 4-node mesh.
@@ -352,7 +348,7 @@ fn bench_full_view_and_idle_cost() {
             }
         }
         let (min, max) = (times.iter().cloned().fold(f64::MAX, f64::min), times.iter().cloned().fold(0.0, f64::max));
-        println!("| {n} | {:.2} | {min:.2} | {max:.2} |", median(&mut times));
+        println!("| {n} | {:.2} | {min:.2} | {max:.2} |", median(&times));
     }
 }
 

@@ -32,6 +32,7 @@
 //! - `request.rs`: [`GenerateRequest`] and its one set of checks.
 //! - `generate.rs`: [`GenerationState`] (the token loop) and [`LocalModel`].
 //! - `profile.rs`: per-layer cost for placement.
+//! - `stats.rs`: the median of measurements (bench command, benchmarks).
 //! - `paths.rs`: cache directory and the default model's identity.
 //! - `reference.rs`: a slow f32 forward pass on candle tensors, the test oracle.
 //! - `testing.rs`: quantized test tensors and pseudo-random data (hidden).
@@ -50,6 +51,7 @@ mod request;
 pub mod reference;
 mod sampling;
 mod shard;
+pub mod stats;
 mod tokenizer;
 #[doc(hidden)]
 pub mod testing;

@@ -1,20 +1,26 @@
-//! The `fogmesh` command line: the clap definitions and the dispatch here,
-//! one file per group of commands: `local.rs` (`generate`, `score`,
-//! `bench`), `node.rs` (`node`, `peers`, `status`), `run.rs` (`run`,
-//! `demo`).
+//! The `fogmesh` command line: the clap definitions, the flags several
+//! commands share and the dispatch here; one file per command under `cli/`
+//! (`generate`, `score`, `bench`, `node`, `peers`, `status`, `run`, `demo`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use fogmesh_models::default_model_cache_path;
+use fogmesh_models::{LocalModel, default_model_cache_path, uneven_ranges};
+
+use crate::client::{http_get, node_addr};
 
 use crate::fetch;
 
-mod local;
+pub mod bench;
+pub mod demo;
+pub mod generate;
 pub mod node;
+pub mod peers;
 pub mod run;
+pub mod score;
+pub mod status;
 
 /// fogmesh: a peer-to-peer runtime for AI inference on edge and fog devices.
 #[derive(Debug, Parser)]
@@ -53,13 +59,13 @@ enum Command {
     #[command(after_help = "Examples:\n  fogmesh generate --prompt 'What is fog computing?'\n  \
         fogmesh generate --raw --prompt 'The capital of France is' --temperature 0 --max-tokens 16 --json\n  \
         fogmesh generate --prompt 'Hi' --split 3   # the same answer through 3 chained shards")]
-    Generate(local::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Score token ids: the best next-token logits after every position.
     #[command(after_help = "Example:\n  fogmesh score --tokens 504,3575,282,4649,314 --top-logits 5 --json")]
-    Score(local::ScoreArgs),
+    Score(score::ScoreArgs),
     /// Measure prefill and decode speed of this host (like llama-bench's pp/tg).
     #[command(after_help = "Example:\n  fogmesh bench --threads 1 --prompt-tokens 128 --gen-tokens 64 --reps 5")]
-    Bench(local::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Run a mesh peer until SIGINT/SIGTERM.
     ///
     /// Peers on the same LAN find each other by mDNS; beyond it, give
@@ -74,7 +80,7 @@ enum Command {
     Node(node::NodeArgs),
     /// Print the membership view of a running node.
     #[command(after_help = "Examples:\n  fogmesh peers\n  fogmesh peers --node 127.0.0.1:8469 --json")]
-    Peers(node::NodeQueryArgs),
+    Peers(NodeQueryArgs),
     /// Generate on the mesh through a running node (same flags as `generate`).
     #[command(after_help = "Examples:\n  fogmesh run --prompt 'What is fog computing?'\n  \
         fogmesh run --node 127.0.0.1:8469 --raw --prompt 'The capital of France is' --temperature 0 --json")]
@@ -85,11 +91,11 @@ enum Command {
     /// that find each other by mDNS (explicit loopback addresses when the host
     /// has no multicast-capable interface), with a random cluster secret.
     #[command(after_help = "Example:\n  fogmesh demo --prompt 'Explain edge computing in two sentences.'")]
-    Demo(run::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Show the mesh as a running node sees it: peers, the layers each holds,
     /// load, speed, the route and recent failovers.
     #[command(after_help = "Examples:\n  fogmesh status\n  fogmesh status --watch\n  fogmesh status --node 127.0.0.1:8469 --json")]
-    Status(node::StatusArgs),
+    Status(status::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -147,14 +153,14 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Generate(a) => local::generate(a),
-        Command::Score(a) => local::score(a),
-        Command::Bench(a) => local::bench(a),
+        Command::Generate(a) => generate::generate(a),
+        Command::Score(a) => score::score(a),
+        Command::Bench(a) => bench::bench(a),
         Command::Node(a) => node::run_node(a),
-        Command::Peers(a) => node::run_peers(a),
-        Command::Status(a) => node::run_status(a),
+        Command::Peers(a) => peers::run_peers(a),
+        Command::Status(a) => status::run_status(a),
         Command::Run(a) => run::run(a),
-        Command::Demo(a) => run::demo(a),
+        Command::Demo(a) => demo::demo(a),
     }
 }
 
@@ -186,4 +192,87 @@ pub(crate) fn data_dir(d: &Option<PathBuf>) -> PathBuf {
 pub fn block_on_signal() -> Result<()> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?.block_on(node::wait_for_signal());
     Ok(())
+}
+
+/// Options of the commands that ask a running node (`peers`, `status`).
+#[derive(Debug, Args)]
+pub struct NodeQueryArgs {
+    /// HTTP address of the node (default: the one the node in --data-dir
+    /// wrote, else 127.0.0.1:8469).
+    #[arg(long, value_name = "ADDR")]
+    pub node: Option<String>,
+    /// Data dir of the local node, to find its HTTP address.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print the node's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl NodeQueryArgs {
+    /// GETs `path` from the node: its address and the body.
+    pub(super) fn get(&self, path: &str) -> Result<(String, String)> {
+        let node = node_addr(&self.node, &data_dir(&self.data_dir));
+        let body = http_get(&node, path)?;
+        Ok((node, body))
+    }
+}
+
+/// The model flags of the commands that run it in this process.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// GGUF model file [default: $FOGMESH_MODEL, else the fetched default model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Run through K in-process shards chained one after another (uneven ranges).
+    #[arg(long, default_value_t = 1)]
+    split: usize,
+}
+
+
+/// The model file: `--model` if given (it must exist), else the default
+/// model, fetched when missing.
+pub(super) fn model_path(m: &ModelArgs) -> Result<PathBuf> {
+    resolve_model(m.model.as_deref())
+}
+
+/// Loads the model `m` names, with a progress bar of layers.
+pub(super) fn load(m: &ModelArgs) -> Result<LocalModel> {
+    let path = model_path(m)?;
+    let threads = match m.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) if t > 1024 => bail!("--threads {t} is more than 1024; this host has {} cores", std::thread::available_parallelism().map_or(1, |n| n.get())),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let g = fogmesh_models::gguf::Gguf::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg = fogmesh_models::LlamaConfig::from_gguf(&g)?;
+    let ranges = uneven_ranges(cfg.layers, m.split).context("--split")?;
+    let bar = indicatif::ProgressBar::new(cfg.layers as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} layers ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("loading");
+    let m = LocalModel::load_with_progress(&path, Some(&ranges), threads, &mut |done, _| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    m.with_context(|| format!("loading {}", path.display()))
+}
+
+
+/// "N prompt tokens in .. ms (.. tok/s); M tokens decoded in .. ms (.. tok/s)".
+pub(super) fn timing_line(t: &fogmesh_models::Timings) -> String {
+    format!(
+        "{} prompt tokens in {:.0} ms ({:.1} tok/s); {} tokens decoded in {:.0} ms ({:.1} tok/s)",
+        t.prefill_tokens,
+        t.prefill_ms,
+        t.prefill_tokens as f64 / (t.prefill_ms.max(1e-9) / 1e3),
+        t.decode_tokens,
+        t.decode_ms,
+        t.decode_tokens as f64 / (t.decode_ms.max(1e-9) / 1e3),
+    )
 }

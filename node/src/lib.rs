@@ -10,9 +10,10 @@
 //! `net`.
 //!
 //! ## Layout
-//! - `cli.rs` (+ `cli/`): the `fogmesh` command line: clap definitions and
-//!   dispatch; `local.rs` (`generate`, `score`, `bench`), `node.rs` (`node`,
-//!   `peers`, `status`), `run.rs` (`run`, `demo`).
+//! - `cli.rs` (+ `cli/`): the `fogmesh` command line: clap definitions,
+//!   shared flags and dispatch; one file per command: `generate.rs`,
+//!   `score.rs`, `bench.rs`, `node.rs`, `peers.rs`, `status.rs`, `run.rs`,
+//!   `demo.rs`.
 //! - `cluster.rs`: peer processes on this host (demo, tests, benchmarks).
 //! - `client.rs`: the HTTP client side of the API (`fogmesh run`, `status`,
 //!   local clusters): a node's address, GETs, streamed generations.

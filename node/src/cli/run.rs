@@ -1,21 +1,16 @@
-//! `fogmesh run` (a generation on the mesh through a running node) and
-//! `fogmesh demo` (a 3-process mesh on this host, its stage map and a
-//! streamed chat answer).
+//! `fogmesh run`: a generation on the mesh through a running node.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::Args;
 
 use fogmesh_actors::placement_actor::short;
 
-use super::node::NodeQueryArgs;
-use super::{block_on_signal, data_dir, resolve_model};
-use crate::api::types::{GenFlags, PlanView, RouteHop};
-use crate::client::{generate_on, http_get, node_addr};
-use crate::cluster::{ClusterOptions, LocalCluster};
+use super::NodeQueryArgs;
+use super::data_dir;
+use crate::api::types::{GenFlags, RouteHop};
+use crate::client::{generate_on, node_addr};
 
 /// Options of `fogmesh run`.
 #[derive(Debug, Args)]
@@ -51,142 +46,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         for i in &r.incidents {
             eprintln!("[{}]", serde_json::to_string(i)?);
         }
-        eprintln!("[{}; route {}]", super::local::timing_line(&r.done.timings), route_line(&r.done.route));
+        eprintln!("[{}; route {}]", super::timing_line(&r.done.timings), route_line(&r.done.route));
     }
     Ok(())
 }
 
-/// Options of `fogmesh demo`.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// GGUF model [default: the fetched default model, fetched if absent].
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Peers to start.
-    #[arg(long, default_value_t = 3)]
-    peers: usize,
-    /// The question asked.
-    #[arg(long, short, default_value = "What is fog computing? Answer in two sentences.")]
-    prompt: String,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 160)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Seconds to wait for the peers to find each other.
-    #[arg(long, default_value_t = 60)]
-    wait: u64,
-    /// Keep the mesh running after the answer (dashboard, API) until Ctrl-C.
-    #[arg(long)]
-    keep: bool,
-}
-
-/// Whether this host has an interface (other than loopback) that is up and
-/// multicast-capable, read from /sys/class/net.
-pub fn has_multicast_interface() -> bool {
-    const IFF_UP: u32 = 0x1;
-    const IFF_LOOPBACK: u32 = 0x8;
-    const IFF_MULTICAST: u32 = 0x1000;
-    let Ok(dir) = std::fs::read_dir("/sys/class/net") else { return false };
-    dir.flatten().any(|e| {
-        let flags = std::fs::read_to_string(e.path().join("flags")).ok();
-        let flags = flags.and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok()).unwrap_or(0);
-        flags & IFF_UP != 0 && flags & IFF_MULTICAST != 0 && flags & IFF_LOOPBACK == 0
-    })
-}
-
-/// `fogmesh demo`.
-pub fn demo(a: DemoArgs) -> Result<()> {
-    if a.peers == 0 || a.peers > 16 {
-        bail!("--peers must be between 1 and 16");
-    }
-    let demo_started = Instant::now();
-    let model = resolve_model(a.model.as_deref())?;
-    let model_path = model.clone();
-    let exe = std::env::current_exe().context("locating the fogmesh binary")?;
-    let secret = fogmesh_actors::protocols::hex(&rand::random::<[u8; 32]>());
-    let mdns = has_multicast_interface();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if mdns {
-        println!("starting {} peers on this host; they find each other by mDNS (random cluster secret)", a.peers);
-    } else {
-        println!(
-            "starting {} peers on this host; no multicast-capable interface here, so peers 2..{} join peer 1 by its loopback address",
-            a.peers, a.peers
-        );
-    }
-    let mut o = ClusterOptions::new(exe, Some(model), a.peers);
-    o.threads = (cores / a.peers).max(1);
-    o.mdns = mdns;
-    o.secret = Some(secret);
-    o.wait = Duration::from_secs(a.wait);
-    if let Ok(l) = std::env::var("RUST_LOG") {
-        o.log = l;
-    }
-    let mut peers = LocalCluster::start(&o)?;
-    let plan = peers.wait_plan(a.peers, Duration::from_secs(a.wait))?;
-    let mut shards = std::collections::HashMap::new();
-    for p in &peers.peers {
-        let v: PlanView = serde_json::from_str(&http_get(&p.http, "/plan")?)?;
-        for s in v.shards {
-            shards.insert((p.peer_id.clone(), s.start, s.end), s.memory_bytes);
-        }
-    }
-    println!("\nstage map ({} layers):", plan.route.iter().map(|h| h.layers[1].saturating_sub(h.layers[0])).sum::<usize>());
-    println!("  {:<6} {:<54} {:>9} {:>11}", "STAGE", "PEER", "LAYERS", "WEIGHTS");
-    for (i, h) in plan.route.iter().enumerate() {
-        let mem = shards.get(&(h.peer.clone(), h.layers[0], h.layers[1])).copied().unwrap_or(0);
-        println!(
-            "  {:<6} {:<54} {:>9} {:>7.1} MiB",
-            i + 1,
-            h.peer,
-            format!("{}..{}", h.layers[0], h.layers[1]),
-            mem as f64 / 1048576.0
-        );
-    }
-    println!("\n> {}\n", a.prompt);
-    let flags = GenFlags {
-        prompt: a.prompt.clone(),
-        max_tokens: a.max_tokens,
-        temperature: a.temperature,
-        ..GenFlags::default()
-    };
-    let mut stdout = std::io::stdout().lock();
-    let started = Instant::now();
-    let mut first_token = None;
-    let r = generate_on(&peers.peers[0].http, &flags, |t| {
-        first_token.get_or_insert_with(|| demo_started.elapsed());
-        let _ = stdout.write_all(t.as_bytes());
-        let _ = stdout.flush();
-    });
-    drop(stdout);
-    if a.keep && r.is_ok() {
-        let http = &peers.peers[0].http;
-        println!("\n\nthe mesh stays up until Ctrl-C:");
-        println!("  dashboard  http://{http}/");
-        println!("  API        curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' \\");
-        println!("               -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'", crate::api::model_id(&model_path));
-        println!("  status     fogmesh status --node {http}");
-        block_on_signal()?;
-    }
-    let codes = peers.stop();
-    let r = r?;
-    println!("\n");
-    println!(
-        "[{}; {} tokens in {:.1} s end to end; route {}]",
-        super::local::timing_line(&r.done.timings),
-        r.done.tokens.len(),
-        started.elapsed().as_secs_f64(),
-        route_line(&r.done.route)
-    );
-    if let Some(t) = first_token {
-        println!("[first answer token {:.1} s after the demo started, model fetch and peer start-up included]", t.as_secs_f64());
-    }
-    let clean = codes.iter().all(|c| *c == Some(0));
-    println!("peers stopped {}", if clean { "cleanly" } else { "(some had to be killed)" });
-    if !clean {
-        bail!("peers did not shut down cleanly: exit codes {codes:?}");
-    }
-    Ok(())
-}

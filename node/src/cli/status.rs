@@ -1,0 +1,214 @@
+//! `fogmesh status`: the mesh as a running node sees it, as a terminal view
+//! (`--watch` redraws it) or its JSON.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::NodeQueryArgs;
+use crate::api::types::{Dashboard, Incident};
+
+/// Options of `fogmesh status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    query: NodeQueryArgs,
+    /// Redraw every second until interrupted.
+    #[arg(long)]
+    watch: bool,
+}
+
+/// Prints a running node's view of the mesh: itself, the peers with the
+/// layers they hold, their load and speed, the route and recent failovers.
+pub fn run_status(args: StatusArgs) -> Result<()> {
+    if args.query.json {
+        let (_, body) = args.query.get("/v1/fogmesh/dashboard")?;
+        println!("{body}");
+        return Ok(());
+    }
+    let mut last: Option<(std::time::Instant, u64)> = None;
+    loop {
+        let (node, body) = args.query.get("/v1/fogmesh/dashboard")?;
+        let d: Dashboard = serde_json::from_str(&body).with_context(|| format!("{node} sent a malformed status"))?;
+        let generated = d.generated_tokens;
+        let now = std::time::Instant::now();
+        let rate = last.map(|(t, g)| generated.saturating_sub(g) as f64 / now.duration_since(t).as_secs_f64().max(1e-3));
+        last = Some((now, generated));
+        let view = status_view(&node, &d, rate);
+        if args.watch {
+            // Clear the screen and home the cursor, then draw.
+            print!("\x1b[2J\x1b[H{view}");
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            std::thread::sleep(Duration::from_secs(1));
+        } else {
+            print!("{view}");
+            return Ok(());
+        }
+    }
+}
+
+/// The terminal view of a node's `/v1/fogmesh/dashboard` answer.
+pub fn status_view(node: &str, d: &Dashboard, rate: Option<f64>) -> String {
+    use std::fmt::Write;
+    let short = |p: &str| fogmesh_actors::placement_actor::short(p).to_string();
+    let mut o = String::new();
+    let me = d.peer_id.as_str();
+    let _ = writeln!(o, "fogmesh {} — node {me} at {node}", d.version);
+    let _ = writeln!(o, "listening   {}", d.listen_addrs.join(" "));
+    let _ = writeln!(
+        o,
+        "discovery   mDNS {}; cluster secret {}",
+        if d.mdns { "on" } else { "off" },
+        if d.secret { "on" } else { "off (anyone who can reach this host can join)" }
+    );
+    let layers = d.layers as u64;
+    match &d.model {
+        Some(m) => {
+            let _ = writeln!(o, "model       {m} ({layers} layers)");
+        }
+        None => {
+            let _ = writeln!(o, "model       none (start the node with --model PATH to serve one)");
+        }
+    }
+    let m = &d.measurement;
+    let _ = writeln!(o, "this host   {} cores, {} MiB free, {:.1} GFLOP/s", m.cores, m.memory_bytes >> 20, m.gflops);
+    if let Some(r) = rate {
+        let _ = writeln!(o, "generating  {r:.1} tokens/s here ({} sessions so far)", d.sessions);
+    }
+    let _ = writeln!(o);
+    let bar = |ranges: &[(u64, u64)]| -> String {
+        let w = 30usize;
+        let mut cells = vec!['·'; w];
+        for &(s, e) in ranges {
+            if layers == 0 {
+                break;
+            }
+            let (a, b) = ((s * w as u64 / layers) as usize, (e * w as u64).div_ceil(layers) as usize);
+            for c in cells.iter_mut().take(b.min(w)).skip(a) {
+                *c = '█';
+            }
+        }
+        cells.into_iter().collect()
+    };
+    let _ = writeln!(o, "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7} {:>7}", "PEER", "LAYERS", "RANGES", "QUEUE", "TOK/S", "GFLOPS", "RTT ms");
+    let own: Vec<(u64, u64)> = d.shards.iter().map(|s| (s.start as u64, s.end as u64)).collect();
+    let fmt_ranges = |r: &[(u64, u64)]| r.iter().map(|(a, b)| format!("{a}..{b}")).collect::<Vec<_>>().join(" ");
+    let queue: u64 = d.shards.iter().map(|s| s.queued as u64).sum();
+    let _ = writeln!(
+        o,
+        "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7.1} {:>7}",
+        format!("…{} (this)", short(me)),
+        bar(&own),
+        fmt_ranges(&own),
+        queue,
+        "-",
+        m.gflops,
+        "-"
+    );
+    for p in &d.peers {
+        let r: Vec<(u64, u64)> = p.shards.iter().map(|s| (u64::from(s[0]), u64::from(s[1]))).collect();
+        let q: u64 = p.shards.iter().map(|s| u64::from(s[2])).sum();
+        let gone = if p.connections == 0 { " (gone)" } else { "" };
+        let _ = writeln!(
+            o,
+            "{:<18} {:<30} {:<16} {:>5} {:>7.1} {:>7.1} {:>7}{gone}",
+            format!("…{}", short(&p.peer_id)),
+            bar(&r),
+            fmt_ranges(&r),
+            q,
+            p.tokens_per_s,
+            p.gflops,
+            p.rtt_ms.map_or("-".to_string(), |r| format!("{r:.2}")),
+        );
+    }
+    if d.peers.is_empty() {
+        let _ = writeln!(o, "\nno peers yet: are the hosts on one LAN? is multicast blocked? try --bootstrap ADDR on `fogmesh node`");
+    }
+    let _ = writeln!(o);
+    if !d.route.is_empty() {
+        let _ = writeln!(o, "route       {}", super::run::route_line(&d.route));
+    } else if let Some(why) = &d.no_route {
+        let _ = writeln!(o, "route       none: {why}");
+    }
+    if !d.incidents.is_empty() {
+        let _ = writeln!(o, "recent failovers:");
+        for i in d.incidents.iter().rev().take(5) {
+            match i {
+                Incident::Failover { banned, reason, .. } => {
+                    let banned: Vec<String> = banned.iter().map(|b| format!("…{}", short(b))).collect();
+                    let _ = writeln!(o, "  failover: banned {} — {reason}", banned.join(", "));
+                }
+                Incident::Recovered { recovery_ms, .. } => {
+                    let _ = writeln!(o, "  recovered in {recovery_ms:.0} ms");
+                }
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::PeerInfo;
+
+    #[test]
+    fn status_view_shows_peers_layers_route_and_failovers() {
+        use crate::api::types::RouteHop;
+        use crate::measure::SelfMeasurement;
+        use fogmesh_actors::shard_actor::ShardStatus;
+        let peer = PeerInfo {
+            peer_id: "12D3KooWBBBBpeer".into(),
+            addrs: vec![],
+            cores: 4,
+            memory_bytes: 1 << 30,
+            gflops: 40.0,
+            version: "0.1.0".into(),
+            rtt_ms: Some(0.7),
+            last_seen_ms: 0,
+            connections: 1,
+            sources: vec![],
+            shards: vec![[10, 30, 1]],
+            agent: None,
+            models: vec![],
+            tokens_per_s: 12.5,
+        };
+        let d = Dashboard {
+            peer_id: "12D3KooWAAAAself".into(),
+            version: "0.1.0".into(),
+            model: Some("m".into()),
+            layers: 30,
+            uptime_s: 1.0,
+            listen_addrs: vec!["/ip4/10.0.0.1/tcp/4001".into()],
+            mdns: true,
+            secret: true,
+            connections: 1,
+            measurement: SelfMeasurement { cores: 4, memory_bytes: 1 << 33, gflops: 50.0, version: "0.1.0".into() },
+            shards: vec![ShardStatus { start: 0, end: 10, sessions: 0, memory_bytes: 0, cache_bytes: 0, tokens: 0, queued: 2 }],
+            route: vec![
+                RouteHop { peer: "12D3KooWAAAAself".into(), layers: [0, 10] },
+                RouteHop { peer: "12D3KooWBBBBpeer".into(), layers: [10, 30] },
+            ],
+            no_route: None,
+            peers: vec![peer],
+            generated_tokens: 5,
+            sessions: 1,
+            incidents: vec![
+                Incident::Failover { at_ms: 0, banned: vec!["12D3KooWCCCCgone".into()], reason: "hop did not answer".into() },
+                Incident::Recovered { at_ms: 0, route: vec![], recovery_ms: 320.0 },
+            ],
+        };
+        let v = status_view("127.0.0.1:8469", &d, Some(3.0));
+        for needle in ["(this)", "0..10", "10..30", "12.5", "0.70", "route", "→", "hop did not answer", "recovered in 320 ms", "3.0 tokens/s"] {
+            assert!(v.contains(needle), "{needle:?} missing from:\n{v}");
+        }
+        assert!(!v.contains("no peers yet"));
+        // The typed body survives its JSON round trip (what `fogmesh status` reads).
+        let back: Dashboard = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(back, d);
+        let lonely = Dashboard { peers: vec![], ..d };
+        assert!(status_view("n", &lonely, None).contains("try --bootstrap ADDR"));
+    }
+}
