@@ -1,4 +1,8 @@
-//! [`RuntimeError`]: why a peer's runtime refused something.
+//! Why things fail: [`RuntimeError`] (the runtime refused something),
+//! [`Refusal`] (a call this peer refuses, as the wire carries it) and
+//! [`SessionError`] (a generation that did not finish).
+
+use fogmesh_protocols::ErrorCode;
 
 /// Why the runtime refused something.
 #[derive(Debug, thiserror::Error)]
@@ -19,4 +23,59 @@ pub enum RuntimeError {
     /// An actor could not be started or reached.
     #[error("actor: {0}")]
     Actor(String),
+}
+
+/// Why a generation ended without finishing; its text is what the caller
+/// sees in [`crate::SessionEvent::Error`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No route could be formed (the runtime's reason).
+    #[error("{0}")]
+    NoRoute(String),
+    /// The failover budget is spent.
+    #[error("gave up after {failovers} failovers; last: {last}")]
+    GaveUp {
+        /// Failovers made.
+        failovers: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// A stage's model failed on the input (no other route would do better).
+    #[error("stage {peer} failed: {reason}")]
+    Stage {
+        /// The stage's peer.
+        peer: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// This peer's own stage refused the input.
+    #[error("stage failed: {0}")]
+    LocalStage(String),
+    /// The token loop failed (sampling, decoding).
+    #[error("{0}")]
+    Generation(String),
+    /// The caller stopped reading events.
+    #[error("the caller went away")]
+    CallerGone,
+    /// The caller cancelled it.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+}
+
+/// A call this peer refuses: the code and reason its error frame carries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    /// The wire's reason code.
+    pub code: ErrorCode,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` for `reason`.
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Refusal { code, reason: reason.into() }
+    }
 }

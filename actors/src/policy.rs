@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use fogmesh_protocols::{ErrorCode, ModelHash};
 
+use crate::error::SessionError;
 use crate::link::{PeerKey, PeerView};
 use crate::placement::{self, ModelCosts, PlacementPeer};
 
@@ -156,10 +157,10 @@ pub enum Trouble {
 /// with `code`: an error that ends the generation (`Err`: the model itself
 /// failed, or this peer's own stage refused the input), or trouble to fail
 /// over from.
-pub fn stage_trouble(code: ErrorCode, e_peer: &str, reason: String, local: &str) -> Result<Trouble, String> {
+pub fn stage_trouble(code: ErrorCode, e_peer: &str, reason: String, local: &str) -> Result<Trouble, SessionError> {
     match code {
-        ErrorCode::Model => Err(format!("stage {e_peer} failed: {reason}")),
-        ErrorCode::Malformed if e_peer == local => Err(format!("stage failed: {reason}")),
+        ErrorCode::Model => Err(SessionError::Stage { peer: e_peer.to_string(), reason }),
+        ErrorCode::Malformed if e_peer == local => Err(SessionError::LocalStage(reason)),
         ErrorCode::UnknownSession => Ok(Trouble::Rebuild(reason)),
         _ if e_peer.is_empty() => Ok(Trouble::Unknown(reason)),
         _ => Ok(Trouble::Culprits(vec![e_peer.to_string()], reason)),

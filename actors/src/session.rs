@@ -17,7 +17,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
 use crate::config::RuntimeConfig;
-use crate::error::RuntimeError;
+use crate::error::{RuntimeError, SessionError};
 use crate::link::{LinkError, PeerKey, PeerView};
 use crate::model::ModelInfo;
 use crate::policy::{self, BanList, Hop, LateStep, Trouble};
@@ -181,10 +181,10 @@ impl SessionState {
 
     /// Opens a route and replays the history into it; retries other routes
     /// as hops fail, until it works or the failover budget is spent.
-    async fn establish(&mut self, myself: &ActorRef<SessionMsg>) -> Result<(), String> {
+    async fn establish(&mut self, myself: &ActorRef<SessionMsg>) -> Result<(), SessionError> {
         loop {
             let now = Instant::now();
-            let route = self.rt.route(&self.bans.banned(now)).await.map_err(|e| e.to_string())?;
+            let route = self.rt.route(&self.bans.banned(now)).await.map_err(|e| SessionError::NoRoute(e.to_string()))?;
             let tokens = self.state.as_ref().map_or(0, |g| g.history().len());
             let route = self.award_hops(route, tokens).await;
             let wire = self.rt.next_id();
@@ -277,7 +277,7 @@ impl SessionState {
     }
 
     /// Bans `peers` and counts a failover; errs when the budget is spent.
-    async fn note_failure(&mut self, peers: &[PeerKey], reason: &str) -> Result<(), String> {
+    async fn note_failure(&mut self, peers: &[PeerKey], reason: &str) -> Result<(), SessionError> {
         let now = Instant::now();
         self.failed_at.get_or_insert(now);
         self.failovers += 1;
@@ -288,7 +288,7 @@ impl SessionState {
             tracing::warn!(peer = %p, ban_ms = d.as_millis() as u64, reason, "banning peer");
         }
         if self.failovers > self.rt.config().max_failovers {
-            return Err(format!("gave up after {} failovers; last: {reason}", self.failovers - 1));
+            return Err(SessionError::GaveUp { failovers: self.failovers - 1, last: reason.to_string() });
         }
         metrics::counter!(crate::metrics::FAILOVERS).increment(1);
         self.emit(SessionEvent::Failover { banned, reason: reason.to_string() }).await;
@@ -361,7 +361,7 @@ impl SessionState {
         (answers.into_iter().filter(|(_, ok, _)| !ok).map(|(p, _, _)| p).collect(), busy)
     }
 
-    async fn trouble(&mut self, myself: &ActorRef<SessionMsg>, t: Trouble) -> Result<(), String> {
+    async fn trouble(&mut self, myself: &ActorRef<SessionMsg>, t: Trouble) -> Result<(), SessionError> {
         if let Some(timer) = self.timer.take() {
             timer.abort();
         }
@@ -395,7 +395,7 @@ impl SessionState {
         self.establish(myself).await
     }
 
-    async fn on_token(&mut self, myself: &ActorRef<SessionMsg>, t: TokenResult) -> Result<bool, String> {
+    async fn on_token(&mut self, myself: &ActorRef<SessionMsg>, t: TokenResult) -> Result<bool, SessionError> {
         if t.session != self.wire || t.step != self.step || self.done {
             return Ok(false);
         }
@@ -421,7 +421,7 @@ impl SessionState {
                 }
             }
         }
-        let step = self.state().push_sampled(t.token).map_err(|e| e.to_string())?;
+        let step = self.state().push_sampled(t.token).map_err(|e| SessionError::Generation(e.to_string()))?;
         let now = Instant::now();
         self.first_token.get_or_insert(now);
         if let Some(at) = self.failed_at.take() {
@@ -432,7 +432,7 @@ impl SessionState {
         }
         let finished = step.finish.is_some();
         if !self.emit(SessionEvent::Token { step, logprob: t.logprob }).await {
-            return Err("the caller went away".into());
+            return Err(SessionError::CallerGone);
         }
         if finished {
             return Ok(true);
@@ -448,7 +448,7 @@ impl SessionState {
         Ok(false)
     }
 
-    async fn finish(&mut self, myself: &ActorRef<SessionMsg>, outcome: Result<(), String>) {
+    async fn finish(&mut self, myself: &ActorRef<SessionMsg>, outcome: Result<(), SessionError>) {
         self.done = true;
         if let Some(t) = self.timer.take() {
             t.abort();
@@ -474,7 +474,7 @@ impl SessionState {
             }
             Err(e) => {
                 metrics::counter!(crate::metrics::SESSIONS, "outcome" => "error").increment(1);
-                self.emit(SessionEvent::Error(e)).await;
+                self.emit(SessionEvent::Error(e.to_string())).await;
             }
         }
         myself.stop(None);
@@ -562,7 +562,7 @@ impl Actor for SessionActor {
                 let t = Trouble::Culprits(vec![peer], "its connection closed".into());
                 st.trouble(&myself, t).await.map(|()| false)
             }
-            SessionMsg::Cancel(reason) => Err(format!("cancelled: {reason}")),
+            SessionMsg::Cancel(reason) => Err(SessionError::Cancelled(reason)),
         };
         match r {
             Ok(false) => {}

@@ -184,8 +184,11 @@ proptest! {
 #[test]
 fn stage_errors_end_the_generation_only_when_the_model_or_this_peer_failed() {
     let me = "me";
-    assert!(stage_trouble(ErrorCode::Model, "p1", "nan".into(), me).is_err());
-    assert!(stage_trouble(ErrorCode::Malformed, me, "bad".into(), me).is_err());
+    assert_eq!(
+        stage_trouble(ErrorCode::Model, "p1", "nan".into(), me),
+        Err(SessionError::Stage { peer: "p1".into(), reason: "nan".into() })
+    );
+    assert_eq!(stage_trouble(ErrorCode::Malformed, me, "bad".into(), me), Err(SessionError::LocalStage("bad".into())));
     assert_eq!(stage_trouble(ErrorCode::Malformed, "p1", "bad".into(), me), Ok(Trouble::Culprits(vec!["p1".into()], "bad".into())));
     assert_eq!(stage_trouble(ErrorCode::UnknownSession, "p1", "gone".into(), me), Ok(Trouble::Rebuild("gone".into())));
     assert_eq!(stage_trouble(ErrorCode::Busy, "", "late".into(), me), Ok(Trouble::Unknown("late".into())));

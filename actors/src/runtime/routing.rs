@@ -11,6 +11,7 @@ use fogmesh_protocols::{ErrorCode, ErrorFrame, Message, NodeId, SessionOpen, Sha
 use crate::shard_actor::ShardHost as _;
 
 use super::{Runtime, lock};
+use crate::error::Refusal;
 use crate::link::LinkError;
 use crate::session::SessionMsg;
 use crate::shard_actor::ShardMsg;
@@ -102,7 +103,7 @@ impl Runtime {
         match msg {
             Message::SessionOpen(open) => match self.open_served(from, open).await {
                 Ok(m) => m,
-                Err((code, reason)) => error_frame(code, reason),
+                Err(r) => error_frame(r.code, r.reason),
             },
             Message::LoadReport(_) => Message::LoadReport(self.load_report().await),
             Message::CallForBids(c) => match self.bid(from, &c).await {
@@ -122,25 +123,25 @@ impl Runtime {
         }
     }
 
-    async fn open_served(&self, from: &str, open: SessionOpen) -> Result<Message, (ErrorCode, String)> {
-        let model = self.0.model.as_ref().ok_or((ErrorCode::NotServed, "this peer holds no model".to_string()))?;
+    async fn open_served(&self, from: &str, open: SessionOpen) -> Result<Message, Refusal> {
+        let model = self.0.model.as_ref().ok_or_else(|| Refusal::new(ErrorCode::NotServed, "this peer holds no model"))?;
         if open.model != model.hash {
-            return Err((ErrorCode::NotServed, format!("this peer does not hold model {}", fogmesh_protocols::hex(&open.model))));
+            return Err(Refusal::new(ErrorCode::NotServed, format!("this peer does not hold model {}", fogmesh_protocols::hex(&open.model))));
         }
         let (start, end) = (open.start as usize, open.end as usize);
         if start >= end || end > model.config.layers {
-            return Err((ErrorCode::Malformed, format!("layers {start}..{end} are not a range of a {}-layer model", model.config.layers)));
+            return Err(Refusal::new(ErrorCode::Malformed, format!("layers {start}..{end} are not a range of a {}-layer model", model.config.layers)));
         }
         if open.owner.as_str().is_empty() || open.owner.as_str() != from && from != self.0.local {
-            return Err((ErrorCode::Malformed, "a session is opened by its owner".to_string()));
+            return Err(Refusal::new(ErrorCode::Malformed, "a session is opened by its owner".to_string()));
         }
-        let slot = self.ensure_shard(start..end).await.map_err(|e| (ErrorCode::Busy, e.to_string()))?;
+        let slot = self.ensure_shard(start..end).await.map_err(|e| Refusal::new(ErrorCode::Busy, e.to_string()))?;
         let session = open.session;
         let owner = open.owner.as_str().to_string();
         match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
             Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
-            Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err((e.code, e.reason)),
-            _ => return Err((ErrorCode::Internal, "shard actor did not answer".to_string())),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err(Refusal::new(e.code, e.reason)),
+            _ => return Err(Refusal::new(ErrorCode::Internal, "shard actor did not answer".to_string())),
         }
         lock(&self.0.served).insert(session, (slot, owner));
         Ok(Message::ShardAdvert(ShardAdvert {
