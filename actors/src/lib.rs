@@ -19,6 +19,8 @@
 //!   of the history.
 //! - `placement_actor.rs`: `PlacementActor` and its `PlacementHost`: the plan
 //!   from the view; loads and unloads this peer's shards.
+//! - `host.rs`: [`host::Host`], what every actor needs of its peer (each
+//!   actor's host trait extends it).
 //! - `compute.rs`: [`Compute`], the thread every forward pass runs on.
 //! - `config.rs`: [`RuntimeConfig`]. `error.rs`: [`RuntimeError`].
 //!   `model.rs`: [`ModelInfo`]. `wire.rs`: engine types to and from their
@@ -44,6 +46,7 @@ pub use fogmesh_protocols as protocols;
 pub mod compute;
 pub mod config;
 pub mod error;
+pub mod host;
 pub mod link;
 #[cfg(any(test, feature = "testing"))]
 pub mod memnet;

@@ -8,20 +8,16 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::config::RuntimeConfig;
+use crate::host::Host;
 use crate::error::RuntimeError;
 use crate::link::PeerView;
 use crate::model::ModelInfo;
 use crate::policy::{self, Hop};
 
-/// What the placement actor needs of its peer: the view and the model,
-/// and loading and unloading this peer's shards.
+/// What the placement actor needs of its peer beyond [`Host`]: the view
+/// and the model, and loading and unloading this peer's shards.
 #[async_trait::async_trait]
-pub trait PlacementHost: Send + Sync + 'static {
-    /// This peer's id.
-    fn local_peer(&self) -> &str;
-    /// The runtime's intervals and bounds.
-    fn config(&self) -> &RuntimeConfig;
+pub trait PlacementHost: Host {
     /// The model this peer holds.
     fn model(&self) -> Option<&Arc<ModelInfo>>;
     /// The peers as placement sees them (this one included).

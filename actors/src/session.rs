@@ -16,22 +16,18 @@ use fogmesh_protocols::{
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
-use crate::config::RuntimeConfig;
+use crate::host::Host;
 use crate::error::{RuntimeError, SessionError};
 use crate::link::{LinkError, PeerKey, PeerView};
 use crate::model::ModelInfo;
 use crate::policy::{self, BanList, Hop, LateStep, Trouble};
 
-/// What a session actor needs of its peer: routes and the view, auctions
-/// for its hops, ids, sending and calling (looped back in-process when the
+/// What a session actor needs of its peer beyond [`Host`]: routes and the
+/// view, auctions for its hops, ids, calls (looped back in-process when the
 /// peer is this one), and registration of its wire ids so inbound tokens
 /// and stage errors reach it.
 #[async_trait::async_trait]
-pub trait SessionHost: Send + Sync + 'static {
-    /// This peer's id.
-    fn local_peer(&self) -> &str;
-    /// The runtime's bounds and timeouts.
-    fn config(&self) -> &RuntimeConfig;
+pub trait SessionHost: Host {
     /// A fresh id (wire sessions, requests).
     fn next_id(&self) -> u64;
     /// The route placement gives, leaving out `excluded`.
@@ -43,8 +39,6 @@ pub trait SessionHost: Send + Sync + 'static {
     async fn auction(&self, candidates: &[PeerKey], range: std::ops::Range<usize>, tokens: usize) -> Option<(PeerKey, f64)>;
     /// How an awarded peer's promise turned out.
     fn auction_outcome(&self, peer: &str, promised_s: f64, actual_s: f64);
-    /// Sends stage traffic to `peer`.
-    async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError>;
     /// Calls `peer`.
     async fn call(&self, peer: &str, msg: Message) -> Result<Message, LinkError>;
     /// Routes inbound traffic for wire session `wire` to `actor`.
@@ -372,21 +366,21 @@ impl SessionState {
                 let (dead, busy) = self.probe().await;
                 let local = self.rt.local_peer().to_string();
                 match policy::late_step(&r, dead, busy, self.busy_waits, self.stalls, &self.route, &local) {
-                    LateStep::WaitBusy => {
-                        self.busy_waits += 1;
-                        tracing::debug!(session = self.wire, step = self.step, "step is late; the pipeline is busy; waiting longer");
-                        let n = self.pending_tokens;
-                        self.arm(myself, n);
-                        return Ok(());
-                    }
-                    LateStep::WaitSlow => {
-                        self.stalls += 1;
-                        tracing::info!(session = self.wire, step = self.step, "step is late but every hop answers; waiting longer");
-                        let n = self.pending_tokens;
-                        self.arm(myself, n);
-                        return Ok(());
-                    }
                     LateStep::FailOver(culprits, reason) => (culprits, reason),
+                    wait => {
+                        // Every hop answers: the pipeline is loaded or slow,
+                        // not broken; wait another deadline.
+                        let busy = wait == LateStep::WaitBusy;
+                        if busy {
+                            self.busy_waits += 1;
+                        } else {
+                            self.stalls += 1;
+                        }
+                        tracing::debug!(session = self.wire, step = self.step, busy, "step is late but every hop answers; waiting longer");
+                        let n = self.pending_tokens;
+                        self.arm(myself, n);
+                        return Ok(());
+                    }
                 }
             }
         };

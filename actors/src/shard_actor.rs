@@ -16,21 +16,14 @@ use fogmesh_protocols::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::compute::Compute;
-use crate::config::RuntimeConfig;
-use crate::link::{LinkError, PeerKey};
+use crate::host::Host;
+use crate::link::PeerKey;
 use crate::policy;
 
-/// What a shard actor needs of its peer: who it is, its bounds, a way to
-/// send (looped back in-process when the peer is this one), and to let go of
-/// a session it no longer serves.
+/// What a shard actor needs of its peer beyond [`Host`]: to let go of a
+/// session it no longer serves, and to report failed stage requests.
 #[async_trait::async_trait]
-pub trait ShardHost: Send + Sync + 'static {
-    /// This peer's id.
-    fn local_peer(&self) -> &str;
-    /// The runtime's bounds and timeouts.
-    fn config(&self) -> &RuntimeConfig;
-    /// Sends stage traffic to `peer`.
-    async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError>;
+pub trait ShardHost: Host {
     /// The session is no longer served here (its cache is gone).
     fn forget_served(&self, session: u64);
     /// Reports a failed stage request to whoever should hear of it.

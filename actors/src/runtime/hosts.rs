@@ -11,6 +11,7 @@ use ractor::ActorRef;
 use super::{Runtime, lock};
 use crate::config::RuntimeConfig;
 use crate::error::RuntimeError;
+use crate::host::Host;
 use crate::link::{LinkError, PeerKey, PeerView};
 use crate::model::ModelInfo;
 use crate::placement_actor::PlacementHost;
@@ -19,7 +20,7 @@ use crate::session::{SessionHost, SessionMsg};
 use crate::shard_actor::ShardHost;
 
 #[async_trait::async_trait]
-impl ShardHost for Runtime {
+impl Host for Runtime {
     fn local_peer(&self) -> &str {
         Runtime::local_peer(self)
     }
@@ -29,6 +30,10 @@ impl ShardHost for Runtime {
     async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError> {
         Runtime::send(self, peer, msg).await
     }
+}
+
+#[async_trait::async_trait]
+impl ShardHost for Runtime {
     fn forget_served(&self, session: u64) {
         lock(&self.0.served).remove(&session);
     }
@@ -36,12 +41,6 @@ impl ShardHost for Runtime {
 
 #[async_trait::async_trait]
 impl SessionHost for Runtime {
-    fn local_peer(&self) -> &str {
-        Runtime::local_peer(self)
-    }
-    fn config(&self) -> &RuntimeConfig {
-        Runtime::config(self)
-    }
     fn next_id(&self) -> u64 {
         Runtime::next_id(self)
     }
@@ -56,9 +55,6 @@ impl SessionHost for Runtime {
     }
     fn auction_outcome(&self, peer: &str, promised_s: f64, actual_s: f64) {
         Runtime::auction_outcome(self, peer, promised_s, actual_s);
-    }
-    async fn send(&self, peer: &str, msg: Message) -> Result<(), LinkError> {
-        Runtime::send(self, peer, msg).await
     }
     async fn call(&self, peer: &str, msg: Message) -> Result<Message, LinkError> {
         Runtime::call(self, peer, msg).await
@@ -76,12 +72,6 @@ impl SessionHost for Runtime {
 
 #[async_trait::async_trait]
 impl PlacementHost for Runtime {
-    fn local_peer(&self) -> &str {
-        Runtime::local_peer(self)
-    }
-    fn config(&self) -> &RuntimeConfig {
-        Runtime::config(self)
-    }
     fn model(&self) -> Option<&Arc<ModelInfo>> {
         Runtime::model(self)
     }
