@@ -19,7 +19,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fogmesh_actors::{ModelInfo, Runtime, SessionEvent};
-use serde_json::json;
 
 use crate::mesh::NetHandle;
 
@@ -28,7 +27,7 @@ mod openai;
 pub mod types;
 
 pub use openai::{MAX_MESSAGES, parse};
-use types::{ErrorBody, ErrorDetail, Incident, route_hops};
+use types::{ErrorBody, ErrorDetail, Health, Incident, route_hops};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -237,7 +236,7 @@ pub fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Resp
 }
 
 async fn health(State(s): State<AppState>) -> Response {
-    Json(json!({ "status": "ok", "model": s.model_id(), "uptime_s": s.board.started.elapsed().as_secs() })).into_response()
+    Json(Health { status: "ok".into(), model: s.model_id(), uptime_s: s.board.started.elapsed().as_secs() }).into_response()
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {

@@ -8,9 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use crate::api::types::{GenFlags, PlanView};
+use crate::api::types::{GenFlags, NodeStatus, PlanView};
 use crate::client::{HTTP_ADDR_FILE, MeshRun, generate_on, http_get};
-use crate::mesh::NodeStatus;
 
 /// How to start a [`LocalCluster`].
 #[derive(Debug, Clone)]

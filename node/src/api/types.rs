@@ -5,7 +5,6 @@
 //! write these; `fogmesh run`, `fogmesh status`, `LocalCluster` and the tests
 //! read them.
 
-use anyhow::Result;
 use clap::Args;
 use fogmesh_actors::Hop;
 use fogmesh_actors::shard_actor::ShardStatus;
@@ -13,7 +12,7 @@ use fogmesh_models::{ChatMessage, FinishReason, REPEAT_LAST_N, SamplingParams, T
 use serde::{Deserialize, Serialize};
 
 use crate::measure::SelfMeasurement;
-use crate::mesh::PeerInfo;
+pub use crate::mesh::{NodeStatus, PeerInfo};
 
 /// The generation flags `fogmesh generate` and `fogmesh run` share; also the
 /// body of a node's `POST /v1/fogmesh/generate` (missing fields take the
@@ -73,7 +72,7 @@ impl Default for GenFlags {
 
 impl GenFlags {
     /// The prompt's token ids (through the chat template unless `raw`).
-    pub fn prompt_tokens(&self, tok: &fogmesh_models::Tokenizer) -> Result<Vec<u32>> {
+    pub fn prompt_tokens(&self, tok: &fogmesh_models::Tokenizer) -> fogmesh_models::Result<Vec<u32>> {
         let text = if self.raw {
             self.prompt.clone()
         } else {
@@ -254,6 +253,17 @@ pub struct Dashboard {
     pub sessions: u64,
     /// Recent failovers and recoveries, oldest first.
     pub incidents: Vec<Incident>,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always `ok` when it answers.
+    pub status: String,
+    /// The id of the model it serves.
+    pub model: Option<String>,
+    /// Whole seconds since the node started.
+    pub uptime_s: u64,
 }
 
 /// An error body in OpenAI's shape (every error the node's HTTP answers).

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 
 use super::NodeQueryArgs;
-use crate::mesh::PeerInfo;
+use crate::api::types::PeerInfo;
 
 /// Prints the view of a running node.
 pub fn run_peers(args: NodeQueryArgs) -> Result<()> {
