@@ -83,6 +83,7 @@ fn sample_messages() -> Vec<Message> {
             end: 30,
             max_tokens: 512,
             owner: "12D3KooWexampleowner".into(),
+            prev: Some(peer.clone()),
             next: None,
             sampling: SamplingSpec { temperature: 0.7, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, repeat_last_n: 64, seed: 42 },
             history: vec![1, 2, 3],

@@ -13,7 +13,10 @@ use common::*;
 use fogmesh::actors::memnet::{Fault, MemNet};
 use fogmesh::actors::{GenerateRequest, ModelInfo, PeerView, Runtime, RuntimeConfig, SessionEvent};
 use fogmesh::models::{LocalModel, SamplingParams};
-use fogmesh::protocols::{Award, CallForBids, ErrorCode, Message, SamplingSpec, SessionOpen, StageInput, StageRequest};
+use fogmesh::protocols::{
+    Award, CallForBids, ErrorCode, Message, SamplingSpec, SessionClose, SessionOpen, StageError, StageInput, StageOutcome,
+    StageReply, StageRequest, TokenResult,
+};
 
 const HASH: [u8; 32] = [0xab; 32];
 
@@ -192,6 +195,7 @@ async fn bad_requests_get_clear_errors() {
             end,
             max_tokens: 64,
             owner: "peer-1".into(),
+            prev: None,
             next: None,
             sampling: SamplingSpec { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 },
             history: vec![1],
@@ -307,3 +311,81 @@ async fn holders_of_a_range_bid_for_the_hop() {
     m.net.set_fault(&mid, Fault::None);
     assert_eq!(won.map(|w| w.0), Some(mid));
 }
+
+/// A peer that holds the secret but is not on a session's route (here,
+/// "mallory", speaking through the runtimes' inbound doors as the network
+/// would deliver its messages) cannot hijack, feed, close, loop or stall
+/// another owner's session: every attempt is refused or ignored, and the
+/// session ends with the single-process tokens and no failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_off_the_route_cannot_hijack_feed_close_or_loop_a_session() {
+    let Some(m) = mesh(2, cfg()).await else { return };
+    let p = prompts()[0].clone();
+    let want = single(&p, 160, SamplingParams::greedy());
+    let mut h = m.peers[0].generate(req(p, 160, SamplingParams::greedy())).await.unwrap();
+    // The route is open once peer-1 serves the session.
+    let id = loop {
+        if let Some(&id) = m.peers[1].served_sessions().first() {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let (owner, stage) = (&m.peers[0], &m.peers[1]);
+    let mallory = "mallory";
+    // Tokens and a stage error (framing peer-1) injected into the owner.
+    for step in 0..200 {
+        owner.deliver(mallory, Message::TokenResult(TokenResult { session: id, step, token: 7, logprob: 0.0 })).await;
+    }
+    let framed = StageError { session: id, peer: Some("peer-1".into()), code: ErrorCode::Busy, reason: "framed".into() };
+    owner.deliver(mallory, Message::StageReply(StageReply { request: 0, outcome: StageOutcome::Error(framed) })).await;
+    // A stage request into the stage's cache, a close, and a cancel.
+    let garbage = StageRequest { request: 1, session: id, step: 0, stage: 1, position: 0, sample: true, input: StageInput::Activation(vec![1; 64]) };
+    stage.deliver(mallory, Message::StageRequest(garbage)).await;
+    stage.deliver(mallory, Message::SessionClose(SessionClose { session: id })).await;
+    assert!(matches!(stage.handle_call(mallory, Message::SessionClose(SessionClose { session: id })).await, Message::SessionClose(_)));
+    assert!(stage.served_sessions().contains(&id), "only the owner closes a session");
+    // Reopening the live id as its own, a loop onto the stage itself, and a
+    // huge draw count are refused.
+    let layers = stage.model().unwrap().config.layers as u32;
+    let open = |session: u64, next: Option<&str>, draws: u32| {
+        Message::SessionOpen(SessionOpen {
+            session,
+            model: HASH,
+            start: 0,
+            end: layers - 1,
+            max_tokens: 64,
+            owner: mallory.into(),
+            prev: None,
+            next: next.map(Into::into),
+            sampling: SamplingSpec { temperature: 0.7, top_k: 40, top_p: 0.9, repetition_penalty: 1.0, repeat_last_n: 64, seed: 1 },
+            history: vec![1],
+            draws,
+        })
+    };
+    for (what, msg) in [
+        ("reopen", open(id, Some("peer-0"), 0)),
+        ("loop", open(id ^ 1, Some("peer-1"), 0)),
+        ("draws", open(id ^ 2, Some("peer-0"), u32::MAX)),
+    ] {
+        match stage.handle_call(mallory, msg).await {
+            Message::Error(e) => assert_eq!(e.code, ErrorCode::Malformed, "{what}: {e:?}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // The session finishes untouched.
+    let (mut tokens, mut failovers, mut error) = (vec![], u32::MAX, None);
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
+        match e {
+            SessionEvent::Done { generation, failovers: f, .. } => {
+                tokens = generation.tokens;
+                failovers = f;
+            }
+            SessionEvent::Error(e) => error = Some(e),
+            _ => {}
+        }
+    }
+    assert_eq!(error, None);
+    assert_eq!(failovers, 0, "nothing mallory sent counted as a failure");
+    assert_eq!(tokens, want);
+}
+

@@ -69,8 +69,8 @@ struct Inner {
     pool: Arc<ThreadPool>,
     cfg: RuntimeConfig,
     shards: tokio::sync::Mutex<Vec<ShardSlot>>,
-    /// Wire session id → (shard holding it here, the session's owner).
-    served: Mutex<HashMap<u64, (ShardSlot, PeerKey)>>,
+    /// Wire session id → the session served here and its hops.
+    served: Mutex<HashMap<u64, Served>>,
     /// Wire session id → the local session actor that owns it.
     sessions: Mutex<HashMap<u64, ActorRef<SessionMsg>>>,
     placement: Mutex<Option<ActorRef<PlacementMsg>>>,
@@ -85,6 +85,18 @@ struct Inner {
     started: Instant,
     /// The compute thread (forward passes of every shard here).
     compute: Compute,
+}
+
+/// A session a shard of this peer serves, and who may talk to it about it:
+/// stage requests only from `prev`, close and cancel only from `owner`,
+/// forwarded stage errors only from `next`.
+#[derive(Debug, Clone)]
+struct Served {
+    slot: ShardSlot,
+    owner: PeerKey,
+    /// The previous hop (the owner for the first stage).
+    prev: PeerKey,
+    next: Option<PeerKey>,
 }
 
 /// Open bids a peer tracks (beyond, the one whose lease ends first goes).
@@ -190,6 +202,11 @@ impl Runtime {
         let view = self.view().await;
         let cands: Vec<PlacementPeer> = policy::candidates(&view, &model.hash, excluded, self.0.cfg.memory_cap);
         policy::route(&model.costs, &cands).map_err(|e| RuntimeError::NoRoute(e.to_string()))
+    }
+
+    /// Ids of the sessions a shard of this peer serves (diagnostics, tests).
+    pub fn served_sessions(&self) -> Vec<u64> {
+        lock(&self.0.served).keys().copied().collect()
     }
 
     /// Tells every session owned here that `peer` is gone (its connection

@@ -96,10 +96,10 @@ pub enum SessionEvent {
 pub enum SessionMsg {
     /// Open the route and feed the prompt (sent by the actor to itself).
     Start,
-    /// A token from the last stage.
-    Token(TokenResult),
-    /// A stage reported a failure.
-    Failed(StageError),
+    /// A token, from the given peer (the last stage, if it is honest).
+    Token(PeerKey, TokenResult),
+    /// A stage failure, reported by the given peer.
+    Failed(PeerKey, StageError),
     /// A step's deadline passed.
     Timeout {
         /// Which route attempt it concerns.
@@ -181,7 +181,8 @@ impl SessionState {
             let route = self.rt.route(&self.bans.banned(now)).await.map_err(|e| SessionError::NoRoute(e.to_string()))?;
             let tokens = self.state.as_ref().map_or(0, |g| g.history().len());
             let route = self.award_hops(route, tokens).await;
-            let wire = self.rt.next_id();
+            // Random, so no peer can guess another session's id.
+            let wire = rand::random::<u64>().max(1);
             let state = self.state.as_ref().expect("generation state");
             let history = state.history().to_vec();
             let draws = state.sampler().draws();
@@ -195,6 +196,7 @@ impl SessionState {
                     end: h.end as u32,
                     max_tokens: (history.len() + self.max_tokens).min(self.model.config.context) as u32,
                     owner: NodeId::from(self.rt.local_peer()),
+                    prev: i.checked_sub(1).map(|p| NodeId::from(route[p].peer.as_str())),
                     next: route.get(i + 1).map(|n| NodeId::from(n.peer.as_str())),
                     sampling: sampling.clone(),
                     history: history.clone(),
@@ -294,7 +296,7 @@ impl SessionState {
     async fn send_tokens(&mut self, myself: &ActorRef<SessionMsg>, tokens: &[u32], pos: usize) {
         let chunk = self.rt.config().prefill_chunk.max(1);
         let Some(first) = self.route.first().map(|h| h.peer.clone()) else {
-            let _ = myself.cast(SessionMsg::Failed(StageError {
+            let _ = myself.cast(SessionMsg::Failed(self.rt.local_peer().to_string(), StageError {
                 session: self.wire,
                 peer: None,
                 code: ErrorCode::NotServed,
@@ -315,7 +317,7 @@ impl SessionState {
             });
             if let Err(e) = self.rt.send(&first, msg).await {
                 self.pending_tokens = n;
-                let _ = myself.cast(SessionMsg::Failed(StageError {
+                let _ = myself.cast(SessionMsg::Failed(self.rt.local_peer().to_string(), StageError {
                     session: self.wire,
                     peer: Some(NodeId::from(first.as_str())),
                     code: ErrorCode::NotServed,
@@ -530,12 +532,30 @@ impl Actor for SessionActor {
                     }
                 }
             }
-            SessionMsg::Token(t) => st.on_token(&myself, t).await,
-            SessionMsg::Failed(e) => {
+            SessionMsg::Token(from, t) => {
+                // Tokens come from the last hop only.
+                if st.route.last().is_none_or(|h| h.peer != from) {
+                    tracing::debug!(peer = %from, session = t.session, "token from a peer that is not the last hop ignored");
+                    return Ok(());
+                }
+                st.on_token(&myself, t).await
+            }
+            SessionMsg::Failed(from, e) => {
                 if e.session != st.wire {
                     return Ok(());
                 }
-                let culprit = e.peer.as_ref().map_or("", NodeId::as_str);
+                let local = st.rt.local_peer().to_string();
+                let Some(i) = st.route.iter().position(|h| h.peer == from).or((from == local).then_some(usize::MAX)) else {
+                    tracing::debug!(peer = %from, session = e.session, "stage error from a peer off the route ignored");
+                    return Ok(());
+                };
+                // A hop may blame itself or a neighbour (an undecodable
+                // input, an unreachable next hop); blaming anyone else
+                // blames the reporter.
+                let named = e.peer.as_ref().map_or("", NodeId::as_str);
+                let neighbour = |j: Option<usize>| j.and_then(|j| st.route.get(j)).is_some_and(|h| h.peer == named);
+                let trusted = named.is_empty() || from == local || named == from || neighbour(i.checked_add(1)) || neighbour(i.checked_sub(1));
+                let culprit = if trusted { named } else { from.as_str() };
                 let t = policy::stage_trouble(e.code, culprit, e.reason, st.rt.local_peer());
                 match t {
                     Ok(t) => st.trouble(&myself, t).await.map(|()| false),

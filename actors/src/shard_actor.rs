@@ -127,6 +127,9 @@ impl ShardState {
             self.sessions.remove(&k);
             self.rt.forget_served(k);
         }
+        if self.sessions.contains_key(&open.session) {
+            return Err(stage_error(open.session, &local, ErrorCode::Malformed, "a live session cannot be reopened"));
+        }
         let sampler = if self.shard.is_last() {
             let params = crate::wire::sampling_params(&open.sampling);
             Some(

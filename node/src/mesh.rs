@@ -153,7 +153,7 @@ impl MeshLink for NetLink {
                     .filter_map(|h| hex::decode(h).ok().and_then(|b| <ModelHash>::try_from(b).ok()))
                     .collect(),
                 shards: p.shards.iter().map(|s| (s[0], s[1])).collect(),
-                queued: p.shards.iter().map(|s| s[2]).sum(),
+                queued: p.shards.iter().fold(0u32, |q, s| q.saturating_add(s[2])),
                 rtt_ms: p.rtt_ms.map(|r| r as f32),
             })
             .collect()

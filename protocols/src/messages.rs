@@ -257,6 +257,9 @@ pub struct SessionOpen {
     pub max_tokens: u32,
     /// The session's owner (tokens and errors go there).
     pub owner: NodeId,
+    /// The previous stage: the only peer whose stage requests this stage
+    /// takes; none for the first stage, which takes the owner's.
+    pub prev: Option<NodeId>,
     /// The next stage; none for the last stage.
     pub next: Option<NodeId>,
     /// Sampling (used by the last stage).

@@ -96,10 +96,10 @@ fn message() -> impl Strategy<Value = Message> {
         token_result().prop_map(Message::TokenResult),
         (
             (any::<u64>(), hash(), any::<u32>(), any::<u32>(), any::<u32>()),
-            (node(), proptest::option::of(node()), (any::<f32>(), any::<u32>(), any::<f32>(), any::<f32>(), any::<u32>(), any::<u64>())),
+            (node(), (proptest::option::of(node()), proptest::option::of(node())), (any::<f32>(), any::<u32>(), any::<f32>(), any::<f32>(), any::<u32>(), any::<u64>())),
             (proptest::collection::vec(any::<u32>(), 0..64), any::<u32>())
         )
-            .prop_map(|((session, model, start, end, max_tokens), (owner, next, sp), (history, draws))| {
+            .prop_map(|((session, model, start, end, max_tokens), (owner, (prev, next), sp), (history, draws))| {
                 let sampling = SamplingSpec {
                     temperature: sp.0,
                     top_k: sp.1,
@@ -108,7 +108,7 @@ fn message() -> impl Strategy<Value = Message> {
                     repeat_last_n: sp.4,
                     seed: sp.5,
                 };
-                Message::SessionOpen(SessionOpen { session, model, start, end, max_tokens, owner, next, sampling, history, draws })
+                Message::SessionOpen(SessionOpen { session, model, start, end, max_tokens, owner, prev, next, sampling, history, draws })
             }),
         any::<u64>().prop_map(|session| Message::SessionClose(SessionClose { session })),
         (any::<u64>(), text()).prop_map(|(session, reason)| Message::SessionCancel(SessionCancel { session, reason })),

@@ -73,7 +73,7 @@ impl Runtime {
         }
         if shards.len() >= self.0.cfg.max_shards {
             // Drop the first shard that serves no session.
-            let busy: Vec<u64> = lock(&self.0.served).values().map(|(s, _)| s.actor.get_id().pid()).collect();
+            let busy: Vec<u64> = lock(&self.0.served).values().map(|s| s.slot.actor.get_id().pid()).collect();
             let Some(i) = shards.iter().position(|s| !busy.contains(&s.actor.get_id().pid())) else {
                 return Err(RuntimeError::Invalid(format!(
                     "this peer already serves {} layer ranges, all in use",
@@ -126,7 +126,7 @@ impl Runtime {
 
     /// Unloads shards whose range is not in `keep` and that serve no session.
     pub async fn unload_except(&self, keep: &[Range<usize>]) {
-        let busy: Vec<u64> = lock(&self.0.served).values().map(|(s, _)| s.actor.get_id().pid()).collect();
+        let busy: Vec<u64> = lock(&self.0.served).values().map(|s| s.slot.actor.get_id().pid()).collect();
         let mut shards = self.0.shards.lock().await;
         shards.retain(|s| {
             let drop = !keep.contains(&s.range) && !busy.contains(&s.actor.get_id().pid());

@@ -10,7 +10,7 @@ use fogmesh_protocols::{ErrorCode, ErrorFrame, Message, NodeId, SessionOpen, Sha
 
 use crate::shard_actor::ShardHost as _;
 
-use super::{Runtime, lock};
+use super::{Runtime, Served, lock};
 use crate::error::Refusal;
 use crate::link::LinkError;
 use crate::session::SessionMsg;
@@ -42,8 +42,8 @@ impl Runtime {
         match msg {
             Message::StageRequest(req) => {
                 tracing::trace!(session = req.session, step = req.step, stage = req.stage, "stage request in");
-                let slot = lock(&self.0.served).get(&req.session).cloned();
-                let Some((slot, owner)) = slot else {
+                let served = lock(&self.0.served).get(&req.session).cloned();
+                let Some(Served { slot, owner, prev, .. }) = served else {
                     let err = StageError {
                         session: req.session,
                         peer: Some(NodeId::from(self.0.local.as_str())),
@@ -53,6 +53,19 @@ impl Runtime {
                     self.report(from, req.request, err).await;
                     return;
                 };
+                if from != prev {
+                    // Only the previous hop (the owner, for the first stage)
+                    // feeds a session: nobody else can write into its cache.
+                    tracing::debug!(peer = from, session = req.session, "stage request from a peer that is not the previous hop");
+                    let err = StageError {
+                        session: req.session,
+                        peer: Some(NodeId::from(self.0.local.as_str())),
+                        code: ErrorCode::Malformed,
+                        reason: format!("{from} is not the previous hop of session {} here", req.session),
+                    };
+                    self.report(from, req.request, err).await;
+                    return;
+                }
                 if slot.queued.load(Ordering::Relaxed) >= self.0.cfg.max_queue {
                     let err = StageError {
                         session: req.session,
@@ -71,30 +84,41 @@ impl Runtime {
             Message::TokenResult(t) => {
                 tracing::trace!(session = t.session, step = t.step, "token in");
                 if let Some(a) = lock(&self.0.sessions).get(&t.session) {
-                    let _ = a.cast(SessionMsg::Token(t));
+                    let _ = a.cast(SessionMsg::Token(from.to_string(), t));
                 }
             }
             Message::StageReply(StageReply { outcome: StageOutcome::Error(e), request }) => {
                 let owner_actor = lock(&self.0.sessions).get(&e.session).cloned();
                 if let Some(a) = owner_actor {
-                    let _ = a.cast(SessionMsg::Failed(e));
+                    let _ = a.cast(SessionMsg::Failed(from.to_string(), e));
                     return;
                 }
-                // A stage error for a session we serve goes on to its owner.
-                let owner = lock(&self.0.served).get(&e.session).map(|(_, o)| o.clone());
+                // A stage error from our next hop, for a session we serve,
+                // goes on to its owner.
+                let owner = lock(&self.0.served)
+                    .get(&e.session)
+                    .filter(|s| s.next.as_deref() == Some(from))
+                    .map(|s| s.owner.clone());
                 if let Some(owner) = owner.filter(|o| *o != from) {
                     self.report(&owner, request, e).await;
                 }
             }
-            Message::SessionClose(c) => self.close_served(c.session),
-            Message::SessionCancel(c) => self.close_served(c.session),
+            Message::SessionClose(c) => self.close_served(from, c.session),
+            Message::SessionCancel(c) => self.close_served(from, c.session),
             other => tracing::debug!(peer = from, kind = ?other.kind(), "unexpected stage traffic ignored"),
         }
     }
 
-    fn close_served(&self, session: u64) {
-        if let Some((slot, _)) = lock(&self.0.served).remove(&session) {
-            let _ = slot.actor.cast(ShardMsg::Close(session));
+    /// Closes a served session at its owner's (or this peer's) request;
+    /// anyone else's is ignored.
+    fn close_served(&self, from: &str, session: u64) {
+        let mut served = lock(&self.0.served);
+        if served.get(&session).is_some_and(|s| s.owner == from || from == self.0.local) {
+            if let Some(s) = served.remove(&session) {
+                let _ = s.slot.actor.cast(ShardMsg::Close(session));
+            }
+        } else if served.contains_key(&session) {
+            tracing::debug!(peer = from, session, "close of a session by a peer that does not own it ignored");
         }
     }
 
@@ -116,7 +140,7 @@ impl Runtime {
                 Message::Award(a)
             }
             Message::SessionClose(c) => {
-                self.close_served(c.session);
+                self.close_served(from, c.session);
                 Message::SessionClose(c)
             }
             other => error_frame(ErrorCode::NotServed, format!("{:?} is not a call this peer answers", other.kind())),
@@ -135,15 +159,28 @@ impl Runtime {
         if open.owner.as_str().is_empty() || open.owner.as_str() != from && from != self.0.local {
             return Err(Refusal::new(ErrorCode::Malformed, "a session is opened by its owner".to_string()));
         }
+        if open.next.as_ref().is_some_and(|n| n.as_str() == self.0.local) {
+            return Err(Refusal::new(ErrorCode::Malformed, "a session's next hop cannot be the stage itself"));
+        }
+        if u64::from(open.draws) > u64::from(open.max_tokens) {
+            return Err(Refusal::new(ErrorCode::Malformed, format!("{} draws for a session of at most {} tokens", open.draws, open.max_tokens)));
+        }
+        if lock(&self.0.served).contains_key(&open.session) {
+            return Err(Refusal::new(ErrorCode::Malformed, format!("session {} is already open here", open.session)));
+        }
         let slot = self.ensure_shard(start..end).await.map_err(|e| Refusal::new(ErrorCode::Busy, e.to_string()))?;
         let session = open.session;
         let owner = open.owner.as_str().to_string();
+        let prev = open.prev.as_ref().map_or_else(|| owner.clone(), |p| p.as_str().to_string());
+        let next = open.next.as_ref().map(|n| n.as_str().to_string());
         match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
             Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
             Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err(Refusal::new(e.code, e.reason)),
             _ => return Err(Refusal::new(ErrorCode::Internal, "shard actor did not answer".to_string())),
         }
-        lock(&self.0.served).insert(session, (slot, owner));
+        // The shard actor refuses an id it holds, so two opens racing past
+        // the check above cannot both get here.
+        lock(&self.0.served).insert(session, Served { slot, owner, prev, next });
         Ok(Message::ShardAdvert(ShardAdvert {
             peer: NodeId::from(self.0.local.as_str()),
             model: model.hash,

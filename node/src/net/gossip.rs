@@ -1,7 +1,7 @@
 //! Validation of gossip messages: one function every received message goes
 //! through before the membership view sees it.
 
-use fogmesh_protocols::{Capabilities, Limits, LoadReport, Message, read_message};
+use fogmesh_protocols::{Capabilities, Limits, LoadReport, Message, ShardLoad, read_message};
 use libp2p::PeerId;
 
 /// The gossipsub topic of capability announcements.
@@ -12,6 +12,20 @@ pub const LOAD_TOPIC: &str = "fogmesh/load/1";
 pub const MAX_VERSION_BYTES: usize = 64;
 /// Most shards one load report may list.
 pub const MAX_REPORTED_SHARDS: usize = 1024;
+/// Most models one peer may announce.
+pub const MAX_REPORTED_MODELS: usize = 64;
+/// Most cores a plausible peer has.
+pub const MAX_CORES: u32 = 1 << 16;
+/// Most memory a plausible peer offers (1 PiB).
+pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
+/// Highest plausible matmul speed, GFLOP/s.
+pub const MAX_GFLOPS: f32 = 1e6;
+/// Highest layer index a report may name.
+pub const MAX_LAYER: u32 = 1 << 16;
+/// Longest queue a report may claim.
+pub const MAX_QUEUE_DEPTH: u32 = 1 << 20;
+/// Highest plausible tokens per second of one shard.
+pub const MAX_TOKENS_PER_S: f32 = 1e7;
 
 /// A gossip message that passed validation.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,7 +38,9 @@ pub enum Gossip {
 
 /// Checks one gossip message signed by `source` on `topic`: it must decode
 /// within `limits`, fill its frame exactly, be of its topic's kind, name
-/// its signer as its peer, and stay within the list and string bounds.
+/// its signer as its peer, stay within the list and string bounds, and
+/// carry only finite, plausible numbers (a peer claiming infinite speed or
+/// memory would otherwise win the whole plan).
 pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> Result<Gossip, &'static str> {
     let (msg, used) = match read_message(data, limits) {
         Ok(Some(x)) => x,
@@ -43,10 +59,36 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
         return Err("the message names another peer than its signer");
     }
     match &g {
-        Gossip::Capabilities(c) if c.version.len() > MAX_VERSION_BYTES => Err("version string too long"),
-        Gossip::Load(r) if r.shards.len() > MAX_REPORTED_SHARDS => Err("too many shards"),
-        _ => Ok(g),
+        Gossip::Capabilities(c) => {
+            if c.version.len() > MAX_VERSION_BYTES {
+                return Err("version string too long");
+            }
+            if c.models.len() > MAX_REPORTED_MODELS {
+                return Err("too many models");
+            }
+            if !(1..=MAX_CORES).contains(&c.cores) || c.memory_bytes > MAX_MEMORY_BYTES {
+                return Err("implausible cores or memory");
+            }
+            if !(c.gflops.is_finite() && c.gflops > 0.0 && c.gflops <= MAX_GFLOPS) {
+                return Err("implausible speed");
+            }
+        }
+        Gossip::Load(r) => {
+            if r.shards.len() > MAX_REPORTED_SHARDS {
+                return Err("too many shards");
+            }
+            let bad = |s: &ShardLoad| {
+                s.start >= s.end
+                    || s.end > MAX_LAYER
+                    || s.queue_depth > MAX_QUEUE_DEPTH
+                    || !(s.tokens_per_s.is_finite() && (0.0..=MAX_TOKENS_PER_S).contains(&s.tokens_per_s))
+            };
+            if r.shards.iter().any(bad) {
+                return Err("implausible shard load");
+            }
+        }
     }
+    Ok(g)
 }
 
 #[cfg(test)]
@@ -89,6 +131,22 @@ mod tests {
         // Bounds.
         assert_eq!(validate(&frame(&caps(&me, &"v".repeat(65))), CAPS_TOPIC, &me, &l), Err("version string too long"));
         assert_eq!(validate(&frame(&load(&me, 1025)), LOAD_TOPIC, &me, &l), Err("too many shards"));
+        // Implausible numbers.
+        let mut fast = caps(&me, "0.1");
+        if let Message::Capabilities(c) = &mut fast {
+            c.gflops = f32::INFINITY;
+        }
+        assert_eq!(validate(&frame(&fast), CAPS_TOPIC, &me, &l), Err("implausible speed"));
+        let mut huge = caps(&me, "0.1");
+        if let Message::Capabilities(c) = &mut huge {
+            c.memory_bytes = u64::MAX;
+        }
+        assert_eq!(validate(&frame(&huge), CAPS_TOPIC, &me, &l), Err("implausible cores or memory"));
+        let mut q = load(&me, 2);
+        if let Message::LoadReport(r) = &mut q {
+            r.shards[1].queue_depth = u32::MAX;
+        }
+        assert_eq!(validate(&frame(&q), LOAD_TOPIC, &me, &l), Err("implausible shard load"));
         // Framing.
         let mut f = frame(&caps(&me, "0.1"));
         f.push(0);

@@ -38,12 +38,19 @@ pub enum Source {
     Gossip,
 }
 
+/// Members the view holds at most (meshes of hundreds are a goal; beyond
+/// this, the unconnected member heard from least recently goes).
+pub const MAX_MEMBERS: usize = 4096;
+
 /// One peer as seen from here.
 #[derive(Debug, Clone)]
 struct Entry {
     addrs: Vec<Multiaddr>,
     caps: Option<Capabilities>,
     load: Vec<ShardLoad>,
+    /// The sender's timestamp of the load report in `load`, once one came
+    /// (older or replayed reports are ignored).
+    load_ms: Option<u64>,
     rtt: Option<Duration>,
     last_seen: Instant,
     connections: u32,
@@ -110,10 +117,17 @@ impl Membership {
         if peer == self.local {
             return None;
         }
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_MEMBERS {
+            // Full: the unconnected peer heard from least recently makes
+            // room; with every member connected, the newcomer waits.
+            let victim = self.peers.iter().filter(|(_, e)| e.connections == 0).min_by_key(|(_, e)| e.last_seen).map(|(p, _)| *p)?;
+            self.peers.remove(&victim);
+        }
         Some(self.peers.entry(peer).or_insert_with(|| Entry {
             addrs: Vec::new(),
             caps: None,
             load: Vec::new(),
+            load_ms: None,
             rtt: None,
             last_seen: now,
             connections: 0,
@@ -188,6 +202,10 @@ impl Membership {
     /// A gossiped load report whose signature says it came from `peer`.
     pub fn load(&mut self, peer: PeerId, report: LoadReport, now: Instant) {
         if let Some(e) = self.entry(peer, now) {
+            if e.load_ms.is_some_and(|last| report.timestamp_ms <= last) {
+                return;
+            }
+            e.load_ms = Some(report.timestamp_ms);
             e.load = report.shards;
             e.last_seen = now;
             e.sources.insert(Source::Gossip);
@@ -292,6 +310,44 @@ mod tests {
         let s = m.snapshot(t);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].sources, vec![Source::Mdns, Source::Direct]);
+    }
+
+    #[test]
+    fn replayed_or_older_load_reports_are_ignored() {
+        let me = PeerId::random();
+        let p = PeerId::random();
+        let mut m = Membership::new(me, Duration::from_secs(5));
+        let t = Instant::now();
+        m.connected(p, None, t);
+        let report = |ms: u64, queue: u32| LoadReport {
+            peer: Default::default(),
+            timestamp_ms: ms,
+            shards: vec![ShardLoad { model: [0; 32], start: 0, end: 4, queue_depth: queue, tokens_per_s: 1.0 }],
+        };
+        m.load(p, report(100, 1), t);
+        m.load(p, report(100, 9), t);
+        m.load(p, report(50, 9), t);
+        assert_eq!(m.snapshot(t)[0].shards, vec![[0, 4, 1]]);
+        m.load(p, report(101, 2), t);
+        assert_eq!(m.snapshot(t)[0].shards, vec![[0, 4, 2]]);
+    }
+
+    #[test]
+    fn the_view_is_bounded_and_makes_room_by_dropping_the_stalest_unconnected_member() {
+        let me = PeerId::random();
+        let mut m = Membership::new(me, Duration::from_secs(600));
+        let t0 = Instant::now();
+        let connected = PeerId::random();
+        m.connected(connected, None, t0);
+        let first = PeerId::random();
+        m.capabilities(first, caps(1), t0);
+        for i in 0..MAX_MEMBERS + 100 {
+            m.capabilities(PeerId::random(), caps(1), t0 + Duration::from_millis(1 + i as u64));
+        }
+        let s = m.snapshot(t0);
+        assert_eq!(s.len(), MAX_MEMBERS);
+        assert!(s.iter().any(|p| p.peer_id == connected.to_string()), "connected members stay");
+        assert!(!s.iter().any(|p| p.peer_id == first.to_string()), "the stalest goes first");
     }
 
     #[test]
