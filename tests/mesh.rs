@@ -242,3 +242,40 @@ async fn simultaneous_dials_connect() {
         wait_full_view(&[&a, &b], Duration::from_secs(10)).await;
     }
 }
+
+/// A peer cannot pin unbounded stage streams on a node: past four from one
+/// peer, each new stream is dropped at once (it sees the stream end), while
+/// the first four stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_at_most_four_stage_streams_per_peer() {
+    let node = fogmesh::Mesh::builder()
+        .mdns(false)
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .measurement(SelfMeasurement { cores: 2, memory_bytes: 1 << 30, gflops: 1.0, version: "test".into() })
+        .start()
+        .await
+        .unwrap();
+    let client = start(None, vec![]).await;
+    client.handle.dial(node.listen_addrs()[0].clone()).await.unwrap();
+    let id = node.peer_id();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !view(&client).await.contains(&id) {
+        assert!(Instant::now() < until, "the client never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut held = Vec::new();
+    let mut dropped = 0;
+    for _ in 0..6 {
+        let mut s = client.handle.open_stage_stream(id).await.unwrap();
+        // A close for a session nobody serves: delivered and ignored, so an
+        // accepted stream stays silent and open.
+        let _ = s.send(&Message::SessionClose(fogmesh::protocols::SessionClose { session: 1 })).await;
+        match tokio::time::timeout(Duration::from_millis(1500), s.recv()).await {
+            Err(_) => held.push(s),
+            Ok(Err(_)) => dropped += 1,
+            Ok(Ok(m)) => panic!("unexpected answer {m:?}"),
+        }
+    }
+    assert_eq!((held.len(), dropped), (4, 2));
+    node.shutdown().await;
+}

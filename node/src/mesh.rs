@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::measure::SelfMeasurement;
 use crate::net::{self, NetConfig, StageStream};
+pub use crate::net::dialer::is_loopback;
 pub use crate::net::{NetError, NetHandle, NodeStatus, PeerInfo, keys};
 
 /// Why a mesh peer could not start or do what it was asked.
@@ -68,6 +69,44 @@ pub type Result<T, E = MeshError> = std::result::Result<T, E>;
 const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Inbound calls served at once.
 const MAX_INBOUND_CALLS: usize = 64;
+/// Inbound stage streams open at once, from all peers.
+const MAX_STAGE_STREAMS: usize = 512;
+/// Inbound stage streams open at once from one peer (it keeps one per
+/// connection; a few more cover reconnects).
+const MAX_STAGE_STREAMS_PER_PEER: usize = 4;
+
+/// One peer's share of the inbound stage streams; dropping it gives the
+/// slot back.
+struct PeerStreams {
+    table: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl PeerStreams {
+    /// A slot for one more stream from `peer`, if it has fewer than
+    /// [`MAX_STAGE_STREAMS_PER_PEER`] open.
+    fn take(table: &Arc<Mutex<HashMap<PeerId, usize>>>, peer: PeerId) -> Option<PeerStreams> {
+        let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+        let n = t.entry(peer).or_insert(0);
+        if *n >= MAX_STAGE_STREAMS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerStreams { table: table.clone(), peer })
+    }
+}
+
+impl Drop for PeerStreams {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = t.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// [`MeshLink`] over the node's swarm.
 pub struct NetLink {
@@ -328,13 +367,27 @@ impl MeshBuilder {
                 });
             }
         }));
-        // Stage streams: one reader task per stream.
+        // Stage streams: one reader task per stream, at most
+        // MAX_STAGE_STREAMS_PER_PEER per peer and MAX_STAGE_STREAMS in all
+        // (beyond, a new stream is dropped at once).
         if let Some(mut incoming) = handle.accept_stage_streams() {
             let rt = runtime.clone();
             tasks.push(tokio::spawn(async move {
+                let total = Arc::new(Semaphore::new(MAX_STAGE_STREAMS));
+                let per_peer: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
                 while let Some(mut s) = incoming.next().await {
+                    let from = s.peer();
+                    let Ok(permit) = total.clone().try_acquire_owned() else {
+                        tracing::debug!(peer = %from, "stage stream refused: {MAX_STAGE_STREAMS} open");
+                        continue;
+                    };
+                    let Some(slot) = PeerStreams::take(&per_peer, from) else {
+                        tracing::debug!(peer = %from, "stage stream refused: {MAX_STAGE_STREAMS_PER_PEER} open from this peer");
+                        continue;
+                    };
                     let rt = rt.clone();
                     tokio::spawn(async move {
+                        let _held = (permit, slot);
                         let peer = s.peer().to_string();
                         loop {
                             match s.recv().await {

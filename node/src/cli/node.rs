@@ -10,7 +10,7 @@ use libp2p::Multiaddr;
 
 use super::{data_dir, resolve_model};
 use crate::client::{DEFAULT_HTTP, HTTP_ADDR_FILE};
-use crate::mesh::{Mesh, keys};
+use crate::mesh::{Mesh, is_loopback, keys};
 
 /// Options of `fogmesh node`.
 #[derive(Debug, Args)]
@@ -64,6 +64,17 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         bail!("--peer-ttl must be between 0.1 and 3600 seconds");
     }
     let secret = secret(&args)?;
+    if std::env::args_os().any(|a| a == "--secret" || a.to_string_lossy().starts_with("--secret=")) {
+        eprintln!(
+            "warning: --secret on the command line is visible to every user of this host (ps); use --secret-file FILE or FOGMESH_SECRET"
+        );
+    }
+    let everywhere = args.listen.is_empty() || args.listen.iter().any(|a| !is_loopback(a));
+    if secret.is_none() && everywhere {
+        let msg = "no cluster secret, and listening beyond loopback: any host that can reach this one can join the mesh and run its stages; share a secret with --secret-file FILE (see `fogmesh node --help`)";
+        eprintln!("warning: {msg}");
+        tracing::warn!("{msg}");
+    }
     let dir = data_dir(&args.data_dir);
     let keypair = keys::load_or_create_identity(&dir)?;
     if args.threads == Some(0) {

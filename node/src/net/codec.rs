@@ -26,18 +26,34 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// Reads one framed message from `io`, allocating at most the frame's
-/// (limit-checked) payload length.
+/// How long the payload of a frame may take to arrive once its header has
+/// (a sender that stalls mid-frame is cut off; idle time between frames is
+/// not bounded here).
+pub const FRAME_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads one framed message from `io`. The payload is read as it arrives,
+/// so memory grows with the bytes received (at most the frame's
+/// limit-checked length), never with what a header merely claims; it must
+/// arrive within [`FRAME_BODY_TIMEOUT`].
 pub async fn read_framed<T: AsyncRead + Unpin + Send>(io: &mut T, limits: &Limits) -> io::Result<Message> {
     let mut header = [0u8; HEADER_LEN];
     io.read_exact(&mut header).await?;
     let h = fogmesh_protocols::FrameHeader::check(&header, limits)
         .map_err(invalid)?
         .ok_or_else(|| invalid("short frame header"))?;
-    let mut buf = Vec::with_capacity(h.frame_len());
+    let len = h.frame_len();
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
     buf.extend_from_slice(&header);
-    buf.resize(h.frame_len(), 0);
-    io.read_exact(&mut buf[HEADER_LEN..]).await?;
+    let mut rest = (&mut *io).take((len - HEADER_LEN) as u64);
+    match tokio::time::timeout(FRAME_BODY_TIMEOUT, rest.read_to_end(&mut buf)).await {
+        Ok(r) => {
+            r?;
+        }
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "a frame's payload stalled")),
+    }
+    if buf.len() != len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the stream ended inside a frame"));
+    }
     let (h, payload, _) = fogmesh_protocols::read_frame(&buf, limits)
         .map_err(invalid)?
         .ok_or_else(|| invalid("short frame"))?;
@@ -96,9 +112,9 @@ mod tests {
         Message::Error(ErrorFrame { request: 7, code: fogmesh_protocols::ErrorCode::Busy, message: "busy".into() })
     }
 
-    #[test]
-    fn round_trip_and_limits() {
-        futures::executor::block_on(async {
+    #[tokio::test]
+    async fn round_trip_and_limits() {
+        {
             let limits = Limits::default();
             let mut wire = Vec::new();
             write_framed(&mut wire, &sample(), &limits).await.unwrap();
@@ -121,6 +137,6 @@ mod tests {
             write_frame(MessageKind::Bid, b"not an archive", &limits, &mut bad).unwrap();
             let mut r = futures::io::Cursor::new(bad);
             assert!(read_framed(&mut r, &limits).await.is_err());
-        });
+        }
     }
 }

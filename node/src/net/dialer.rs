@@ -122,7 +122,8 @@ impl<P: Copy + Eq + Hash> Dialer<P> {
     }
 }
 
-fn is_loopback(addr: &Multiaddr) -> bool {
+/// Whether `addr` is a loopback address.
+pub fn is_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
         Protocol::Ip4(ip) => ip.is_loopback(),
         Protocol::Ip6(ip) => ip.is_loopback(),

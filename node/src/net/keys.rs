@@ -20,6 +20,9 @@ pub enum KeyError {
         /// The error.
         source: std::io::Error,
     },
+    /// A key or secret file others on this host can read.
+    #[error("{path}: readable by group or others (mode {mode:o}); run `chmod 600 {path}`", path = .0.display(), mode = .1)]
+    LoosePermissions(PathBuf, u32),
     /// The identity file exists but does not hold a key.
     #[error("{0}: not a libp2p identity key ({1}); move it away to make a new identity")]
     BadIdentity(PathBuf, String),
@@ -35,6 +38,7 @@ pub fn load_or_create_identity(data_dir: &Path) -> Result<Keypair, KeyError> {
     let io = |source| KeyError::Io { path: path.clone(), source };
     match std::fs::read(&path) {
         Ok(bytes) => {
+            private(&path)?;
             Keypair::from_protobuf_encoding(&bytes).map_err(|e| KeyError::BadIdentity(path.clone(), e.to_string()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -71,10 +75,25 @@ pub fn parse_secret(text: &str) -> Result<PreSharedKey, KeyError> {
     Ok(PreSharedKey::new(key))
 }
 
-/// Reads a cluster secret from a file (see [`parse_secret`]).
+/// Reads a cluster secret from a file (see [`parse_secret`]); the file must
+/// be private to its owner.
 pub fn read_secret_file(path: &Path) -> Result<PreSharedKey, KeyError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
+    private(path)?;
     parse_secret(&text)
+}
+
+/// Refuses a key or secret file that group or others may read or write.
+fn private(path: &Path) -> Result<(), KeyError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).map_err(|source| KeyError::Io { path: path.into(), source })?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(KeyError::LoosePermissions(path.into(), mode & 0o777));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -87,8 +106,30 @@ mod tests {
         let a = load_or_create_identity(dir.path()).unwrap();
         let b = load_or_create_identity(dir.path()).unwrap();
         assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
-        std::fs::write(dir.path().join(IDENTITY_FILE), b"junk").unwrap();
+        let path = dir.path().join(IDENTITY_FILE);
+        std::fs::write(&path, b"junk").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(matches!(load_or_create_identity(dir.path()), Err(KeyError::LoosePermissions(..))));
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         assert!(matches!(load_or_create_identity(dir.path()), Err(KeyError::BadIdentity(..))));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.hex");
+        std::fs::write(&path, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_secret_file(&path).unwrap_err();
+        assert!(matches!(e, KeyError::LoosePermissions(_, 0o644)) && e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_secret_file(&path).is_ok());
     }
 
     #[test]
