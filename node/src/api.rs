@@ -22,9 +22,12 @@ use fogmesh_actors::{ModelInfo, Runtime, SessionEvent};
 
 use crate::mesh::NetHandle;
 
+mod access;
 mod fogmesh;
 mod openai;
 pub mod types;
+
+pub use access::{Access, host_allowed};
 
 pub use openai::{MAX_MESSAGES, parse};
 use types::{ErrorBody, ErrorDetail, Health, Incident, route_hops};
@@ -157,8 +160,14 @@ fn not_found_model(message: String) -> Response {
     api_error(StatusCode::NOT_FOUND, "invalid_request_error", Some("model"), Some("model_not_found"), message)
 }
 
-/// The router over a node's handle and (when it serves a model) its actors.
+/// The router over a node's handle and (when it serves a model) its
+/// actors, open to any client that can reach it on an IP or localhost.
 pub fn router(net: NetHandle, rt: Option<Runtime>) -> Router {
+    router_with(net, rt, Access::default())
+}
+
+/// The router under `access` (API key, Host names, JSON-only POSTs).
+pub fn router_with(net: NetHandle, rt: Option<Runtime>, access: Access) -> Router {
     crate::metrics::handle();
     let state = AppState::new(net, rt);
     Router::new()
@@ -180,6 +189,7 @@ pub fn router(net: NetHandle, rt: Option<Runtime>) -> Router {
         .method_not_allowed_fallback(|req: Request| async move {
             error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", format!("{} is not allowed on {}", req.method(), req.uri().path()))
         })
+        .layer(middleware::from_fn_with_state(Arc::new(access), access::guard))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
 }
@@ -254,14 +264,16 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.render()).into_response()
 }
 
-/// Serves the router on `listener` until `shutdown` resolves.
+/// Serves the router under `access` on `listener` until `shutdown`
+/// resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     net: NetHandle,
     rt: Option<Runtime>,
+    access: Access,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(net, rt)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router_with(net, rt, access)).with_graceful_shutdown(shutdown).await
 }
 
 #[cfg(test)]
@@ -283,6 +295,55 @@ mod tests {
         assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
         drop(held);
         assert!(s.slot().is_ok(), "slots come back when generations end");
+        mesh.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_api_key_guards_everything_but_health_and_the_page_and_posts_must_be_json() {
+        let mesh = crate::mesh::Mesh::builder()
+            .mdns(false)
+            .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .start()
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let access = Access { api_key: Some("s3cret".into()), hosts: vec![] };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, mesh.net().clone(), None, access, async move {
+            let _ = stopped.await;
+        }));
+        let results = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let url = |p: &str| format!("http://{addr}{p}");
+            let get = |p: &str, key: Option<&str>| {
+                let mut r = agent.get(&url(p));
+                if let Some(k) = key {
+                    r = r.header("authorization", &format!("Bearer {k}"));
+                }
+                let mut resp = r.call().unwrap();
+                (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap_or_default())
+            };
+            let post = agent
+                .post(&url("/v1/completions"))
+                .header("authorization", "Bearer s3cret")
+                .header("content-type", "text/plain")
+                .send("{}")
+                .map(|r| r.status().as_u16())
+                .unwrap();
+            (get("/status", None), get("/status", Some("wrong")), get("/status", Some("s3cret")), get("/health", None), get("/", None), post)
+        })
+        .await
+        .unwrap();
+        let (none, wrong, right, health, page, post) = results;
+        assert_eq!(none.0, 401);
+        assert!(none.1.contains("invalid_api_key"), "{}", none.1);
+        assert_eq!(wrong.0, 401);
+        assert_eq!(right.0, 200, "{}", right.1);
+        assert_eq!((health.0, page.0), (200, 200));
+        assert_eq!(post, 415, "a text/plain POST (what a cross-site form sends) is refused");
+        let _ = stop.send(());
+        let _ = server.await;
         mesh.shutdown().await;
     }
 }

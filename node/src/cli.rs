@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fogmesh_models::{LocalModel, default_model_cache_path, uneven_ranges};
 
-use crate::client::{http_get, node_addr};
+use crate::client::{http_get_with, node_addr};
 
 use crate::fetch;
 
@@ -207,13 +207,16 @@ pub struct NodeQueryArgs {
     /// Print the node's JSON answer.
     #[arg(long)]
     pub json: bool,
+    /// The node's API key, when it requires one.
+    #[arg(long, env = "FOGMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl NodeQueryArgs {
     /// GETs `path` from the node: its address and the body.
     pub(super) fn get(&self, path: &str) -> Result<(String, String)> {
         let node = node_addr(&self.node, &data_dir(&self.data_dir));
-        let body = http_get(&node, path)?;
+        let body = http_get_with(&node, path, self.api_key.as_deref())?;
         Ok((node, body))
     }
 }

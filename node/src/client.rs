@@ -30,12 +30,32 @@ pub fn node_addr(node: &Option<String>, dir: &Path) -> String {
 
 /// Fetches `path` from the node's HTTP endpoint.
 pub fn http_get(node: &str, path: &str) -> Result<String> {
+    http_get_with(node, path, None)
+}
+
+/// Fetches `path` from the node's HTTP endpoint, with the node's API key
+/// when it has one; an answer other than 2xx is an error carrying the
+/// node's message.
+pub fn http_get_with(node: &str, path: &str, api_key: Option<&str>) -> Result<String> {
     let base = if node.starts_with("http://") { node.to_string() } else { format!("http://{node}") };
     let url = format!("{}{}", base.trim_end_matches('/'), path);
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
-    let mut resp = agent.get(&url).call().with_context(|| format!("no fogmesh node answered at {node} (is `fogmesh node` running? pass --node ADDR)"))?;
-    resp.body_mut().with_config().limit(64 << 20).read_to_string().with_context(|| format!("reading {url}"))
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.get(&url);
+    if let Some(k) = api_key {
+        req = req.header("authorization", &format!("Bearer {k}"));
+    }
+    let mut resp = req.call().with_context(|| format!("no fogmesh node answered at {node} (is `fogmesh node` running? pass --node ADDR)"))?;
+    let status = resp.status();
+    let text = resp.body_mut().with_config().limit(64 << 20).read_to_string().with_context(|| format!("reading {url}"))?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.error.message);
+        bail!("{node} answered {status} to GET {path}: {msg}");
+    }
+    Ok(text)
 }
 
 fn agent() -> ureq::Agent {
@@ -58,13 +78,20 @@ pub struct MeshRun {
 
 /// Runs `flags` through the node at `node`, calling `on_text` with each
 /// piece of final text as it streams.
-pub fn generate_on(node: &str, flags: &GenFlags, mut on_text: impl FnMut(&str)) -> Result<MeshRun> {
+pub fn generate_on(node: &str, flags: &GenFlags, on_text: impl FnMut(&str)) -> Result<MeshRun> {
+    generate_on_with(node, None, flags, on_text)
+}
+
+/// [`generate_on`] with the node's API key when it has one.
+pub fn generate_on_with(node: &str, api_key: Option<&str>, flags: &GenFlags, mut on_text: impl FnMut(&str)) -> Result<MeshRun> {
     let base = if node.starts_with("http://") { node.to_string() } else { format!("http://{node}") };
     let url = format!("{}/v1/fogmesh/generate", base.trim_end_matches('/'));
     let body = serde_json::to_string(flags)?;
-    let resp = agent()
-        .post(&url)
-        .header("content-type", "application/json")
+    let mut req = agent().post(&url).header("content-type", "application/json");
+    if let Some(k) = api_key {
+        req = req.header("authorization", &format!("Bearer {k}"));
+    }
+    let resp = req
         .send(body.as_bytes())
         .with_context(|| format!("no fogmesh node answered at {node} (is `fogmesh node --model PATH` running? pass --node ADDR)"))?;
     let status = resp.status();

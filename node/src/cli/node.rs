@@ -48,6 +48,17 @@ pub struct NodeArgs {
     /// Compute threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Require this API key (`Authorization: Bearer KEY`) on every HTTP
+    /// endpoint but /health and the dashboard page (which asks for it).
+    #[arg(long, env = "FOGMESH_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// File holding the API key (its first line; private to its owner).
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// A Host name the HTTP API answers besides IP addresses and localhost
+    /// (repeatable); with an API key, any Host is answered.
+    #[arg(long, value_name = "NAME")]
+    pub allow_host: Vec<String>,
 }
 
 fn secret(args: &NodeArgs) -> Result<Option<libp2p::pnet::PreSharedKey>> {
@@ -64,6 +75,14 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         bail!("--peer-ttl must be between 0.1 and 3600 seconds");
     }
     let secret = secret(&args)?;
+    let api_key = match (&args.api_key, &args.api_key_file) {
+        (Some(k), _) => Some(k.trim().to_string()),
+        (None, Some(f)) => Some(keys::read_api_key_file(f)?),
+        (None, None) => None,
+    };
+    if api_key.as_deref().is_some_and(str::is_empty) {
+        bail!("the API key is empty");
+    }
     if std::env::args_os().any(|a| a == "--secret" || a.to_string_lossy().starts_with("--secret=")) {
         eprintln!(
             "warning: --secret on the command line is visible to every user of this host (ps); use --secret-file FILE or FOGMESH_SECRET"
@@ -126,7 +145,8 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let rt = mesh.model().is_some().then(|| mesh.runtime().clone());
-        let server = tokio::spawn(crate::api::serve(http, handle.clone(), rt, async move {
+        let access = crate::api::Access { api_key, hosts: args.allow_host.clone() };
+        let server = tokio::spawn(crate::api::serve(http, handle.clone(), rt, access, async move {
             let _ = stop_rx.await;
         }));
         // The first thing a new user gets wrong: peers that never meet.

@@ -10,7 +10,7 @@ use fogmesh_actors::placement_actor::short;
 use super::NodeQueryArgs;
 use super::data_dir;
 use crate::api::types::{GenFlags, RouteHop};
-use crate::client::{generate_on, node_addr};
+use crate::client::{generate_on_with, node_addr};
 
 /// Options of `fogmesh run`.
 #[derive(Debug, Args)]
@@ -33,7 +33,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let node = node_addr(&a.node.node, &data_dir(&a.node.data_dir));
     let json = a.node.json;
     let mut stdout = std::io::stdout().lock();
-    let r = generate_on(&node, &a.flags, |t| {
+    let r = generate_on_with(&node, a.node.api_key.as_deref(), &a.flags, |t| {
         if !json && !t.is_empty() {
             let _ = stdout.write_all(t.as_bytes());
             let _ = stdout.flush();

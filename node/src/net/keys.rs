@@ -83,6 +83,14 @@ pub fn read_secret_file(path: &Path) -> Result<PreSharedKey, KeyError> {
     parse_secret(&text)
 }
 
+/// Reads an HTTP API key from the first line of a file private to its
+/// owner.
+pub fn read_api_key_file(path: &Path) -> Result<String, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
+    private(path)?;
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
 /// Refuses a key or secret file that group or others may read or write.
 fn private(path: &Path) -> Result<(), KeyError> {
     #[cfg(unix)]
