@@ -83,7 +83,7 @@ impl GenFlags {
             msgs.push(ChatMessage::new("user", &self.prompt));
             tok.apply_chat_template(&msgs)?
         };
-        Ok(tok.encode(&text)?)
+        tok.encode(&text)
     }
 
     /// The sampling parameters.
