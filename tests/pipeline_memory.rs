@@ -389,3 +389,21 @@ async fn a_peer_off_the_route_cannot_hijack_feed_close_or_loop_a_session() {
     assert_eq!(tokens, want);
 }
 
+
+/// A range larger than the memory a peer offers is refused before any
+/// weight is read, with what it needs and what is offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_past_the_memory_offered_is_refused_without_loading() {
+    let Some(path) = model_path() else { return };
+    let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
+    let layers = info.config.layers;
+    let net = MemNet::new(Duration::from_secs(5));
+    let view = PeerView { peer: "small".into(), gflops: 10.0, memory_bytes: 8 << 20, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None };
+    let link = net.add(view);
+    let cfg = RuntimeConfig { threads: 1, memory_bytes: 8 << 20, gflops: 10.0, ..RuntimeConfig::default() };
+    let rt = Runtime::start(link, Some(info), cfg).await.unwrap();
+    let err = rt.ensure_shard(0..layers).await.unwrap_err().to_string();
+    assert!(err.contains("do not fit") && err.contains("8 MiB it offers"), "{err}");
+    assert!(rt.shards().await.is_empty());
+    rt.shutdown().await;
+}

@@ -69,6 +69,9 @@ struct Inner {
     pool: Arc<ThreadPool>,
     cfg: RuntimeConfig,
     shards: tokio::sync::Mutex<Vec<ShardSlot>>,
+    /// Held while a shard loads: one load at a time, without holding
+    /// `shards` across it.
+    loading: tokio::sync::Mutex<()>,
     /// Wire session id → the session served here and its hops.
     served: Mutex<HashMap<u64, Served>>,
     /// Wire session id → the local session actor that owns it.
@@ -133,6 +136,7 @@ impl Runtime {
             pool: Arc::new(ThreadPool::new(cfg.threads.max(1))),
             cfg,
             shards: tokio::sync::Mutex::new(Vec::new()),
+            loading: tokio::sync::Mutex::new(()),
             served: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             placement: Mutex::new(None),

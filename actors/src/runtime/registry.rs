@@ -64,25 +64,41 @@ impl Runtime {
         out
     }
 
-    /// The shard serving exactly `range`, loading it if needed.
+    /// The shard serving exactly `range`, loading it if needed: within the
+    /// shard bound and the memory this peer offers (idle shards make room),
+    /// one load at a time, and with the shard list free while the weights
+    /// are read (status, gossip and routing go on meanwhile).
     pub async fn ensure_shard(&self, range: Range<usize>) -> Result<ShardSlot, RuntimeError> {
         let model = self.0.model.clone().ok_or(RuntimeError::NoModel)?;
-        let mut shards = self.0.shards.lock().await;
-        if let Some(s) = shards.iter().find(|s| s.range == range) {
+        if let Some(s) = self.0.shards.lock().await.iter().find(|s| s.range == range) {
             return Ok(s.clone());
         }
-        if shards.len() >= self.0.cfg.max_shards {
-            // Drop the first shard that serves no session.
+        let _loading = self.0.loading.lock().await;
+        {
+            let mut shards = self.0.shards.lock().await;
+            // Another caller may have loaded it while this one waited.
+            if let Some(s) = shards.iter().find(|s| s.range == range) {
+                return Ok(s.clone());
+            }
+            let need = model.costs.stage_bytes(range.clone());
+            let offered = self.0.cfg.memory_bytes;
             let busy: Vec<u64> = lock(&self.0.served).values().map(|s| s.slot.actor.get_id().pid()).collect();
-            let Some(i) = shards.iter().position(|s| !busy.contains(&s.actor.get_id().pid())) else {
-                return Err(RuntimeError::Invalid(format!(
-                    "this peer already serves {} layer ranges, all in use",
-                    shards.len()
-                )));
-            };
-            let old = shards.remove(i);
-            tracing::info!(layers = ?old.range, "unloading shard");
-            old.actor.stop(None);
+            let held = |shards: &[ShardSlot]| shards.iter().map(|s| s.memory_bytes as u64).sum::<u64>();
+            while shards.len() >= self.0.cfg.max_shards || held(&shards) + need > offered {
+                // Drop the first shard that serves no session.
+                let Some(i) = shards.iter().position(|s| !busy.contains(&s.actor.get_id().pid())) else {
+                    return Err(RuntimeError::Invalid(format!(
+                        "layers {range:?} ({} MiB) do not fit: this peer serves {} layer ranges ({} MiB of the {} MiB it offers), all in use",
+                        need >> 20,
+                        shards.len(),
+                        held(&shards) >> 20,
+                        offered >> 20
+                    )));
+                };
+                let old = shards.remove(i);
+                tracing::info!(layers = ?old.range, "unloading shard");
+                old.actor.stop(None);
+            }
         }
         let started = Instant::now();
         let path = model.path.clone();
@@ -107,7 +123,7 @@ impl Runtime {
         let (actor, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| RuntimeError::Actor(e.to_string()))?;
         let rate = Arc::new(Mutex::new((Instant::now(), 0)));
         let slot = ShardSlot { range, actor, queued, memory_bytes, us_per_token, tokens, rate };
-        shards.push(slot.clone());
+        self.0.shards.lock().await.push(slot.clone());
         Ok(slot)
     }
 
