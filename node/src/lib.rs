@@ -18,7 +18,8 @@
 //! - `client.rs`: the HTTP client side of the API (`fogmesh run`, `status`,
 //!   local clusters): a node's address, GETs, streamed generations.
 //! - `api.rs` (+ `api/`): the HTTP API: router, state, the error builder;
-//!   `openai.rs` (the OpenAI-compatible API), `fogmesh.rs` (status, peers,
+//!   `access.rs` (API key, Host names, JSON-only POSTs), `openai.rs` (the
+//!   OpenAI-compatible API), `fogmesh.rs` (status, peers,
 //!   plan, dashboard data, streamed generation), `types.rs` (every JSON body
 //!   written and read back), `dashboard.html` (the page at `/`).
 //! - `mesh.rs`: [`mesh::Mesh`] (builder, start, generate, shutdown) and

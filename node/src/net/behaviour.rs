@@ -59,6 +59,30 @@ pub(super) fn build_transport(key: &Keypair, secret: Option<PreSharedKey>) -> Re
     }
 }
 
+/// Gossipsub peer scoring: a peer that relays messages our validation
+/// rejects (undecodable, forged, implausible) loses score fast (one gets it
+/// ignored for gossip, two graylist it), and earns it back within seconds;
+/// nothing else counts against it. Delivery-rate penalties are off (the mesh
+/// gossips rarely, and would penalise honest quiet peers) and so is the
+/// same-IP penalty (peers behind one NAT, or one host in tests).
+fn peer_score() -> gossipsub::PeerScoreParams {
+    let mut params = gossipsub::PeerScoreParams { ip_colocation_factor_weight: 0.0, ..Default::default() };
+    for t in [CAPS_TOPIC, LOAD_TOPIC] {
+        let topic = gossipsub::TopicScoreParams {
+            topic_weight: 1.0,
+            time_in_mesh_weight: 0.0,
+            first_message_deliveries_weight: 0.0,
+            mesh_message_deliveries_weight: 0.0,
+            mesh_failure_penalty_weight: 0.0,
+            invalid_message_deliveries_weight: -20.0,
+            invalid_message_deliveries_decay: 0.5,
+            ..Default::default()
+        };
+        params.topics.insert(gossipsub::IdentTopic::new(t).hash(), topic);
+    }
+    params
+}
+
 pub(super) fn build_behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
     let key = &cfg.keypair;
     let local = key.public().to_peer_id();
@@ -99,6 +123,7 @@ pub(super) fn build_behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
     for t in [CAPS_TOPIC, LOAD_TOPIC] {
         gossipsub.subscribe(&gossipsub::IdentTopic::new(t)).map_err(|e| setup(&e))?;
     }
+    gossipsub.with_peer_score(peer_score(), gossipsub::PeerScoreThresholds::default()).map_err(|e| setup(&e))?;
     let rpc = request_response::Behaviour::with_codec(
         StageCodec::new(cfg.limits),
         [(StreamProtocol::new(RPC_PROTOCOL), request_response::ProtocolSupport::Full)],
