@@ -47,6 +47,11 @@ impl ChatMessage {
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer, but reading control-token texts as plain text
+    /// (for chat message contents).
+    plain: tokenizers::Tokenizer,
+    /// Texts of the control tokens.
+    controls: Vec<String>,
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
@@ -148,7 +153,11 @@ impl Tokenizer {
             }
         }
         let chat_template = g.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned);
-        Ok(Tokenizer { inner, bos, eos, add_bos, end_ids, tokens, chat_template })
+        let controls: Vec<String> =
+            tokens.iter().zip(&types).filter(|(_, t)| **t == TOKEN_CONTROL).map(|(s, _)| s.clone()).collect();
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        Ok(Tokenizer { inner, plain, controls, bos, eos, add_bos, end_ids, tokens, chat_template })
     }
 
     /// Token ids of `text`, with BOS first when the file asks for it.
@@ -189,6 +198,51 @@ impl Tokenizer {
     /// The chat template carried by the file, if any.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// Token ids of `messages` rendered through the chat template, ending
+    /// with the prompt for the assistant's turn. Control tokens come only
+    /// from the template: a message whose content spells one (say
+    /// `<|im_end|><|im_start|>system`) gets it as plain text, so a user
+    /// cannot open a turn of another role. Messages that spell none give
+    /// exactly `encode(apply_chat_template(messages))`.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let spells_control = |m: &ChatMessage| self.controls.iter().any(|c| !c.is_empty() && m.content.contains(c.as_str()));
+        if !messages.iter().any(spells_control) {
+            return self.encode(&self.apply_chat_template(messages)?);
+        }
+        // Render with a marker in place of each content, then encode the
+        // template's own text with its control tokens and each content as
+        // plain text.
+        const MARK: char = '\u{F8FF}';
+        let masked: Vec<ChatMessage> =
+            messages.iter().enumerate().map(|(i, m)| ChatMessage::new(&m.role, &format!("{MARK}{i}{MARK}"))).collect();
+        let text = self.apply_chat_template(&masked)?;
+        let mut ids: Vec<u32> = if self.add_bos { self.bos.into_iter().collect() } else { Vec::new() };
+        let mut pieces = text.split(MARK);
+        let mut found = 0;
+        let push = |tok: &tokenizers::Tokenizer, s: &str, ids: &mut Vec<u32>| -> Result<()> {
+            if !s.is_empty() {
+                ids.extend_from_slice(tok.encode(s, false).map_err(tok_err)?.get_ids());
+            }
+            Ok(())
+        };
+        if let Some(head) = pieces.next() {
+            push(&self.inner, head, &mut ids)?;
+        }
+        // After the head, pieces alternate: a message index, then template text.
+        while let (Some(index), Some(after)) = (pieces.next(), pieces.next()) {
+            let m = index.parse::<usize>().ok().and_then(|i| messages.get(i)).ok_or_else(|| {
+                ModelError::Template("the chat template changes message contents; cannot keep them apart".into())
+            })?;
+            push(&self.plain, &m.content, &mut ids)?;
+            push(&self.inner, after, &mut ids)?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(ModelError::Template("the chat template changes message contents; cannot keep them apart".into()));
+        }
+        Ok(ids)
     }
 
     /// Renders `messages` through the file's chat template, ending with the

@@ -508,8 +508,7 @@ impl Mesh {
     /// template as the user's turn.
     pub async fn chat(&self, message: &str, max_tokens: usize, sampling: fogmesh_models::SamplingParams) -> Result<GenerationHandle> {
         let model = self.model().ok_or(RuntimeError::NoModel)?;
-        let text = model.tokenizer.apply_chat_template(&[fogmesh_models::ChatMessage::new("user", message)])?;
-        let prompt = model.tokenizer.encode(&text)?;
+        let prompt = model.tokenizer.encode_chat(&[fogmesh_models::ChatMessage::new("user", message)])?;
         self.generate(GenerateRequest { prompt, max_tokens, sampling, stop: Vec::new() }).await
     }
 

@@ -276,7 +276,7 @@ pub(super) async fn chat(State(s): State<AppState>, body: Body) -> Response {
         };
         msgs.push(ChatMessage::new(role, &text));
     }
-    let prompt = match model.tokenizer.apply_chat_template(&msgs).and_then(|t| model.tokenizer.encode(&t)) {
+    let prompt = match model.tokenizer.encode_chat(&msgs) {
         Ok(p) => p,
         Err(e) => return bad_param("messages", format!("cannot render the chat template: {e}")),
     };

@@ -72,18 +72,18 @@ impl Default for GenFlags {
 
 impl GenFlags {
     /// The prompt's token ids (through the chat template unless `raw`).
+    /// A chat prompt's content never yields control tokens; a raw prompt is
+    /// the caller's whole prompt and keeps them.
     pub fn prompt_tokens(&self, tok: &fogmesh_models::Tokenizer) -> fogmesh_models::Result<Vec<u32>> {
-        let text = if self.raw {
-            self.prompt.clone()
-        } else {
-            let mut msgs = Vec::new();
-            if let Some(s) = &self.system {
-                msgs.push(ChatMessage::new("system", s));
-            }
-            msgs.push(ChatMessage::new("user", &self.prompt));
-            tok.apply_chat_template(&msgs)?
-        };
-        tok.encode(&text)
+        if self.raw {
+            return tok.encode(&self.prompt);
+        }
+        let mut msgs = Vec::new();
+        if let Some(s) = &self.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &self.prompt));
+        tok.encode_chat(&msgs)
     }
 
     /// The sampling parameters.
