@@ -407,3 +407,137 @@ async fn a_range_past_the_memory_offered_is_refused_without_loading() {
     assert!(rt.shards().await.is_empty());
     rt.shutdown().await;
 }
+
+/// What an outsider sends, before the live session id is filled in.
+#[derive(Debug, Clone)]
+enum Poke {
+    Token { step: u32, token: u32 },
+    Error { blame: Option<u8>, code: u8 },
+    Stage { stage: u32, position: u32, sample: bool, tokens: Option<Vec<u32>>, bytes: Vec<u8> },
+    Close,
+    Cancel,
+    Open { start: u32, end: u32, next: Option<u8>, draws: u32, max_tokens: u32, reuse_id: bool },
+    Probe,
+    Bids { start: u32, end: u32, tokens: u32 },
+    Award,
+}
+
+fn poke() -> impl proptest::strategy::Strategy<Value = (bool, bool, Poke)> {
+    use proptest::prelude::*;
+    let p = prop_oneof![
+        (0u32..300, 0u32..60_000).prop_map(|(step, token)| Poke::Token { step, token }),
+        (proptest::option::of(0u8..3), 0u8..6).prop_map(|(blame, code)| Poke::Error { blame, code }),
+        (0u32..4, 0u32..400, any::<bool>(), proptest::option::of(proptest::collection::vec(0u32..60_000, 0..8)), proptest::collection::vec(any::<u8>(), 0..256))
+            .prop_map(|(stage, position, sample, tokens, bytes)| Poke::Stage { stage, position, sample, tokens, bytes }),
+        Just(Poke::Close),
+        Just(Poke::Cancel),
+        (0u32..40, 0u32..40, proptest::option::of(0u8..3), any::<u32>(), 0u32..10_000, any::<bool>())
+            .prop_map(|(start, end, next, draws, max_tokens, reuse_id)| Poke::Open { start, end, next, draws, max_tokens, reuse_id }),
+        Just(Poke::Probe),
+        (0u32..40, 0u32..40, any::<u32>()).prop_map(|(start, end, tokens)| Poke::Bids { start, end, tokens }),
+        Just(Poke::Award),
+    ];
+    // (target peer 1 rather than 0, as a call rather than stage traffic, what)
+    (any::<bool>(), any::<bool>(), p)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(6))]
+
+    /// A state machine of an outsider's messages, each aimed at the live
+    /// session (its real id) on either peer, as stage traffic or as a call:
+    /// whatever it sends, the session ends with the single-process tokens
+    /// and no failover, and no runtime panics.
+    #[test]
+    fn whatever_an_outsider_sends_a_session_ends_with_its_own_tokens(pokes in proptest::collection::vec(poke(), 1..80)) {
+        let Some(path) = model_path() else { return Ok(()) };
+        let p = prompts()[1].clone();
+        let want = single_cached(&path, &p);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let m = mesh(2, cfg()).await.unwrap();
+            let mut h = m.peers[0].generate(req(p, 96, SamplingParams::greedy())).await.unwrap();
+            let id = loop {
+                if let Some(&id) = m.peers[1].served_sessions().first() {
+                    break id;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            let layers = m.peers[0].model().unwrap().config.layers as u32;
+            let name = |i: u8| ["peer-0", "peer-1", "mallory"][i as usize % 3].to_string();
+            for (to_second, as_call, poke) in pokes {
+                let msg = match poke {
+                    Poke::Token { step, token } => Message::TokenResult(TokenResult { session: id, step, token, logprob: 0.0 }),
+                    Poke::Error { blame, code } => {
+                        let code = [ErrorCode::Malformed, ErrorCode::NotServed, ErrorCode::Busy, ErrorCode::UnknownSession, ErrorCode::Model, ErrorCode::Internal][code as usize % 6];
+                        let e = StageError { session: id, peer: blame.map(|b| name(b).into()), code, reason: "poke".into() };
+                        Message::StageReply(StageReply { request: 0, outcome: StageOutcome::Error(e) })
+                    }
+                    Poke::Stage { stage, position, sample, tokens, bytes } => Message::StageRequest(StageRequest {
+                        request: 1,
+                        session: id,
+                        step: 0,
+                        stage,
+                        position,
+                        sample,
+                        input: tokens.map_or(StageInput::Activation(bytes), StageInput::Tokens),
+                    }),
+                    Poke::Close => Message::SessionClose(SessionClose { session: id }),
+                    Poke::Cancel => Message::SessionCancel(fogmesh::protocols::SessionCancel { session: id, reason: "poke".into() }),
+                    Poke::Open { start, end, next, draws, max_tokens, reuse_id } => Message::SessionOpen(SessionOpen {
+                        session: if reuse_id { id } else { id ^ 0x5555 },
+                        model: HASH,
+                        start: start % (layers + 1),
+                        end: end % (layers + 2),
+                        max_tokens,
+                        owner: "mallory".into(),
+                        prev: None,
+                        next: next.map(|n| name(n).into()),
+                        sampling: SamplingSpec { temperature: 0.7, top_k: 40, top_p: 0.9, repetition_penalty: 1.0, repeat_last_n: 64, seed: 3 },
+                        history: vec![1, 2, 3],
+                        draws,
+                    }),
+                    Poke::Probe => Message::LoadReport(fogmesh::protocols::LoadReport { peer: "mallory".into(), timestamp_ms: 0, shards: vec![] }),
+                    Poke::Bids { start, end, tokens } => Message::CallForBids(CallForBids {
+                        auction: 7,
+                        session: id,
+                        model: HASH,
+                        start,
+                        end,
+                        tokens,
+                        activation_bytes: 0,
+                        deadline_ms: 10,
+                    }),
+                    Poke::Award => Message::Award(Award { auction: 7, peer: "mallory".into() }),
+                };
+                let target = &m.peers[usize::from(to_second)];
+                if as_call {
+                    let _ = target.handle_call("mallory", msg).await;
+                } else {
+                    target.deliver("mallory", msg).await;
+                }
+            }
+            let (mut tokens, mut failovers, mut error) = (vec![], u32::MAX, None);
+            while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
+                match e {
+                    SessionEvent::Done { generation, failovers: f, .. } => {
+                        tokens = generation.tokens;
+                        failovers = f;
+                    }
+                    SessionEvent::Error(e) => error = Some(e),
+                    _ => {}
+                }
+            }
+            assert_eq!(error, None);
+            assert_eq!(failovers, 0);
+            assert_eq!(tokens, want);
+        });
+    }
+}
+
+/// The single-process greedy tokens of `prompt` (96 tokens), computed once.
+fn single_cached(path: &std::path::Path, prompt: &[u32]) -> Vec<u32> {
+    static CACHE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let _ = path;
+    CACHE.get_or_init(|| single(prompt, 96, SamplingParams::greedy())).clone()
+}
