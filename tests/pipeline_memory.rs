@@ -312,6 +312,22 @@ async fn holders_of_a_range_bid_for_the_hop() {
     assert_eq!(won.map(|w| w.0), Some(mid));
 }
 
+/// Reads a running generation to its end: its tokens, failovers and error.
+async fn finish(mut h: fogmesh::actors::GenerationHandle) -> (Vec<u32>, u32, Option<String>) {
+    let (mut tokens, mut failovers, mut error) = (vec![], u32::MAX, None);
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
+        match e {
+            SessionEvent::Done { generation, failovers: f, .. } => {
+                tokens = generation.tokens;
+                failovers = f;
+            }
+            SessionEvent::Error(e) => error = Some(e),
+            _ => {}
+        }
+    }
+    (tokens, failovers, error)
+}
+
 /// A peer that holds the secret but is not on a session's route (here,
 /// "mallory", speaking through the runtimes' inbound doors as the network
 /// would deliver its messages) cannot hijack, feed, close, loop or stall
@@ -322,7 +338,7 @@ async fn a_peer_off_the_route_cannot_hijack_feed_close_or_loop_a_session() {
     let Some(m) = mesh(2, cfg()).await else { return };
     let p = prompts()[0].clone();
     let want = single(&p, 160, SamplingParams::greedy());
-    let mut h = m.peers[0].generate(req(p, 160, SamplingParams::greedy())).await.unwrap();
+    let h = m.peers[0].generate(req(p, 160, SamplingParams::greedy())).await.unwrap();
     // The route is open once peer-1 serves the session.
     let id = loop {
         if let Some(&id) = m.peers[1].served_sessions().first() {
@@ -373,17 +389,7 @@ async fn a_peer_off_the_route_cannot_hijack_feed_close_or_loop_a_session() {
         }
     }
     // The session finishes untouched.
-    let (mut tokens, mut failovers, mut error) = (vec![], u32::MAX, None);
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
-        match e {
-            SessionEvent::Done { generation, failovers: f, .. } => {
-                tokens = generation.tokens;
-                failovers = f;
-            }
-            SessionEvent::Error(e) => error = Some(e),
-            _ => {}
-        }
-    }
+    let (tokens, failovers, error) = finish(h).await;
     assert_eq!(error, None);
     assert_eq!(failovers, 0, "nothing mallory sent counted as a failure");
     assert_eq!(tokens, want);
@@ -456,7 +462,7 @@ proptest::proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
         rt.block_on(async move {
             let m = mesh(2, cfg()).await.unwrap();
-            let mut h = m.peers[0].generate(req(p, 96, SamplingParams::greedy())).await.unwrap();
+            let h = m.peers[0].generate(req(p, 96, SamplingParams::greedy())).await.unwrap();
             let id = loop {
                 if let Some(&id) = m.peers[1].served_sessions().first() {
                     break id;
@@ -517,17 +523,7 @@ proptest::proptest! {
                     target.deliver("mallory", msg).await;
                 }
             }
-            let (mut tokens, mut failovers, mut error) = (vec![], u32::MAX, None);
-            while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
-                match e {
-                    SessionEvent::Done { generation, failovers: f, .. } => {
-                        tokens = generation.tokens;
-                        failovers = f;
-                    }
-                    SessionEvent::Error(e) => error = Some(e),
-                    _ => {}
-                }
-            }
+            let (tokens, failovers, error) = finish(h).await;
             assert_eq!(error, None);
             assert_eq!(failovers, 0);
             assert_eq!(tokens, want);

@@ -280,14 +280,14 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    /// A peer with no model on loopback, mDNS off.
+    async fn loopback_mesh() -> crate::mesh::Mesh {
+        crate::mesh::Mesh::builder().mdns(false).listen("/ip4/127.0.0.1/tcp/0".parse().unwrap()).start().await.unwrap()
+    }
+
     #[tokio::test]
     async fn generations_past_the_bound_get_429_with_retry_after() {
-        let mesh = crate::mesh::Mesh::builder()
-            .mdns(false)
-            .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
-            .start()
-            .await
-            .unwrap();
+        let mesh = loopback_mesh().await;
         let s = AppState::new(mesh.net().clone(), None);
         let held: Vec<_> = (0..MAX_RUNNING).map(|_| s.slot().expect("within the bound")).collect();
         let refused = s.slot().expect_err("past the bound");
@@ -300,12 +300,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_api_key_guards_everything_but_health_and_the_page_and_posts_must_be_json() {
-        let mesh = crate::mesh::Mesh::builder()
-            .mdns(false)
-            .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
-            .start()
-            .await
-            .unwrap();
+        let mesh = loopback_mesh().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let access = Access { api_key: Some("s3cret".into()), hosts: vec![] };
