@@ -14,6 +14,11 @@ use sha2::{Digest, Sha256};
 
 /// SHA-256 of a file, hex encoded, with a progress bar when `progress`.
 pub fn sha256_file(path: &Path, progress: bool) -> std::io::Result<String> {
+    sha256_digest(path, progress).map(|d| fogmesh_actors::protocols::hex(&d))
+}
+
+/// SHA-256 of a file, with a progress bar when `progress`.
+pub fn sha256_digest(path: &Path, progress: bool) -> std::io::Result<[u8; 32]> {
     let f = File::open(path).map_err(|e| std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
     let len = f.metadata()?.len();
     let bar = bar(progress, len, "checking");
@@ -29,7 +34,7 @@ pub fn sha256_file(path: &Path, progress: bool) -> std::io::Result<String> {
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    Ok(fogmesh_actors::protocols::hex(&h.finalize()))
+    Ok(h.finalize().into())
 }
 
 fn bar(show: bool, len: u64, msg: &'static str) -> ProgressBar {

@@ -318,12 +318,10 @@ impl MeshBuilder {
                     Some(h) => h,
                     None => {
                         let p2 = p.clone();
-                        let hex = tokio::task::spawn_blocking(move || crate::fetch::sha256_file(&p2, false))
+                        tokio::task::spawn_blocking(move || crate::fetch::sha256_digest(&p2, false))
                             .await
                             .map_err(|e| MeshError::Task(e.to_string()))?
-                            .map_err(|e| bad(e.to_string()))?;
-                        let bytes = hex::decode(hex).map_err(|e| bad(e.to_string()))?;
-                        <ModelHash>::try_from(bytes).map_err(|_| bad("the digest is not 32 bytes".into()))?
+                            .map_err(|e| bad(e.to_string()))?
                     }
                 };
                 let p2 = p.clone();

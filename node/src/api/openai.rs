@@ -177,10 +177,8 @@ fn finish_name(f: FinishReason) -> &'static str {
 struct Plan {
     rt: Runtime,
     model: String,
-    prompt: Vec<u32>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-    stop: Vec<String>,
+    /// The generation, checked against the model.
+    req: GenerateRequest,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
@@ -231,8 +229,7 @@ fn plan(rt: &Runtime, model: &ModelInfo, c: Common, prompt: Vec<u32>, kind: Kind
     let max_tokens = asked.map_or(room, |m| m.min(usize::MAX as u64) as usize);
     let req = GenerateRequest { prompt, max_tokens, sampling, stop };
     req.validate(&model.config).map_err(|e| request_error(&e))?;
-    let GenerateRequest { prompt, max_tokens, sampling, stop } = req;
-    Ok(Plan { rt: rt.clone(), model: c.model, prompt, max_tokens, sampling, stop, stream, include_usage, logprobs })
+    Ok(Plan { rt: rt.clone(), model: c.model, req, stream, include_usage, logprobs })
 }
 
 /// `POST /v1/chat/completions`.
@@ -415,9 +412,8 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
         Err(r) => return r,
     };
     let started = Instant::now();
-    let prompt_len = p.prompt.len();
-    let req = GenerateRequest { prompt: p.prompt, max_tokens: p.max_tokens, sampling: p.sampling, stop: p.stop };
-    let h = match rt.generate(req).await {
+    let prompt_len = p.req.prompt.len();
+    let h = match rt.generate(p.req).await {
         Ok(h) => h,
         Err(e @ fogmesh_actors::RuntimeError::Invalid(_)) => return bad(e.to_string()),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
