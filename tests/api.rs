@@ -477,3 +477,115 @@ fn dashboard_in_headless_chromium() {
     std::fs::write(&out, &png).unwrap();
     eprintln!("dashboard screenshot: {} ({} bytes)", out.display(), png.len());
 }
+
+/// One peer serving the model in this process, its API on loopback under
+/// `limits`; its address, its stop, and the mesh.
+async fn one_peer_api(path: &Path, limits: fogmesh::node::api::Limits) -> (String, tokio::sync::oneshot::Sender<()>, fogmesh::Mesh) {
+    let mesh = fogmesh::Mesh::builder()
+        .mdns(false)
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .model(path)
+        .threads(2)
+        .start()
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let rt = Some(mesh.runtime().clone());
+    tokio::spawn(fogmesh::node::api::serve(listener, mesh.net().clone(), rt, Default::default(), limits, async move {
+        let _ = stopped.await;
+    }));
+    (http, stop, mesh)
+}
+
+/// A raw completion of a count on a blocking thread: the status and the body.
+async fn count_once(http: &str, max_tokens: u32) -> (u16, Value) {
+    let http = http.to_string();
+    tokio::task::spawn_blocking(move || {
+        post(&http, "/v1/completions", &json!({ "model": MODEL, "max_tokens": max_tokens, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11," }))
+    })
+    .await
+    .unwrap()
+}
+
+/// Streaming clients that read the response head and then stop reading
+/// hold their generation slots only until their writes have stalled for
+/// the bound; then the node closes them and serves new requests. A
+/// generation past the wall-clock cap ends with an error saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_lose_their_slots_and_generations_have_a_wall_clock_cap() {
+    let Some(path) = model_path() else { return };
+    let stall = Duration::from_secs(2);
+    // Small send buffers, so that the stall comes after tens of tokens.
+    let limits = fogmesh::node::api::Limits { max_running: 4, write_stall: stall, send_buffer: 4096, ..Default::default() };
+    let (http, stop, mesh) = one_peer_api(&path, limits).await;
+    // The peer serves once its plan is in place.
+    let t = Instant::now();
+    while count_once(&http, 1).await.0 != 200 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the peer never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock.connect(http.parse().unwrap()).await.unwrap();
+        // A raw prompt the model goes on counting from, far past what
+        // the socket buffers hold.
+        let body = json!({ "model": MODEL, "prompt": format!("{i}, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,"), "max_tokens": 1500, "stream": true })
+            .to_string();
+        let req = format!("POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let (first, v) = count_once(&http, 1).await;
+    assert_eq!(first, 429, "four stalled streams hold all four slots: {v}");
+    let served = loop {
+        let (s, v) = count_once(&http, 1).await;
+        if s == 200 {
+            break t.elapsed();
+        }
+        assert_eq!(s, 429, "{v}");
+        assert!(t.elapsed() < Duration::from_secs(120), "the stalled readers kept their slots");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("a new request was served {served:?} after four stalled readers took every slot (write-stall bound {stall:?})");
+    // The node closed the stalled connections: reading drains what was
+    // buffered and then ends.
+    for mut s in stalled {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = Vec::new();
+        let done = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(done.is_ok(), "a stalled connection stayed open");
+        let tail = String::from_utf8_lossy(&got[got.len().saturating_sub(1500)..]).into_owned();
+        assert!(!got.windows(6).any(|w| w == b"[DONE]"), "the stalled stream was cut, not finished ({} bytes): {tail}", got.len());
+    }
+    let _ = stop.send(());
+    mesh.shutdown().await;
+
+    let limits = fogmesh::node::api::Limits { max_generation: Duration::from_secs(1), ..Default::default() };
+    let (http, stop, mesh) = one_peer_api(&path, limits).await;
+    let t = Instant::now();
+    let (s, v) = loop {
+        let (s, v) = count_once(&http, 1500).await;
+        if s == 200 || v.to_string().contains("cap of 1 s") || t.elapsed() > Duration::from_secs(60) {
+            break (s, v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("cap of 1 s per generation"), "{v}");
+    let _ = stop.send(());
+    mesh.shutdown().await;
+}

@@ -18,26 +18,24 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fogmesh_actors::{ModelInfo, Runtime, SessionEvent};
+use fogmesh_actors::{GenerationHandle, ModelInfo, Runtime, SessionEvent};
 
 use crate::mesh::NetHandle;
 
 mod access;
 mod fogmesh;
 mod openai;
+mod serve;
 pub mod types;
 
 pub use access::{Access, host_allowed};
+pub use serve::{BODY_TIMEOUT, Limits, MAX_CONNECTIONS, MAX_GENERATION_SECS, MAX_RUNNING, serve_router};
 
 pub use openai::{MAX_MESSAGES, parse};
 use types::{ErrorBody, ErrorDetail, Health, Incident, route_hops};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
-/// Generations one node runs for HTTP clients at once; past it, 429. Each
-/// stage keeps at most this many sessions' caches
-/// (`RuntimeConfig::max_sessions_per_shard`), so more would evict each other.
-pub const MAX_RUNNING: usize = 64;
 /// Failovers the dashboard remembers.
 pub const RECENT_FAILOVERS: usize = 20;
 
@@ -52,6 +50,8 @@ pub(crate) struct Board {
     sessions: AtomicU64,
     /// Generations running through this node's HTTP endpoint (bounded).
     running: Arc<tokio::sync::Semaphore>,
+    /// The bounds the endpoint serves under.
+    limits: Limits,
 }
 
 /// What the handlers share.
@@ -63,13 +63,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn new(net: NetHandle, rt: Option<Runtime>) -> Self {
+    fn new(net: NetHandle, rt: Option<Runtime>, limits: Limits) -> Self {
         let board = Arc::new(Board {
             started: Instant::now(),
             incidents: Mutex::new(VecDeque::with_capacity(RECENT_FAILOVERS)),
             generated: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
-            running: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
+            running: Arc::new(tokio::sync::Semaphore::new(limits.max_running)),
+            limits,
         });
         AppState { net, rt, board }
     }
@@ -123,18 +124,24 @@ impl AppState {
     }
 
     /// A slot for one more generation, or 429 (OpenAI's shape, with
-    /// `Retry-After`) when [`MAX_RUNNING`] are running.
+    /// `Retry-After`) when [`Limits::max_running`] are running.
     #[allow(clippy::result_large_err)] // the Err is the finished response
     pub(crate) fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
         self.board.running.clone().try_acquire_owned().map_err(|_| {
             let mut r = error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_exceeded",
-                format!("this node is running {MAX_RUNNING} generations, its limit; retry shortly"),
+                format!("this node is running {} generations, its limit; retry shortly", self.board.limits.max_running),
             );
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             r
         })
+    }
+
+    /// `h` under this node's wall-clock cap per generation.
+    pub(crate) fn capped(&self, h: GenerationHandle, endpoint: &'static str) -> Capped {
+        let cap = self.board.limits.max_generation;
+        Capped { h: Some(h), deadline: tokio::time::Instant::now() + cap, cap, endpoint }
     }
 
     fn incident(&self, v: Incident) {
@@ -143,6 +150,39 @@ impl AppState {
             q.pop_front();
         }
         q.push_back(v);
+    }
+}
+
+/// A generation's events until [`Limits::max_generation`] has passed; then
+/// one `Error` saying so, and the session is cancelled on every hop.
+pub(crate) struct Capped {
+    h: Option<GenerationHandle>,
+    deadline: tokio::time::Instant,
+    cap: std::time::Duration,
+    endpoint: &'static str,
+}
+
+impl Capped {
+    /// The next event; `None` after the last.
+    pub(crate) async fn next(&mut self) -> Option<SessionEvent> {
+        let h = self.h.as_mut()?;
+        match tokio::time::timeout_at(self.deadline, h.next()).await {
+            Ok(Some(e)) => Some(e),
+            Ok(None) => {
+                self.h = None;
+                None
+            }
+            Err(_) => {
+                if let Some(h) = self.h.take() {
+                    h.cancel();
+                }
+                metrics::counter!(crate::metrics::GENERATION_CAPPED, "endpoint" => self.endpoint).increment(1);
+                Some(SessionEvent::Error(format!(
+                    "the generation ran past this node's cap of {} s per generation (fogmesh node --max-generation-secs)",
+                    self.cap.as_secs()
+                )))
+            }
+        }
     }
 }
 
@@ -168,8 +208,14 @@ pub fn router(net: NetHandle, rt: Option<Runtime>) -> Router {
 
 /// The router under `access` (API key, Host names, JSON-only POSTs).
 pub fn router_with(net: NetHandle, rt: Option<Runtime>, access: Access) -> Router {
+    router_under(net, rt, access, Limits::default())
+}
+
+/// The router under `access` and `limits` (generations at once, the
+/// wall-clock cap per generation).
+pub fn router_under(net: NetHandle, rt: Option<Runtime>, access: Access, limits: Limits) -> Router {
     crate::metrics::handle();
-    let state = AppState::new(net, rt);
+    let state = AppState::new(net, rt, limits);
     Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/health", get(health))
@@ -207,10 +253,18 @@ async fn count_requests(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Reads a request body of at most [`MAX_BODY`] bytes; past it, 413.
+/// Reads a request body of at most [`MAX_BODY`] bytes within
+/// [`BODY_TIMEOUT`]; past the size, 413; past the time, 408.
 #[allow(clippy::result_large_err)] // the Err is the finished response
 pub(crate) async fn read_body(body: Body) -> Result<Bytes, Response> {
-    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+    let Ok(read) = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await else {
+        return Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        ));
+    };
+    read.map_err(|e| {
         // axum reports the bound as an error whose chain says "length limit".
         let mut too_big = false;
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
@@ -264,16 +318,18 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.render()).into_response()
 }
 
-/// Serves the router under `access` on `listener` until `shutdown`
-/// resolves.
+/// Serves the router under `access` and `limits` on `listener` until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     net: NetHandle,
     rt: Option<Runtime>,
     access: Access,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router_with(net, rt, access)).with_graceful_shutdown(shutdown).await
+    let router = router_under(net, rt, access, limits.clone());
+    serve_router(listener, router, &limits, shutdown).await
 }
 
 #[cfg(test)]
@@ -288,7 +344,7 @@ mod tests {
     #[tokio::test]
     async fn generations_past_the_bound_get_429_with_retry_after() {
         let mesh = loopback_mesh().await;
-        let s = AppState::new(mesh.net().clone(), None);
+        let s = AppState::new(mesh.net().clone(), None, Limits::default());
         let held: Vec<_> = (0..MAX_RUNNING).map(|_| s.slot().expect("within the bound")).collect();
         let refused = s.slot().expect_err("past the bound");
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -305,7 +361,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let access = Access { api_key: Some("s3cret".into()), hosts: vec![] };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, mesh.net().clone(), None, access, async move {
+        let server = tokio::spawn(serve(listener, mesh.net().clone(), None, access, Limits::default(), async move {
             let _ = stopped.await;
         }));
         let results = tokio::task::spawn_blocking(move || {

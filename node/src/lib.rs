@@ -18,7 +18,9 @@
 //! - `client.rs`: the HTTP client side of the API (`fogmesh run`, `status`,
 //!   local clusters): a node's address, GETs, streamed generations.
 //! - `api.rs` (+ `api/`): the HTTP API: router, state, the error builder;
-//!   `access.rs` (API key, Host names, JSON-only POSTs), `openai.rs` (the
+//!   `access.rs` (API key, Host names, JSON-only POSTs), `serve.rs` (the
+//!   accept loop: connection cap, header and write-stall timeouts),
+//!   `openai.rs` (the
 //!   OpenAI-compatible API), `fogmesh.rs` (status, peers,
 //!   plan, dashboard data, streamed generation), `types.rs` (every JSON body
 //!   written and read back), `dashboard.html` (the page at `/`).

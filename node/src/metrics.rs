@@ -8,6 +8,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Counter: HTTP requests by `endpoint` and `status`.
 pub const HTTP_REQUESTS: &str = "fogmesh_http_requests_total";
+/// Counter: HTTP connections closed on accept because the cap was reached.
+pub const HTTP_REFUSED: &str = "fogmesh_http_connections_refused_total";
+/// Counter: generations ended by the wall-clock cap (`endpoint`).
+pub const GENERATION_CAPPED: &str = "fogmesh_generations_capped_total";
 /// Histogram: seconds from an API request to its first streamed token.
 pub const TTFT_SECONDS: &str = "fogmesh_time_to_first_token_seconds";
 /// Counter: tokens streamed to API clients (`endpoint`).
@@ -32,6 +36,8 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             let h = builder.install_recorder().ok()?;
             fogmesh_actors::metrics::describe();
             metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by endpoint and status");
+            metrics::describe_counter!(HTTP_REFUSED, "HTTP connections closed at once because the connection cap was reached");
+            metrics::describe_counter!(GENERATION_CAPPED, "Generations ended by the wall-clock cap per generation");
             metrics::describe_histogram!(TTFT_SECONDS, metrics::Unit::Seconds, "API request to first streamed token");
             metrics::describe_counter!(API_TOKENS, "Completion tokens returned to API clients");
             metrics::describe_gauge!(PEERS, "Connected peers in this node's view");

@@ -145,12 +145,13 @@ pub(super) async fn generate(State(s): State<AppState>, body: Body) -> Response 
     let (seed, n) = (flags.seed, prompt.len());
     // Dropping the body (a client that went away) drops the receiver; the
     // session notices on its next event and cancels everywhere.
-    let lines = futures::stream::unfold((h.events, s, slot), move |(mut rx, s, slot)| async move {
-        let e = rx.recv().await?;
+    let h = s.capped(h, "fogmesh");
+    let lines = futures::stream::unfold((h, s, slot), move |(mut h, s, slot)| async move {
+        let e = h.next().await?;
         s.observe(&e);
         let mut line = serde_json::to_string(&event(e, seed, n)).unwrap_or_default();
         line.push('\n');
-        Some((Ok::<_, std::convert::Infallible>(line), (rx, s, slot)))
+        Some((Ok::<_, std::convert::Infallible>(line), (h, s, slot)))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")

@@ -23,13 +23,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use fogmesh_actors::{GenerateRequest, GenerationHandle, ModelInfo, Runtime, SessionEvent};
+use fogmesh_actors::{GenerateRequest, ModelInfo, Runtime, SessionEvent};
 use fogmesh_models::{ChatMessage, FinishReason, REPEAT_LAST_N, SamplingParams, Tokenizer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::types::GenFlags;
-use super::{AppState, api_error, error, request_error};
+use super::{AppState, Capped, api_error, error, request_error};
 
 /// Most messages in one chat request.
 pub const MAX_MESSAGES: usize = 1024;
@@ -423,6 +423,7 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
     let id = format!("{prefix}-{:016x}", rand::random::<u64>());
     let logprobs = p.logprobs.then(|| rt.model().map(|m| m.tokenizer.clone())).flatten();
     let head = Head { id, created: now_s(), model: p.model, kind, prompt_len, started, endpoint, logprobs };
+    let h = s.capped(h, endpoint);
     if p.stream {
         stream(s, h, head, p.include_usage, slot)
     } else {
@@ -433,7 +434,7 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
 }
 
 /// Waits for the whole generation and answers one JSON object.
-async fn whole(s: AppState, mut h: GenerationHandle, head: Head) -> Response {
+async fn whole(s: AppState, mut h: Capped, head: Head) -> Response {
     let (prompt_len, started, endpoint) = (head.prompt_len, head.started, head.endpoint);
     let mut first = true;
     let mut entries = Vec::new();
@@ -474,11 +475,11 @@ fn sse(v: &Value) -> Bytes {
 /// Streams the generation as server-sent events in OpenAI's chunk format,
 /// ending with `data: [DONE]`. A client that goes away drops the stream,
 /// which drops the handle and cancels the session on every hop.
-fn stream(s: AppState, h: GenerationHandle, head: Head, include_usage: bool, slot: tokio::sync::OwnedSemaphorePermit) -> Response {
+fn stream(s: AppState, h: Capped, head: Head, include_usage: bool, slot: tokio::sync::OwnedSemaphorePermit) -> Response {
     let (prompt_len, started, endpoint) = (head.prompt_len, head.started, head.endpoint);
     struct St {
         s: AppState,
-        h: GenerationHandle,
+        h: Capped,
         head: Head,
         first: bool,
         ended: bool,

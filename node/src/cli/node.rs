@@ -59,6 +59,13 @@ pub struct NodeArgs {
     /// (repeatable); with an API key, any Host is answered.
     #[arg(long, value_name = "NAME")]
     pub allow_host: Vec<String>,
+    /// Wall-clock cap on one HTTP generation, in seconds; past it the
+    /// stream ends with an error and the session is cancelled.
+    #[arg(long, value_name = "SECS", default_value_t = crate::api::MAX_GENERATION_SECS)]
+    pub max_generation_secs: u64,
+    /// HTTP connections open at once; more are closed on accept.
+    #[arg(long, value_name = "N", default_value_t = crate::api::MAX_CONNECTIONS)]
+    pub http_max_connections: usize,
 }
 
 fn secret(args: &NodeArgs) -> Result<Option<libp2p::pnet::PreSharedKey>> {
@@ -73,6 +80,12 @@ fn secret(args: &NodeArgs) -> Result<Option<libp2p::pnet::PreSharedKey>> {
 pub fn run_node(args: NodeArgs) -> Result<()> {
     if !(args.peer_ttl.is_finite() && (0.1..=3600.0).contains(&args.peer_ttl)) {
         bail!("--peer-ttl must be between 0.1 and 3600 seconds");
+    }
+    if !(1..=86_400).contains(&args.max_generation_secs) {
+        bail!("--max-generation-secs must be between 1 and 86400");
+    }
+    if !(1..=65_536).contains(&args.http_max_connections) {
+        bail!("--http-max-connections must be between 1 and 65536");
     }
     let secret = secret(&args)?;
     let api_key = match (&args.api_key, &args.api_key_file) {
@@ -146,7 +159,12 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let rt = mesh.model().is_some().then(|| mesh.runtime().clone());
         let access = crate::api::Access { api_key, hosts: args.allow_host.clone() };
-        let server = tokio::spawn(crate::api::serve(http, handle.clone(), rt, access, async move {
+        let limits = crate::api::Limits {
+            max_connections: args.http_max_connections,
+            max_generation: Duration::from_secs(args.max_generation_secs),
+            ..Default::default()
+        };
+        let server = tokio::spawn(crate::api::serve(http, handle.clone(), rt, access, limits, async move {
             let _ = stop_rx.await;
         }));
         // The first thing a new user gets wrong: peers that never meet.
