@@ -29,7 +29,7 @@ mod serve;
 pub mod types;
 
 pub use access::{Access, host_allowed};
-pub use serve::{BODY_TIMEOUT, Limits, MAX_CONNECTIONS, MAX_GENERATION_SECS, MAX_RUNNING, serve_router};
+pub use serve::{BODY_TIMEOUT, Limits, MAX_CONNECTIONS, MAX_GENERATION_SECS, MAX_RUNNING, SEND_BUFFER, serve_router};
 
 pub use openai::{MAX_MESSAGES, parse};
 use types::{ErrorBody, ErrorDetail, Health, Incident, route_hops};
