@@ -134,6 +134,13 @@ pub struct SchedConfig {
     pub trust_bounds: (f64, f64),
     /// Gossip older than this is ignored by the fallback (seconds).
     pub max_gossip_age_s: f64,
+    /// A bid's compute time is raised to at least the task's work at this
+    /// many times the bidder's gossiped speed: a peer cannot win by
+    /// promising to be faster than it says it is by more than that.
+    pub speed_slack: f64,
+    /// The least any bid promises (seconds), so that even a zero bid is a
+    /// promise whose breaking is recorded against the bidder.
+    pub min_bid_s: f64,
 }
 
 impl Default for SchedConfig {
@@ -145,6 +152,8 @@ impl Default for SchedConfig {
             trust_alpha: 0.1,
             trust_bounds: (0.5, 20.0),
             max_gossip_age_s: 10.0,
+            speed_slack: 4.0,
+            min_bid_s: 0.001,
         }
     }
 }
@@ -271,6 +280,7 @@ impl Scheduler {
         if !valid || !a.candidates.iter().any(|(p, _)| *p == peer) {
             return Vec::new();
         }
+        let quote = floored(quote, a, peer, self.views.get(&peer).map(|(r, _)| r.speed), &self.cfg);
         a.bids.entry(peer).or_insert(quote);
         if a.bids.len() == a.candidates.len() {
             return self.close(auction, AwardBasis::AllBids, now);
@@ -349,6 +359,19 @@ impl Scheduler {
         );
         out
     }
+}
+
+/// `q` from `peer` in auction `a`, raised to what the owner knows it
+/// cannot beat: compute at `speed_slack` times its gossiped speed, the
+/// owner's own estimate of the transfer, and `min_bid_s` in all.
+fn floored(q: Quote, a: &Auction, peer: PeerId, speed: Option<f64>, cfg: &SchedConfig) -> Quote {
+    let service = speed.filter(|v| *v > 0.0).map_or(0.0, |v| a.task.work / (v * cfg.speed_slack));
+    let transfer = a.candidates.iter().find(|(p, _)| *p == peer).map_or(0.0, |c| c.1);
+    let mut q = Quote { queue_s: q.queue_s, service_s: q.service_s.max(service), transfer_s: q.transfer_s.max(transfer) };
+    if q.total() < cfg.min_bid_s {
+        q.service_s += cfg.min_bid_s - q.total();
+    }
+    q
 }
 
 /// A bidder's open bids. Each holds the seconds of work it offered until the

@@ -139,6 +139,43 @@ proptest! {
 }
 
 #[test]
+fn a_zero_bid_is_floored_at_the_bidders_own_speed_and_its_broken_promises_count() {
+    // Peer 0 says (by gossip) it does the work in 1 s, then bids 0; peer 1
+    // bids an honest 0.2 s. The zero bid counts as 1 s / speed_slack (0.25 s), never
+    // as nothing.
+    let cfg = SchedConfig::default();
+    let mut s = Scheduler::new(cfg.clone());
+    s.on_load_report(0, LoadReport { queue_s: 0.0, speed: 1.0, sent_at: 0.0 }, 0.0);
+    let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], 0.0);
+    s.on_bid(id, 0, Quote { queue_s: 0.0, service_s: 0.0, transfer_s: 0.0 }, 0.0);
+    let a = s.on_bid(id, 1, quote(0.2), 0.0);
+    assert_eq!(award(&a), Some((1, AwardBasis::AllBids)), "a zero bid does not beat an honest 0.2 s");
+    // Without gossip the floor is min_bid_s: the zero bid wins, but as a
+    // promise of more than nothing, so when it takes 1 s its record grows
+    // and its next bids are inflated until it loses.
+    let mut s = Scheduler::new(cfg.clone());
+    let mut liar_wins = 0;
+    for round in 0..60 {
+        let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], f64::from(round));
+        s.on_bid(id, 0, Quote { queue_s: 0.0, service_s: 0.0, transfer_s: 0.0 }, f64::from(round));
+        let actions = s.on_bid(id, 1, quote(0.01), f64::from(round));
+        let promised = actions.iter().find_map(|a| match a {
+            Action::Award { peer: 0, expected_s, .. } => Some(*expected_s),
+            _ => None,
+        });
+        if let Some(p) = promised {
+            assert!(p >= cfg.min_bid_s, "a zero bid promises at least the floor: {p}");
+            liar_wins += 1;
+            s.on_outcome(0, p, 1.0);
+        } else {
+            s.on_outcome(1, 0.01, 0.01);
+        }
+    }
+    assert!(s.record(0) > 5.0, "the broken promises are on record: {}", s.record(0));
+    assert!(liar_wins < 30, "the zero bidder keeps winning: {liar_wins} of 60");
+}
+
+#[test]
 fn malformed_and_unsolicited_bids_are_ignored() {
     let mut s = Scheduler::new(SchedConfig::default());
     let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(1, 0.0), (2, 0.0)], 0.0);
