@@ -396,6 +396,45 @@ async fn a_peer_off_the_route_cannot_hijack_feed_close_or_loop_a_session() {
 }
 
 
+/// A stage never waits on a link inside its actor: while the last stage's
+/// tokens to one owner crawl over a slow link, another owner's session on
+/// the same stages runs at full speed and finishes first, with its
+/// single-process tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_link_to_one_owner_does_not_slow_the_other_sessions_of_a_stage() {
+    let Some(mut m) = mesh(3, cfg()).await else { return };
+    assert_eq!(m.peers[0].route(&[]).await.unwrap().len(), 3);
+    // An owner that placement does not use (no gossiped speed), behind a
+    // link where every message to it takes 700 ms.
+    let path = model_path().unwrap();
+    let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
+    let link = m.net.add(PeerView { peer: "peer-far".into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
+    let c = RuntimeConfig { gflops: 0.0, memory_bytes: 1 << 32, placement_interval: Duration::from_secs(3600), ..cfg() };
+    let far = Runtime::start(link, Some(info), c).await.unwrap();
+    m.net.attach("peer-far", far.clone());
+    m.peers.push(far.clone());
+    m.net.set_fault("peer-far", Fault::Slow(Duration::from_millis(700)));
+    let ps = prompts();
+    let slow_run = tokio::spawn(async move {
+        let t = std::time::Instant::now();
+        let got = run(&far, req(ps[0].clone(), 8, SamplingParams::greedy()), |_| {}).await;
+        (got, t.elapsed())
+    });
+    // Once the far owner's tokens are on their way, a near owner starts.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let p = prompts()[1].clone();
+    let want = single(&p, 24, SamplingParams::greedy());
+    let t = std::time::Instant::now();
+    let near = run(&m.peers[0], req(p, 24, SamplingParams::greedy()), |_| {}).await;
+    let near_took = t.elapsed();
+    assert!(!slow_run.is_finished(), "the far owner's session, 8 tokens at 700 ms each, is still running");
+    assert_eq!(near.error, None);
+    assert_eq!(near.tokens, want);
+    let (far_got, far_took) = slow_run.await.unwrap();
+    println!("near owner: 24 tokens in {near_took:?}; far owner over a 700 ms link: {far_took:?} ({:?})", far_got.error);
+    assert!(near_took < Duration::from_secs(6), "the near session waited on the far link: {near_took:?}");
+}
+
 /// A range larger than the memory a peer offers is refused before any
 /// weight is read, with what it needs and what is offered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

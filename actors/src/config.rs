@@ -20,6 +20,9 @@ pub struct RuntimeConfig {
     pub memory_cap: u64,
     /// Sessions one shard keeps caches for; the least recently used goes.
     pub max_sessions_per_shard: usize,
+    /// Bytes a shard may have queued for sending, over all its links; past
+    /// it a send fails (a link that far behind is as good as gone).
+    pub outbox_bytes: usize,
     /// A session cache untouched this long is dropped.
     pub session_ttl: Duration,
     /// Stage requests waiting per shard before new ones are refused (BUSY).
@@ -59,6 +62,7 @@ impl Default for RuntimeConfig {
             memory_bytes: 1 << 30,
             memory_cap: 0,
             max_sessions_per_shard: 64,
+            outbox_bytes: 64 << 20,
             session_ttl: Duration::from_secs(600),
             max_queue: 256,
             max_shards: 4,

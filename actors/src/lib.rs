@@ -21,6 +21,8 @@
 //!   from the view; loads and unloads this peer's shards.
 //! - `host.rs`: [`host::Host`], what every actor needs of its peer (each
 //!   actor's host trait extends it).
+//! - `outbox.rs`: [`outbox::Outbox`], an actor's sends queued per
+//!   destination (bounded in bytes), so that no actor waits on a link.
 //! - `compute.rs`: [`Compute`], the thread every forward pass runs on.
 //! - `config.rs`: [`RuntimeConfig`]. `error.rs`: [`RuntimeError`].
 //!   `model.rs`: [`ModelInfo`]. `wire.rs`: engine types to and from their
@@ -52,6 +54,7 @@ pub mod link;
 pub mod memnet;
 pub mod metrics;
 pub mod model;
+pub mod outbox;
 pub mod placement;
 pub mod placement_actor;
 pub mod policy;

@@ -1,6 +1,6 @@
 //! An in-memory [`MeshLink`] for tests: peers are runtimes in one process;
 //! faults (a dead peer, one that swallows everything, one that corrupts what
-//! it sends) are injected per peer.
+//! it sends, one behind a slow link) are injected per peer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,9 @@ pub enum Fault {
     Silent,
     /// Flips bytes in every activation it sends.
     Garbage,
+    /// Every message to it takes this long to write (a slow link); the
+    /// sender waits, as on a real connection.
+    Slow(Duration),
 }
 
 struct Peer {
@@ -109,8 +112,10 @@ impl MeshLink for MemLink {
             }
             _ => {}
         }
-        if dst == Fault::Silent {
-            return Ok(());
+        match dst {
+            Fault::Silent => return Ok(()),
+            Fault::Slow(d) => tokio::time::sleep(d).await,
+            _ => {}
         }
         rt.deliver(&self.me, msg).await;
         Ok(())

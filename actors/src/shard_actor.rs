@@ -1,7 +1,7 @@
 //! ShardActor: one loaded layer range, its sessions' KV caches (bounded, LRU
 //! with a TTL) and, on the last stage, their samplers. Work arrives as
 //! stage requests; outputs go straight to the next stage, tokens to the
-//! session's owner.
+//! session's owner, through an outbox: the actor never waits on a link.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::compute::Compute;
 use crate::host::Host;
 use crate::link::PeerKey;
+use crate::outbox::Outbox;
 use crate::policy;
 
 /// What a shard actor needs of its peer beyond [`Host`]: to let go of a
@@ -106,6 +107,10 @@ pub struct ShardState {
     tokens: Arc<AtomicU64>,
     /// `layers="start..end"`, the label of this stage's metrics.
     label: String,
+    /// What this stage sends, queued per destination so that no send
+    /// waits inside the actor.
+    outbox: Outbox,
+    myself: ActorRef<ShardMsg>,
 }
 
 /// The actor owning one loaded layer range.
@@ -169,7 +174,7 @@ impl ShardState {
         let local = self.rt.local_peer().to_string();
         let Some(sess) = self.sessions.get_mut(&req.session) else {
             let e = stage_error(req.session, &local, ErrorCode::UnknownSession, "session evicted or closed");
-            self.rt.report(&from, req.request, e).await;
+            report(&mut self.outbox, &from, req.request, e);
             return;
         };
         sess.last_used = Instant::now();
@@ -179,7 +184,7 @@ impl ShardState {
         if pos > cache.pos() {
             sess.cache = Some(cache);
             let e = stage_error(req.session, &local, ErrorCode::UnknownSession, format!("input at position {pos} but {} tokens are cached", sess.cache.as_ref().map_or(0, |c| c.pos())));
-            self.rt.report(&owner, req.request, e).await;
+            report(&mut self.outbox, &owner, req.request, e);
             return;
         }
         // A retried request rolls the cache back to where it starts.
@@ -194,13 +199,13 @@ impl ShardState {
                     Ok(info) => {
                         sess.cache = Some(cache);
                         let e = stage_error(req.session, &from, ErrorCode::Malformed, format!("activation of width {} for a model of width {d}", info.width));
-                        self.rt.report(&owner, req.request, e).await;
+                        report(&mut self.outbox, &owner, req.request, e);
                         return;
                     }
                     Err(err) => {
                         sess.cache = Some(cache);
                         let e = stage_error(req.session, &from, ErrorCode::Malformed, format!("undecodable activation: {err}"));
-                        self.rt.report(&owner, req.request, e).await;
+                        report(&mut self.outbox, &owner, req.request, e);
                         return;
                     }
                 }
@@ -213,7 +218,7 @@ impl ShardState {
         if pos + n > sess.max_tokens {
             sess.cache = Some(cache);
             let e = stage_error(req.session, &local, ErrorCode::Model, format!("{} tokens exceed the session's bound of {}", pos + n, sess.max_tokens));
-            self.rt.report(&owner, req.request, e).await;
+            report(&mut self.outbox, &owner, req.request, e);
             return;
         }
         tracing::trace!(session = req.session, step = req.step, "forward start");
@@ -232,7 +237,7 @@ impl ShardState {
             Ok(v) => v,
             Err(e) => {
                 let e = stage_error(req.session, &local, ErrorCode::Internal, format!("forward pass failed: {e}"));
-                self.rt.report(&owner, req.request, e).await;
+                report(&mut self.outbox, &owner, req.request, e);
                 self.sessions.remove(&req.session);
                 self.rt.forget_served(req.session);
                 return;
@@ -250,20 +255,20 @@ impl ShardState {
         match out {
             Err(err) => {
                 let e = stage_error(req.session, &local, ErrorCode::Model, err.to_string());
-                self.rt.report(&owner, req.request, e).await;
+                report(&mut self.outbox, &owner, req.request, e);
             }
             Ok(ShardOutput::Hidden(h)) => {
                 let mut bytes = Vec::new();
                 if let Err(err) = self.codec.encode(&h, n, d, Encoding::F32, &mut bytes) {
                     let e = stage_error(req.session, &local, ErrorCode::Internal, err.to_string());
-                    self.rt.report(&owner, req.request, e).await;
+                    report(&mut self.outbox, &owner, req.request, e);
                     return;
                 }
                 metrics::counter!(crate::metrics::WIRE_BYTES, "encoding" => Encoding::F32.name())
                     .increment(bytes.len() as u64);
                 let Some(next) = sess.next.clone() else {
                     let e = stage_error(req.session, &local, ErrorCode::Internal, "hidden states but no next stage");
-                    self.rt.report(&owner, req.request, e).await;
+                    report(&mut self.outbox, &owner, req.request, e);
                     return;
                 };
                 let msg = Message::StageRequest(StageRequest {
@@ -275,10 +280,14 @@ impl ShardState {
                     sample: req.sample,
                     input: StageInput::Activation(bytes),
                 });
-                if let Err(err) = self.rt.send(&next, msg).await {
-                    let e = stage_error(req.session, &next, ErrorCode::NotServed, format!("next stage unreachable: {err}"));
-                    self.rt.report(&owner, req.request, e).await;
-                }
+                // Sent in the background: a slow link to the next stage
+                // holds up only this session. Its failure is reported to
+                // the owner (which replaces the hop).
+                let (host, session, request, hop) = (self.rt.clone(), req.session, req.request, next.clone());
+                self.outbox.push(&next, msg, move |err| {
+                    let e = stage_error(session, &hop, ErrorCode::NotServed, format!("next stage unreachable: {err}"));
+                    tokio::spawn(async move { host.report(&owner, request, e).await });
+                });
             }
             Ok(ShardOutput::Logits(l)) => {
                 if !req.sample {
@@ -289,7 +298,7 @@ impl ShardState {
                     Ok(t) => t,
                     Err(err) => {
                         let e = stage_error(req.session, &local, ErrorCode::Model, err.to_string());
-                        self.rt.report(&owner, req.request, e).await;
+                        report(&mut self.outbox, &owner, req.request, e);
                         return;
                     }
                 };
@@ -300,14 +309,21 @@ impl ShardState {
                     token,
                     logprob: log_prob(&l, token),
                 });
-                if let Err(err) = self.rt.send(&owner, msg).await {
-                    tracing::info!(session = req.session, error = %err, "session owner unreachable; dropping its cache");
-                    self.sessions.remove(&req.session);
-                    self.rt.forget_served(req.session);
-                }
+                let (host, me, session) = (self.rt.clone(), self.myself.clone(), req.session);
+                self.outbox.push(&owner, msg, move |err| {
+                    tracing::info!(session, error = %err, "session owner unreachable; dropping its cache");
+                    host.forget_served(session);
+                    let _ = me.cast(ShardMsg::Close(session));
+                });
             }
         }
     }
+}
+
+/// Queues a failed stage request's report for `to`.
+fn report(outbox: &mut Outbox, to: &str, request: u64, err: StageError) {
+    let msg = Message::StageReply(StageReply { request, outcome: StageOutcome::Error(err) });
+    outbox.push(to, msg, |e| tracing::debug!(error = %e, "could not report a stage error"));
 }
 
 enum Input {
@@ -320,9 +336,12 @@ impl Actor for ShardActor {
     type State = ShardState;
     type Arguments = ShardArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         let r = args.shard.range();
+        let limit = args.host.config().outbox_bytes;
         Ok(ShardState {
+            outbox: Outbox::new(args.host.clone(), limit),
+            myself,
             label: format!("{}..{}", r.start, r.end),
             shard: args.shard,
             rt: args.host,
