@@ -43,6 +43,20 @@ async fn mesh(n: usize, cfg: RuntimeConfig) -> Option<Mesh> {
     Some(Mesh { net, peers })
 }
 
+impl Mesh {
+    /// A peer that placement does not use (it gossips no speed), whose own
+    /// estimate of its speed is `gflops`.
+    async fn outsider(&mut self, id: &str, gflops: f32) -> Runtime {
+        let info = Arc::new(ModelInfo::open(&model_path().unwrap(), HASH).unwrap());
+        let link = self.net.add(PeerView { peer: id.into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
+        let c = RuntimeConfig { gflops, memory_bytes: 1 << 32, placement_interval: Duration::from_secs(3600), ..cfg() };
+        let rt = Runtime::start(link, Some(info), c).await.unwrap();
+        self.net.attach(id, rt.clone());
+        self.peers.push(rt.clone());
+        rt
+    }
+}
+
 fn cfg() -> RuntimeConfig {
     RuntimeConfig { threads: 1, prefill_chunk: 8, ..RuntimeConfig::default() }
 }
@@ -243,14 +257,8 @@ async fn holders_of_a_range_bid_for_the_hop() {
     assert_eq!(plan.len(), 3);
     // A fourth peer that placement does not use (no gossiped speed) but that
     // holds the middle range and, by its own estimate, computes it far faster.
-    let path = model_path().unwrap();
-    let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
-    let link = m.net.add(PeerView { peer: "peer-x".into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
-    let c = RuntimeConfig { gflops: 1000.0, memory_bytes: 1 << 32, placement_interval: Duration::from_secs(3600), ..cfg() };
-    let fast = Runtime::start(link, Some(info), c).await.unwrap();
-    m.net.attach("peer-x", fast.clone());
+    let fast = m.outsider("peer-x", 1000.0).await;
     fast.ensure_shard(plan[1].start..plan[1].end).await.unwrap();
-    m.peers.push(fast);
     let p = prompts()[2].clone();
     let want = single(&p, 12, SamplingParams::greedy());
     let mut h = m.peers[0].generate(req(p.clone(), 12, SamplingParams::greedy())).await.unwrap();
@@ -406,13 +414,7 @@ async fn a_slow_link_to_one_owner_does_not_slow_the_other_sessions_of_a_stage() 
     assert_eq!(m.peers[0].route(&[]).await.unwrap().len(), 3);
     // An owner that placement does not use (no gossiped speed), behind a
     // link where every message to it takes 700 ms.
-    let path = model_path().unwrap();
-    let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
-    let link = m.net.add(PeerView { peer: "peer-far".into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
-    let c = RuntimeConfig { gflops: 0.0, memory_bytes: 1 << 32, placement_interval: Duration::from_secs(3600), ..cfg() };
-    let far = Runtime::start(link, Some(info), c).await.unwrap();
-    m.net.attach("peer-far", far.clone());
-    m.peers.push(far.clone());
+    let far = m.outsider("peer-far", 0.0).await;
     m.net.set_fault("peer-far", Fault::Slow(Duration::from_millis(700)));
     let ps = prompts();
     let slow_run = tokio::spawn(async move {
