@@ -417,24 +417,78 @@ async fn a_slow_link_to_one_owner_does_not_slow_the_other_sessions_of_a_stage() 
     let far = m.outsider("peer-far", 0.0).await;
     m.net.set_fault("peer-far", Fault::Slow(Duration::from_millis(700)));
     let ps = prompts();
+    let p = ps[1].clone();
+    let want = single(&p, 24, SamplingParams::greedy());
     let slow_run = tokio::spawn(async move {
         let t = std::time::Instant::now();
-        let got = run(&far, req(ps[0].clone(), 8, SamplingParams::greedy()), |_| {}).await;
+        let got = run(&far, req(ps[0].clone(), 16, SamplingParams::greedy()), |_| {}).await;
         (got, t.elapsed())
     });
     // Once the far owner's tokens are on their way, a near owner starts.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let p = prompts()[1].clone();
-    let want = single(&p, 24, SamplingParams::greedy());
     let t = std::time::Instant::now();
     let near = run(&m.peers[0], req(p, 24, SamplingParams::greedy()), |_| {}).await;
     let near_took = t.elapsed();
-    assert!(!slow_run.is_finished(), "the far owner's session, 8 tokens at 700 ms each, is still running");
+    assert!(!slow_run.is_finished(), "the far owner's session, 16 tokens at 700 ms each, is still running");
     assert_eq!(near.error, None);
     assert_eq!(near.tokens, want);
     let (far_got, far_took) = slow_run.await.unwrap();
     println!("near owner: 24 tokens in {near_took:?}; far owner over a 700 ms link: {far_took:?} ({:?})", far_got.error);
     assert!(near_took < Duration::from_secs(6), "the near session waited on the far link: {near_took:?}");
+}
+
+/// A shard's KV caches stay within its byte budget, and an owner that
+/// fills it (here one that opens sessions and prefills them, then goes
+/// quiet) loses its caches to another owner's session, which finishes with
+/// its single-process tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_filling_a_stages_cache_budget_gives_way_to_another_owner() {
+    // Room for 100 tokens of cache on the first stage (the budget is set
+    // once the plan says how many layers it holds).
+    let Some(path) = model_path() else { return };
+    let mc = ModelInfo::open(&path, HASH).unwrap().config;
+    let Some(m) = mesh(2, cfg()).await else { return };
+    let plan = m.peers[0].route(&[]).await.unwrap();
+    assert_eq!(plan.len(), 2);
+    let per_token = (plan[0].end - plan[0].start) * 2 * mc.kv_heads * mc.head_dim * 4;
+    let c = RuntimeConfig { cache_budget_bytes: 100 * per_token, ..cfg() };
+    drop(m);
+    let Some(m) = mesh(2, c).await else { return };
+    assert_eq!(m.peers[0].route(&[]).await.unwrap(), plan, "the same plan");
+    let first = m.peers.iter().find(|p| p.local_peer() == plan[0].peer).unwrap().clone();
+    let other = m.peers.iter().find(|p| p.local_peer() != plan[0].peer).unwrap().clone();
+    let hog = "hog";
+    let mut hogged = Vec::new();
+    for session in 1..=4u64 {
+        let open = Message::SessionOpen(SessionOpen {
+            session,
+            model: HASH,
+            start: plan[0].start as u32,
+            end: plan[0].end as u32,
+            max_tokens: 64,
+            owner: hog.into(),
+            prev: None,
+            next: Some(plan[1].peer.as_str().into()),
+            sampling: SamplingSpec { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 },
+            history: vec![],
+            draws: 0,
+        });
+        assert!(!matches!(first.handle_call(hog, open).await, Message::Error(_)), "the hog's session {session} opens");
+        let fill = StageRequest { request: session, session, step: 0, stage: 0, position: 0, sample: false, input: StageInput::Tokens(vec![1; 45]) };
+        first.deliver(hog, Message::StageRequest(fill)).await;
+        hogged.push(session);
+    }
+    // Give the stage time to prefill what it was sent.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = first.served_sessions().iter().filter(|s| hogged.contains(s)).count();
+    assert_eq!(held, 2, "two 45-token caches fit in 100 tokens' room, four do not: the hog's oldest went");
+    let p = prompts()[0].clone();
+    let want = single(&p, 16, SamplingParams::greedy());
+    let got = run(&other, req(p, 16, SamplingParams::greedy()), |_| {}).await;
+    assert_eq!(got.error, None);
+    assert_eq!(got.tokens, want, "the other owner's session finishes with its single-process tokens");
+    let left = first.served_sessions().iter().filter(|s| hogged.contains(s)).count();
+    assert!(left < held, "room came out of the hog's caches ({held} before, {left} after)");
 }
 
 /// A range larger than the memory a peer offers is refused before any

@@ -23,6 +23,12 @@ pub struct RuntimeConfig {
     /// Bytes a shard may have queued for sending, over all its links; past
     /// it a send fails (a link that far behind is as good as gone).
     pub outbox_bytes: usize,
+    /// Bytes of KV cache one shard's sessions may hold together; 0: a
+    /// quarter of `memory_bytes`. Past it, a session's growth evicts the
+    /// least recently used cache of whichever owner holds the most.
+    pub cache_budget_bytes: usize,
+    /// The share of a shard's cache budget one owner may hold (0 to 1).
+    pub cache_owner_share: f64,
     /// A session cache untouched this long is dropped.
     pub session_ttl: Duration,
     /// Stage requests waiting per shard before new ones are refused (BUSY).
@@ -63,6 +69,8 @@ impl Default for RuntimeConfig {
             memory_cap: 0,
             max_sessions_per_shard: 64,
             outbox_bytes: 64 << 20,
+            cache_budget_bytes: 0,
+            cache_owner_share: 1.0,
             session_ttl: Duration::from_secs(600),
             max_queue: 256,
             max_shards: 4,
@@ -78,5 +86,16 @@ impl Default for RuntimeConfig {
             bid_timeout: Duration::from_millis(150),
             event_capacity: 256,
         }
+    }
+}
+
+impl RuntimeConfig {
+    /// The KV cache budget of one shard: `cache_budget_bytes`, or a quarter
+    /// of the memory this peer reports (at least 64 MiB).
+    pub fn cache_budget(&self) -> usize {
+        if self.cache_budget_bytes > 0 {
+            return self.cache_budget_bytes;
+        }
+        usize::try_from(self.memory_bytes / 4).unwrap_or(usize::MAX).max(64 << 20)
     }
 }

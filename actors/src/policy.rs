@@ -129,17 +129,80 @@ pub fn standby_ranges(costs: &ModelCosts, peers: &[PlacementPeer], plan: &[Hop],
     standby
 }
 
-/// The session caches a shard drops before opening one more: every cache
-/// idle longer than `ttl`, then the least recently used until fewer than
-/// `max` remain (`max` at least 1). `caches` is `(session, last used)`.
-pub fn evictions(caches: &[(u64, Instant)], now: Instant, ttl: Duration, max: usize) -> Vec<u64> {
-    let mut out: Vec<u64> = caches.iter().filter(|(_, t)| now.saturating_duration_since(*t) > ttl).map(|(k, _)| *k).collect();
-    let mut live: Vec<(u64, Instant)> = caches.iter().filter(|(k, _)| !out.contains(k)).copied().collect();
+/// A session cache a shard holds, as admission sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    /// The session.
+    pub session: u64,
+    /// Its owner.
+    pub owner: &'a str,
+    /// Bytes reserved for its cache (its token bound times the bytes one
+    /// token takes).
+    pub bytes: usize,
+    /// When it last did work.
+    pub last_used: Instant,
+}
+
+/// The bounds of one shard's session caches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheBounds {
+    /// A cache idle this long is dropped.
+    pub ttl: Duration,
+    /// Caches held at most (at least 1).
+    pub max_sessions: usize,
+    /// Bytes reserved by every cache together.
+    pub budget_bytes: usize,
+    /// The share of the budget one owner may hold (in (0, 1]).
+    pub owner_share: f64,
+}
+
+impl CacheBounds {
+    /// The most one owner may hold.
+    pub fn owner_bytes(&self) -> usize {
+        (self.budget_bytes as f64 * self.owner_share.clamp(0.0, 1.0)) as usize
+    }
+}
+
+/// The caches a shard drops before opening one more for `owner`, reserving
+/// `bytes`, or why it cannot: every cache idle past the TTL; then the
+/// owner's own least recently used caches while it would hold more than its
+/// share; then, while the count or the byte budget would be passed, the
+/// least recently used cache of whichever owner holds the most bytes (the
+/// newcomer's own included), so that no owner can push another below an
+/// even split. Refused when `bytes` exceeds one owner's share.
+pub fn admit(held: &[Held<'_>], owner: &str, bytes: usize, now: Instant, b: &CacheBounds) -> Result<Vec<u64>, String> {
+    if bytes > b.owner_bytes() {
+        return Err(format!(
+            "a session needing {bytes} bytes of cache here exceeds what one owner may hold ({} of {} bytes)",
+            b.owner_bytes(),
+            b.budget_bytes
+        ));
+    }
+    let mut out: Vec<u64> = held.iter().filter(|h| now.saturating_duration_since(h.last_used) > b.ttl).map(|h| h.session).collect();
+    let mut live: Vec<Held<'_>> = held.iter().filter(|h| !out.contains(&h.session)).copied().collect();
     // Oldest first; ties by session id so the choice is deterministic.
-    live.sort_by_key(|&(k, t)| (t, k));
-    let excess = (live.len() + 1).saturating_sub(max.max(1));
-    out.extend(live.iter().take(excess).map(|(k, _)| *k));
-    out
+    live.sort_by_key(|h| (h.last_used, h.session));
+    let owned = |live: &[Held<'_>], o: &str| live.iter().filter(|h| h.owner == o).map(|h| h.bytes).sum::<usize>();
+    while owned(&live, owner) + bytes > b.owner_bytes() {
+        let Some(i) = live.iter().position(|h| h.owner == owner) else { break };
+        out.push(live.remove(i).session);
+    }
+    loop {
+        let total: usize = live.iter().map(|h| h.bytes).sum();
+        if live.len() < b.max_sessions.max(1) && total + bytes <= b.budget_bytes {
+            break;
+        }
+        // The owner holding the most (the newcomer counting what it asks
+        // for); ties to the lower name.
+        let mut owners: Vec<&str> = live.iter().map(|h| h.owner).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        let weight = |o: &str| owned(&live, o) + if o == owner { bytes } else { 0 };
+        let Some(big) = owners.into_iter().max_by(|x, y| weight(x).cmp(&weight(y)).then(y.cmp(x))) else { break };
+        let Some(i) = live.iter().position(|h| h.owner == big) else { break };
+        out.push(live.remove(i).session);
+    }
+    Ok(out)
 }
 
 /// What went wrong with a session's step.

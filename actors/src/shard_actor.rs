@@ -111,6 +111,8 @@ pub struct ShardState {
     /// waits inside the actor.
     outbox: Outbox,
     myself: ActorRef<ShardMsg>,
+    /// Bytes of KV cache this shard's sessions may hold together.
+    cache_budget: usize,
 }
 
 /// The actor owning one loaded layer range.
@@ -125,16 +127,11 @@ impl ShardState {
     fn open(&mut self, open: SessionOpen) -> Result<(), StageError> {
         let local = self.rt.local_peer().to_string();
         let now = Instant::now();
-        let cfg = self.rt.config();
-        let caches: Vec<(u64, Instant)> = self.sessions.iter().map(|(k, s)| (*k, s.last_used)).collect();
-        for k in policy::evictions(&caches, now, cfg.session_ttl, cfg.max_sessions_per_shard) {
-            tracing::info!(session = k, "evicting a session cache (idle past its TTL, or the least recently used)");
-            self.sessions.remove(&k);
-            self.rt.forget_served(k);
-        }
         if self.sessions.contains_key(&open.session) {
             return Err(stage_error(open.session, &local, ErrorCode::Malformed, "a live session cannot be reopened"));
         }
+        let need = open.history.len() * self.shard.cache_bytes_per_token();
+        self.make_room(open.session, open.owner.as_str(), need).map_err(|why| stage_error(open.session, &local, ErrorCode::Busy, why))?;
         let sampler = if self.shard.is_last() {
             let params = crate::wire::sampling_params(&open.sampling);
             Some(
@@ -166,6 +163,36 @@ impl ShardState {
                 last_used: now,
             },
         );
+        Ok(())
+    }
+
+    /// The bounds of this shard's caches.
+    fn bounds(&self) -> policy::CacheBounds {
+        let cfg = self.rt.config();
+        policy::CacheBounds {
+            ttl: cfg.session_ttl,
+            max_sessions: cfg.max_sessions_per_shard,
+            budget_bytes: self.cache_budget,
+            owner_share: cfg.cache_owner_share,
+        }
+    }
+
+    /// Evicts what [`policy::admit`] says so that `session` of `owner` may
+    /// hold `bytes` of cache here, or says why it may not.
+    fn make_room(&mut self, session: u64, owner: &str, bytes: usize) -> Result<(), String> {
+        let per = self.shard.cache_bytes_per_token();
+        let held: Vec<policy::Held<'_>> = self
+            .sessions
+            .iter()
+            .filter(|(k, _)| **k != session)
+            .map(|(k, s)| policy::Held { session: *k, owner: &s.owner, bytes: s.cache.as_ref().map_or(0, |c| c.pos() * per), last_used: s.last_used })
+            .collect();
+        let evict = policy::admit(&held, owner, bytes, Instant::now(), &self.bounds())?;
+        for k in evict {
+            tracing::info!(session = k, "evicting a session cache (idle past its TTL, or room for another owner's)");
+            self.sessions.remove(&k);
+            self.rt.forget_served(k);
+        }
         Ok(())
     }
 
@@ -219,6 +246,16 @@ impl ShardState {
             sess.cache = Some(cache);
             let e = stage_error(req.session, &local, ErrorCode::Model, format!("{} tokens exceed the session's bound of {}", pos + n, sess.max_tokens));
             report(&mut self.outbox, &owner, req.request, e);
+            return;
+        }
+        // The cache grows to pos + n tokens: within the shard's budget, at
+        // the expense of the biggest owner's least recently used caches.
+        let need = (pos + n) * self.shard.cache_bytes_per_token();
+        if let Err(why) = self.make_room(req.session, &owner, need) {
+            if let Some(sess) = self.sessions.get_mut(&req.session) {
+                sess.cache = Some(cache);
+            }
+            report(&mut self.outbox, &owner, req.request, stage_error(req.session, &local, ErrorCode::Busy, why));
             return;
         }
         tracing::trace!(session = req.session, step = req.step, "forward start");
@@ -338,8 +375,11 @@ impl Actor for ShardActor {
 
     async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         let r = args.shard.range();
-        let limit = args.host.config().outbox_bytes;
+        let cfg = args.host.config();
+        let limit = cfg.outbox_bytes;
+        let cache_budget = cfg.cache_budget();
         Ok(ShardState {
+            cache_budget,
             outbox: Outbox::new(args.host.clone(), limit),
             myself,
             label: format!("{}..{}", r.start, r.end),

@@ -231,6 +231,12 @@ impl Shard {
         &self.pool
     }
 
+    /// Bytes one token adds to a session's cache here (keys and values of
+    /// every layer of the range).
+    pub fn cache_bytes_per_token(&self) -> usize {
+        self.layers.len() * 2 * self.cfg.kv_heads * self.cfg.head_dim * std::mem::size_of::<f32>()
+    }
+
     /// A new, empty session state for this shard.
     pub fn new_session(&self) -> SessionCache {
         SessionCache {

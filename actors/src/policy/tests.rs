@@ -95,34 +95,77 @@ fn peers_without_the_model_or_speed_are_not_candidates() {
     assert_eq!(c[0].memory_bytes, 1 << 20);
 }
 
+#[test]
+fn a_newcomer_takes_room_from_the_biggest_owner_and_an_owner_past_its_share_from_itself() {
+    let now = Instant::now();
+    let ago = |ms| now - Duration::from_millis(ms);
+    let h = |session, owner, bytes, ms| Held { session, owner, bytes, last_used: ago(ms) };
+    let bounds = CacheBounds { ttl: Duration::from_secs(60), max_sessions: 64, budget_bytes: 1000, owner_share: 1.0 };
+    // "hog" holds 900 of 1000 bytes, "meek" 100: meek's next 200 bytes come
+    // out of hog's oldest caches, not meek's own.
+    let held = [h(1, "hog", 300, 50), h(2, "hog", 300, 40), h(3, "hog", 300, 30), h(4, "meek", 100, 90)];
+    assert_eq!(admit(&held, "meek", 200, now, &bounds), Ok(vec![1]));
+    // hog asking for more evicts its own.
+    assert_eq!(admit(&held, "hog", 200, now, &bounds), Ok(vec![1]));
+    // With a share of half the budget, an owner competes with itself first.
+    let half = CacheBounds { owner_share: 0.5, ..bounds };
+    let held = [h(1, "a", 200, 50), h(2, "a", 200, 40), h(3, "b", 100, 90)];
+    assert_eq!(admit(&held, "a", 200, now, &half), Ok(vec![1]));
+    assert!(admit(&held, "a", 600, now, &half).unwrap_err().contains("exceeds what one owner may hold"));
+}
+
 proptest! {
     #[test]
-    fn evictions_leave_room_drop_every_expired_cache_and_take_the_oldest_first(
-        ages in proptest::collection::vec(0u64..1000, 0..40),
+    fn admission_leaves_room_drops_expired_caches_and_takes_from_the_biggest_owner(
+        caches in proptest::collection::vec((0u64..1000, 0usize..4, 0usize..400), 0..40),
         ttl_ms in 1u64..1200,
         max in 0usize..20,
+        budget in 1usize..4000,
+        share in 0.1f64..1.0,
+        newcomer in 0usize..4,
+        bytes in 0usize..600,
     ) {
+        const OWNERS: [&str; 4] = ["a", "b", "c", "d"];
         let now = Instant::now() + Duration::from_secs(10);
-        let caches: Vec<(u64, Instant)> =
-            ages.iter().enumerate().map(|(i, &a)| (i as u64, now - Duration::from_millis(a))).collect();
-        let ttl = Duration::from_millis(ttl_ms);
-        let out = evictions(&caches, now, ttl, max);
-        let kept: Vec<&(u64, Instant)> = caches.iter().filter(|(k, _)| !out.contains(k)).collect();
-        // Room for one more, within the bound.
+        let held: Vec<Held<'_>> = caches
+            .iter()
+            .enumerate()
+            .map(|(i, &(age, o, b))| Held { session: i as u64, owner: OWNERS[o], bytes: b, last_used: now - Duration::from_millis(age) })
+            .collect();
+        let bounds = CacheBounds { ttl: Duration::from_millis(ttl_ms), max_sessions: max, budget_bytes: budget, owner_share: share };
+        let me = OWNERS[newcomer];
+        let Ok(out) = admit(&held, me, bytes, now, &bounds) else {
+            prop_assert!(bytes > bounds.owner_bytes(), "refused only past one owner's share");
+            return Ok(());
+        };
+        let kept: Vec<&Held<'_>> = held.iter().filter(|h| !out.contains(&h.session)).collect();
+        // Room for one more: the count, the budget and the owner's share.
         prop_assert!(kept.len() < max.max(1));
+        prop_assert!(kept.iter().map(|h| h.bytes).sum::<usize>() + bytes <= budget);
+        prop_assert!(kept.iter().filter(|h| h.owner == me).map(|h| h.bytes).sum::<usize>() + bytes <= bounds.owner_bytes());
         // Nothing expired is kept; nothing is evicted twice.
-        prop_assert!(kept.iter().all(|(_, t)| now.duration_since(*t) <= ttl));
+        prop_assert!(kept.iter().all(|h| now.duration_since(h.last_used) <= bounds.ttl));
         let mut dedup = out.clone();
         dedup.sort_unstable();
         dedup.dedup();
         prop_assert_eq!(dedup.len(), out.len());
-        // No kept cache is older than a live (unexpired) one that was evicted.
-        for (k, t) in caches.iter().filter(|(k, t)| out.contains(k) && now.duration_since(*t) <= ttl) {
-            prop_assert!(kept.iter().all(|(k2, t2)| (*t2, *k2) > (*t, *k)));
+        // Within an owner, no kept live cache is older than an evicted live one.
+        for e in held.iter().filter(|h| out.contains(&h.session) && now.duration_since(h.last_used) <= bounds.ttl) {
+            prop_assert!(kept.iter().filter(|k| k.owner == e.owner).all(|k| (k.last_used, k.session) > (e.last_used, e.session)));
         }
-        // Evicting only what is needed: one fewer eviction would not leave room.
-        let expired = caches.iter().filter(|(_, t)| now.duration_since(*t) > ttl).count();
-        prop_assert!(out.len() == expired || caches.len() - out.len() + 1 == max.max(1));
+        // No owner holding less than the newcomer (with its request) loses
+        // a live cache to it.
+        let mine = kept.iter().filter(|h| h.owner == me).map(|h| h.bytes).sum::<usize>() + bytes;
+        for o in OWNERS.iter().filter(|o| **o != me) {
+            let live = |h: &Held<'_>| h.owner == *o && now.duration_since(h.last_used) <= bounds.ttl;
+            let before: usize = held.iter().filter(|h| live(h)).map(|h| h.bytes).sum();
+            let after: usize = kept.iter().filter(|h| live(h)).map(|h| h.bytes).sum();
+            // It lost a live cache only while holding at least what the
+            // newcomer held with its request (which only falls meanwhile),
+            // or once the newcomer had no cache left to give up.
+            let newcomer_emptied = !kept.iter().any(|h| h.owner == me);
+            prop_assert!(after == before || before >= mine || newcomer_emptied, "owner {} lost caches while holding {} against the newcomer's {}", o, before, mine);
+        }
     }
 
     #[test]
