@@ -193,7 +193,7 @@ impl Runtime {
                 memory_bytes: self.0.cfg.memory_bytes,
                 models: vec![m.hash],
                 shards: shards.iter().map(|s| (s.range.start as u32, s.range.end as u32)).collect(),
-                queued: shards.iter().map(|s| s.queued.load(Ordering::Relaxed) as u32).sum(),
+                queued: shards.iter().map(|s| s.queued.len() as u32).sum(),
                 rtt_ms: Some(0.0),
             });
         }

@@ -4,8 +4,8 @@
 //! session's owner, through an outbox: the actor never waits on a link.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use fogmesh_models::{LogitsFor, Sampler, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
@@ -41,8 +41,9 @@ pub trait ShardHost: Host {
 pub enum ShardMsg {
     /// Open a session's cache here.
     Open(Box<SessionOpen>, RpcReplyPort<Result<(), StageError>>),
-    /// A stage request from the given peer.
-    Work(PeerKey, StageRequest),
+    /// A stage request from the given peer, for a session of the given
+    /// owner (counted in the [`WorkQueue`] under it).
+    Work(PeerKey, PeerKey, StageRequest),
     /// Drop a session's cache.
     Close(u64),
     /// Report status.
@@ -68,6 +69,56 @@ pub struct ShardStatus {
     pub queued: usize,
 }
 
+/// A shard's waiting stage requests, counted in all and per session owner:
+/// one owner may hold at most half the queue, so another's next step still
+/// gets in.
+#[derive(Debug, Default)]
+pub struct WorkQueue {
+    total: AtomicUsize,
+    by_owner: Mutex<HashMap<PeerKey, usize>>,
+}
+
+impl WorkQueue {
+    /// Requests waiting.
+    pub fn len(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts one more request of `owner`, or says why not: `max` wait in
+    /// all, or `owner` already has half of them waiting.
+    pub fn enter(&self, owner: &str, max: usize) -> Result<(), String> {
+        let mut by = self.by_owner.lock().unwrap_or_else(|e| e.into_inner());
+        let share = (max / 2).max(1);
+        let mine = by.get(owner).copied().unwrap_or(0);
+        if self.len() >= max {
+            return Err(format!("{max} stage requests already wait here"));
+        }
+        if mine >= share {
+            return Err(format!("{owner} already has {mine} stage requests waiting here, its share of {max}"));
+        }
+        *by.entry(owner.to_string()).or_insert(0) += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One request of `owner` left the queue.
+    pub fn leave(&self, owner: &str) {
+        let mut by = self.by_owner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(owner);
+            }
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// What a shard actor starts from.
 pub struct ShardArgs {
     /// The loaded range.
@@ -76,8 +127,8 @@ pub struct ShardArgs {
     pub host: Arc<dyn ShardHost>,
     /// The compute thread its forward passes run on.
     pub compute: Compute,
-    /// Work waiting (shared with the runtime, which refuses work past its bound).
-    pub queued: Arc<AtomicUsize>,
+    /// Work waiting (shared with the runtime, which refuses work past its bounds).
+    pub queued: Arc<WorkQueue>,
     /// Measured microseconds per token (EWMA), for bids.
     pub us_per_token: Arc<AtomicU64>,
     /// Tokens processed since load (shared: the load report's rate).
@@ -100,7 +151,7 @@ pub struct ShardState {
     shard: Arc<Shard>,
     rt: Arc<dyn ShardHost>,
     compute: Compute,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<WorkQueue>,
     us_per_token: Arc<AtomicU64>,
     sessions: HashMap<u64, Session>,
     codec: ActivationCodec,
@@ -197,7 +248,6 @@ impl ShardState {
     }
 
     async fn work(&mut self, from: PeerKey, req: StageRequest) {
-        self.queued.fetch_sub(1, Ordering::Relaxed);
         let local = self.rt.local_peer().to_string();
         let Some(sess) = self.sessions.get_mut(&req.session) else {
             let e = stage_error(req.session, &local, ErrorCode::UnknownSession, "session evicted or closed");
@@ -399,7 +449,10 @@ impl Actor for ShardActor {
             ShardMsg::Open(open, reply) => {
                 let _ = reply.send(st.open(*open));
             }
-            ShardMsg::Work(from, req) => st.work(from, req).await,
+            ShardMsg::Work(from, owner, req) => {
+                st.queued.leave(&owner);
+                st.work(from, req).await;
+            }
             ShardMsg::Close(session) => {
                 st.sessions.remove(&session);
             }
@@ -412,10 +465,34 @@ impl Actor for ShardActor {
                     memory_bytes: st.shard.memory_bytes(),
                     cache_bytes: st.sessions.values().filter_map(|s| s.cache.as_ref()).map(|c| c.memory_bytes()).sum(),
                     tokens: st.tokens.load(Ordering::Relaxed),
-                    queued: st.queued.load(Ordering::Relaxed),
+                    queued: st.queued.len(),
                 });
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkQueue;
+
+    #[test]
+    fn one_owner_fills_at_most_half_the_queue_and_another_still_gets_in() {
+        let q = WorkQueue::default();
+        for _ in 0..4 {
+            q.enter("flood", 8).unwrap();
+        }
+        assert!(q.enter("flood", 8).unwrap_err().contains("its share"));
+        for _ in 0..4 {
+            q.enter("calm", 8).unwrap();
+        }
+        assert!(q.enter("third", 8).unwrap_err().contains("already wait"));
+        q.leave("flood");
+        q.enter("third", 8).unwrap();
+        assert_eq!(q.len(), 8);
+        // A leave of an owner with nothing waiting changes nothing.
+        q.leave("nobody");
+        assert_eq!(q.len(), 8);
     }
 }

@@ -36,7 +36,7 @@ impl Runtime {
             Some(s) => {
                 let us = s.us_per_token.load(Ordering::Relaxed);
                 let per = if us > 0 { us as f64 / 1e3 } else { estimate_ms };
-                (per, s.queued.load(Ordering::Relaxed) as f64 * per)
+                (per, s.queued.len() as f64 * per)
             }
             // Not loaded: reading its weights comes first (~1 GB/s).
             None => (estimate_ms, m.costs.stage_bytes(start..end) as f64 / 1e6),
@@ -222,7 +222,7 @@ impl Runtime {
                 model: hash,
                 start: s.range.start as u32,
                 end: s.range.end as u32,
-                queue_depth: s.queued.load(Ordering::Relaxed) as u32,
+                queue_depth: s.queued.len() as u32,
                 tokens_per_s: s.tokens_per_s(),
             })
             .collect();

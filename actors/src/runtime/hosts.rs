@@ -3,7 +3,6 @@
 
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use fogmesh_protocols::Message;
 use ractor::ActorRef;
@@ -66,7 +65,7 @@ impl SessionHost for Runtime {
         lock(&self.0.sessions).remove(&wire);
     }
     async fn local_busy(&self) -> bool {
-        self.shards().await.iter().any(|s| s.queued.load(Ordering::Relaxed) > 0)
+        self.shards().await.iter().any(|s| !s.queued.is_empty())
     }
 }
 

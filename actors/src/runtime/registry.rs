@@ -2,7 +2,7 @@
 //! bound), standby room, unloading what the plan no longer needs.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use ractor::{Actor, ActorRef};
 
 use super::{Runtime, lock};
 use crate::error::RuntimeError;
-use crate::shard_actor::{ShardActor, ShardArgs, ShardMsg, ShardStatus};
+use crate::shard_actor::{ShardActor, ShardArgs, ShardMsg, ShardStatus, WorkQueue};
 
 /// A loaded layer range on this peer.
 #[derive(Debug, Clone)]
@@ -21,7 +21,7 @@ pub struct ShardSlot {
     /// Its actor.
     pub actor: ActorRef<ShardMsg>,
     /// Stage requests delivered but not yet taken up.
-    pub queued: Arc<AtomicUsize>,
+    pub queued: Arc<WorkQueue>,
     /// Bytes of weights it holds.
     pub memory_bytes: usize,
     /// Measured compute time per token (EWMA, microseconds; 0 = none yet).
@@ -109,7 +109,7 @@ impl Runtime {
             .map_err(|e| RuntimeError::Actor(e.to_string()))??;
         let memory_bytes = shard.memory_bytes();
         tracing::info!(layers = ?range, ms = started.elapsed().as_millis() as u64, memory_mib = memory_bytes >> 20, "shard loaded");
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(WorkQueue::default());
         let us_per_token = Arc::new(AtomicU64::new(0));
         let tokens = Arc::new(AtomicU64::new(0));
         let args = ShardArgs {

@@ -3,7 +3,6 @@
 //! opens, load probes, bids and awards; and sending, looped back in-process
 //! when the peer is this one.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fogmesh_protocols::{ErrorCode, ErrorFrame, Message, NodeId, SessionOpen, ShardAdvert, StageError, StageOutcome, StageReply};
@@ -66,19 +65,18 @@ impl Runtime {
                     self.report(from, req.request, err).await;
                     return;
                 }
-                if slot.queued.load(Ordering::Relaxed) >= self.0.cfg.max_queue {
+                if let Err(why) = slot.queued.enter(&owner, self.0.cfg.max_queue) {
                     let err = StageError {
                         session: req.session,
                         peer: Some(NodeId::from(self.0.local.as_str())),
                         code: ErrorCode::Busy,
-                        reason: format!("{} stage requests already wait on layers {:?}", self.0.cfg.max_queue, slot.range),
+                        reason: format!("{why} (layers {:?})", slot.range),
                     };
                     self.report(&owner, req.request, err).await;
                     return;
                 }
-                slot.queued.fetch_add(1, Ordering::Relaxed);
-                if slot.actor.cast(ShardMsg::Work(from.to_string(), req)).is_err() {
-                    slot.queued.fetch_sub(1, Ordering::Relaxed);
+                if slot.actor.cast(ShardMsg::Work(from.to_string(), owner.clone(), req)).is_err() {
+                    slot.queued.leave(&owner);
                 }
             }
             Message::TokenResult(t) => {
