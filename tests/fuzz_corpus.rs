@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use common::*;
+use proptest::prelude::*;
 use fogmesh::models::gguf::{Gguf, write_gguf};
 use fogmesh::models::{LlamaConfig, Shard, ThreadPool, Tokenizer};
 use fogmesh::protocols::{
@@ -188,3 +189,132 @@ fn micro_seed_model_has_a_working_tokenizer() {
     assert_eq!(t.decode(&[5, 7], false).unwrap(), "ab a");
     assert!(t.is_end(2));
 }
+
+/// The default model's facts, for the request and tokenizer properties.
+fn served() -> Option<Arc<fogmesh::actors::ModelInfo>> {
+    Some(Arc::new(fogmesh::actors::ModelInfo::open(&model_path()?, [0; 32]).unwrap()))
+}
+
+/// The same work as `fuzz/fuzz_targets/openai.rs`: a plan that fits the
+/// context, or a 4xx; `Ok` tells which.
+fn check_body(model: &Arc<fogmesh::actors::ModelInfo>, data: &[u8]) -> Option<bool> {
+    use fogmesh::node::api::{Endpoint, check_openai};
+    let (&k, body) = data.split_first()?;
+    let endpoint = if k % 2 == 0 { Endpoint::Chat } else { Endpoint::Completions };
+    Some(match check_openai(endpoint, body, |_| Ok(model.clone())) {
+        Ok(p) => {
+            assert!(p.req.prompt.len() + p.req.max_tokens <= model.config.context, "a plan past the context: {p:?}");
+            true
+        }
+        Err(r) => {
+            assert!(r.status().is_client_error(), "{}", r.status());
+            false
+        }
+    })
+}
+
+#[test]
+fn openai_and_tokenizer_corpora_replay_with_their_properties() {
+    let Some(model) = served() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut seen = 0;
+    for dir in ["corpus/openai", "artifacts/openai"] {
+        for f in files(&root.join(dir)) {
+            let data = std::fs::read(&f).unwrap();
+            let ok = check_body(&model, &data);
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("ok-") || name.starts_with("bad-") {
+                assert_eq!(ok, Some(name.starts_with("ok-")), "{name}");
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 12, "the OpenAI seeds are there ({seen})");
+    let mut texts = 0;
+    for dir in ["corpus/tokenizer", "artifacts/tokenizer"] {
+        for f in files(&root.join(dir)) {
+            let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+            fogmesh::models::testing::tokenizer_properties(&model.tokenizer, &text).unwrap();
+            texts += 1;
+        }
+    }
+    assert!(texts >= 7, "the tokenizer seeds are there ({texts})");
+}
+
+/// A JSON value of any shape, biased towards what the endpoints read.
+fn any_json() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::json;
+    let leaf = prop_oneof![
+        Just(json!(null)),
+        any::<bool>().prop_map(|b| json!(b)),
+        any::<i64>().prop_map(|n| json!(n)),
+        (-1e6f64..1e6).prop_map(|x| json!(x)),
+        prop_oneof![Just(-1.0f64), Just(0.0), Just(2.5), Just(1e300)].prop_map(|x| json!(x)),
+        ".{0,24}".prop_map(|s| json!(s)),
+        prop_oneof![Just("user"), Just("system"), Just("assistant"), Just("tool"), Just("text"), Just("<|im_start|>")]
+            .prop_map(|s| json!(s)),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+            proptest::collection::vec((FIELD.clone(), inner), 0..4)
+                .prop_map(|kv| serde_json::Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+        ]
+    })
+}
+
+const FIELDS: &[&str] = &[
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+    "stream", "stream_options", "include_usage", "logprobs", "top_logprobs", "n", "repeat_penalty", "echo", "suffix",
+    "best_of", "role", "content", "type", "text", "user",
+];
+
+static FIELD: std::sync::LazyLock<proptest::sample::Select<&'static str>> =
+    std::sync::LazyLock::new(|| proptest::sample::select(FIELDS));
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn any_openai_body_is_a_plan_within_the_context_or_a_4xx(
+        chat in any::<bool>(),
+        fields in proptest::collection::vec((FIELD.clone(), any_json()), 0..8),
+        messages in proptest::collection::vec((prop_oneof![Just("user"), Just("system"), Just("assistant"), Just("robot")], ".{0,40}"), 0..4),
+    ) {
+        let Some(model) = SERVED.as_ref() else { return Ok(()) };
+        let mut body = serde_json::Map::new();
+        body.insert("model".into(), "any".into());
+        if chat {
+            let m: Vec<_> = messages.iter().map(|(r, c)| serde_json::json!({ "role": r, "content": c })).collect();
+            body.insert("messages".into(), m.into());
+        } else {
+            body.insert("prompt".into(), messages.first().map_or("x".into(), |(_, c)| c.clone()).into());
+        }
+        for (k, v) in fields {
+            body.insert(k.to_string(), v);
+        }
+        let mut data = vec![u8::from(!chat)];
+        data.extend(serde_json::to_vec(&body).unwrap());
+        check_body(model, &data);
+    }
+
+    #[test]
+    fn any_text_keeps_the_tokenizer_properties(
+        pieces in proptest::collection::vec(prop_oneof![
+            ".{0,12}",
+            Just("<|im_start|>".to_string()),
+            Just("<|im_end|>".to_string()),
+            Just("<|endoftext|>".to_string()),
+            Just("<|im_".to_string()),
+            Just("|>".to_string()),
+            Just("\n".to_string()),
+        ], 0..8),
+    ) {
+        let Some(model) = SERVED.as_ref() else { return Ok(()) };
+        let text: String = pieces.concat();
+        let r = fogmesh::models::testing::tokenizer_properties(&model.tokenizer, &text);
+        prop_assert!(r.is_ok(), "{:?}", r);
+    }
+}
+
+static SERVED: std::sync::LazyLock<Option<Arc<fogmesh::actors::ModelInfo>>> = std::sync::LazyLock::new(served);

@@ -70,3 +70,30 @@ pub fn pseudo_random(n: usize, seed: u64, amplitude: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// What must hold of any text `text` through `t` (the tokenizer fuzz target
+/// and its corpus replay check it): encoding does not fail on valid text
+/// or panic, decoding gives the text back, and the text as a chat message's
+/// content adds no control token to the rendered prompt. (Bytes the
+/// vocabulary has no token for are dropped, as llama.cpp drops them.)
+pub fn tokenizer_properties(t: &crate::Tokenizer, text: &str) -> std::result::Result<(), String> {
+    let ids = t.encode(text).map_err(|e| format!("encode: {e}"))?;
+    let prefix = t.encode("").map_or(0, |e| e.len());
+    let back = t.decode(&ids[prefix.min(ids.len())..], false).map_err(|e| format!("decode: {e}"))?;
+    // Bytes without a token are dropped (as llama.cpp does); the rest comes
+    // back as it was.
+    let kept: Vec<u8> = text.bytes().filter(|&b| !t.drops_byte(b)).collect();
+    if back != String::from_utf8_lossy(&kept) {
+        return Err(format!("{text:?} decodes back as {back:?}"));
+    }
+    let controls = |content: &str| {
+        t.encode_chat(&[crate::ChatMessage::new("system", "Be brief."), crate::ChatMessage::new("user", content)])
+            .map(|ids| ids.iter().filter(|&&i| t.is_control(i)).count())
+    };
+    if let (Ok(with), Ok(without)) = (controls(text), controls("x")) {
+        if with != without {
+            return Err(format!("{text:?} in a chat message gives {with} control tokens instead of {without}"));
+        }
+    }
+    Ok(())
+}

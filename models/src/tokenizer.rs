@@ -58,6 +58,19 @@ pub struct Tokenizer {
     end_ids: Vec<u32>,
     tokens: Vec<String>,
     chat_template: Option<String>,
+    /// Bytes the vocabulary has no token for (byte-level BPE maps each byte
+    /// to a character; a vocabulary may lack some).
+    dropped: [bool; 256],
+}
+
+/// The character GPT-2's byte-level BPE stands each byte for.
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    if printable(b) {
+        return char::from(b);
+    }
+    let shifted = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + shifted).unwrap_or(char::REPLACEMENT_CHARACTER)
 }
 
 fn tok_err(e: impl std::fmt::Display) -> ModelError {
@@ -157,7 +170,12 @@ impl Tokenizer {
             tokens.iter().zip(&types).filter(|(_, t)| **t == TOKEN_CONTROL).map(|(s, _)| s.clone()).collect();
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
-        Ok(Tokenizer { inner, plain, controls, bos, eos, add_bos, end_ids, tokens, chat_template })
+        let known: std::collections::HashSet<&str> = tokens.iter().map(String::as_str).collect();
+        let mut dropped = [false; 256];
+        for (b, d) in dropped.iter_mut().enumerate() {
+            *d = !known.contains(byte_char(b as u8).to_string().as_str());
+        }
+        Ok(Tokenizer { inner, plain, controls, bos, eos, add_bos, end_ids, tokens, chat_template, dropped })
     }
 
     /// Token ids of `text`, with BOS first when the file asks for it.
@@ -193,6 +211,18 @@ impl Tokenizer {
     /// Whether `id` ends a generation (EOS and end-of-turn control tokens).
     pub fn is_end(&self, id: u32) -> bool {
         self.end_ids.contains(&id)
+    }
+
+    /// Whether encoding drops byte `b` of a text: the vocabulary has no token
+    /// for it (llama.cpp drops such bytes too). SmolLM2's lacks a few
+    /// control characters and bytes that lead no assigned character.
+    pub fn drops_byte(&self, b: u8) -> bool {
+        self.dropped[usize::from(b)]
+    }
+
+    /// Whether `id` is a control token (`<|im_start|>`, `<s>`, …).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.tokens.get(id as usize).is_some_and(|t| self.controls.contains(t))
     }
 
     /// The chat template carried by the file, if any.

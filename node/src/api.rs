@@ -31,7 +31,7 @@ pub mod types;
 pub use access::{Access, host_allowed};
 pub use serve::{BODY_TIMEOUT, Limits, MAX_CONNECTIONS, MAX_GENERATION_SECS, MAX_RUNNING, SEND_BUFFER, serve_router};
 
-pub use openai::{MAX_MESSAGES, parse};
+pub use openai::{Endpoint, MAX_MESSAGES, Plan, check as check_openai, parse};
 use types::{ErrorBody, ErrorDetail, Health, Incident, route_hops};
 
 /// Largest request body accepted.

@@ -149,11 +149,15 @@ fn bad_param(param: &str, message: impl Into<String>) -> Response {
 /// Reads a JSON body (bounded) into `T`, or answers 400/413 saying what is
 /// wrong.
 pub async fn parse<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, Response> {
-    let body = super::read_body(body).await?;
+    parse_json(&super::read_body(body).await?)
+}
+
+/// A JSON body into `T`, or a 400 saying what is wrong.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     if body.is_empty() {
         return Err(bad("the request body is empty; send a JSON object (Content-Type: application/json)"));
     }
-    serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         let msg = match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => format!("invalid JSON: {e}"),
             _ => format!("invalid request: {e}"),
@@ -174,25 +178,29 @@ fn finish_name(f: FinishReason) -> &'static str {
 }
 
 /// What both endpoints settle before generating.
-struct Plan {
-    rt: Runtime,
-    model: String,
+#[derive(Debug)]
+pub struct Plan {
+    /// The model as the request named it.
+    pub model: String,
     /// The generation, checked against the model.
-    req: GenerateRequest,
-    stream: bool,
-    include_usage: bool,
-    logprobs: bool,
+    pub req: GenerateRequest,
+    /// Streamed as server-sent events.
+    pub stream: bool,
+    /// A usage chunk ends the stream.
+    pub include_usage: bool,
+    /// Each chosen token's log-probability is returned.
+    pub logprobs: bool,
 }
 
 /// Checks the shared fields against the served model; `prompt` is already
 /// tokenized.
-fn plan(rt: &Runtime, model: &ModelInfo, c: Common, prompt: Vec<u32>, kind: Kind) -> Result<Plan, Response> {
+fn plan(model: &ModelInfo, c: Common, prompt: Vec<u32>, kind: Endpoint) -> Result<Plan, Response> {
     let logprobs = match (kind, &c.logprobs) {
         (_, None | Some(Value::Null)) => false,
-        (Kind::Chat, Some(Value::Bool(b))) => *b,
-        (Kind::Chat, Some(other)) => return Err(bad_param("logprobs", format!("logprobs must be true or false, got {other}"))),
-        (Kind::Text, Some(v)) if v == &json!(0) || v == &json!(false) => false,
-        (Kind::Text, Some(_)) => {
+        (Endpoint::Chat, Some(Value::Bool(b))) => *b,
+        (Endpoint::Chat, Some(other)) => return Err(bad_param("logprobs", format!("logprobs must be true or false, got {other}"))),
+        (Endpoint::Completions, Some(v)) if v == &json!(0) || v == &json!(false) => false,
+        (Endpoint::Completions, Some(_)) => {
             return Err(bad_param("logprobs", "logprobs is not served on /v1/completions; use /v1/chat/completions with logprobs: true"));
         }
     };
@@ -229,21 +237,59 @@ fn plan(rt: &Runtime, model: &ModelInfo, c: Common, prompt: Vec<u32>, kind: Kind
     let max_tokens = asked.map_or(room, |m| m.min(usize::MAX as u64) as usize);
     let req = GenerateRequest { prompt, max_tokens, sampling, stop };
     req.validate(&model.config).map_err(|e| request_error(&e))?;
-    Ok(Plan { rt: rt.clone(), model: c.model, req, stream, include_usage, logprobs })
+    Ok(Plan { model: c.model, req, stream, include_usage, logprobs })
 }
 
 /// `POST /v1/chat/completions`.
 pub(super) async fn chat(State(s): State<AppState>, body: Body) -> Response {
-    let req: ChatRequest = match parse(body).await {
-        Ok(r) => r,
+    handle(s, body, Endpoint::Chat).await
+}
+
+/// `POST /v1/completions`.
+pub(super) async fn completions(State(s): State<AppState>, body: Body) -> Response {
+    handle(s, body, Endpoint::Completions).await
+}
+
+async fn handle(s: AppState, body: Body, endpoint: Endpoint) -> Response {
+    let bytes = match super::read_body(body).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
-    let (rt, model) = match s.served_model(&req.common.model) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
+    let mut rt = None;
+    let p = check(endpoint, &bytes, |id| {
+        let (r, m) = s.served_model(id)?;
+        rt = Some(r.clone());
+        Ok(m.clone())
+    });
+    match (p, rt) {
+        (Ok(p), Some(rt)) => respond(s, rt, p, endpoint).await,
+        (Err(r), _) => r,
+        (Ok(_), None) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "a plan without a runtime"),
+    }
+}
+
+/// A request body sent to `endpoint`, read and checked against the model
+/// `resolve` gives for the id the body names: the generation to run, or
+/// the 4xx to answer. No runtime is involved (the fuzz target and the
+/// corpus replay drive it directly).
+pub fn check(endpoint: Endpoint, body: &[u8], resolve: impl FnOnce(&str) -> Result<Arc<ModelInfo>, Response>) -> Result<Plan, Response> {
+    match endpoint {
+        Endpoint::Chat => {
+            let req: ChatRequest = parse_json(body)?;
+            let model = resolve(&req.common.model)?;
+            check_chat(req, &model)
+        }
+        Endpoint::Completions => {
+            let req: CompletionRequest = parse_json(body)?;
+            let model = resolve(&req.common.model)?;
+            check_completion(req, &model)
+        }
+    }
+}
+
+fn check_chat(req: ChatRequest, model: &ModelInfo) -> Result<Plan, Response> {
     if req.messages.is_empty() || req.messages.len() > MAX_MESSAGES {
-        return bad_param("messages", format!("messages must hold 1 to {MAX_MESSAGES} messages"));
+        return Err(bad_param("messages", format!("messages must hold 1 to {MAX_MESSAGES} messages")));
     }
     let mut msgs = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
@@ -252,7 +298,7 @@ pub(super) async fn chat(State(s): State<AppState>, body: Body) -> Response {
             "user" => "user",
             "assistant" => "assistant",
             other => {
-                return bad_param("messages", format!("messages[{i}].role {other:?} is not one of system, developer, user, assistant"));
+                return Err(bad_param("messages", format!("messages[{i}].role {other:?} is not one of system, developer, user, assistant")));
             }
         };
         let text = match &m.content {
@@ -264,7 +310,7 @@ pub(super) async fn chat(State(s): State<AppState>, body: Body) -> Response {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(x)) => t.push_str(x),
                         (kind, _) => {
-                            return bad_param("messages", format!("messages[{i}]: content part of type {kind:?} is not supported (text only)"));
+                            return Err(bad_param("messages", format!("messages[{i}]: content part of type {kind:?} is not supported (text only)")));
                         }
                     }
                 }
@@ -273,35 +319,19 @@ pub(super) async fn chat(State(s): State<AppState>, body: Body) -> Response {
         };
         msgs.push(ChatMessage::new(role, &text));
     }
-    let prompt = match model.tokenizer.encode_chat(&msgs) {
-        Ok(p) => p,
-        Err(e) => return bad_param("messages", format!("cannot render the chat template: {e}")),
-    };
-    let p = match plan(rt, model, req.common, prompt, Kind::Chat) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    respond(s, p, Kind::Chat).await
+    let prompt = model.tokenizer.encode_chat(&msgs).map_err(|e| bad_param("messages", format!("cannot render the chat template: {e}")))?;
+    plan(model, req.common, prompt, Endpoint::Chat)
 }
 
-/// `POST /v1/completions`.
-pub(super) async fn completions(State(s): State<AppState>, body: Body) -> Response {
-    let req: CompletionRequest = match parse(body).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let (rt, model) = match s.served_model(&req.common.model) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
+fn check_completion(req: CompletionRequest, model: &ModelInfo) -> Result<Plan, Response> {
     if req.echo == Some(true) {
-        return bad_param("echo", "echo is not supported");
+        return Err(bad_param("echo", "echo is not supported"));
     }
     if req.suffix.as_deref().is_some_and(|x| !x.is_empty()) {
-        return bad_param("suffix", "suffix is not supported");
+        return Err(bad_param("suffix", "suffix is not supported"));
     }
     if req.best_of.is_some_and(|b| b != 1) {
-        return bad_param("best_of", "only best_of = 1 is supported");
+        return Err(bad_param("best_of", "only best_of = 1 is supported"));
     }
     let vocab = model.config.vocab;
     let ids = |ids: Vec<u32>| -> Result<Vec<u32>, Response> {
@@ -317,22 +347,17 @@ pub(super) async fn completions(State(s): State<AppState>, body: Body) -> Respon
         Prompt::Ids(v) => ids(v),
         Prompt::IdLists(mut v) if v.len() == 1 => ids(v.remove(0)),
         _ => Err(bad_param("prompt", "one prompt per request (a list of prompts is not supported)")),
-    };
-    let prompt = match prompt {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let p = match plan(rt, model, req.common, prompt, Kind::Text) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    respond(s, p, Kind::Text).await
+    }?;
+    plan(model, req.common, prompt, Endpoint::Completions)
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
+/// Which OpenAI endpoint a body was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
     Chat,
-    Text,
+    /// `POST /v1/completions`.
+    Completions,
 }
 
 /// The response's fixed fields, and what its metrics need.
@@ -341,7 +366,7 @@ struct Head {
     id: String,
     created: u64,
     model: String,
-    kind: Kind,
+    kind: Endpoint,
     prompt_len: usize,
     started: Instant,
     endpoint: &'static str,
@@ -365,9 +390,9 @@ impl Head {
 
     fn object(&self, chunk: bool) -> &'static str {
         match (self.kind, chunk) {
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-            (Kind::Text, _) => "text_completion",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
         }
     }
 
@@ -377,7 +402,7 @@ impl Head {
     fn chunk(&self, text: Option<&str>, logprobs: Vec<Value>, finish: Option<&str>) -> Value {
         let lp = if text.is_some() || !logprobs.is_empty() { self.logprobs_of(logprobs) } else { Value::Null };
         let choice = match self.kind {
-            Kind::Chat => {
+            Endpoint::Chat => {
                 let delta = match (text, finish) {
                     (None, None) => json!({ "role": "assistant", "content": "" }),
                     (Some(t), _) => json!({ "content": t }),
@@ -385,7 +410,7 @@ impl Head {
                 };
                 json!({ "index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish })
             }
-            Kind::Text => json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish }),
+            Endpoint::Completions => json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": lp, "finish_reason": finish }),
         };
         json!({ "id": self.id, "object": self.object(true), "created": self.created, "model": self.model,
                 "system_fingerprint": fingerprint(), "choices": [choice] })
@@ -405,8 +430,7 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
 }
 
-async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
-    let rt = p.rt;
+async fn respond(s: AppState, rt: Runtime, p: Plan, kind: Endpoint) -> Response {
     let slot = match s.slot() {
         Ok(p) => p,
         Err(r) => return r,
@@ -418,8 +442,8 @@ async fn respond(s: AppState, p: Plan, kind: Kind) -> Response {
         Err(e @ fogmesh_actors::RuntimeError::Invalid(_)) => return bad(e.to_string()),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     };
-    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-    let endpoint = if kind == Kind::Chat { "chat" } else { "completions" };
+    let prefix = if kind == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
+    let endpoint = if kind == Endpoint::Chat { "chat" } else { "completions" };
     let id = format!("{prefix}-{:016x}", rand::random::<u64>());
     let logprobs = p.logprobs.then(|| rt.model().map(|m| m.tokenizer.clone())).flatten();
     let head = Head { id, created: now_s(), model: p.model, kind, prompt_len, started, endpoint, logprobs };
@@ -452,9 +476,9 @@ async fn whole(s: AppState, mut h: Capped, head: Head) -> Response {
                 metrics::counter!(crate::metrics::API_TOKENS, "endpoint" => endpoint).increment(g.tokens.len() as u64);
                 let finish = finish_name(g.finish_reason);
                 let choice = match head.kind {
-                    Kind::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": g.text },
+                    Endpoint::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": g.text },
                                           "logprobs": head.logprobs_of(entries), "finish_reason": finish }),
-                    Kind::Text => json!({ "index": 0, "text": g.text, "logprobs": Value::Null, "finish_reason": finish }),
+                    Endpoint::Completions => json!({ "index": 0, "text": g.text, "logprobs": Value::Null, "finish_reason": finish }),
                 };
                 let body = json!({ "id": head.id, "object": head.object(false), "created": head.created, "model": head.model,
                                    "system_fingerprint": fingerprint(), "choices": [choice],
@@ -501,7 +525,7 @@ fn stream(s: AppState, h: Capped, head: Head, include_usage: bool, slot: tokio::
             };
             st.s.observe(&e);
             match e {
-                SessionEvent::Started { .. } if st.head.kind == Kind::Chat => {
+                SessionEvent::Started { .. } if st.head.kind == Endpoint::Chat => {
                     return Some((Ok(sse(&st.head.chunk(None, Vec::new(), None))), st));
                 }
                 SessionEvent::Token { step, logprob } => {
