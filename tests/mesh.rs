@@ -279,3 +279,70 @@ async fn a_node_keeps_at_most_four_stage_streams_per_peer() {
     assert_eq!((held.len(), dropped), (4, 2));
     node.shutdown().await;
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap();
+    kb * 1024
+}
+
+/// A peer holding the secret floods a `fogmesh node` process with stage
+/// streams, each a frame header claiming 16 MiB and then 1 MiB of payload
+/// that stalls there: the node takes 4 of them (the rest are closed), its
+/// resident memory grows by less than 32 MiB (64 streams' payloads would
+/// be 64 MiB), and it keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_huge_frame_headers_stays_within_a_memory_bound() {
+    use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
+    use fogmesh::protocols::{Limits, StageInput, StageRequest, encode_message};
+    use futures::AsyncWriteExt;
+    let c = LocalCluster::start(&ClusterOptions::new(env!("CARGO_BIN_EXE_fogmesh"), None, 1)).unwrap();
+    let victim = &c.peers[0];
+    let pid = c.pid(0).unwrap();
+    let status: fogmesh::node::api::types::NodeStatus =
+        serde_json::from_str(&fogmesh::node::client::http_get(&victim.http, "/status").unwrap()).unwrap();
+    let addr: Multiaddr = status.listen_addrs.iter().find(|a| a.contains("/tcp/")).unwrap().parse().unwrap();
+    let id: PeerId = victim.peer_id.parse().unwrap();
+    let attacker = start(None, vec![]).await;
+    attacker.handle.dial(addr).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !view(&attacker).await.contains(&id) {
+        assert!(Instant::now() < until, "the attacker never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A real frame of 16 MiB, cut after its header and 1 MiB.
+    let limits = Limits::default();
+    let big = Message::StageRequest(StageRequest {
+        request: 1,
+        session: 1,
+        step: 0,
+        stage: 1,
+        position: 0,
+        sample: false,
+        input: StageInput::Activation(vec![7; limits.max_frame - 4096]),
+    });
+    let mut frame = Vec::new();
+    encode_message(&big, &limits, &mut frame).unwrap();
+    let head = &frame[..(1 << 20) + 16];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss(pid);
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let Ok(s) = attacker.handle.open_stage_stream(id).await else { continue };
+        let mut io = s.into_inner();
+        if tokio::time::timeout(Duration::from_secs(3), io.write_all(head)).await.is_ok_and(|r| r.is_ok()) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.flush()).await;
+        }
+        held.push(io);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss(pid);
+    let grew = after.saturating_sub(before);
+    eprintln!("victim RSS {} MiB -> {} MiB under 64 streams of 16 MiB headers with 1 MiB each", before >> 20, after >> 20);
+    assert!(grew < 32 << 20, "the victim's memory grew by {} MiB", grew >> 20);
+    let health = fogmesh::node::client::http_get(&victim.http, "/health").unwrap();
+    assert!(health.contains("ok"), "{health}");
+    drop(held);
+    attacker.handle.shutdown().await;
+}

@@ -217,6 +217,11 @@ impl StageStream {
     pub async fn close(&mut self) -> std::io::Result<()> {
         futures::AsyncWriteExt::close(&mut self.io).await
     }
+
+    /// The underlying stream, to read and write bytes unframed.
+    pub fn into_inner(self) -> libp2p::Stream {
+        self.io
+    }
 }
 
 /// Stage streams other peers open to this node.
