@@ -74,6 +74,9 @@ const MAX_STAGE_STREAMS: usize = 512;
 /// Inbound stage streams open at once from one peer (it keeps one per
 /// connection; a few more cover reconnects).
 const MAX_STAGE_STREAMS_PER_PEER: usize = 4;
+/// An inbound stage stream with no frame for this long is closed, giving
+/// its slot back (the sender opens a new one when it next has traffic).
+const STAGE_STREAM_IDLE: Duration = Duration::from_secs(300);
 
 /// One peer's share of the inbound stage streams; dropping it gives the
 /// slot back.
@@ -388,7 +391,11 @@ impl MeshBuilder {
                         let _held = (permit, slot);
                         let peer = s.peer().to_string();
                         loop {
-                            match s.recv().await {
+                            let Ok(got) = tokio::time::timeout(STAGE_STREAM_IDLE, s.recv()).await else {
+                                tracing::debug!(peer, "stage stream idle for {} s; closed", STAGE_STREAM_IDLE.as_secs());
+                                break;
+                            };
+                            match got {
                                 Ok(m) => rt.deliver(&peer, m).await,
                                 Err(e) => {
                                     if e.kind() != std::io::ErrorKind::UnexpectedEof {
