@@ -74,6 +74,7 @@ fn bad_arguments_give_clear_errors() {
         (&["score", "--model", m, "--tokens", "1,99999999"], "outside the vocabulary"),
         (&["score", "--model", m, "--tokens", "1,x"], "invalid"),
         (&["generate", "--model", "Cargo.toml", "-p", "x"], "bad magic"),
+        (&["node", "--activations", "int4"], "choose one of auto, lossless, f16, bf16, int8o"),
     ];
     for (args, needle) in cases {
         let (ok, _, err) = fogmesh(args);

@@ -29,7 +29,8 @@ fn get<T: serde::de::DeserializeOwned>(http: &str, path: &str) -> T {
 
 /// `n` peer processes with the model (or none), planned over all of them.
 fn cluster(model: Option<&Path>, n: usize) -> LocalCluster {
-    let o = ClusterOptions::new(BIN, model.map(Path::to_path_buf), n);
+    // Lossless: these tests hold the peers to the single-process tokens.
+    let o = ClusterOptions { activations: Some("lossless".into()), ..ClusterOptions::new(BIN, model.map(Path::to_path_buf), n) };
     let c = LocalCluster::start(&o).unwrap();
     if model.is_some() {
         c.wait_plan(n, Duration::from_secs(60)).unwrap();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use fogmesh::actors::links::ActivationPolicy;
 use fogmesh::actors::memnet::{Fault, MemNet};
 use fogmesh::actors::{GenerateRequest, ModelInfo, PeerView, Runtime, RuntimeConfig, SessionEvent};
 use fogmesh::models::{LocalModel, SamplingParams};
@@ -57,8 +58,11 @@ impl Mesh {
     }
 }
 
+/// Lossless activations: these tests hold the distributed run to the
+/// single-process tokens (`auto` would compress over a link a loaded
+/// machine makes look slow).
 fn cfg() -> RuntimeConfig {
-    RuntimeConfig { threads: 1, prefill_chunk: 8, ..RuntimeConfig::default() }
+    RuntimeConfig { threads: 1, prefill_chunk: 8, activations: ActivationPolicy::Lossless, ..RuntimeConfig::default() }
 }
 
 struct Outcome {
@@ -435,6 +439,62 @@ async fn a_slow_link_to_one_owner_does_not_slow_the_other_sessions_of_a_stage() 
     let (far_got, far_took) = slow_run.await.unwrap();
     println!("near owner: 24 tokens in {near_took:?}; far owner over a 700 ms link: {far_took:?} ({:?})", far_got.error);
     assert!(near_took < Duration::from_secs(6), "the near session waited on the far link: {near_took:?}");
+}
+
+/// `--activations`: under `auto` a hop whose writes block (a slow link)
+/// gets compressed activations while the others stay f32; under `lossless`
+/// every hop stays f32 and the tokens are the single-process ones even over
+/// the slow link; `int8o` puts int8o on every hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn activations_are_compressed_only_where_the_link_is_the_bottleneck_unless_lossless() {
+    let p = prompts()[2].clone();
+    let want = single(&p, 12, SamplingParams::greedy());
+    for policy in ["auto", "lossless", "int8o"] {
+        let policy: ActivationPolicy = policy.parse().unwrap();
+        let Some(m) = mesh(3, RuntimeConfig { activations: policy, ..cfg() }).await else { return };
+        let plan = m.peers[0].route(&[]).await.unwrap();
+        assert_eq!(plan.len(), 3);
+        // Unimpaired first: auto stays lossless and exact.
+        let got = run(&m.peers[0], req(p.clone(), 12, SamplingParams::greedy()), |_| {}).await;
+        assert_eq!(got.error, None, "{policy}");
+        let frames = |m: &Mesh| {
+            let mut all = std::collections::BTreeMap::<String, u64>::new();
+            for rt in &m.peers {
+                for (k, v) in rt.links().frames() {
+                    *all.entry(k).or_default() += v;
+                }
+            }
+            all
+        };
+        match policy {
+            ActivationPolicy::Fixed(_) => assert_eq!(frames(&m).keys().collect::<Vec<_>>(), ["int8o"], "{policy}"),
+            _ => {
+                assert_eq!(got.tokens, want, "{policy}: unimpaired");
+                assert_eq!(frames(&m).keys().collect::<Vec<_>>(), ["f32"], "{policy}: unimpaired links stay lossless");
+            }
+        }
+        // Then every message to the last stage takes 40 ms: its link is the
+        // bottleneck.
+        m.net.set_fault(&plan[2].peer, Fault::Slow(Duration::from_millis(40)));
+        let before = frames(&m);
+        let got = run(&m.peers[0], req(p.clone(), 12, SamplingParams::greedy()), |_| {}).await;
+        assert_eq!(got.error, None, "{policy}");
+        let after = frames(&m);
+        let new: std::collections::BTreeMap<String, u64> =
+            after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).filter(|(_, v)| *v > 0).collect();
+        println!("{policy}: frames over a slow last hop {new:?}");
+        match policy {
+            ActivationPolicy::Auto => {
+                assert!(new.keys().any(|k| !k.starts_with("f32")), "auto compresses over the slow hop: {new:?}");
+                assert!(new.contains_key("f32"), "and keeps the fast hop lossless: {new:?}");
+            }
+            ActivationPolicy::Lossless => {
+                assert_eq!(new.keys().collect::<Vec<_>>(), ["f32"]);
+                assert_eq!(got.tokens, want, "lossless over a slow link gives the single-process tokens");
+            }
+            ActivationPolicy::Fixed(_) => assert_eq!(new.keys().collect::<Vec<_>>(), ["int8o"]),
+        }
+    }
 }
 
 /// A shard's KV caches stay within its byte budget, and an owner that

@@ -29,6 +29,8 @@ pub struct RuntimeConfig {
     pub cache_budget_bytes: usize,
     /// The share of a shard's cache budget one owner may hold (0 to 1).
     pub cache_owner_share: f64,
+    /// How activations are encoded on the hops this peer sends.
+    pub activations: crate::links::ActivationPolicy,
     /// A session cache untouched this long is dropped.
     pub session_ttl: Duration,
     /// Stage requests waiting per shard before new ones are refused (BUSY).
@@ -71,6 +73,7 @@ impl Default for RuntimeConfig {
             outbox_bytes: 64 << 20,
             cache_budget_bytes: 0,
             cache_owner_share: 1.0,
+            activations: crate::links::ActivationPolicy::Auto,
             session_ttl: Duration::from_secs(600),
             max_queue: 256,
             max_shards: 4,

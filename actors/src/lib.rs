@@ -21,6 +21,9 @@
 //!   from the view; loads and unloads this peer's shards.
 //! - `host.rs`: [`host::Host`], what every actor needs of its peer (each
 //!   actor's host trait extends it).
+//! - `links.rs`: [`links::LinkMeter`], what sends measure of each link
+//!   (a blocked write marks the bottleneck and its rate), and the
+//!   activation encoding per hop under `--activations`.
 //! - `outbox.rs`: [`outbox::Outbox`], an actor's sends queued per
 //!   destination (bounded in bytes), so that no actor waits on a link.
 //! - `compute.rs`: [`Compute`], the thread every forward pass runs on.
@@ -50,6 +53,7 @@ pub mod config;
 pub mod error;
 pub mod host;
 pub mod link;
+pub mod links;
 #[cfg(any(test, feature = "testing"))]
 pub mod memnet;
 pub mod metrics;

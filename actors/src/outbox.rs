@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::host::Host;
 use crate::link::{LinkError, PeerKey};
+use crate::links::LinkMeter;
 
 /// What runs when a queued message could not be sent (or queued).
 pub type OnFail = Box<dyn FnOnce(LinkError) + Send>;
@@ -31,6 +32,8 @@ struct Item {
 /// An actor's outgoing messages.
 pub struct Outbox {
     host: Arc<dyn Host>,
+    /// Where each send's time is recorded.
+    meter: Arc<LinkMeter>,
     queues: HashMap<PeerKey, mpsc::UnboundedSender<Item>>,
     /// Bytes queued over every destination (shared with their tasks).
     queued: Arc<AtomicUsize>,
@@ -51,9 +54,9 @@ fn size(msg: &Message) -> usize {
 
 impl Outbox {
     /// An outbox sending through `host`, holding at most `limit` bytes
-    /// queued.
-    pub fn new(host: Arc<dyn Host>, limit: usize) -> Self {
-        Outbox { host, queues: HashMap::new(), queued: Arc::new(AtomicUsize::new(0)), limit }
+    /// queued, timing each send into `meter`.
+    pub fn new(host: Arc<dyn Host>, meter: Arc<LinkMeter>, limit: usize) -> Self {
+        Outbox { host, meter, queues: HashMap::new(), queued: Arc::new(AtomicUsize::new(0)), limit }
     }
 
     /// Bytes queued now.
@@ -76,8 +79,8 @@ impl Outbox {
         let mut item = Item { msg, bytes, on_fail: Some(Box::new(on_fail)) };
         // A destination whose task has just ended gets a new one.
         for _ in 0..2 {
-            let (host, queued) = (&self.host, &self.queued);
-            let tx = self.queues.entry(to.into()).or_insert_with(|| drain(host.clone(), to.into(), queued.clone()));
+            let (host, meter, queued) = (&self.host, &self.meter, &self.queued);
+            let tx = self.queues.entry(to.into()).or_insert_with(|| drain(host.clone(), meter.clone(), to.into(), queued.clone()));
             match tx.send(item) {
                 Ok(()) => return,
                 Err(mpsc::error::SendError(back)) => {
@@ -95,13 +98,17 @@ impl Outbox {
 
 /// The task sending `to`'s queue in order; it ends when idle, after sending
 /// whatever raced into its queue.
-fn drain(host: Arc<dyn Host>, to: PeerKey, queued: Arc<AtomicUsize>) -> mpsc::UnboundedSender<Item> {
+fn drain(host: Arc<dyn Host>, meter: Arc<LinkMeter>, to: PeerKey, queued: Arc<AtomicUsize>) -> mpsc::UnboundedSender<Item> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Item>();
     tokio::spawn(async move {
         let send = |item: Item| {
-            let (host, to, queued) = (host.clone(), to.clone(), queued.clone());
+            let (host, meter, to, queued) = (host.clone(), meter.clone(), to.clone(), queued.clone());
             async move {
+                let started = std::time::Instant::now();
                 let r = host.send(&to, item.msg).await;
+                if r.is_ok() {
+                    meter.record(&to, item.bytes, started.elapsed());
+                }
                 queued.fetch_sub(item.bytes, Ordering::Relaxed);
                 if let (Err(e), Some(f)) = (r, item.on_fail) {
                     f(e);
@@ -160,7 +167,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_destination_does_not_hold_up_the_others_and_each_keeps_its_order() {
         let host = Arc::new(Recorder { cfg: RuntimeConfig::default(), got: Mutex::new(Vec::new()) });
-        let mut out = Outbox::new(host.clone(), 1 << 20);
+        let mut out = Outbox::new(host.clone(), Arc::new(LinkMeter::new(Default::default())), 1 << 20);
         for i in 0..5 {
             out.push("slow", close(i), |_| {});
             out.push("fast", close(100 + i), |_| {});
@@ -181,7 +188,7 @@ mod tests {
     #[tokio::test]
     async fn past_the_byte_bound_a_message_fails_at_once() {
         let host = Arc::new(Recorder { cfg: RuntimeConfig::default(), got: Mutex::new(Vec::new()) });
-        let mut out = Outbox::new(host, 10_000);
+        let mut out = Outbox::new(host, Arc::new(LinkMeter::new(Default::default())), 10_000);
         let big = || {
             Message::StageRequest(StageRequest {
                 request: 1,

@@ -88,6 +88,8 @@ struct Inner {
     started: Instant,
     /// The compute thread (forward passes of every shard here).
     compute: Compute,
+    /// What sends measure of each link; the encoding per hop.
+    links: Arc<crate::links::LinkMeter>,
 }
 
 /// A session a shard of this peer serves, and who may talk to it about it:
@@ -128,6 +130,7 @@ impl Runtime {
     ) -> Result<Runtime, RuntimeError> {
         let local = link.local_peer();
         let cfg_bid_timeout = cfg.bid_timeout;
+        let cfg_activations = cfg.activations;
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>()) >> 1;
         let rt = Runtime(Arc::new(Inner {
             link,
@@ -146,6 +149,7 @@ impl Runtime {
             sched_ids: Mutex::new(Vec::new()),
             bids: Mutex::new(BidBook::new(OPEN_BIDS)),
             started: Instant::now(),
+            links: Arc::new(crate::links::LinkMeter::new(cfg_activations)),
         }));
         if rt.0.model.is_some() {
             let (actor, _) = Actor::spawn(None, PlacementActor, Arc::new(rt.clone()) as Arc<dyn PlacementHost>)
@@ -206,6 +210,12 @@ impl Runtime {
         let view = self.view().await;
         let cands: Vec<PlacementPeer> = policy::candidates(&view, &model.hash, excluded, self.0.cfg.memory_cap);
         policy::route(&model.costs, &cands).map_err(|e| RuntimeError::NoRoute(e.to_string()))
+    }
+
+    /// This peer's links as its sends measured them, and the activation
+    /// frames it sent by encoding.
+    pub fn links(&self) -> &crate::links::LinkMeter {
+        &self.0.links
     }
 
     /// Ids of the sessions a shard of this peer serves (diagnostics, tests).

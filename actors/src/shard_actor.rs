@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use fogmesh_models::{LogitsFor, Sampler, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
 use fogmesh_protocols::{
-    ActivationCodec, Encoding, ErrorCode, Message, NodeId, SessionOpen, StageError, StageInput, StageOutcome, StageReply,
+    ActivationCodec, ErrorCode, Message, NodeId, SessionOpen, StageError, StageInput, StageOutcome, StageReply,
     StageRequest, TokenResult,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -18,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::compute::Compute;
 use crate::host::Host;
 use crate::link::PeerKey;
+use crate::links::LinkMeter;
 use crate::outbox::Outbox;
 use crate::policy;
 
@@ -133,6 +134,8 @@ pub struct ShardArgs {
     pub us_per_token: Arc<AtomicU64>,
     /// Tokens processed since load (shared: the load report's rate).
     pub tokens: Arc<AtomicU64>,
+    /// This peer's links: send times, and the encoding per hop.
+    pub links: Arc<LinkMeter>,
 }
 
 struct Session {
@@ -164,6 +167,7 @@ pub struct ShardState {
     myself: ActorRef<ShardMsg>,
     /// Bytes of KV cache this shard's sessions may hold together.
     cache_budget: usize,
+    links: Arc<LinkMeter>,
 }
 
 /// The actor owning one loaded layer range.
@@ -345,19 +349,22 @@ impl ShardState {
                 report(&mut self.outbox, &owner, req.request, e);
             }
             Ok(ShardOutput::Hidden(h)) => {
-                let mut bytes = Vec::new();
-                if let Err(err) = self.codec.encode(&h, n, d, Encoding::F32, &mut bytes) {
-                    let e = stage_error(req.session, &local, ErrorCode::Internal, err.to_string());
-                    report(&mut self.outbox, &owner, req.request, e);
-                    return;
-                }
-                metrics::counter!(crate::metrics::WIRE_BYTES, "encoding" => Encoding::F32.name())
-                    .increment(bytes.len() as u64);
                 let Some(next) = sess.next.clone() else {
                     let e = stage_error(req.session, &local, ErrorCode::Internal, "hidden states but no next stage");
                     report(&mut self.outbox, &owner, req.request, e);
                     return;
                 };
+                // Lossless unless the link to the next stage is the
+                // bottleneck (or the node was told otherwise).
+                let encoding = self.links.encoding(&next, h.len() * 4, took.as_secs_f64());
+                let mut bytes = Vec::new();
+                if let Err(err) = self.codec.encode(&h, n, d, encoding, &mut bytes) {
+                    let e = stage_error(req.session, &local, ErrorCode::Internal, err.to_string());
+                    report(&mut self.outbox, &owner, req.request, e);
+                    return;
+                }
+                self.links.sent(encoding);
+                metrics::counter!(crate::metrics::WIRE_BYTES, "encoding" => encoding.name()).increment(bytes.len() as u64);
                 let msg = Message::StageRequest(StageRequest {
                     request: req.request,
                     session: req.session,
@@ -430,7 +437,8 @@ impl Actor for ShardActor {
         let cache_budget = cfg.cache_budget();
         Ok(ShardState {
             cache_budget,
-            outbox: Outbox::new(args.host.clone(), limit),
+            outbox: Outbox::new(args.host.clone(), args.links.clone(), limit),
+            links: args.links,
             myself,
             label: format!("{}..{}", r.start, r.end),
             shard: args.shard,

@@ -32,6 +32,8 @@ pub struct ClusterOptions {
     pub log: String,
     /// How long each peer may take to start.
     pub wait: Duration,
+    /// `--activations` of every peer (`None`: the default, `auto`).
+    pub activations: Option<String>,
 }
 
 impl ClusterOptions {
@@ -47,6 +49,7 @@ impl ClusterOptions {
             secret: None,
             log: "warn,fogmesh_actors=info,fogmesh_node=info".into(),
             wait: Duration::from_secs(60),
+            activations: None,
         }
     }
 }
@@ -96,8 +99,11 @@ impl LocalCluster {
                 }
                 None => Command::new(&o.exe),
             };
-            cmd.arg("node")
-                .args(["--listen", if o.mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }])
+            cmd.arg("node");
+            if let Some(a) = &o.activations {
+                cmd.args(["--activations", a]);
+            }
+            cmd.args(["--listen", if o.mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }])
                 .args(["--http", "127.0.0.1:0", "--threads", &o.threads.max(1).to_string()])
                 .arg("--data-dir")
                 .arg(&dir)

@@ -290,6 +290,12 @@ impl MeshBuilder {
         self
     }
 
+    /// How activations are encoded on the hops this peer sends.
+    pub fn activations(mut self, policy: fogmesh_actors::links::ActivationPolicy) -> Self {
+        self.runtime.activations = policy;
+        self
+    }
+
     /// Every runtime tunable (queues, caches, deadlines, bans).
     pub fn runtime_config(mut self, cfg: RuntimeConfig) -> Self {
         self.runtime = cfg;

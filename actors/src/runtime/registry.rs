@@ -119,6 +119,7 @@ impl Runtime {
             queued: queued.clone(),
             us_per_token: us_per_token.clone(),
             tokens: tokens.clone(),
+            links: self.0.links.clone(),
         };
         let (actor, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| RuntimeError::Actor(e.to_string()))?;
         let rate = Arc::new(Mutex::new((Instant::now(), 0)));

@@ -83,7 +83,17 @@ pub(super) async fn plan(State(s): State<AppState>) -> Response {
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
     let shards = rt.shard_status().await;
-    Json(PlanView { peer_id: rt.local_peer().to_string(), route, no_route, shards }).into_response()
+    let links = rt.links();
+    Json(PlanView {
+        peer_id: rt.local_peer().to_string(),
+        route,
+        no_route,
+        shards,
+        activations: links.policy().to_string(),
+        links: links.links(),
+        wire_frames: links.frames(),
+    })
+    .into_response()
 }
 
 fn event(e: SessionEvent, seed: u64, prompt_len: usize) -> GenEvent {

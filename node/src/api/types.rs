@@ -214,6 +214,15 @@ pub struct PlanView {
     pub no_route: Option<String>,
     /// The shards loaded here.
     pub shards: Vec<ShardStatus>,
+    /// How activations cross the hops this node sends (`--activations`).
+    #[serde(default)]
+    pub activations: String,
+    /// The links this node has sent stage traffic over, as measured.
+    #[serde(default)]
+    pub links: Vec<fogmesh_actors::links::LinkView>,
+    /// Activation frames this node sent, by encoding.
+    #[serde(default)]
+    pub wire_frames: std::collections::BTreeMap<String, u64>,
 }
 
 /// `GET /v1/fogmesh/dashboard`: what the dashboard and `fogmesh status` show.

@@ -63,6 +63,12 @@ pub struct NodeArgs {
     /// stream ends with an error and the session is cancelled.
     #[arg(long, value_name = "SECS", default_value_t = crate::api::MAX_GENERATION_SECS)]
     pub max_generation_secs: u64,
+    /// How activations cross the hops this node sends: `auto` (lossless
+    /// while a link keeps up, compressed no lossier than int8o while it is
+    /// the bottleneck), `lossless` (f32 everywhere: the exact single-process
+    /// tokens), or `f16`, `bf16`, `int8o` on every hop.
+    #[arg(long, value_name = "HOW", default_value = "auto")]
+    pub activations: fogmesh_actors::links::ActivationPolicy,
     /// HTTP connections open at once; more are closed on accept.
     #[arg(long, value_name = "N", default_value_t = crate::api::MAX_CONNECTIONS)]
     pub http_max_connections: usize,
@@ -135,6 +141,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         if let Some(t) = args.threads {
             b = b.threads(t);
         }
+        b = b.activations(args.activations);
         if let Some(m) = &model {
             b = b.model(m.clone());
         }
