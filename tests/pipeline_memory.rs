@@ -497,6 +497,33 @@ async fn activations_are_compressed_only_where_the_link_is_the_bottleneck_unless
     }
 }
 
+/// Frames lost on the way to the middle and last stages (10 % and 20 % of
+/// every stage message to them): the owner resends a late step when every
+/// hop answers and nothing is queued, every stage recomputes it and the
+/// last draws the same token, so greedy and seeded generations keep their
+/// single-process tokens with no failover and no peer banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_frames_are_resent_without_bans_and_the_tokens_stay_the_same() {
+    let Some(m) = mesh(3, RuntimeConfig { deadlines: fogmesh::actors::policy::Deadlines { base: Duration::from_millis(300), per_token: Duration::from_millis(20) }, ..cfg() }).await
+    else {
+        return;
+    };
+    let plan = m.peers[0].route(&[]).await.unwrap();
+    assert_eq!(plan.len(), 3);
+    let owner = m.peers.iter().find(|p| p.local_peer() == plan[0].peer).unwrap().clone();
+    let p = prompts()[0].clone();
+    let seeded = SamplingParams { temperature: 0.8, top_k: 40, seed: 5, ..SamplingParams::default() };
+    for (loss, sampling) in [(10u8, SamplingParams::greedy()), (20, seeded)] {
+        m.net.set_fault(&plan[1].peer, Fault::Lossy(loss));
+        m.net.set_fault(&plan[2].peer, Fault::Lossy(loss));
+        let want = single(&p, 24, sampling.clone());
+        let got = run(&owner, req(p.clone(), 24, sampling), |_| {}).await;
+        assert_eq!(got.error, None, "{loss} %");
+        assert_eq!(got.failovers, 0, "{loss} %: no failover ({:?})", got.incidents);
+        assert_eq!(got.tokens, want, "{loss} %: the single-process tokens");
+    }
+}
+
 /// A shard's KV caches stay within its byte budget, and an owner that
 /// fills it (here one that opens sessions and prefills them, then goes
 /// quiet) loses its caches to another owner's session, which finishes with

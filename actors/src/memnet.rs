@@ -1,6 +1,6 @@
 //! An in-memory [`MeshLink`] for tests: peers are runtimes in one process;
 //! faults (a dead peer, one that swallows everything, one that corrupts what
-//! it sends, one behind a slow link) are injected per peer.
+//! it sends, one behind a slow or lossy link) are injected per peer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,9 @@ pub enum Fault {
     /// Every message to it takes this long to write (a slow link); the
     /// sender waits, as on a real connection.
     Slow(Duration),
+    /// Each stage message to it is lost with this probability, in percent
+    /// (a cut stream, a dropped frame); calls get through.
+    Lossy(u8),
 }
 
 struct Peer {
@@ -115,6 +118,7 @@ impl MeshLink for MemLink {
         match dst {
             Fault::Silent => return Ok(()),
             Fault::Slow(d) => tokio::time::sleep(d).await,
+            Fault::Lossy(p) if rand::random::<f64>() * 100.0 < f64::from(p) => return Ok(()),
             _ => {}
         }
         rt.deliver(&self.me, msg).await;

@@ -234,8 +234,9 @@ pub fn stage_trouble(code: ErrorCode, e_peer: &str, reason: String, local: &str)
 /// the session treats the route as broken.
 pub const MAX_BUSY_WAITS: u32 = 30;
 /// Deadlines a step may miss while every hop answers probes and none has
-/// work queued.
-pub const MAX_STALLS: u32 = 2;
+/// work queued; after each, the session resends the step (its frames were
+/// lost), so a lossy link costs resends, not bans.
+pub const MAX_STALLS: u32 = 4;
 
 /// What a session does about a late step, once its hops were probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,7 +244,8 @@ pub enum LateStep {
     /// Every hop answers and work is queued: the pipeline is loaded, not
     /// broken; wait another deadline.
     WaitBusy,
-    /// Every hop answers: slow, not broken; wait another deadline.
+    /// Every hop answers and nothing is queued: the step's frames were
+    /// lost, not the peers; resend the step.
     WaitSlow,
     /// Fail over, banning these peers.
     FailOver(Vec<PeerKey>, String),

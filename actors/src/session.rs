@@ -125,6 +125,8 @@ pub struct SessionState {
     wire: u64,
     step: u32,
     pending_tokens: usize,
+    /// The current step's input and where it starts, for a resend.
+    step_input: (Vec<u32>, usize),
     stalls: u32,
     /// Deadlines missed while the pipeline had work queued (reset by a token).
     busy_waits: u32,
@@ -305,6 +307,9 @@ impl SessionState {
             return;
         };
         let n = tokens.len();
+        if self.step_input.1 != pos || self.step_input.0 != tokens {
+            self.step_input = (tokens.to_vec(), pos);
+        }
         for (i, c) in tokens.chunks(chunk).enumerate() {
             let msg = Message::StageRequest(StageRequest {
                 request: self.rt.next_id(),
@@ -377,6 +382,18 @@ impl SessionState {
                             self.busy_waits += 1;
                         } else {
                             self.stalls += 1;
+                        }
+                        if !busy {
+                            // Nothing queued anywhere and everyone answers:
+                            // the step's frames were lost (a cut stream, a
+                            // dropped frame). Send it again under the same
+                            // step id; every stage recomputes it from its
+                            // position and the last one draws the same token.
+                            metrics::counter!(crate::metrics::STEP_RESENDS).increment(1);
+                            tracing::info!(session = self.wire, step = self.step, "step is late, nothing is queued and every hop answers: resending it");
+                            let (tokens, pos) = self.step_input.clone();
+                            self.send_tokens(myself, &tokens, pos).await;
+                            return Ok(());
                         }
                         tracing::debug!(session = self.wire, step = self.step, busy, "step is late but every hop answers; waiting longer");
                         let n = self.pending_tokens;
@@ -499,6 +516,7 @@ impl Actor for SessionActor {
             wire: 0,
             step: 0,
             pending_tokens: 0,
+            step_input: (Vec::new(), 0),
             stalls: 0,
             busy_waits: 0,
             bans,

@@ -145,6 +145,11 @@ struct Session {
     owner: PeerKey,
     sampler: Option<Sampler>,
     history: Vec<u32>,
+    /// What the session opened with: its sampling, draws and history
+    /// length (a resent step rewinds the sampler to where the step began).
+    params: fogmesh_models::SamplingParams,
+    open_draws: u64,
+    open_len: usize,
     max_tokens: usize,
     last_used: Instant,
 }
@@ -187,10 +192,10 @@ impl ShardState {
         }
         let need = open.history.len() * self.shard.cache_bytes_per_token();
         self.make_room(open.session, open.owner.as_str(), need).map_err(|why| stage_error(open.session, &local, ErrorCode::Busy, why))?;
+        let params = crate::wire::sampling_params(&open.sampling);
         let sampler = if self.shard.is_last() {
-            let params = crate::wire::sampling_params(&open.sampling);
             Some(
-                Sampler::resume(params, u64::from(open.draws))
+                Sampler::resume(params.clone(), u64::from(open.draws))
                     .map_err(|e| stage_error(open.session, &local, ErrorCode::Malformed, e.to_string()))?,
             )
         } else {
@@ -213,7 +218,10 @@ impl ShardState {
                 next: open.next.map(|n| n.0),
                 owner: open.owner.0,
                 sampler,
+                open_len: history.len(),
                 history,
+                params,
+                open_draws: u64::from(open.draws),
                 max_tokens,
                 last_used: now,
             },
@@ -386,6 +394,16 @@ impl ShardState {
             Ok(ShardOutput::Logits(l)) => {
                 if !req.sample {
                     return;
+                }
+                // A resent step: the history and the sampler go back to
+                // where the step began, so it draws the same token again.
+                let upto = pos + n;
+                if sess.history.len() > upto && upto >= sess.open_len {
+                    sess.history.truncate(upto);
+                    let draws = sess.open_draws + (upto - sess.open_len) as u64;
+                    if let Ok(s) = Sampler::resume(sess.params.clone(), draws) {
+                        sess.sampler = Some(s);
+                    }
                 }
                 let Some(sampler) = sess.sampler.as_mut() else { return };
                 let token = match sampler.sample(&l, &sess.history) {
