@@ -14,9 +14,10 @@
 //! - `shard_actor.rs`: `ShardActor` and its `ShardHost`: one loaded layer
 //!   range with per-session KV caches (bounded, LRU + TTL), a bounded work
 //!   queue; forwards activations to the next stage, samples on the last.
-//! - `session.rs`: `SessionActor` and its `SessionHost`: one generation:
-//!   route, chunked prefill, decode, and failover by ban + new route + replay
-//!   of the history.
+//! - `session.rs` (+ `session/`): `SessionActor` and its `SessionHost`: one
+//!   generation: route, chunked prefill, decode, resends of lost steps, and
+//!   failover by ban + new route + replay of the history; `event.rs` (what
+//!   a generation reports to its caller).
 //! - `placement_actor.rs`: `PlacementActor` and its `PlacementHost`: the plan
 //!   from the view; loads and unloads this peer's shards.
 //! - `host.rs`: [`host::Host`], what every actor needs of its peer (each

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fogmesh_models::{GenerateRequest, Generation, GenerationState, Step, Timings};
+use fogmesh_models::{GenerateRequest, GenerationState, Timings};
 use fogmesh_protocols::{
     ErrorCode, Message, NodeId, SessionClose, SessionOpen, StageError, StageInput, StageRequest, TokenResult,
 };
@@ -21,6 +21,9 @@ use crate::error::{RuntimeError, SessionError};
 use crate::link::{LinkError, PeerKey, PeerView};
 use crate::model::ModelInfo;
 use crate::policy::{self, BanList, Hop, LateStep, Trouble};
+
+mod event;
+pub use event::SessionEvent;
 
 /// What a session actor needs of its peer beyond [`Host`]: routes and the
 /// view, auctions for its hops, ids, calls (looped back in-process when the
@@ -47,48 +50,6 @@ pub trait SessionHost: Host {
     fn unregister_session(&self, wire: u64);
     /// Whether any shard of this peer has stage work waiting.
     async fn local_busy(&self) -> bool;
-}
-
-/// What a generation reports to its caller, in order.
-#[derive(Debug, Clone)]
-pub enum SessionEvent {
-    /// The route is open and the prompt is on its way.
-    Started {
-        /// The route.
-        route: Vec<Hop>,
-    },
-    /// One generated token.
-    Token {
-        /// The token, its final text and whether it ended the generation.
-        step: Step,
-        /// Its log-probability.
-        logprob: f32,
-    },
-    /// A hop failed; the session moves to a new route.
-    Failover {
-        /// Peers banned for it.
-        banned: Vec<PeerKey>,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The first token after a failover arrived.
-    Recovered {
-        /// The new route.
-        route: Vec<Hop>,
-        /// From noticing the failure to that token, in milliseconds.
-        recovery_ms: f64,
-    },
-    /// The generation finished.
-    Done {
-        /// Everything generated, with timings.
-        generation: Generation,
-        /// The route that finished it.
-        route: Vec<Hop>,
-        /// Failovers on the way.
-        failovers: u32,
-    },
-    /// The generation failed.
-    Error(String),
 }
 
 /// Messages of a [`SessionActor`].
