@@ -372,3 +372,63 @@ fn idle_cost(lab: &Lab, ns: &str) {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// `curl` of `path` on the node inside `ns`, as JSON (Null while it is not up).
+fn api(ns: &str, path: &str) -> Value {
+    let out = Command::new("ip").args(["netns", "exec", ns, "curl", "-s", &format!("http://127.0.0.1:8469{path}")]).output();
+    out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or(Value::Null)
+}
+
+/// Benchmark (issue 14): three hosts on one bridge, each serving the model
+/// with one thread, every host's link rate-limited by `tc … tbf`
+/// (`FOGMESH_BENCH_RATE`, default 1mbit); a ~450-token prompt entered at h1
+/// under `--activations lossless`, then `auto`, in the same run. Prints time
+/// to first token, decode rate and the frames each host sent per encoding.
+#[test]
+#[ignore = "benchmark; needs root and the default model: cargo test --release --test netns -- --ignored --nocapture bench_activations"]
+fn bench_activations_over_slow_links() {
+    if !can_run() {
+        return;
+    }
+    let model = fogmesh::models::default_model_path();
+    assert!(model.exists(), "needs the default model (fogmesh fetch)");
+    let rate = std::env::var("FOGMESH_BENCH_RATE").unwrap_or_else(|_| "1mbit".into());
+    let prompt = "The fog rolled over the hills while the engineers checked every link of the mesh once more. ".repeat(24);
+    let mut rows = Vec::new();
+    for policy in ["lossless", "auto"] {
+        let mut lab = Lab::new(if policy == "auto" { "A" } else { "L" });
+        let lan = lab.add_lan("lan");
+        let hosts: Vec<String> = (1..=3).map(|i| lab.add_host(&format!("h{i}"), &lan, 1, i)).collect();
+        for h in &hosts {
+            run(&["ip", "netns", "exec", h, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "32kbit", "latency", "400ms"]);
+            lab.start_node(h, &["--secret", SECRET, "--threads", "1", "--model", model.to_str().unwrap(), "--activations", policy]);
+        }
+        // Every host holds its stage of a 3-stage plan.
+        let t0 = Instant::now();
+        loop {
+            let plans: Vec<Value> = hosts.iter().map(|h| api(h, "/plan")).collect();
+            let ready = plans.iter().all(|p| p["route"].as_array().is_some_and(|r| r.len() == 3) && p["shards"].as_array().is_some_and(|s| !s.is_empty()));
+            if ready {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "no 3-stage plan: {plans:?}\n{}", lab.logs());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let out = Command::new("ip")
+            .args(["netns", "exec", &hosts[0], env!("CARGO_BIN_EXE_fogmesh"), "run", "--node", "127.0.0.1:8469", "--json", "--raw"])
+            .args(["--temperature", "0", "-n", "32", "-p", &prompt])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}\n{}", String::from_utf8_lossy(&out.stderr), lab.logs()));
+        let t = &v["timings"];
+        let (prefill_ms, decode) = (t["prefill_ms"].as_f64().unwrap(), t["decode_tokens"].as_f64().unwrap() / (t["decode_ms"].as_f64().unwrap() / 1e3));
+        let frames: Vec<Value> = hosts.iter().map(|h| api(h, "/plan")["wire_frames"].clone()).collect();
+        eprintln!("{policy} at {rate}: {} prompt tokens, first token after {prefill_ms:.0} ms, decode {decode:.1} tok/s, frames {frames:?}", t["prefill_tokens"]);
+        rows.push((policy, prefill_ms, decode, v["tokens"].clone()));
+    }
+    eprintln!("auto / lossless: time to first token {:.2}x, decode {:.2}x", rows[1].1 / rows[0].1, rows[1].2 / rows[0].2);
+    let (a, b) = (rows[0].3.as_array().unwrap(), rows[1].3.as_array().unwrap());
+    let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    eprintln!("greedy tokens equal for the first {same} of {}", a.len());
+}

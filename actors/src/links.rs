@@ -23,6 +23,9 @@ pub const BLOCKED: Duration = Duration::from_millis(2);
 pub const SLOW_RATE: f64 = 12.5e6;
 /// A link counts as the bottleneck this long after a write to it blocked.
 pub const FRESH: Duration = Duration::from_secs(5);
+/// The rate assumed of a link that is behind before any write to it blocked
+/// (bytes per second; 10 Mbit/s).
+const UNKNOWN_RATE: f64 = 1.25e6;
 /// Weight of a new rate sample.
 const ALPHA: f64 = 0.3;
 /// Links remembered at most (the least recently used goes).
@@ -77,6 +80,8 @@ struct Meter {
     blocked_at: Option<Instant>,
     blocked_writes: u64,
     bytes: u64,
+    /// Bytes queued for it and not yet written.
+    backlog: u64,
     used: Instant,
 }
 
@@ -119,17 +124,41 @@ impl LinkMeter {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A write of `bytes` to `peer` took `took`.
-    pub fn record(&self, peer: &str, bytes: usize, took: Duration) {
-        let now = Instant::now();
-        let mut links = self.lock();
+    fn meter<'a>(links: &'a mut HashMap<PeerKey, Meter>, peer: &str, now: Instant) -> &'a mut Meter {
         if !links.contains_key(peer) && links.len() >= MAX_LINKS {
             if let Some(old) = links.iter().min_by_key(|(_, m)| m.used).map(|(k, _)| k.clone()) {
                 links.remove(&old);
             }
         }
-        let m = links.entry(peer.to_string()).or_insert(Meter { rate: 0.0, blocked_at: None, blocked_writes: 0, bytes: 0, used: now });
+        let m = links.entry(peer.to_string()).or_insert(Meter { rate: 0.0, blocked_at: None, blocked_writes: 0, bytes: 0, backlog: 0, used: now });
         m.used = now;
+        m
+    }
+
+    /// `bytes` for `peer` were queued.
+    pub fn queued(&self, peer: &str, bytes: usize) {
+        Self::meter(&mut self.lock(), peer, Instant::now()).backlog += bytes as u64;
+    }
+
+    /// `bytes` queued for `peer` were dropped unsent.
+    pub fn dropped(&self, peer: &str, bytes: usize) {
+        let mut links = self.lock();
+        if let Some(m) = links.get_mut(peer) {
+            m.backlog = m.backlog.saturating_sub(bytes as u64);
+        }
+    }
+
+    /// Bytes queued for `peer` and not yet written.
+    pub fn backlog(&self, peer: &str) -> usize {
+        self.lock().get(peer).map_or(0, |m| m.backlog as usize)
+    }
+
+    /// A write of `bytes` (queued before) to `peer` took `took`.
+    pub fn record(&self, peer: &str, bytes: usize, took: Duration) {
+        let now = Instant::now();
+        let mut links = self.lock();
+        let m = Self::meter(&mut links, peer, now);
+        m.backlog = m.backlog.saturating_sub(bytes as u64);
         m.bytes += bytes as u64;
         let sample = bytes as f64 / took.as_secs_f64().max(1e-9);
         if took >= BLOCKED && bytes > 0 && sample < SLOW_RATE {
@@ -148,18 +177,26 @@ impl LinkMeter {
     }
 
     /// The encoding for `raw` bytes of f32 activations to `peer`, whose
-    /// stage took `compute` seconds to make them.
+    /// stage took `compute` seconds to make them. Under `auto` the link is
+    /// the bottleneck when a write to it blocked lately, or when two such
+    /// frames already wait to be written to it (the stage makes them faster
+    /// than the link takes them).
     pub fn encoding(&self, peer: &str, raw: usize, compute: f64) -> Encoding {
         match self.policy {
             ActivationPolicy::Lossless => Encoding::F32,
             ActivationPolicy::Fixed(e) => e,
-            ActivationPolicy::Auto => match self.bottleneck(peer) {
-                None => Encoding::F32,
-                Some(rate) => {
-                    let link = LinkStats { bandwidth: rate.max(1.0), latency: 0.0 };
-                    choose_encoding(raw, &link, compute, WireDType::Int8Outliers, &self.profiles)
-                }
-            },
+            ActivationPolicy::Auto => {
+                let behind = self.backlog(peer) >= 2 * raw.max(1);
+                let rate = match (self.bottleneck(peer), behind) {
+                    (Some(rate), _) => rate,
+                    // Behind before any write blocked: the link's rate is
+                    // unknown but lower than the stage's; assume a slow one.
+                    (None, true) => UNKNOWN_RATE,
+                    (None, false) => return Encoding::F32,
+                };
+                let link = LinkStats { bandwidth: rate.max(1.0), latency: 0.0 };
+                choose_encoding(raw, &link, compute, WireDType::Int8Outliers, &self.profiles)
+            }
         }
     }
 
@@ -210,6 +247,7 @@ mod tests {
     fn auto_stays_lossless_until_a_write_blocks_then_compresses_no_lossier_than_int8o() {
         let m = LinkMeter::new(ActivationPolicy::Auto);
         let raw = 64 * 576 * 4;
+        m.queued("fast", raw);
         m.record("fast", raw, Duration::from_micros(50));
         assert_eq!(m.encoding("fast", raw, 0.01), Encoding::F32);
         assert_eq!(m.encoding("unknown", raw, 0.01), Encoding::F32);
@@ -219,6 +257,12 @@ mod tests {
         assert_ne!(e.dtype, WireDType::F32);
         assert!(e.dtype <= WireDType::Int8Outliers, "{e:?}");
         assert!(m.bottleneck("slow").is_some_and(|r| (100e3..150e3).contains(&r)));
+        // Two frames waiting for a link: behind, before any write blocked.
+        m.queued("backed", 2 * raw);
+        assert_ne!(m.encoding("backed", raw, 0.01), Encoding::F32);
+        m.record("backed", raw, Duration::from_micros(50));
+        assert_eq!(m.backlog("backed"), raw);
+        assert_eq!(m.encoding("backed", raw, 0.01), Encoding::F32, "one frame waiting is not behind");
         let lossless = LinkMeter::new(ActivationPolicy::Lossless);
         lossless.record("slow", raw, Duration::from_millis(1200));
         assert_eq!(lossless.encoding("slow", raw, 0.01), Encoding::F32);

@@ -75,6 +75,7 @@ impl Outbox {
             return;
         }
         self.queued.fetch_add(bytes, Ordering::Relaxed);
+        self.meter.queued(to, bytes);
         self.queues.retain(|_, tx| !tx.is_closed());
         let mut item = Item { msg, bytes, on_fail: Some(Box::new(on_fail)) };
         // A destination whose task has just ended gets a new one.
@@ -90,6 +91,7 @@ impl Outbox {
             }
         }
         self.queued.fetch_sub(item.bytes, Ordering::Relaxed);
+        self.meter.dropped(to, item.bytes);
         if let Some(f) = item.on_fail {
             f(LinkError::Stopped);
         }
@@ -108,6 +110,8 @@ fn drain(host: Arc<dyn Host>, meter: Arc<LinkMeter>, to: PeerKey, queued: Arc<At
                 let r = host.send(&to, item.msg).await;
                 if r.is_ok() {
                     meter.record(&to, item.bytes, started.elapsed());
+                } else {
+                    meter.dropped(&to, item.bytes);
                 }
                 queued.fetch_sub(item.bytes, Ordering::Relaxed);
                 if let (Err(e), Some(f)) = (r, item.on_fail) {
