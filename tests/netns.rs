@@ -50,6 +50,21 @@ fn can_run() -> bool {
     true
 }
 
+/// The default model, when namespaces can be made and the model is here
+/// (skipped otherwise; under CI a missing model fails).
+fn can_run_with_model() -> Option<PathBuf> {
+    if !can_run() {
+        return None;
+    }
+    let model = fogmesh::models::default_model_path();
+    if !model.exists() {
+        assert!(std::env::var_os("CI").is_none(), "this test needs the default model (fogmesh fetch)");
+        eprintln!("SKIPPED: needs the default model");
+        return None;
+    }
+    Some(model)
+}
+
 /// Namespaces and node processes of one test; dropping it kills the nodes
 /// and deletes the namespaces (and with them every veth and bridge).
 struct Lab {
@@ -291,13 +306,7 @@ fn lan_discovery_bootstrap_and_secret() {
 /// back to explicit loopback addresses). Needs the default model too.
 #[test]
 fn demo_meets_by_mdns_or_falls_back_to_loopback() {
-    if !can_run() {
-        return;
-    }
-    let model = fogmesh::models::default_model_path();
-    if !model.exists() {
-        assert!(std::env::var_os("CI").is_none(), "the demo test needs the default model (fogmesh fetch)");
-        eprintln!("SKIPPED: needs the default model");
+    if can_run_with_model().is_none() {
         return;
     }
     let mut lab = Lab::new("d");
@@ -443,15 +452,7 @@ fn frames(hosts: &[String]) -> std::collections::BTreeMap<String, u64> {
 /// single-process ones up to the first near-tie (top-2 logit gap < 0.75).
 #[test]
 fn auto_activations_compress_only_over_slow_links() {
-    if !can_run() {
-        return;
-    }
-    let model = fogmesh::models::default_model_path();
-    if !model.exists() {
-        assert!(std::env::var_os("CI").is_none(), "this test needs the default model (fogmesh fetch)");
-        eprintln!("SKIPPED: needs the default model");
-        return;
-    }
+    let Some(model) = can_run_with_model() else { return };
     let prompt = "The fog rolled over the hills while the engineers checked every link of the mesh. ".repeat(12);
     let n = 16;
     // The single process, with each step's top-2 gap.
