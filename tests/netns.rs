@@ -507,3 +507,52 @@ fn bench_activations_over_slow_links() {
     let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
     eprintln!("greedy tokens equal for the first {same} of {}", a.len());
 }
+
+/// Benchmark (issue 14): segment loss on host 2's link (`iptables-legacy …
+/// -m statistic --mode random --probability P -j DROP`, in and out) at 0,
+/// 5, 10 and 20 % in one run of three hosts under `auto`; a short prompt
+/// entered at h1, 48 greedy tokens, 3 runs per level. Prints decode rates,
+/// times to first token and the bans the hosts logged.
+#[test]
+#[ignore = "benchmark; needs root, iptables-legacy and the default model: cargo test --release --test netns -- --ignored --nocapture bench_loss"]
+fn bench_loss_on_one_host() {
+    if can_run_with_model().is_none() {
+        return;
+    }
+    let (lab, hosts) = three_hosts("P", None, "auto");
+    let prompt = "Write a short note about fog computing on edge devices.";
+    let bans = |lab: &Lab| lab.logs().matches("banning peer").count();
+    let mut base = None;
+    for p in [0.0, 0.05, 0.10, 0.20] {
+        let rule = |op: &str, chain: &str| {
+            let p = format!("{p}");
+            run(&["ip", "netns", "exec", &hosts[1], "iptables-legacy", op, chain, "-m", "statistic", "--mode", "random", "--probability", &p, "-j", "DROP"]);
+        };
+        if p > 0.0 {
+            rule("-A", "INPUT");
+            rule("-A", "OUTPUT");
+        }
+        let before = bans(&lab);
+        let mut decode = Vec::new();
+        let mut ttft = Vec::new();
+        for _ in 0..3 {
+            let v = run_at(&lab, &hosts[0], prompt, 48);
+            let t = &v["timings"];
+            decode.push(t["decode_tokens"].as_f64().unwrap() / (t["decode_ms"].as_f64().unwrap() / 1e3));
+            ttft.push(t["prefill_ms"].as_f64().unwrap());
+        }
+        let d = median(&decode);
+        let b = *base.get_or_insert(d);
+        eprintln!(
+            "loss {:>2.0} % on h2: decode median {d:.1} tok/s ({:.2}x unimpaired), first token median {:.0} ms, bans {}",
+            p * 100.0,
+            d / b,
+            median(&ttft),
+            bans(&lab) - before
+        );
+        if p > 0.0 {
+            rule("-D", "INPUT");
+            rule("-D", "OUTPUT");
+        }
+    }
+}
