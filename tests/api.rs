@@ -242,6 +242,7 @@ fn openai_api_over_three_peers() {
     assert!(!m.contains("fogmesh_failovers_total"), "a healthy mesh failed over:\n{m}\n{}", logs());
     let all: String = c.peers.iter().map(|p| get(&p.http, "/metrics").1).collect();
     assert!(all.contains("fogmesh_wire_bytes_total{encoding=\"f32\"}"), "{all}");
+    assert!(all.contains("fogmesh_link_sent_bytes{peer="), "each link's traffic is measured: {all}");
     for needle in [
         "fogmesh_http_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
         "fogmesh_http_requests_total{endpoint=\"/v1/chat/completions\",status=\"400\"}",

@@ -313,6 +313,10 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
     }
     if let Some(rt) = &s.rt {
         metrics::gauge!(crate::metrics::SHARDS).set(rt.shards().await.len() as f64);
+        for l in rt.links().links() {
+            metrics::gauge!(crate::metrics::LINK_SENT_BYTES, "peer" => l.peer.clone()).set(l.bytes as f64);
+            metrics::gauge!(crate::metrics::LINK_BOTTLENECK, "peer" => l.peer).set(l.bottleneck_bps.unwrap_or(0.0));
+        }
     }
     h.run_upkeep();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.render()).into_response()

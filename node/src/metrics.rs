@@ -12,6 +12,11 @@ pub const HTTP_REQUESTS: &str = "fogmesh_http_requests_total";
 pub const HTTP_REFUSED: &str = "fogmesh_http_connections_refused_total";
 /// Counter: generations ended by the wall-clock cap (`endpoint`).
 pub const GENERATION_CAPPED: &str = "fogmesh_generations_capped_total";
+/// Gauge: bytes of stage traffic this node has sent to each `peer`.
+pub const LINK_SENT_BYTES: &str = "fogmesh_link_sent_bytes";
+/// Gauge: the measured rate (bytes/s) of the link to each `peer` while it
+/// is the bottleneck of the hop; 0 while it keeps up.
+pub const LINK_BOTTLENECK: &str = "fogmesh_link_bottleneck_bytes_per_second";
 /// Histogram: seconds from an API request to its first streamed token.
 pub const TTFT_SECONDS: &str = "fogmesh_time_to_first_token_seconds";
 /// Counter: tokens streamed to API clients (`endpoint`).
@@ -36,6 +41,8 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             let h = builder.install_recorder().ok()?;
             fogmesh_actors::metrics::describe();
             metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by endpoint and status");
+            metrics::describe_gauge!(LINK_SENT_BYTES, metrics::Unit::Bytes, "Stage traffic sent to each peer");
+            metrics::describe_gauge!(LINK_BOTTLENECK, "Measured rate (bytes/s) of the link to a peer while it is a hop's bottleneck; 0 while it keeps up");
             metrics::describe_counter!(HTTP_REFUSED, "HTTP connections closed at once because the connection cap was reached");
             metrics::describe_counter!(GENERATION_CAPPED, "Generations ended by the wall-clock cap per generation");
             metrics::describe_histogram!(TTFT_SECONDS, metrics::Unit::Seconds, "API request to first streamed token");
