@@ -346,3 +346,65 @@ async fn a_flood_of_huge_frame_headers_stays_within_a_memory_bound() {
     drop(held);
     attacker.handle.shutdown().await;
 }
+
+/// `--max-memory` is the whole offer: three quarters of it for weights,
+/// which placement never plans past. With each peer offering 60 % of the
+/// model file (45 % for weights), two peers cannot hold the model and say
+/// so; offering 75 % (56 %), three peers hold it in a pipeline over all of
+/// them. (Needs the default model.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_never_plans_past_the_memory_a_peer_offers() {
+    let model = fogmesh::models::default_model_path();
+    if !model.exists() {
+        assert!(std::env::var_os("CI").is_none(), "this test needs the default model (fogmesh fetch)");
+        eprintln!("SKIPPED: needs the default model");
+        return;
+    }
+    let file = std::fs::metadata(&model).unwrap().len();
+    let peer = |offer: u64, boot: Option<Multiaddr>| {
+        let mut b = fogmesh::Mesh::builder()
+            .mdns(false)
+            .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .model(model.clone())
+            .threads(1)
+            .max_memory(offer)
+            .measurement(SelfMeasurement { cores: 2, memory_bytes: 1 << 34, gflops: 10.0, version: "test".into() });
+        if let Some(a) = boot {
+            b = b.bootstrap(a);
+        }
+        b.start()
+    };
+    // Two peers at 60 %: no plan fits.
+    let a = peer(file * 60 / 100, None).await.unwrap();
+    let b = peer(file * 60 / 100, Some(a.listen_addrs()[0].clone())).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let view = a.runtime().view().await;
+        if view.iter().filter(|v| v.gflops > 0.0).count() >= 2 {
+            break a.runtime().route(&[]).await.unwrap_err().to_string();
+        }
+        assert!(Instant::now() < until, "the two peers never met");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(err.contains("does not fit"), "{err}");
+    b.shutdown().await;
+    a.shutdown().await;
+    // Three peers at 75 %: a pipeline over all three.
+    let a = peer(file * 75 / 100, None).await.unwrap();
+    let b = peer(file * 75 / 100, Some(a.listen_addrs()[0].clone())).await.unwrap();
+    let c = peer(file * 75 / 100, Some(a.listen_addrs()[0].clone())).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let route = loop {
+        if let Ok(r) = a.runtime().route(&[]).await {
+            if r.len() == 3 {
+                break r;
+            }
+        }
+        assert!(Instant::now() < until, "no 3-stage plan");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("75 % of the file on each of three peers: {route:?}");
+    for m in [c, b, a] {
+        m.shutdown().await;
+    }
+}

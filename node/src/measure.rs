@@ -33,6 +33,28 @@ impl SelfMeasurement {
     }
 }
 
+/// A memory size: bytes, or a number with a unit (`80MiB`, `2GiB`, `512k`,
+/// `1.5G`; powers of 1024 whether or not the unit says `i`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (try 80MiB, 2GiB or a number of bytes)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB or TiB)")),
+    };
+    let bytes = n * (1u64 << shift) as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 2f64.powi(63)) {
+        return Err(format!("{s:?} is not a usable memory size"));
+    }
+    Ok(bytes as u64)
+}
+
 /// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -81,6 +103,18 @@ mod tests {
         assert_eq!(parse_meminfo(text), Some(2048 * 1024));
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
         assert_eq!(parse_meminfo("MemAvailable: lots kB\n"), None);
+    }
+
+    #[test]
+    fn sizes_take_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("80MiB"), Ok(80 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("2 gb"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "lots", "-1MiB", "12 parsecs", "0", "1e30"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

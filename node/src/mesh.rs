@@ -215,6 +215,7 @@ pub struct MeshBuilder {
     peer_ttl: Option<Duration>,
     runtime: RuntimeConfig,
     measurement: Option<SelfMeasurement>,
+    max_memory: Option<u64>,
 }
 
 /// A running mesh peer: the swarm, its membership view and its actors.
@@ -302,6 +303,14 @@ impl MeshBuilder {
         self
     }
 
+    /// Offer at most `bytes` of memory in all (`--max-memory`): three
+    /// quarters for weights (what placement plans with, as gossiped), one
+    /// quarter for the KV caches of the sessions served here.
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.max_memory = Some(bytes);
+        self
+    }
+
     /// Use this self-measurement instead of probing the host (tests).
     pub fn measurement(mut self, m: SelfMeasurement) -> Self {
         self.measurement = Some(m);
@@ -316,6 +325,15 @@ impl MeshBuilder {
                 .await
                 .map_err(|e| MeshError::Task(e.to_string()))?,
         };
+        let mut measurement = measurement;
+        let mut runtime_cfg = self.runtime.clone();
+        if let Some(offer) = self.max_memory {
+            let offer = if measurement.memory_bytes == 0 { offer } else { offer.min(measurement.memory_bytes) };
+            measurement.memory_bytes = offer - offer / 4;
+            if runtime_cfg.cache_budget_bytes == 0 {
+                runtime_cfg.cache_budget_bytes = usize::try_from(offer / 4).unwrap_or(usize::MAX).max(1);
+            }
+        }
         let model = match &self.model {
             None => None,
             Some(p) => {
@@ -353,7 +371,7 @@ impl MeshBuilder {
         let net = net::start(cfg).await?;
         let handle = net.handle.clone();
         let link = Arc::new(NetLink::new(handle.clone()));
-        let mut rcfg = self.runtime;
+        let mut rcfg = runtime_cfg;
         rcfg.gflops = measurement.gflops;
         rcfg.memory_bytes = measurement.memory_bytes;
         let runtime = Runtime::start(link, model, rcfg).await?;
@@ -456,6 +474,7 @@ impl Mesh {
             peer_ttl: None,
             runtime: RuntimeConfig::default(),
             measurement: None,
+            max_memory: None,
         }
     }
 

@@ -69,6 +69,12 @@ pub struct NodeArgs {
     /// tokens), or `f16`, `bf16`, `int8o` on every hop.
     #[arg(long, value_name = "HOW", default_value = "auto")]
     pub activations: fogmesh_actors::links::ActivationPolicy,
+    /// The most memory this node offers the mesh, in all (`80MiB`, `2GiB`,
+    /// or bytes): three quarters for the weights it may hold (what placement
+    /// plans with), a quarter for its sessions' KV caches. Default: the
+    /// memory available when it starts.
+    #[arg(long, value_name = "SIZE", value_parser = crate::measure::parse_size)]
+    pub max_memory: Option<u64>,
     /// HTTP connections open at once; more are closed on accept.
     #[arg(long, value_name = "N", default_value_t = crate::api::MAX_CONNECTIONS)]
     pub http_max_connections: usize,
@@ -142,6 +148,9 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             b = b.threads(t);
         }
         b = b.activations(args.activations);
+        if let Some(m) = args.max_memory {
+            b = b.max_memory(m);
+        }
         if let Some(m) = &model {
             b = b.model(m.clone());
         }
