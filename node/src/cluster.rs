@@ -34,6 +34,8 @@ pub struct ClusterOptions {
     pub wait: Duration,
     /// `--activations` of every peer (`None`: the default, `auto`).
     pub activations: Option<String>,
+    /// `--max-memory` of every peer, in bytes (`None`: what the host has).
+    pub max_memory: Option<u64>,
 }
 
 impl ClusterOptions {
@@ -50,6 +52,7 @@ impl ClusterOptions {
             log: "warn,fogmesh_actors=info,fogmesh_node=info".into(),
             wait: Duration::from_secs(60),
             activations: None,
+            max_memory: None,
         }
     }
 }
@@ -102,6 +105,9 @@ impl LocalCluster {
             cmd.arg("node");
             if let Some(a) = &o.activations {
                 cmd.args(["--activations", a]);
+            }
+            if let Some(m) = o.max_memory {
+                cmd.args(["--max-memory", &m.to_string()]);
             }
             cmd.args(["--listen", if o.mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }])
                 .args(["--http", "127.0.0.1:0", "--threads", &o.threads.max(1).to_string()])

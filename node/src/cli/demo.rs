@@ -74,8 +74,22 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             a.peers, a.peers
         );
     }
-    let mut o = ClusterOptions::new(exe, Some(model), a.peers);
+    let mut o = ClusterOptions::new(exe, Some(model.clone()), a.peers);
     o.threads = (cores / a.peers).max(1);
+    // Each peer offers too little memory to hold the whole model, so the
+    // demo shows a real split: weights room (three quarters of the offer)
+    // of 1.5 / peers of the file.
+    if (2..=4).contains(&a.peers) {
+        let file = std::fs::metadata(&model).map_or(0, |m| m.len());
+        let offer = file * 2 / a.peers as u64;
+        o.max_memory = Some(offer);
+        println!(
+            "each peer offers {:.0} MiB (--max-memory; the model file is {:.0} MiB), so no peer can hold the whole model: it is split across the {}",
+            offer as f64 / 1048576.0,
+            file as f64 / 1048576.0,
+            a.peers
+        );
+    }
     o.mdns = mdns;
     o.secret = Some(secret);
     o.wait = Duration::from_secs(a.wait);
