@@ -447,7 +447,10 @@ async fn a_slow_link_to_one_owner_does_not_slow_the_other_sessions_of_a_stage() 
 /// the slow link; `int8o` puts int8o on every hop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn activations_are_compressed_only_where_the_link_is_the_bottleneck_unless_lossless() {
-    let p = prompts()[2].clone();
+    // A prompt of several 8-token chunks: frames of 18 KiB, large enough
+    // for their write times to measure a link.
+    let p: Vec<u32> = prompts().concat().repeat(3);
+    assert!(p.len() >= 24, "{}", p.len());
     let want = single(&p, 12, SamplingParams::greedy());
     for policy in ["auto", "lossless", "int8o"] {
         let policy: ActivationPolicy = policy.parse().unwrap();

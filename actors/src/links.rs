@@ -1,8 +1,8 @@
 //! What this peer learns of its links from the stage traffic it sends, and
 //! the encoding an activation takes over one. A write that blocks means the
 //! link is the bottleneck (the connection's buffers are full) when it moved
-//! its bytes slower than 100 Mbit/s; the bytes over the time estimate the
-//! link's rate. A link whose writes
+//! a frame of 16 KiB or more slower than 100 Mbit/s; the bytes over the
+//! time estimate the link's rate. A link whose writes
 //! have not blocked lately keeps up, and activations cross it losslessly.
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,8 +19,12 @@ use crate::link::PeerKey;
 /// A write that takes this long blocked on the link...
 pub const BLOCKED: Duration = Duration::from_millis(2);
 /// ...when it moved its bytes slower than this (bytes per second, 100
-/// Mbit/s): faster links are never the bottleneck of a stage here.
+/// Mbit/s): faster links are never the bottleneck of a stage here...
 pub const SLOW_RATE: f64 = 12.5e6;
+/// ...and was at least this large: a small frame's write time is the
+/// scheduler's as much as the link's (a busy host delays any task by a
+/// few milliseconds).
+pub const MIN_SAMPLE_BYTES: usize = 16 << 10;
 /// A link counts as the bottleneck this long after a write to it blocked.
 pub const FRESH: Duration = Duration::from_secs(5);
 /// The rate assumed of a link that is behind before any write to it blocked
@@ -161,7 +165,7 @@ impl LinkMeter {
         m.backlog = m.backlog.saturating_sub(bytes as u64);
         m.bytes += bytes as u64;
         let sample = bytes as f64 / took.as_secs_f64().max(1e-9);
-        if took >= BLOCKED && bytes > 0 && sample < SLOW_RATE {
+        if took >= BLOCKED && bytes >= MIN_SAMPLE_BYTES && sample < SLOW_RATE {
             m.rate = if m.blocked_at.is_some() { (1.0 - ALPHA) * m.rate + ALPHA * sample } else { sample };
             m.blocked_at = Some(now);
             m.blocked_writes += 1;
@@ -257,6 +261,9 @@ mod tests {
         assert_ne!(e.dtype, WireDType::F32);
         assert!(e.dtype <= WireDType::Int8Outliers, "{e:?}");
         assert!(m.bottleneck("slow").is_some_and(|r| (100e3..150e3).contains(&r)));
+        // A small frame that took long says more about the scheduler.
+        m.record("busy-host", 2304, Duration::from_millis(5));
+        assert_eq!(m.encoding("busy-host", 2304, 0.01), Encoding::F32);
         // Two frames waiting for a link: behind, before any write blocked.
         m.queued("backed", 2 * raw);
         assert_ne!(m.encoding("backed", raw, 0.01), Encoding::F32);
