@@ -229,6 +229,7 @@ pub fn router_under(net: NetHandle, rt: Option<Runtime>, access: Access, limits:
         .route("/v1/completions", post(openai::completions))
         .route("/v1/fogmesh/generate", post(fogmesh::generate))
         .route("/v1/fogmesh/dashboard", get(fogmesh::dashboard))
+        .route(access::INVITE_PATH, get(fogmesh::invite))
         .fallback(|req: Request| async move {
             error(StatusCode::NOT_FOUND, "invalid_request_error", format!("no such endpoint: {} {}", req.method(), req.uri().path()))
         })

@@ -1,6 +1,7 @@
 //! The `fogmesh` command line: the clap definitions, the flags several
 //! commands share and the dispatch here; one file per command under `cli/`
-//! (`generate`, `score`, `bench`, `node`, `peers`, `status`, `run`, `demo`).
+//! (`generate`, `score`, `bench`, `node`, `invite`, `peers`, `status`, `run`,
+//! `demo`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,6 +17,7 @@ use crate::fetch;
 pub mod bench;
 pub mod demo;
 pub mod generate;
+pub mod invite;
 pub mod node;
 pub mod peers;
 pub mod run;
@@ -69,15 +71,27 @@ enum Command {
     /// Run a mesh peer until SIGINT/SIGTERM.
     ///
     /// Peers on the same LAN find each other by mDNS; beyond it, give
-    /// --bootstrap. With a cluster secret, only peers holding it can connect.
+    /// --bootstrap or --join. With a cluster secret, only peers holding it
+    /// can connect. Peers behind NAT are reached through a relay peer and
+    /// then directly by hole punching.
     #[command(after_help = "Examples:\n  fogmesh node\n  \
         fogmesh node --secret-file /etc/fogmesh/secret --listen /ip4/0.0.0.0/tcp/4001\n  \
         fogmesh node --no-mdns --bootstrap /ip4/10.0.0.5/tcp/4001 --http 127.0.0.1:0\n  \
+        fogmesh node --private              # a private cluster: prints the invite for the others\n  \
+        fogmesh node --join fogmesh1.…      # join with a token from `fogmesh invite`\n  \
         fogmesh node --model ~/models/SmolLM2-135M-Instruct.Q4_1.gguf --http 0.0.0.0:8469\n\n\
         The HTTP address serves the OpenAI-compatible API (/v1/chat/completions, /v1/completions,\n\
         /v1/models), /metrics (Prometheus), /health and the dashboard at /.\n\
         Logs go to stderr; RUST_LOG=debug shows more.")]
     Node(node::NodeArgs),
+    /// Print a token another host joins this mesh with (`fogmesh node --join TOKEN`).
+    ///
+    /// Asks a running node (the local one by default): the token carries the
+    /// cluster secret and the node's reachable addresses, relayed ones
+    /// included, so keep it private. Only a client on the node's host (or
+    /// one with its API key) gets it.
+    #[command(after_help = "Examples:\n  fogmesh invite\n  fogmesh invite --node 127.0.0.1:8469 --json")]
+    Invite(NodeQueryArgs),
     /// Print the membership view of a running node.
     #[command(after_help = "Examples:\n  fogmesh peers\n  fogmesh peers --node 127.0.0.1:8469 --json")]
     Peers(NodeQueryArgs),
@@ -157,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score::score(a),
         Command::Bench(a) => bench::bench(a),
         Command::Node(a) => node::run_node(a),
+        Command::Invite(a) => invite::run_invite(a),
         Command::Peers(a) => peers::run_peers(a),
         Command::Status(a) => status::run_status(a),
         Command::Run(a) => run::run(a),

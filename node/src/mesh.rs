@@ -21,6 +21,8 @@ use tokio::sync::Semaphore;
 use crate::measure::SelfMeasurement;
 use crate::net::{self, NetConfig, StageStream};
 pub use crate::net::dialer::is_loopback;
+pub use crate::net::invite::{Invite, InviteError};
+pub use crate::net::reach::{LinkKind, Nat};
 pub use crate::net::{NetError, NetHandle, NodeStatus, PeerInfo, keys};
 
 /// Why a mesh peer could not start or do what it was asked.

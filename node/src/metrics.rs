@@ -10,6 +10,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub const HTTP_REQUESTS: &str = "fogmesh_http_requests_total";
 /// Counter: HTTP connections closed on accept because the cap was reached.
 pub const HTTP_REFUSED: &str = "fogmesh_http_connections_refused_total";
+/// Circuits this node relayed between two other peers.
+pub const RELAY_CIRCUITS: &str = "fogmesh_relay_circuits_total";
+/// Hole punches, by result (`direct`, `failed`).
+pub const HOLE_PUNCHES: &str = "fogmesh_hole_punches_total";
 /// Counter: generations ended by the wall-clock cap (`endpoint`).
 pub const GENERATION_CAPPED: &str = "fogmesh_generations_capped_total";
 /// Gauge: bytes of stage traffic this node has sent to each `peer`.
@@ -43,6 +47,8 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by endpoint and status");
             metrics::describe_gauge!(LINK_SENT_BYTES, metrics::Unit::Bytes, "Stage traffic sent to each peer");
             metrics::describe_gauge!(LINK_BOTTLENECK, "Measured rate (bytes/s) of the link to a peer while it is a hop's bottleneck; 0 while it keeps up");
+            metrics::describe_counter!(RELAY_CIRCUITS, "Circuits this node relayed between two peers behind NAT");
+            metrics::describe_counter!(HOLE_PUNCHES, "Hole punches to peers met through a relay, by result");
             metrics::describe_counter!(HTTP_REFUSED, "HTTP connections closed at once because the connection cap was reached");
             metrics::describe_counter!(GENERATION_CAPPED, "Generations ended by the wall-clock cap per generation");
             metrics::describe_histogram!(TTFT_SECONDS, metrics::Unit::Seconds, "API request to first streamed token");

@@ -20,14 +20,17 @@
 //! request-response round trip), and connection limits.
 
 pub mod codec;
+pub mod invite;
 pub mod keys;
 pub mod membership;
+pub mod reach;
 
 mod behaviour;
 pub mod dialer;
 mod event_loop;
 pub mod gossip;
 mod handle;
+mod relaying;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -69,8 +72,9 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
         });
     }
     let local = cfg.keypair.public().to_peer_id();
-    let transport = build_transport(&cfg.keypair, cfg.secret)?;
-    let behaviour = build_behaviour(&cfg)?;
+    let (relay_transport, relay_client) = libp2p::relay::client::new(local);
+    let transport = build_transport(&cfg.keypair, cfg.secret, relay_transport)?;
+    let behaviour = build_behaviour(&cfg, relay_client)?;
     let swarm_cfg = libp2p::swarm::Config::with_tokio_executor().with_idle_connection_timeout(cfg.idle_timeout);
     let mut swarm = Swarm::new(transport, behaviour, local, swarm_cfg);
     let mut listeners = HashSet::new();
@@ -98,6 +102,8 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
         connections: 0,
         kad_bootstrapped: None,
         caps_due: false,
+        reach: reach::Reach::new(),
+        reservations: HashMap::new(),
         candidates: Dialer::new(membership::MAX_ADDRS_PER_PEER),
         cfg,
     };

@@ -2,10 +2,10 @@
 //! request may carry (against DNS rebinding), and JSON-only POST bodies
 //! (a cross-site form can only send `text/plain`, urlencoded or multipart).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -92,7 +92,19 @@ fn refusal(access: &Access, req: &Request) -> Option<Response> {
             return Some(r);
         }
     }
+    if req.uri().path() == INVITE_PATH && access.api_key.is_none() && !from_loopback(req) {
+        let m = "invites carry the cluster secret: ask from this host (`fogmesh invite`), or start the node with an API key";
+        return Some(api_error(StatusCode::FORBIDDEN, "invalid_request_error", None, Some("local_only"), m));
+    }
     None
+}
+
+/// The endpoint that hands out the cluster secret.
+pub(super) const INVITE_PATH: &str = "/v1/fogmesh/invite";
+
+/// Whether the client connected from this host (unknown counts as not).
+fn from_loopback(req: &Request) -> bool {
+    req.extensions().get::<ConnectInfo<SocketAddr>>().is_some_and(|c| c.0.ip().is_loopback())
 }
 
 #[cfg(test)]

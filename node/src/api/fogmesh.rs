@@ -1,6 +1,6 @@
 //! fogmesh's own endpoints: `GET /status`, `GET /peers`, `GET /plan`,
-//! `GET /v1/fogmesh/dashboard` (what the page at `/` draws, in one answer)
-//! and `POST /v1/fogmesh/generate` (a generation on the mesh, streamed as
+//! `GET /v1/fogmesh/dashboard` (what the page at `/` draws, in one answer),
+//! `GET /v1/fogmesh/invite` (a join token, for local clients) and `POST /v1/fogmesh/generate` (a generation on the mesh, streamed as
 //! JSON lines: what `fogmesh run` reads).
 
 use std::sync::atomic::Ordering;
@@ -48,11 +48,28 @@ pub(super) async fn dashboard(State(s): State<AppState>) -> Response {
         route,
         no_route,
         peers: st.peers,
+        nat: st.nat,
+        relays: st.relays,
+        links: s.rt.as_ref().map(|rt| rt.links().links()).unwrap_or_default(),
         generated_tokens: s.board.generated.load(Ordering::Relaxed),
         sessions: s.board.sessions.load(Ordering::Relaxed),
         incidents: s.incidents(),
     })
     .into_response()
+}
+
+/// `GET /v1/fogmesh/invite` (local clients, or with the API key): a token
+/// another host joins this mesh with (`fogmesh node --join TOKEN`).
+pub(super) async fn invite(State(s): State<AppState>) -> Response {
+    match s.net.invite().await {
+        Ok(i) => Json(serde_json::json!({
+            "token": i.encode(),
+            "secret": i.secret.is_some(),
+            "addrs": i.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => unavailable(e),
+    }
 }
 
 fn unavailable(e: NetError) -> Response {

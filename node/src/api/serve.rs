@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -86,13 +87,12 @@ pub async fn serve_router(
     let room = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
-    let service = TowerToHyperService::new(router);
     tokio::pin!(shutdown);
     loop {
-        let tcp = tokio::select! {
+        let (tcp, client) = tokio::select! {
             () = &mut shutdown => break,
             r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors and the like: wait instead of spinning.
                     tracing::warn!("http accept: {e}");
@@ -110,7 +110,9 @@ pub async fn serve_router(
         let _ = tcp.set_nodelay(true);
         set_send_buffer(&tcp, limits.send_buffer);
         let io = TokioIo::new(Stalled::new(tcp, limits.write_stall));
-        let (service, header_timeout, mut stop) = (service.clone(), limits.header_timeout, stop_rx.clone());
+        // Handlers may ask who is calling (invites go to local clients only).
+        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(ConnectInfo(client))));
+        let (header_timeout, mut stop) = (limits.header_timeout, stop_rx.clone());
         conns.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

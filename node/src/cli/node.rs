@@ -10,7 +10,7 @@ use libp2p::Multiaddr;
 
 use super::{data_dir, resolve_model};
 use crate::client::{DEFAULT_HTTP, HTTP_ADDR_FILE};
-use crate::mesh::{Mesh, is_loopback, keys};
+use crate::mesh::{Invite, Mesh, is_loopback, keys};
 
 /// Options of `fogmesh node`.
 #[derive(Debug, Args)]
@@ -26,6 +26,15 @@ pub struct NodeArgs {
     /// Cluster secret, 64 hex digits; peers without it cannot connect.
     #[arg(long, env = "FOGMESH_SECRET", hide_env_values = true, conflicts_with = "secret_file")]
     pub secret: Option<String>,
+    /// Join the mesh an invite token names (from `fogmesh invite` on a
+    /// member): its cluster secret and where to reach it.
+    #[arg(long, value_name = "TOKEN", env = "FOGMESH_JOIN", hide_env_values = true)]
+    pub join: Option<String>,
+    /// Start a private cluster: a secret made once in the data dir
+    /// (cluster.key, kept across restarts); prints the invite for the
+    /// other hosts.
+    #[arg(long, conflicts_with_all = ["secret", "secret_file", "join"])]
+    pub private: bool,
     /// File holding the cluster secret (64 hex digits, or a go-libp2p swarm.key).
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
@@ -80,12 +89,24 @@ pub struct NodeArgs {
     pub http_max_connections: usize,
 }
 
-fn secret(args: &NodeArgs) -> Result<Option<libp2p::pnet::PreSharedKey>> {
-    Ok(match (&args.secret, &args.secret_file) {
+/// The cluster secret (from `--secret`, `--secret-file`, `--private` or
+/// the `--join` token, which must agree) and the invite joined with.
+fn secret(args: &NodeArgs, dir: &std::path::Path) -> Result<(Option<libp2p::pnet::PreSharedKey>, Option<Invite>)> {
+    let given = match (&args.secret, &args.secret_file) {
         (Some(s), _) => Some(keys::parse_secret(s)?),
         (None, Some(f)) => Some(keys::read_secret_file(f)?),
+        (None, None) if args.private => Some(keys::load_or_create_secret(&dir.join(keys::SECRET_FILE))?),
         (None, None) => None,
-    })
+    };
+    let Some(token) = &args.join else { return Ok((given, None)) };
+    let invite = Invite::decode(token).context("--join")?;
+    let fp = |k: &libp2p::pnet::PreSharedKey| k.fingerprint().to_string();
+    match (&given, invite.psk()) {
+        (Some(g), Some(t)) if fp(g) != fp(&t) => bail!("--join: the token is for another cluster than the secret given"),
+        (Some(_), None) => bail!("--join: the token is for an open mesh, but a cluster secret was given"),
+        _ => {}
+    }
+    Ok((given.or(invite.psk()), Some(invite)))
 }
 
 /// Runs a peer until SIGINT or SIGTERM.
@@ -99,7 +120,8 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     if !(1..=65_536).contains(&args.http_max_connections) {
         bail!("--http-max-connections must be between 1 and 65536");
     }
-    let secret = secret(&args)?;
+    let dir = data_dir(&args.data_dir);
+    let (secret, joined) = secret(&args, &dir)?;
     let api_key = match (&args.api_key, &args.api_key_file) {
         (Some(k), _) => Some(k.trim().to_string()),
         (None, Some(f)) => Some(keys::read_api_key_file(f)?),
@@ -108,18 +130,17 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     if api_key.as_deref().is_some_and(str::is_empty) {
         bail!("the API key is empty");
     }
-    if std::env::args_os().any(|a| a == "--secret" || a.to_string_lossy().starts_with("--secret=")) {
-        eprintln!(
-            "warning: --secret on the command line is visible to every user of this host (ps); use --secret-file FILE or FOGMESH_SECRET"
-        );
+    for (flag, better) in [("--secret", "--secret-file FILE or FOGMESH_SECRET"), ("--join", "FOGMESH_JOIN")] {
+        if std::env::args_os().any(|a| a == flag || a.to_string_lossy().starts_with(&format!("{flag}="))) {
+            eprintln!("warning: {flag} on the command line is visible to every user of this host (ps); use {better}");
+        }
     }
     let everywhere = args.listen.is_empty() || args.listen.iter().any(|a| !is_loopback(a));
     if secret.is_none() && everywhere {
-        let msg = "no cluster secret, and listening beyond loopback: any host that can reach this one can join the mesh and run its stages; share a secret with --secret-file FILE (see `fogmesh node --help`)";
+        let msg = "open mesh: no cluster secret, so this node meets every open peer on the LAN by mDNS, and any host that can reach it can join and run its stages; `fogmesh node --private` starts a private cluster (see `fogmesh node --help`)";
         eprintln!("warning: {msg}");
         tracing::warn!("{msg}");
     }
-    let dir = data_dir(&args.data_dir);
     let keypair = keys::load_or_create_identity(&dir)?;
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
@@ -140,6 +161,12 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         }
         for a in &args.bootstrap {
             b = b.bootstrap(a.clone());
+        }
+        if let Some(i) = &joined {
+            tracing::info!("joining with an {}", i.redacted());
+            for a in &i.addrs {
+                b = b.bootstrap(a.clone());
+            }
         }
         if let Some(s) = secret {
             b = b.secret(s);
@@ -172,6 +199,13 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             model = %model.as_ref().map_or("none".to_string(), |m| m.display().to_string()),
             "fogmesh node started"
         );
+        if args.private {
+            // Printed, never logged: the token carries the secret.
+            let invite = handle.invite().await?;
+            println!("private mesh; on the other hosts run: fogmesh node --join TOKEN (or FOGMESH_JOIN=TOKEN), TOKEN being the next line");
+            println!("{}", invite.encode());
+            tracing::info!("{} printed on stdout (`fogmesh invite` prints it again)", invite.redacted());
+        }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let rt = mesh.model().is_some().then(|| mesh.runtime().clone());
         let access = crate::api::Access { api_key, hosts: args.allow_host.clone() };
@@ -185,7 +219,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         }));
         // The first thing a new user gets wrong: peers that never meet.
         let lonely = {
-            let (h, mdns, bootstrap) = (handle.clone(), !args.no_mdns, !args.bootstrap.is_empty());
+            let (h, mdns, bootstrap) = (handle.clone(), !args.no_mdns, !args.bootstrap.is_empty() || joined.is_some());
             tokio::spawn(async move {
                 tokio::time::sleep(NO_PEERS_HINT_AFTER).await;
                 if h.peers().await.is_ok_and(|p| p.is_empty()) {

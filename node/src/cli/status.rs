@@ -63,6 +63,16 @@ pub fn status_view(node: &str, d: &Dashboard, rate: Option<f64>) -> String {
         if d.mdns { "on" } else { "off" },
         if d.secret { "on" } else { "off (anyone who can reach this host can join)" }
     );
+    let reach = match d.nat {
+        crate::mesh::Nat::Public => "public: peers dial this node; it relays for peers behind NAT".to_string(),
+        crate::mesh::Nat::Private if d.relays.is_empty() => "behind NAT: looking for a relay".to_string(),
+        crate::mesh::Nat::Private => {
+            let r: Vec<String> = d.relays.iter().map(|p| format!("…{}", short(p))).collect();
+            format!("behind NAT: reachable through relay {}", r.join(", "))
+        }
+        crate::mesh::Nat::Unknown => "not known yet (no peer has dialed it back)".to_string(),
+    };
+    let _ = writeln!(o, "reachable   {reach}");
     let layers = d.layers as u64;
     match &d.model {
         Some(m) => {
@@ -92,7 +102,11 @@ pub fn status_view(node: &str, d: &Dashboard, rate: Option<f64>) -> String {
         }
         cells.into_iter().collect()
     };
-    let _ = writeln!(o, "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7} {:>7}", "PEER", "LAYERS", "RANGES", "QUEUE", "TOK/S", "GFLOPS", "RTT ms");
+    let _ = writeln!(
+        o,
+        "{:<18} {:<30} {:<16} {:>5} {:>7} {:>7} {:>7}  {:<12} {:>9}",
+        "PEER", "LAYERS", "RANGES", "QUEUE", "TOK/S", "GFLOPS", "RTT ms", "LINK", "RATE"
+    );
     let own: Vec<(u64, u64)> = d.shards.iter().map(|s| (s.start as u64, s.end as u64)).collect();
     let fmt_ranges = |r: &[(u64, u64)]| r.iter().map(|(a, b)| format!("{a}..{b}")).collect::<Vec<_>>().join(" ");
     let queue: u64 = d.shards.iter().map(|s| s.queued as u64).sum();
@@ -111,9 +125,16 @@ pub fn status_view(node: &str, d: &Dashboard, rate: Option<f64>) -> String {
         let r: Vec<(u64, u64)> = p.shards.iter().map(|s| (u64::from(s[0]), u64::from(s[1]))).collect();
         let q: u64 = p.shards.iter().map(|s| u64::from(s[2])).sum();
         let gone = if p.connections == 0 { " (gone)" } else { "" };
+        let link = p.link.map_or("-", |l| l.as_str());
+        let rate = d
+            .links
+            .iter()
+            .find(|l| l.peer == p.peer_id)
+            .and_then(|l| l.bottleneck_bps)
+            .map_or("-".to_string(), |bps| format!("{:.1} Mb/s", bps * 8.0 / 1e6));
         let _ = writeln!(
             o,
-            "{:<18} {:<30} {:<16} {:>5} {:>7.1} {:>7.1} {:>7}{gone}",
+            "{:<18} {:<30} {:<16} {:>5} {:>7.1} {:>7.1} {:>7}  {link:<12} {rate:>9}{gone}",
             format!("…{}", short(&p.peer_id)),
             bar(&r),
             fmt_ranges(&r),
@@ -174,6 +195,7 @@ mod tests {
             agent: None,
             models: vec![],
             tokens_per_s: 12.5,
+            link: Some(crate::mesh::LinkKind::HolePunched),
         };
         let d = Dashboard {
             peer_id: "12D3KooWAAAAself".into(),
@@ -193,6 +215,14 @@ mod tests {
             ],
             no_route: None,
             peers: vec![peer],
+            nat: crate::mesh::Nat::Private,
+            relays: vec!["12D3KooWRRRRrelay".into()],
+            links: vec![fogmesh_actors::links::LinkView {
+                peer: "12D3KooWBBBBpeer".into(),
+                bytes: 1 << 20,
+                blocked_writes: 3,
+                bottleneck_bps: Some(125_000.0),
+            }],
             generated_tokens: 5,
             sessions: 1,
             incidents: vec![
@@ -201,7 +231,7 @@ mod tests {
             ],
         };
         let v = status_view("127.0.0.1:8469", &d, Some(3.0));
-        for needle in ["(this)", "0..10", "10..30", "12.5", "0.70", "route", "→", "hop did not answer", "recovered in 320 ms", "3.0 tokens/s"] {
+        for needle in ["(this)", "0..10", "10..30", "12.5", "0.70", "route", "→", "hop did not answer", "recovered in 320 ms", "3.0 tokens/s", "hole-punched", "1.0 Mb/s", "through relay …"] {
             assert!(v.contains(needle), "{needle:?} missing from:\n{v}");
         }
         assert!(!v.contains("no peers yet"));

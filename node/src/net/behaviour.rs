@@ -1,5 +1,6 @@
 //! The transport (TCP + noise + yamux, pnet under a cluster secret, QUIC
-//! without one) and the composed behaviour of a fogmesh peer.
+//! without one, and circuits through a relay peer) and the composed
+//! behaviour of a fogmesh peer.
 
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    PeerId, StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, noise, ping, quic, request_response, tcp,
-    yamux,
+    PeerId, StreamProtocol, autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, noise, ping, quic, relay,
+    request_response, tcp, yamux,
 };
 
 use super::codec::StageCodec;
@@ -31,23 +32,41 @@ pub(super) struct Behaviour {
     pub(super) gossipsub: gossipsub::Behaviour,
     pub(super) rpc: request_response::Behaviour<StageCodec>,
     pub(super) streams: libp2p_stream::Behaviour,
+    pub(super) relay: relay::Behaviour,
+    pub(super) relay_client: relay::client::Behaviour,
+    pub(super) dcutr: dcutr::Behaviour,
+    pub(super) autonat: autonat::Behaviour,
 }
 
-pub(super) fn build_transport(key: &Keypair, secret: Option<PreSharedKey>) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
+/// The transport: TCP, and circuits through relay peers (`relay`, from
+/// [`relay::client::new`]), each secured by noise and multiplexed by yamux;
+/// under a cluster secret both run the pnet handshake first (so a circuit
+/// proves the secret end to end, not only to the relay), without one QUIC
+/// is added.
+pub(super) fn build_transport(
+    key: &Keypair,
+    secret: Option<PreSharedKey>,
+    relay: relay::client::Transport,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetError> {
     let setup = |e: noise::Error| NetError::Setup(e.to_string());
     let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let timeout = Duration::from_secs(20);
     match secret {
-        Some(psk) => Ok(tcp
-            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise::Config::new(key).map_err(setup)?)
-            .multiplex(yamux::Config::default())
-            .timeout(timeout)
-            .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
-            .boxed()),
+        Some(psk) => {
+            let tcp = tcp.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket));
+            let relay = relay.and_then(move |socket, _| PnetConfig::new(psk).handshake(socket));
+            Ok(tcp
+                .or_transport(relay)
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise::Config::new(key).map_err(setup)?)
+                .multiplex(yamux::Config::default())
+                .timeout(timeout)
+                .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
+                .boxed())
+        }
         None => {
             let tcp = tcp
+                .or_transport(relay)
                 .upgrade(Version::V1Lazy)
                 .authenticate(noise::Config::new(key).map_err(setup)?)
                 .multiplex(yamux::Config::default())
@@ -56,6 +75,54 @@ pub(super) fn build_transport(key: &Keypair, secret: Option<PreSharedKey>) -> Re
             let quic = quic::tokio::Transport::new(quic::Config::new(key)).map(|(p, c), _| (p, StreamMuxerBox::new(c)));
             Ok(tcp.or_transport(quic).map(|either, _| either.into_inner()).boxed())
         }
+    }
+}
+
+/// Circuits this peer relays at once, in all and per peer.
+pub(super) const MAX_CIRCUITS: usize = 32;
+/// Bytes one relayed circuit may carry (both ways) before the relay closes
+/// it; the two ends then reconnect (or have moved to a direct connection).
+pub(super) const MAX_CIRCUIT_BYTES: u64 = 4 << 30;
+/// How long one relayed circuit may stay open.
+pub(super) const MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(60 * 60);
+
+/// The relay service every fogmesh peer offers (it is used only once the
+/// peer has a confirmed public address: a reservation carries that
+/// address). Only peers holding the cluster secret can reach it at all.
+/// Bounded: 128 reservations (4 per peer, an hour each), [`MAX_CIRCUITS`]
+/// circuits (8 per peer) of at most [`MAX_CIRCUIT_BYTES`] and
+/// [`MAX_CIRCUIT_DURATION`], and rates per peer.
+fn relay_config() -> relay::Config {
+    let n = |x: u32| std::num::NonZeroU32::new(x).expect("nonzero");
+    relay::Config {
+        max_reservations: 128,
+        max_reservations_per_peer: 4,
+        reservation_duration: Duration::from_secs(60 * 60),
+        reservation_rate_limiters: Vec::new(),
+        max_circuits: MAX_CIRCUITS,
+        max_circuits_per_peer: 8,
+        max_circuit_duration: MAX_CIRCUIT_DURATION,
+        max_circuit_bytes: MAX_CIRCUIT_BYTES,
+        circuit_src_rate_limiters: Vec::new(),
+    }
+    .reservation_rate_per_peer(n(10), Duration::from_secs(60))
+    .circuit_src_per_peer(n(30), Duration::from_secs(60))
+}
+
+/// AutoNAT (v1): peers dial this one back on the addresses it believes
+/// are its own, and it serves the same check for them. Addresses are judged
+/// by what the dials show, never by their range (a "public" subnet may use
+/// private addresses), and probes start two seconds after start.
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_secs(2),
+        retry_interval: Duration::from_secs(15),
+        refresh_interval: Duration::from_secs(5 * 60),
+        throttle_server_period: Duration::from_secs(5),
+        timeout: Duration::from_secs(25),
+        only_global_ips: false,
+        confidence_max: 2,
+        ..Default::default()
     }
 }
 
@@ -83,7 +150,7 @@ fn peer_score() -> gossipsub::PeerScoreParams {
     params
 }
 
-pub(super) fn build_behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
+pub(super) fn build_behaviour(cfg: &NetConfig, relay_client: relay::client::Behaviour) -> Result<Behaviour, NetError> {
     let key = &cfg.keypair;
     let local = key.public().to_peer_id();
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
@@ -138,6 +205,10 @@ pub(super) fn build_behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
         gossipsub,
         rpc,
         streams: libp2p_stream::Behaviour::new(),
+        relay: relay::Behaviour::new(local, relay_config()),
+        relay_client,
+        dcutr: dcutr::Behaviour::new(local),
+        autonat: autonat::Behaviour::new(local, autonat_config()),
     })
 }
 

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, mdns, ping, request_response};
@@ -21,6 +22,7 @@ use super::dialer::{Dialer, dialable};
 use super::gossip::{self, CAPS_TOPIC, Gossip, LOAD_TOPIC};
 use super::handle::{Command, InboundRequest, NetConfig, NetError, NodeStatus};
 use super::membership::{self, Membership, Source};
+use super::reach::Reach;
 use super::IDENTIFY_PROTOCOL;
 
 type Pending = FuturesUnordered<BoxFuture<'static, (request_response::ResponseChannel<Message>, Option<Message>)>>;
@@ -41,6 +43,9 @@ pub(super) struct Runner {
     pub(super) caps_due: bool,
     pub(super) candidates: Dialer<PeerId>,
     pub(super) lost: tokio::sync::broadcast::Sender<PeerId>,
+    pub(super) reach: Reach,
+    /// Listeners that are relay reservations, by the relay.
+    pub(super) reservations: HashMap<ListenerId, PeerId>,
 }
 
 impl Runner {
@@ -66,6 +71,7 @@ impl Runner {
                 }
                 _ = tick.tick() => {
                     self.redial_candidates(Instant::now());
+                    self.reserve_due(Instant::now());
                     if std::mem::take(&mut self.caps_due) {
                         self.announce_caps();
                     }
@@ -84,7 +90,11 @@ impl Runner {
     }
 
     fn status(&self) -> NodeStatus {
+        let (nat, external_addrs, relays) = self.reach_status();
         NodeStatus {
+            nat,
+            external_addrs,
+            relays,
             peer_id: self.swarm.local_peer_id().to_string(),
             listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
             mdns: self.cfg.mdns,
@@ -109,6 +119,9 @@ impl Runner {
                 self.pending.insert(id, (peer, reply));
             }
             Command::SetLoad(shards) => self.load = shards,
+            Command::Invite(reply) => {
+                let _ = reply.send(self.invite());
+            }
             Command::Shutdown => {}
         }
     }
@@ -216,7 +229,7 @@ impl Runner {
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
                 self.connections += 1;
                 self.remotes.insert(peer_id, endpoint.get_remote_address().clone());
                 let addr = match &endpoint {
@@ -226,17 +239,19 @@ impl Runner {
                 self.candidates.connected(&peer_id, now);
                 let new = !self.membership.contains(&peer_id);
                 self.membership.connected(peer_id, addr, now);
+                self.reach_connected(connection_id, peer_id, &endpoint, now);
                 if new {
                     tracing::info!(peer = %peer_id, remote = %endpoint.get_remote_address(), "peer joined the view");
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, connection_id, .. } => {
                 self.connections = self.connections.saturating_sub(1);
                 if num_established == 0 {
                     self.remotes.remove(&peer_id);
                     let _ = self.lost.send(peer_id);
                 }
                 self.membership.disconnected(peer_id);
+                self.reach_closed(connection_id, peer_id);
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -249,6 +264,15 @@ impl Runner {
                 tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev, now),
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                let why = match &reason {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                self.reservation_closed(listener_id, &why);
+            }
+            SwarmEvent::ListenerError { error, .. } => tracing::debug!(%error, "listener error"),
+            SwarmEvent::ExternalAddrConfirmed { address } => tracing::info!(%address, "external address confirmed"),
             _ => {}
         }
     }
@@ -341,6 +365,10 @@ impl Runner {
             BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
             BehaviourEvent::Limits(never) => match never {},
             BehaviourEvent::Streams(()) => {}
+            BehaviourEvent::Relay(ev) => self.on_relay_server(ev),
+            BehaviourEvent::RelayClient(ev) => self.on_relay_client(ev),
+            BehaviourEvent::Dcutr(ev) => self.on_dcutr(ev),
+            BehaviourEvent::Autonat(ev) => self.on_autonat(ev, now),
         }
     }
 

@@ -11,6 +11,9 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::invite::Invite;
+use super::reach::Nat;
+
 use futures::StreamExt;
 
 use super::codec;
@@ -159,6 +162,16 @@ pub struct NodeStatus {
     pub measurement: SelfMeasurement,
     /// The membership view.
     pub peers: Vec<PeerInfo>,
+    /// Whether peers can dial this node (AutoNAT's verdict).
+    #[serde(default)]
+    pub nat: Nat,
+    /// Addresses peers confirmed they can reach this node at.
+    #[serde(default)]
+    pub external_addrs: Vec<String>,
+    /// Relays holding a reservation for this node (it is reachable through
+    /// them while behind NAT).
+    #[serde(default)]
+    pub relays: Vec<String>,
 }
 
 pub(super) enum Command {
@@ -166,6 +179,7 @@ pub(super) enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
     Request { peer: PeerId, message: Message, reply: oneshot::Sender<Result<Message, NetError>> },
     SetLoad(Vec<ShardLoad>),
+    Invite(oneshot::Sender<Invite>),
     Shutdown,
 }
 
@@ -264,6 +278,12 @@ impl NetHandle {
     /// The membership view.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
         Ok(self.status().await?.peers)
+    }
+
+    /// An invite to this mesh: the cluster secret (if any) and the
+    /// addresses this node can be reached at, best first.
+    pub async fn invite(&self) -> Result<Invite, NetError> {
+        self.ask(Command::Invite).await
     }
 
     /// Starts dialing `addr` (it joins the view once connected).

@@ -45,21 +45,27 @@ pub fn load_or_create_identity(data_dir: &Path) -> Result<Keypair, KeyError> {
             std::fs::create_dir_all(data_dir).map_err(|source| KeyError::Io { path: data_dir.into(), source })?;
             let key = Keypair::generate_ed25519();
             let bytes = key.to_protobuf_encoding().map_err(|e| KeyError::BadIdentity(path.clone(), e.to_string()))?;
-            let tmp = path.with_extension("key.tmp");
-            {
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                let mut f = opts.open(&tmp).map_err(io)?;
-                f.write_all(&bytes).map_err(io)?;
-                f.sync_all().map_err(io)?;
-            }
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            write_private(&path, &bytes)?;
             Ok(key)
         }
         Err(e) => Err(io(e)),
     }
+}
+
+/// Writes `bytes` to `path` readable by its owner only (mode 0600), whole
+/// or not at all (a temporary file renamed into place).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io { path: path.into(), source };
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// Parses a cluster secret: 64 hex digits (whitespace around them ignored),
@@ -74,6 +80,36 @@ pub fn parse_secret(text: &str) -> Result<PreSharedKey, KeyError> {
         bytes.try_into().map_err(|b: Vec<u8>| KeyError::BadSecret(format!("{} bytes given", b.len())))?;
     Ok(PreSharedKey::new(key))
 }
+
+/// The 32 bytes of a cluster secret (for invites).
+pub fn secret_bytes(key: &PreSharedKey) -> [u8; 32] {
+    // The key's only export is its swarm.key text: its last line is the hex.
+    let text = key.to_string();
+    let hex_line = text.lines().last().unwrap_or_default();
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_line.trim(), &mut out).expect("a PreSharedKey prints 64 hex digits");
+    out
+}
+
+/// Makes a new random cluster secret in `path` (mode 0600), or reads the
+/// one already there: `fogmesh node --private` keeps its cluster across
+/// restarts.
+pub fn load_or_create_secret(path: &Path) -> Result<PreSharedKey, KeyError> {
+    if path.exists() {
+        return read_secret_file(path);
+    }
+    let io = |source| KeyError::Io { path: path.into(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut key = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+    write_private(path, format!("{}\n", hex::encode(key)).as_bytes())?;
+    Ok(PreSharedKey::new(key))
+}
+
+/// Name of the file `--private` keeps the cluster secret in (data dir).
+pub const SECRET_FILE: &str = "cluster.key";
 
 /// Reads a cluster secret from a file (see [`parse_secret`]); the file must
 /// be private to its owner.
@@ -138,6 +174,18 @@ mod tests {
         assert!(matches!(e, KeyError::LoosePermissions(_, 0o644)) && e.to_string().contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(read_secret_file(&path).is_ok());
+    }
+
+    #[test]
+    fn private_clusters_keep_their_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d").join(SECRET_FILE);
+        let a = load_or_create_secret(&path).unwrap();
+        let b = load_or_create_secret(&path).unwrap();
+        assert_eq!(secret_bytes(&a), secret_bytes(&b));
+        assert_eq!(PreSharedKey::new(secret_bytes(&a)).fingerprint().to_string(), a.fingerprint().to_string());
+        let other = load_or_create_secret(&dir.path().join("e").join(SECRET_FILE)).unwrap();
+        assert_ne!(secret_bytes(&a), secret_bytes(&other));
     }
 
     #[test]

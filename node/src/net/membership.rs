@@ -18,6 +18,8 @@ use fogmesh_protocols::{Capabilities, LoadReport, ShardLoad};
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
+use super::reach::LinkKind;
+
 /// Consecutive failed pings after which the swarm task closes a connection.
 pub const MAX_PING_FAILURES: u32 = 2;
 
@@ -56,6 +58,7 @@ struct Entry {
     connections: u32,
     sources: BTreeSet<Source>,
     agent: Option<String>,
+    link: Option<LinkKind>,
 }
 
 /// A peer in the view, in the form the CLI and HTTP status print.
@@ -91,6 +94,10 @@ pub struct PeerInfo {
     /// Tokens per second its shards processed (from its last load report).
     #[serde(default)]
     pub tokens_per_s: f32,
+    /// How this node reaches it now: `direct`, `hole-punched` or `relayed`
+    /// (absent without a connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkKind>,
 }
 
 /// The live view of the mesh.
@@ -133,6 +140,7 @@ impl Membership {
             connections: 0,
             sources: BTreeSet::new(),
             agent: None,
+            link: None,
         }))
     }
 
@@ -145,6 +153,13 @@ impl Membership {
             if let Some(a) = addr {
                 push_addr(&mut e.addrs, a);
             }
+        }
+    }
+
+    /// How this node reaches `peer` now.
+    pub fn set_link(&mut self, peer: PeerId, link: Option<LinkKind>) {
+        if let Some(e) = self.peers.get_mut(&peer) {
+            e.link = link;
         }
     }
 
@@ -274,6 +289,7 @@ impl Membership {
                     agent: e.agent.clone(),
                     models: caps.map(|c| c.models.iter().map(hex::encode).collect()).unwrap_or_default(),
                     tokens_per_s: e.load.iter().map(|s| s.tokens_per_s).sum(),
+                    link: e.link,
                 }
             })
             .collect()

@@ -1,0 +1,276 @@
+//! Reachability: whether this peer can be dialed from outside (AutoNAT's
+//! verdict), the relays it holds a reservation on while it cannot, and the
+//! kind of each link (direct, direct after a hole punch, relayed).
+//! Sans-I/O: the swarm task feeds it events with the current time and
+//! performs the dials and listens it asks for; tests drive it with a fake
+//! clock.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// Relays a peer behind NAT keeps a reservation on at once.
+pub const MAX_RELAYS: usize = 2;
+/// First wait before retrying a reservation that failed (doubling).
+pub const MIN_RETRY: Duration = Duration::from_secs(2);
+/// Longest wait between reservation attempts on one relay.
+pub const MAX_RETRY: Duration = Duration::from_secs(60);
+/// Relay candidates remembered at most.
+pub const MAX_CANDIDATES: usize = 64;
+
+/// Whether this peer can be reached from outside, as AutoNAT found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Nat {
+    /// Not probed yet (or no peer could probe it).
+    #[default]
+    Unknown,
+    /// Peers dialed it back: it can serve as a relay.
+    Public,
+    /// Dial-backs failed: behind NAT or a firewall; it reserves relay slots.
+    Private,
+}
+
+/// How this peer reaches another one now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkKind {
+    /// A direct connection (the LAN, a routed network, a public address).
+    Direct,
+    /// A direct connection made by hole punching through NAT.
+    HolePunched,
+    /// Only through a relay peer's circuit.
+    Relayed,
+}
+
+impl LinkKind {
+    /// The name the status view prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Direct => "direct",
+            LinkKind::HolePunched => "hole-punched",
+            LinkKind::Relayed => "relayed",
+        }
+    }
+}
+
+/// Whether `addr` goes through a relay.
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// A relay this peer may reserve a slot on.
+#[derive(Debug, Clone)]
+struct Relay {
+    /// Where we reached it directly.
+    addr: Multiaddr,
+    /// A reservation asked for or held.
+    listening: bool,
+    /// Whether the relay accepted it.
+    reserved: bool,
+    next_try: Instant,
+    backoff: Duration,
+}
+
+/// The reachability state of one peer.
+#[derive(Debug)]
+pub struct Reach {
+    nat: Nat,
+    relays: BTreeMap<PeerId, Relay>,
+    /// Open connections: to whom, and whether through a relay.
+    conns: HashMap<ConnectionId, (PeerId, bool)>,
+    /// Peers whose direct connection came from a hole punch.
+    punched: HashSet<PeerId>,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Reach {
+    /// Nothing known yet.
+    pub fn new() -> Self {
+        Reach { nat: Nat::Unknown, relays: BTreeMap::new(), conns: HashMap::new(), punched: HashSet::new() }
+    }
+
+    /// AutoNAT's latest verdict.
+    pub fn nat(&self) -> Nat {
+        self.nat
+    }
+
+    /// AutoNAT changed its verdict.
+    pub fn set_nat(&mut self, nat: Nat, now: Instant) {
+        self.nat = nat;
+        if nat == Nat::Private {
+            for r in self.relays.values_mut() {
+                r.next_try = r.next_try.min(now);
+            }
+        }
+    }
+
+    /// A connection opened: `addr` is the address we dialed (None when the
+    /// peer dialed us), `relayed` whether it runs through a relay.
+    pub fn connected(&mut self, id: ConnectionId, peer: PeerId, addr: Option<&Multiaddr>, relayed: bool, now: Instant) {
+        self.conns.insert(id, (peer, relayed));
+        // A peer we could dial directly ourselves is a relay candidate; the
+        // relay itself refuses reservations until it knows it is public.
+        let Some(addr) = addr.filter(|_| !relayed) else { return };
+        if self.relays.len() < MAX_CANDIDATES || self.relays.contains_key(&peer) {
+            let base: Multiaddr = addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+            self.relays
+                .entry(peer)
+                .and_modify(|r| r.addr = base.clone())
+                .or_insert(Relay { addr: base, listening: false, reserved: false, next_try: now, backoff: MIN_RETRY });
+        }
+    }
+
+    /// A connection closed.
+    pub fn closed(&mut self, id: ConnectionId) {
+        if let Some((peer, _)) = self.conns.remove(&id) {
+            if !self.conns.values().any(|(p, _)| *p == peer) {
+                self.punched.remove(&peer);
+            }
+        }
+    }
+
+    /// A hole punch to `peer` succeeded; returns the relayed connections to
+    /// it, which the caller closes so that traffic moves to the direct one.
+    pub fn hole_punched(&mut self, peer: PeerId) -> Vec<ConnectionId> {
+        self.punched.insert(peer);
+        self.conns.iter().filter(|(_, (p, relayed))| *p == peer && *relayed).map(|(id, _)| *id).collect()
+    }
+
+    /// How this peer reaches `peer` now (None without a connection).
+    pub fn link(&self, peer: &PeerId) -> Option<LinkKind> {
+        let mut relayed = false;
+        for (p, r) in self.conns.values() {
+            if p == peer {
+                if !*r {
+                    return Some(if self.punched.contains(peer) { LinkKind::HolePunched } else { LinkKind::Direct });
+                }
+                relayed = true;
+            }
+        }
+        relayed.then_some(LinkKind::Relayed)
+    }
+
+    /// The relay addresses to listen on now (`/…/p2p/RELAY/p2p-circuit`):
+    /// while AutoNAT says private, up to [`MAX_RELAYS`] reservations, each
+    /// relay retried with backoff after a failure.
+    pub fn due(&mut self, now: Instant, connected: impl Fn(&PeerId) -> bool) -> Vec<(PeerId, Multiaddr)> {
+        if self.nat != Nat::Private {
+            return Vec::new();
+        }
+        let held = self.relays.values().filter(|r| r.listening).count();
+        let mut out = Vec::new();
+        for (peer, r) in self.relays.iter_mut() {
+            if held + out.len() >= MAX_RELAYS {
+                break;
+            }
+            if r.listening || r.next_try > now || !connected(peer) {
+                continue;
+            }
+            r.listening = true;
+            r.next_try = now + r.backoff;
+            r.backoff = (r.backoff * 2).min(MAX_RETRY);
+            out.push((*peer, r.addr.clone().with(Protocol::P2p(*peer)).with(Protocol::P2pCircuit)));
+        }
+        out
+    }
+
+    /// The relay accepted our reservation.
+    pub fn reserved(&mut self, relay: PeerId) {
+        if let Some(r) = self.relays.get_mut(&relay) {
+            r.reserved = true;
+            r.backoff = MIN_RETRY;
+        }
+    }
+
+    /// Our reservation on `relay` ended or was refused: it may be tried
+    /// again after its backoff.
+    pub fn reservation_lost(&mut self, relay: PeerId) {
+        if let Some(r) = self.relays.get_mut(&relay) {
+            r.listening = false;
+            r.reserved = false;
+        }
+    }
+
+    /// Relays holding a reservation for us.
+    pub fn reservations(&self) -> Vec<PeerId> {
+        self.relays.iter().filter(|(_, r)| r.reserved).map(|(p, _)| *p).collect()
+    }
+
+    /// The relay a circuit listen address goes through.
+    pub fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+        let mut last = None;
+        for p in addr.iter() {
+            match p {
+                Protocol::P2p(id) => last = Some(id),
+                Protocol::P2pCircuit => return last,
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(i: usize) -> ConnectionId {
+        ConnectionId::new_unchecked(i)
+    }
+
+    #[test]
+    fn a_private_peer_reserves_on_peers_it_dialed_and_retries_with_backoff() {
+        let t = Instant::now();
+        let mut r = Reach::new();
+        let (relay, other) = (PeerId::random(), PeerId::random());
+        let addr: Multiaddr = format!("/ip4/10.88.0.1/tcp/4001/p2p/{relay}").parse().unwrap();
+        r.connected(conn(1), relay, Some(&addr), false, t);
+        r.connected(conn(2), other, None, false, t);
+        assert!(r.due(t, |_| true).is_empty(), "no reservation while AutoNAT has not said private");
+        r.set_nat(Nat::Private, t);
+        let due = r.due(t, |_| true);
+        assert_eq!(due.len(), 1, "only the peer we dialed is a relay candidate: {due:?}");
+        assert_eq!(due[0].1.to_string(), format!("/ip4/10.88.0.1/tcp/4001/p2p/{relay}/p2p-circuit"));
+        assert_eq!(Reach::relay_of(&due[0].1), Some(relay));
+        assert!(r.due(t + MAX_RETRY, |_| true).is_empty(), "one listen at a time per relay");
+        // Refused (the relay is not public yet): retried after the backoff.
+        r.reservation_lost(relay);
+        assert!(r.due(t + Duration::from_secs(1), |_| true).is_empty());
+        assert_eq!(r.due(t + MIN_RETRY, |_| true).len(), 1);
+        r.reserved(relay);
+        assert_eq!(r.reservations(), vec![relay]);
+        // Not while disconnected from it.
+        r.reservation_lost(relay);
+        assert!(r.due(t + MAX_RETRY * 4, |_| false).is_empty());
+    }
+
+    #[test]
+    fn link_kinds_follow_connections_and_hole_punches() {
+        let mut r = Reach::new();
+        let p = PeerId::random();
+        let circuit: Multiaddr = format!("/ip4/10.88.0.1/tcp/4001/p2p/{}/p2p-circuit/p2p/{p}", PeerId::random()).parse().unwrap();
+        assert!(is_relayed(&circuit));
+        assert_eq!(r.link(&p), None);
+        r.connected(conn(1), p, Some(&circuit), true, Instant::now());
+        assert_eq!(r.link(&p), Some(LinkKind::Relayed));
+        assert!(r.relays.is_empty(), "a peer reached through a relay is no relay candidate");
+        r.connected(conn(2), p, None, false, Instant::now());
+        assert_eq!(r.hole_punched(p), vec![conn(1)], "the relayed connection is to close");
+        r.closed(conn(1));
+        assert_eq!(r.link(&p), Some(LinkKind::HolePunched));
+        r.closed(conn(2));
+        assert_eq!(r.link(&p), None);
+        r.connected(conn(3), p, None, false, Instant::now());
+        assert_eq!(r.link(&p), Some(LinkKind::Direct), "a new connection after the punch is plain direct");
+    }
+}
