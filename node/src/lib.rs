@@ -12,8 +12,8 @@
 //! ## Layout
 //! - `cli.rs` (+ `cli/`): the `fogmesh` command line: clap definitions,
 //!   shared flags and dispatch; one file per command: `generate.rs`,
-//!   `score.rs`, `bench.rs`, `node.rs`, `peers.rs`, `status.rs`, `run.rs`,
-//!   `demo.rs`.
+//!   `score.rs`, `bench.rs`, `node.rs`, `invite.rs`, `peers.rs`,
+//!   `status.rs`, `run.rs`, `demo.rs`.
 //! - `cluster.rs`: peer processes on this host (demo, tests, benchmarks).
 //! - `client.rs`: the HTTP client side of the API (`fogmesh run`, `status`,
 //!   local clusters): a node's address, GETs, streamed generations.
@@ -31,7 +31,10 @@
 //!   traffic), `keys.rs` (identity and cluster secret), `behaviour.rs` (the
 //!   transport and behaviours), `event_loop.rs` (the swarm task),
 //!   `dialer.rs` (redial backoff, sans-I/O), `gossip.rs` (gossip
-//!   validation), `types.rs` (public types and the handle).
+//!   validation), `handle.rs` (public types and the handle), `reach.rs`
+//!   (AutoNAT verdict, relay reservations, link kinds; sans-I/O),
+//!   `relaying.rs` (the swarm task's side of relays, hole punches and
+//!   invites), `invite.rs` (invite tokens).
 //! - `config.rs`: `FOGMESH_*` variables and the TOML config file, both
 //!   mirroring the flags.
 //! - `fetch.rs`: obtaining the default model through pip, verified by SHA-256.

@@ -285,6 +285,7 @@ impl Runner {
                     self.swarm.close_connection(connection_id);
                     return;
                 }
+                self.reach.observed(&info.observed_addr, &self.listen_addrs, now);
                 let remote = self.remotes.get(&peer_id);
                 let addrs: Vec<Multiaddr> =
                     info.listen_addrs.iter().filter(|a| dialable(a, remote)).take(16).cloned().collect();

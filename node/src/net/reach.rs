@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 /// Relays a peer behind NAT keeps a reservation on at once.
 pub const MAX_RELAYS: usize = 2;
 /// First wait before retrying a reservation that failed (doubling).
-pub const MIN_RETRY: Duration = Duration::from_secs(2);
+pub const MIN_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between reservation attempts on one relay.
 pub const MAX_RETRY: Duration = Duration::from_secs(60);
 /// Relay candidates remembered at most.
@@ -63,6 +63,14 @@ pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
+fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
+}
+
 /// A relay this peer may reserve a slot on.
 #[derive(Debug, Clone)]
 struct Relay {
@@ -85,6 +93,8 @@ pub struct Reach {
     conns: HashMap<ConnectionId, (PeerId, bool)>,
     /// Peers whose direct connection came from a hole punch.
     punched: HashSet<PeerId>,
+    /// A peer saw us at an address that is none of ours: a NAT rewrote it.
+    translated: bool,
 }
 
 impl Default for Reach {
@@ -96,7 +106,7 @@ impl Default for Reach {
 impl Reach {
     /// Nothing known yet.
     pub fn new() -> Self {
-        Reach { nat: Nat::Unknown, relays: BTreeMap::new(), conns: HashMap::new(), punched: HashSet::new() }
+        Reach { nat: Nat::Unknown, relays: BTreeMap::new(), conns: HashMap::new(), punched: HashSet::new(), translated: false }
     }
 
     /// AutoNAT's latest verdict.
@@ -111,6 +121,24 @@ impl Reach {
             for r in self.relays.values_mut() {
                 r.next_try = r.next_try.min(now);
             }
+        }
+    }
+
+    /// A peer told us (identify) the address it sees us at; `ours` are our
+    /// listen addresses. An IP that is none of ours means a NAT rewrote
+    /// it: until AutoNAT has a verdict (its dial-backs to a silent NAT
+    /// take a dial timeout), that is reason enough to reserve a relay slot.
+    pub fn observed(&mut self, seen: &Multiaddr, ours: &[Multiaddr], now: Instant) {
+        if is_relayed(seen) || self.translated {
+            return;
+        }
+        let Some(ip) = ip_of(seen) else { return };
+        if ip.is_loopback() || ip.is_unspecified() || ours.iter().any(|a| ip_of(a) == Some(ip)) {
+            return;
+        }
+        self.translated = true;
+        for r in self.relays.values_mut() {
+            r.next_try = r.next_try.min(now);
         }
     }
 
@@ -143,6 +171,11 @@ impl Reach {
     /// it, which the caller closes so that traffic moves to the direct one.
     pub fn hole_punched(&mut self, peer: PeerId) -> Vec<ConnectionId> {
         self.punched.insert(peer);
+        // Behind NAT itself: no relay for us (its direct connection came
+        // from our dial, which made it look like a candidate).
+        if self.relays.get(&peer).is_some_and(|r| !r.listening) {
+            self.relays.remove(&peer);
+        }
         self.conns.iter().filter(|(_, (p, relayed))| *p == peer && *relayed).map(|(id, _)| *id).collect()
     }
 
@@ -161,10 +194,12 @@ impl Reach {
     }
 
     /// The relay addresses to listen on now (`/…/p2p/RELAY/p2p-circuit`):
-    /// while AutoNAT says private, up to [`MAX_RELAYS`] reservations, each
+    /// while AutoNAT says private (or, before its verdict, a peer saw our
+    /// address rewritten by a NAT), up to [`MAX_RELAYS`] reservations, each
     /// relay retried with backoff after a failure.
     pub fn due(&mut self, now: Instant, connected: impl Fn(&PeerId) -> bool) -> Vec<(PeerId, Multiaddr)> {
-        if self.nat != Nat::Private {
+        let behind = self.nat == Nat::Private || (self.nat == Nat::Unknown && self.translated);
+        if !behind {
             return Vec::new();
         }
         let held = self.relays.values().filter(|r| r.listening).count();
@@ -237,6 +272,9 @@ mod tests {
         r.connected(conn(1), relay, Some(&addr), false, t);
         r.connected(conn(2), other, None, false, t);
         assert!(r.due(t, |_| true).is_empty(), "no reservation while AutoNAT has not said private");
+        let ours: Vec<Multiaddr> = vec!["/ip4/10.88.2.1/tcp/4001".parse().unwrap(), "/ip4/127.0.0.1/tcp/4001".parse().unwrap()];
+        r.observed(&"/ip4/10.88.2.1/tcp/4001".parse().unwrap(), &ours, t);
+        assert!(r.due(t, |_| true).is_empty(), "seen at our own address: no NAT");
         r.set_nat(Nat::Private, t);
         let due = r.due(t, |_| true);
         assert_eq!(due.len(), 1, "only the peer we dialed is a relay candidate: {due:?}");
@@ -252,6 +290,20 @@ mod tests {
         // Not while disconnected from it.
         r.reservation_lost(relay);
         assert!(r.due(t + MAX_RETRY * 4, |_| false).is_empty());
+    }
+
+    #[test]
+    fn an_address_rewritten_by_a_nat_reserves_before_autonat_says_so_unless_it_says_public() {
+        let t = Instant::now();
+        let mut r = Reach::new();
+        let relay = PeerId::random();
+        r.connected(conn(1), relay, Some(&"/ip4/10.88.0.1/tcp/4001".parse().unwrap()), false, t);
+        let ours: Vec<Multiaddr> = vec!["/ip4/10.88.2.1/tcp/4001".parse().unwrap()];
+        r.observed(&"/ip4/10.88.0.2/tcp/4001".parse().unwrap(), &ours, t);
+        assert_eq!(r.due(t, |_| true).len(), 1, "a NAT rewrote our address");
+        r.reservation_lost(relay);
+        r.set_nat(Nat::Public, t);
+        assert!(r.due(t + MAX_RETRY, |_| true).is_empty(), "reachable after all: no relay needed");
     }
 
     #[test]

@@ -143,15 +143,20 @@ impl Runner {
 
     /// This node's invite: its secret and where it can be reached —
     /// confirmed public addresses, then relayed ones, then its other
-    /// listen addresses (loopback last), each ending in its peer id.
+    /// listen addresses, each ending in its peer id.
     pub(super) fn invite(&self) -> Invite {
         let me = *self.swarm.local_peer_id();
         let mut addrs: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
         let (relayed, direct): (Vec<&Multiaddr>, Vec<&Multiaddr>) = self.listen_addrs.iter().partition(|a| is_relayed(a));
         addrs.extend(relayed.into_iter().cloned());
+        // Loopback only for a node with no other address (another host's
+        // 127.0.0.1 is that host itself).
         let (lo, other): (Vec<&Multiaddr>, Vec<&Multiaddr>) = direct.into_iter().partition(|a| is_loopback(a));
+        let only_loopback = other.is_empty() && addrs.is_empty();
         addrs.extend(other.into_iter().cloned());
-        addrs.extend(lo.into_iter().cloned());
+        if only_loopback {
+            addrs.extend(lo.into_iter().cloned());
+        }
         let mut out: Vec<Multiaddr> = Vec::new();
         for a in addrs {
             let a = match a.iter().last() {
