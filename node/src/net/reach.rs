@@ -91,6 +91,8 @@ pub struct Reach {
     relays: BTreeMap<PeerId, Relay>,
     /// Open connections: to whom, and whether through a relay.
     conns: HashMap<ConnectionId, (PeerId, bool)>,
+    /// The open connections we dialed.
+    dialed: HashSet<ConnectionId>,
     /// Peers whose direct connection came from a hole punch.
     punched: HashSet<PeerId>,
     /// A peer saw us at an address that is none of ours: a NAT rewrote it.
@@ -106,7 +108,7 @@ impl Default for Reach {
 impl Reach {
     /// Nothing known yet.
     pub fn new() -> Self {
-        Reach { nat: Nat::Unknown, relays: BTreeMap::new(), conns: HashMap::new(), punched: HashSet::new(), translated: false }
+        Reach { nat: Nat::Unknown, relays: BTreeMap::new(), conns: HashMap::new(), dialed: HashSet::new(), punched: HashSet::new(), translated: false }
     }
 
     /// AutoNAT's latest verdict.
@@ -146,6 +148,9 @@ impl Reach {
     /// peer dialed us), `relayed` whether it runs through a relay.
     pub fn connected(&mut self, id: ConnectionId, peer: PeerId, addr: Option<&Multiaddr>, relayed: bool, now: Instant) {
         self.conns.insert(id, (peer, relayed));
+        if addr.is_some() {
+            self.dialed.insert(id);
+        }
         // A peer we could dial directly ourselves is a relay candidate; the
         // relay itself refuses reservations until it knows it is public.
         let Some(addr) = addr.filter(|_| !relayed) else { return };
@@ -160,6 +165,7 @@ impl Reach {
 
     /// A connection closed.
     pub fn closed(&mut self, id: ConnectionId) {
+        self.dialed.remove(&id);
         if let Some((peer, _)) = self.conns.remove(&id) {
             if !self.conns.values().any(|(p, _)| *p == peer) {
                 self.punched.remove(&peer);
@@ -177,6 +183,18 @@ impl Reach {
             self.relays.remove(&peer);
         }
         self.conns.iter().filter(|(_, (p, relayed))| *p == peer && *relayed).map(|(id, _)| *id).collect()
+    }
+
+    /// We dialed `peer` back for its AutoNAT probe, and it worked: the
+    /// connection that dial made (our newest dialed one to it), to close
+    /// unless it is the only one (a probe should not leave a second
+    /// connection behind).
+    pub fn dial_back_done(&self, peer: &PeerId) -> Option<ConnectionId> {
+        let to_peer: Vec<ConnectionId> = self.conns.iter().filter(|(_, (p, _))| p == peer).map(|(id, _)| *id).collect();
+        if to_peer.len() < 2 {
+            return None;
+        }
+        to_peer.into_iter().filter(|id| self.dialed.contains(id)).max()
     }
 
     /// How this peer reaches `peer` now (None without a connection).
@@ -283,7 +301,7 @@ mod tests {
         assert!(r.due(t + MAX_RETRY, |_| true).is_empty(), "one listen at a time per relay");
         // Refused (the relay is not public yet): retried after the backoff.
         r.reservation_lost(relay);
-        assert!(r.due(t + Duration::from_secs(1), |_| true).is_empty());
+        assert!(r.due(t + MIN_RETRY / 2, |_| true).is_empty());
         assert_eq!(r.due(t + MIN_RETRY, |_| true).len(), 1);
         r.reserved(relay);
         assert_eq!(r.reservations(), vec![relay]);
@@ -304,6 +322,18 @@ mod tests {
         r.reservation_lost(relay);
         r.set_nat(Nat::Public, t);
         assert!(r.due(t + MAX_RETRY, |_| true).is_empty(), "reachable after all: no relay needed");
+    }
+
+    #[test]
+    fn a_dial_back_leaves_no_second_connection() {
+        let mut r = Reach::new();
+        let p = PeerId::random();
+        r.connected(conn(1), p, None, false, Instant::now());
+        assert_eq!(r.dial_back_done(&p), None, "the only connection stays");
+        r.connected(conn(2), p, Some(&"/ip4/10.0.0.2/tcp/4001".parse().unwrap()), false, Instant::now());
+        assert_eq!(r.dial_back_done(&p), Some(conn(2)));
+        r.closed(conn(2));
+        assert_eq!(r.dial_back_done(&p), None);
     }
 
     #[test]

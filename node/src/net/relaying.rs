@@ -67,6 +67,13 @@ impl Runner {
     }
 
     pub(super) fn on_autonat(&mut self, ev: autonat::Event, now: Instant) {
+        if let autonat::Event::InboundProbe(autonat::InboundProbeEvent::Response { peer, .. }) = &ev {
+            // The probe is answered: its connection has done its job.
+            if let Some(id) = self.reach.dial_back_done(peer) {
+                self.swarm.close_connection(id);
+            }
+            return;
+        }
         let autonat::Event::StatusChanged { new, .. } = ev else { return };
         let nat = match &new {
             autonat::NatStatus::Public(addr) => {
