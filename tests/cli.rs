@@ -163,3 +163,65 @@ fn the_demo_ignores_the_callers_node_settings() {
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("peers stopped cleanly"), "{out}");
 }
+
+/// Invites on the command line (no model, no root): a private node and a
+/// node that joins it on loopback meet; bad tokens and conflicting flags
+/// are clear errors before anything starts.
+#[test]
+fn private_nodes_print_invites_and_bad_tokens_are_clear_errors() {
+    use fogmesh::node::mesh::Invite;
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    for (args, needle) in [
+        (vec!["node", "--join", "hello"], "not a fogmesh invite"),
+        (vec!["node", "--join", "fogmesh1.AAAA"], "damaged"),
+        (vec!["node", "--private", "--secret", &"ab".repeat(32)], "cannot be used with"),
+    ] {
+        let (ok, _, err) = fogmesh(&[&args[..], &["--http", "127.0.0.1:0", "--data-dir", &d("x")]].concat());
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let open = Invite { secret: None, addrs: vec!["/ip4/127.0.0.1/tcp/9".parse().unwrap()] }.encode();
+    let (ok, _, err) = fogmesh(&["node", "--join", &open, "--secret", &"ab".repeat(32), "--http", "127.0.0.1:0", "--data-dir", &d("y")]);
+    assert!(!ok && err.contains("open mesh"), "{err}");
+
+    // A private node prints its invite; `fogmesh invite` prints it again;
+    // the secret file stays the same across restarts.
+    let spawn = |extra: &[&str], data: &str, env: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fogmesh"));
+        c.args(["node", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--data-dir", data]).args(extra);
+        if let Some(t) = env {
+            c.env("FOGMESH_JOIN", t);
+        }
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let mut a = spawn(&["--private"], &d("a"), None);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(a.stdout.take().unwrap()));
+    let token = lines.find(|l| l.as_ref().is_ok_and(|l| l.starts_with("fogmesh1."))).unwrap().unwrap();
+    let invite = Invite::decode(&token).unwrap();
+    assert!(invite.secret.is_some() && !invite.addrs.is_empty());
+    let secret_file = std::fs::read_to_string(dir.path().join("a").join("cluster.key")).unwrap();
+    assert_eq!(secret_file.trim(), invite.secret.map(hex_of).unwrap());
+    let (ok, out, err) = fogmesh(&["invite", "--data-dir", &d("a")]);
+    assert!(ok, "{err}");
+    assert_eq!(Invite::decode(out.lines().last().unwrap()).unwrap().secret, invite.secret, "{out}");
+    // A node with the token joins: both see each other.
+    let mut b = spawn(&[], &d("b"), Some(&token));
+    let t0 = std::time::Instant::now();
+    loop {
+        let (ok, out, _) = fogmesh(&["peers", "--json", "--data-dir", &d("b")]);
+        if ok && out.contains("12D3") {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the invited node met nobody: {out}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn hex_of(b: [u8; 32]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

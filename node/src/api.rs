@@ -402,4 +402,46 @@ mod tests {
         let _ = server.await;
         mesh.shutdown().await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invites_go_to_local_clients_or_key_holders_only() {
+        use axum::extract::ConnectInfo;
+        use tower::ServiceExt;
+        let mesh = crate::mesh::Mesh::builder()
+            .mdns(false)
+            .secret(libp2p::pnet::PreSharedKey::new([9; 32]))
+            .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .start()
+            .await
+            .unwrap();
+        let ask = |access: Access, from: &str, key: Option<&str>| {
+            let router = router_with(mesh.net().clone(), None, access);
+            let mut req = Request::builder().uri(access::INVITE_PATH);
+            if let Some(k) = key {
+                req = req.header("authorization", format!("Bearer {k}"));
+            }
+            let mut req = req.body(Body::empty()).unwrap();
+            req.extensions_mut().insert(ConnectInfo(from.parse::<std::net::SocketAddr>().unwrap()));
+            async move {
+                let resp = router.oneshot(req).await.unwrap();
+                let status = resp.status();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        let (status, body) = ask(Access::default(), "127.0.0.1:5000", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let invite = crate::mesh::Invite::decode(v["token"].as_str().unwrap()).unwrap();
+        assert_eq!(invite.secret, Some([9; 32]));
+        assert!(invite.addrs.iter().all(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/")), "{:?}", invite.addrs);
+        assert!(invite.addrs.iter().all(|a| a.to_string().ends_with(&mesh.peer_id().to_string())));
+        let (status, body) = ask(Access::default(), "10.1.2.3:5000", None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "a remote client without a key gets no secret");
+        assert!(body.contains("local_only"), "{body}");
+        let keyed = Access { api_key: Some("k".into()), hosts: vec![] };
+        assert_eq!(ask(keyed.clone(), "10.1.2.3:5000", Some("k")).await.0, StatusCode::OK, "the key holder may ask from anywhere");
+        assert_eq!(ask(keyed, "10.1.2.3:5000", None).await.0, StatusCode::UNAUTHORIZED);
+        mesh.shutdown().await;
+    }
 }
