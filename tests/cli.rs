@@ -225,3 +225,27 @@ fn private_nodes_print_invites_and_bad_tokens_are_clear_errors() {
 fn hex_of(b: [u8; 32]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// `fogmesh fetch --list` names the catalogue; `fogmesh tokenize` prints
+/// ids (plain text never parses as control tokens unless `--special`); an
+/// unknown model name is a clear error. Needs the default model.
+#[test]
+fn the_catalogue_and_tokenize() {
+    let Some(model) = common::model_path() else { return };
+    let (ok, out, err) = fogmesh(&["fetch", "--list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("smollm2-135m") && out.contains("gemma3-270m"), "{out}");
+    let m = model.to_str().unwrap();
+    let v = json(&["tokenize", "--model", m, "--json", "The capital of France is"]);
+    assert_eq!(v["ids"], serde_json::json!([504, 3575, 282, 4649, 314]));
+    let plain = json(&["tokenize", "--model", m, "--json", "<|im_start|>user"]);
+    let special = json(&["tokenize", "--model", m, "--json", "--special", "<|im_start|>user"]);
+    assert_eq!(special["ids"][0], 1, "<|im_start|> parsed with --special: {special}");
+    assert_ne!(plain["ids"][0], 1, "and plain text without it: {plain}");
+    let (ok, out, _) = fogmesh(&["tokenize", "--model", m, "Hi"]);
+    assert!(ok && out.trim().split(' ').all(|t| t.parse::<u32>().is_ok()), "{out}");
+    let (ok, _, err) = fogmesh(&["tokenize", "--model", "no-such-model", "x"]);
+    assert!(!ok && err.contains("no catalogue name") && err.contains("gemma3-270m"), "{err}");
+    let (ok, _, err) = fogmesh(&["fetch", "no-such-model"]);
+    assert!(!ok && err.contains("fetch --list"), "{err}");
+}

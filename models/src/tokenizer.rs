@@ -1,9 +1,14 @@
 //! The tokenizer and chat template a GGUF file carries.
 //!
-//! Built with the `tokenizers` crate from `tokenizer.ggml.*` metadata: a
-//! GPT-2-style byte-level BPE with the pre-tokenizer the file names
-//! (`tokenizer.ggml.pre`), special tokens from the token types, and the
-//! file's own Jinja chat template rendered by `minijinja`.
+//! From `tokenizer.ggml.*` metadata, one of two kinds: a GPT-2-style
+//! byte-level BPE (`gpt2`), built with the `tokenizers` crate with the
+//! pre-tokenizer the file names (`tokenizer.ggml.pre`); or a
+//! SentencePiece-style vocabulary with scores and byte fallback (`llama`:
+//! Llama 1/2, Mistral, Gemma), in `spm.rs`. Special tokens come from the
+//! token types; the chat template is the file's own Jinja template rendered
+//! by `minijinja`, or the family's known one when the file has none.
+
+mod spm;
 
 use serde::Serialize;
 use tokenizers::models::bpe::BPE;
@@ -16,16 +21,38 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 use crate::error::{ModelError, Result};
 use crate::gguf::Gguf;
 
-/// GGUF token type of control tokens.
-const TOKEN_CONTROL: i64 = 3;
-/// GGUF token type of user-defined tokens.
-const TOKEN_USER_DEFINED: i64 = 4;
+use spm::{Spm, TYPE_CONTROL as TOKEN_CONTROL, TYPE_USER_DEFINED as TOKEN_USER_DEFINED};
 
 /// The Llama-3 pre-tokenizer split pattern.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Texts of special tokens that end a generation wherever a file has them.
-const END_OF_GENERATION: &[&str] = &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|end_of_text|>"];
+const END_OF_GENERATION: &[&str] = &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|end_of_text|>", "<end_of_turn>"];
+
+/// Gemma's chat format, for Gemma files that carry no template: turns
+/// `user` and `model`, a system message folded into the first user turn
+/// (Gemma has no system role); BOS comes from the tokenizer, not the text.
+const GEMMA_TEMPLATE: &str = concat!(
+    "{%- set ns = namespace(system='') -%}",
+    "{%- for m in messages -%}",
+    "{%- if m.role == 'system' -%}{%- set ns.system = ns.system ~ m.content ~ '\n\n' -%}",
+    "{%- else -%}",
+    "{{- '<start_of_turn>' ~ ('model' if m.role == 'assistant' else m.role) ~ '\n' ~ (ns.system if m.role == 'user' else '') ~ m.content ~ '<end_of_turn>\n' -}}",
+    "{%- if m.role == 'user' -%}{%- set ns.system = '' -%}{%- endif -%}",
+    "{%- endif -%}",
+    "{%- endfor -%}",
+    "{{- '<start_of_turn>model\n' -}}",
+);
+
+/// How text becomes ids.
+#[derive(Debug, Clone)]
+enum Backend {
+    /// Byte-level BPE: `inner` reads control-token texts as their ids,
+    /// `plain` as plain text.
+    Bpe { inner: Box<tokenizers::Tokenizer>, plain: Box<tokenizers::Tokenizer> },
+    /// SentencePiece-style.
+    Spm(Box<Spm>),
+}
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -46,10 +73,7 @@ impl ChatMessage {
 /// Text to token ids and back, as the model file defines it.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    /// The same tokenizer, but reading control-token texts as plain text
-    /// (for chat message contents).
-    plain: tokenizers::Tokenizer,
+    backend: Backend,
     /// Texts of the control tokens.
     controls: Vec<String>,
     bos: Option<u32>,
@@ -59,7 +83,8 @@ pub struct Tokenizer {
     tokens: Vec<String>,
     chat_template: Option<String>,
     /// Bytes the vocabulary has no token for (byte-level BPE maps each byte
-    /// to a character; a vocabulary may lack some).
+    /// to a character, SentencePiece has byte tokens; a vocabulary may lack
+    /// some).
     dropped: [bool; 256],
 }
 
@@ -81,9 +106,9 @@ impl Tokenizer {
     /// Builds the tokenizer described by the file's metadata.
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let model = g.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(ModelError::Unsupported(format!(
-                "tokenizer model `{model}` (only gpt2-style byte-level BPE is supported)"
+                "tokenizer model `{model}` (supported: `gpt2` byte-level BPE and `llama` SentencePiece-style vocabularies)"
             )));
         }
         let meta = |key: &str, problem: String| ModelError::Metadata { key: key.into(), problem };
@@ -105,6 +130,66 @@ impl Tokenizer {
         if types.len() != tokens.len() {
             return Err(meta("tokenizer.ggml.token_type", format!("{} types for {} tokens", types.len(), tokens.len())));
         }
+        let flag = |key: &str, default: bool| g.metadata.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
+        let (backend, dropped) = if model == "llama" {
+            let scores: Vec<f32> = match g.metadata.get("tokenizer.ggml.scores") {
+                Some(_) => g
+                    .get_array("tokenizer.ggml.scores")?
+                    .iter()
+                    .map(|v| v.as_f64().map(|x| x as f32))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| meta("tokenizer.ggml.scores", "holds a non-number".into()))?,
+                None => vec![0.0; tokens.len()],
+            };
+            if scores.len() != tokens.len() {
+                return Err(meta("tokenizer.ggml.scores", format!("{} scores for {} tokens", scores.len(), tokens.len())));
+            }
+            let spm = Spm::new(tokens.clone(), types.clone(), scores, flag("tokenizer.ggml.add_space_prefix", true));
+            let mut dropped = [false; 256];
+            for (b, d) in dropped.iter_mut().enumerate() {
+                *d = spm.drops_byte(b as u8);
+            }
+            (Backend::Spm(Box::new(spm)), dropped)
+        } else {
+            Self::bpe(g, &tokens, &types)?
+        };
+        let id_key = |key: &str| -> Result<Option<u32>> {
+            match g.metadata.get(key) {
+                None => Ok(None),
+                Some(_) => {
+                    let id = g.get_usize(key)?;
+                    if id >= tokens.len() {
+                        return Err(meta(key, format!("token id {id} is outside the vocabulary")));
+                    }
+                    Ok(Some(id as u32))
+                }
+            }
+        };
+        let bos = id_key("tokenizer.ggml.bos_token_id")?;
+        let eos = id_key("tokenizer.ggml.eos_token_id")?;
+        // llama.cpp's defaults: SentencePiece vocabularies add BOS unless told not to.
+        let add_bos = flag("tokenizer.ggml.add_bos_token", model == "llama");
+        let mut end_ids: Vec<u32> = eos.into_iter().collect();
+        for (i, t) in tokens.iter().enumerate() {
+            if types[i] == TOKEN_CONTROL && END_OF_GENERATION.contains(&t.as_str()) && !end_ids.contains(&(i as u32)) {
+                end_ids.push(i as u32);
+            }
+        }
+        let family = g.metadata.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("");
+        let chat_template = g
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .or_else(|| family.starts_with("gemma").then(|| GEMMA_TEMPLATE.to_string()));
+        let controls: Vec<String> =
+            tokens.iter().zip(&types).filter(|(_, t)| **t == TOKEN_CONTROL).map(|(s, _)| s.clone()).collect();
+        Ok(Tokenizer { backend, controls, bos, eos, add_bos, end_ids, tokens, chat_template, dropped })
+    }
+
+    /// The byte-level BPE of a `gpt2` vocabulary, and the bytes it lacks.
+    fn bpe(g: &Gguf, tokens: &[String], types: &[i64]) -> Result<(Backend, [bool; 256])> {
+        let meta = |key: &str, problem: String| ModelError::Metadata { key: key.into(), problem };
         let merges: Vec<(String, String)> = g
             .get_array("tokenizer.ggml.merges")?
             .iter()
@@ -139,35 +224,11 @@ impl Tokenizer {
         inner.with_decoder(Some(ByteLevel::default()));
         let specials: Vec<AddedToken> = tokens
             .iter()
-            .zip(&types)
+            .zip(types)
             .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
             .map(|(s, t)| AddedToken::from(s.clone(), *t == TOKEN_CONTROL))
             .collect();
         inner.add_special_tokens(specials).map_err(tok_err)?;
-        let id_key = |key: &str| -> Result<Option<u32>> {
-            match g.metadata.get(key) {
-                None => Ok(None),
-                Some(_) => {
-                    let id = g.get_usize(key)?;
-                    if id >= tokens.len() {
-                        return Err(meta(key, format!("token id {id} is outside the vocabulary")));
-                    }
-                    Ok(Some(id as u32))
-                }
-            }
-        };
-        let bos = id_key("tokenizer.ggml.bos_token_id")?;
-        let eos = id_key("tokenizer.ggml.eos_token_id")?;
-        let add_bos = g.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
-        let mut end_ids: Vec<u32> = eos.into_iter().collect();
-        for (i, t) in tokens.iter().enumerate() {
-            if types[i] == TOKEN_CONTROL && END_OF_GENERATION.contains(&t.as_str()) && !end_ids.contains(&(i as u32)) {
-                end_ids.push(i as u32);
-            }
-        }
-        let chat_template = g.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned);
-        let controls: Vec<String> =
-            tokens.iter().zip(&types).filter(|(_, t)| **t == TOKEN_CONTROL).map(|(s, _)| s.clone()).collect();
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
         let known: std::collections::HashSet<&str> = tokens.iter().map(String::as_str).collect();
@@ -175,19 +236,37 @@ impl Tokenizer {
         for (b, d) in dropped.iter_mut().enumerate() {
             *d = !known.contains(byte_char(b as u8).to_string().as_str());
         }
-        Ok(Tokenizer { inner, plain, controls, bos, eos, add_bos, end_ids, tokens, chat_template, dropped })
+        Ok((Backend::Bpe { inner: Box::new(inner), plain: Box::new(plain) }, dropped))
     }
 
     /// Token ids of `text`, with BOS first when the file asks for it.
     /// Special-token texts in `text` (e.g. `<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(tok_err)?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos {
-            ids.extend(self.bos);
-        }
-        ids.extend_from_slice(enc.get_ids());
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text`, with BOS first when the file asks for it;
+    /// control-token texts in it become their ids only when
+    /// `parse_special` (otherwise they are plain text).
+    pub fn encode_with(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = if self.add_bos { self.bos.into_iter().collect() } else { Vec::new() };
+        self.encode_into(text, parse_special, &mut ids)?;
         Ok(ids)
+    }
+
+    /// Appends the ids of `text` (no BOS).
+    fn encode_into(&self, text: &str, parse_special: bool, ids: &mut Vec<u32>) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Bpe { inner, plain } => {
+                let tok = if parse_special { inner } else { plain };
+                ids.extend_from_slice(tok.encode(text, false).map_err(tok_err)?.get_ids());
+            }
+            Backend::Spm(spm) => ids.extend(spm.encode(text, parse_special)),
+        }
+        Ok(())
     }
 
     /// The text of `ids`; special tokens are dropped when `skip_special`.
@@ -195,7 +274,16 @@ impl Tokenizer {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.tokens.len()) {
             return Err(ModelError::Tokenizer(format!("token id {bad} is outside the vocabulary")));
         }
-        self.inner.decode(ids, skip_special).map_err(tok_err)
+        match &self.backend {
+            Backend::Bpe { inner, .. } => inner.decode(ids, skip_special).map_err(tok_err),
+            Backend::Spm(spm) => {
+                let mut bytes = Vec::with_capacity(ids.len() * 4);
+                for &id in ids {
+                    spm.piece(id, skip_special, &mut bytes);
+                }
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+        }
     }
 
     /// Number of tokens in the vocabulary.
@@ -251,22 +339,16 @@ impl Tokenizer {
         let mut ids: Vec<u32> = if self.add_bos { self.bos.into_iter().collect() } else { Vec::new() };
         let mut pieces = text.split(MARK);
         let mut found = 0;
-        let push = |tok: &tokenizers::Tokenizer, s: &str, ids: &mut Vec<u32>| -> Result<()> {
-            if !s.is_empty() {
-                ids.extend_from_slice(tok.encode(s, false).map_err(tok_err)?.get_ids());
-            }
-            Ok(())
-        };
         if let Some(head) = pieces.next() {
-            push(&self.inner, head, &mut ids)?;
+            self.encode_into(head, true, &mut ids)?;
         }
         // After the head, pieces alternate: a message index, then template text.
         while let (Some(index), Some(after)) = (pieces.next(), pieces.next()) {
             let m = index.parse::<usize>().ok().and_then(|i| messages.get(i)).ok_or_else(|| {
                 ModelError::Template("the chat template changes message contents; cannot keep them apart".into())
             })?;
-            push(&self.plain, &m.content, &mut ids)?;
-            push(&self.inner, after, &mut ids)?;
+            self.encode_into(&m.content, false, &mut ids)?;
+            self.encode_into(after, true, &mut ids)?;
             found += 1;
         }
         if found == 0 {

