@@ -1,6 +1,7 @@
-//! The blocks of each architecture, one file each (`llama.rs`), and what
-//! they share: reading a layer's tensors ([`Loader`]), the per-session
-//! scratch buffers, and matrices stacked by rows.
+//! The blocks of each architecture, one file each (`llama.rs`,
+//! `gemma3.rs`), the [`Block`] that dispatches to them, and what they
+//! share: reading a layer's tensors ([`Loader`]), the per-session scratch
+//! buffers, and matrices stacked by rows.
 
 use std::io::{Read, Seek};
 
@@ -9,7 +10,59 @@ use crate::gguf::{Gguf, TensorInfo};
 use crate::pool::ThreadPool;
 use crate::quant::{ActBuf, Weights};
 
+pub(crate) mod gemma3;
 pub(crate) mod llama;
+
+use crate::config::{Family, LlamaConfig};
+
+/// What one block's forward pass works with besides its weights: the
+/// session's cache of this layer (`k`, `v`, appended to), the first new
+/// position, scratch buffers, the layer's RoPE table and attention window.
+pub(crate) struct Pass<'a> {
+    pub(crate) cfg: &'a LlamaConfig,
+    pub(crate) pool: &'a ThreadPool,
+    pub(crate) k: &'a mut Vec<f32>,
+    pub(crate) v: &'a mut Vec<f32>,
+    pub(crate) pos: usize,
+    pub(crate) s: &'a mut Scratch,
+    pub(crate) rope: &'a [(f32, f32)],
+    pub(crate) window: Option<usize>,
+}
+
+/// One transformer block of whichever architecture the file declares.
+#[derive(Debug)]
+pub(crate) enum Block {
+    /// Llama, Mistral, Granite.
+    Llama(llama::Layer),
+    /// Gemma 3.
+    Gemma3(gemma3::Layer),
+}
+
+impl Block {
+    /// Reads block `i`'s tensors.
+    pub(crate) fn load<R: Read + Seek>(ld: &mut Loader<'_, R>, cfg: &LlamaConfig, i: usize) -> Result<Block> {
+        Ok(match cfg.family {
+            Family::Llama => Block::Llama(llama::Layer::load(ld, cfg, i)?),
+            Family::Gemma3 => Block::Gemma3(gemma3::Layer::load(ld, cfg, i)?),
+        })
+    }
+
+    /// Bytes of weights it holds.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        match self {
+            Block::Llama(l) => l.memory_bytes(),
+            Block::Gemma3(l) => l.memory_bytes(),
+        }
+    }
+
+    /// Runs the block over `x` (`tokens` rows of the hidden width).
+    pub(crate) fn forward(&self, p: Pass<'_>, x: &mut [f32]) -> Result<()> {
+        match self {
+            Block::Llama(l) => l.forward(p, x),
+            Block::Gemma3(l) => l.forward(p, x),
+        }
+    }
+}
 
 /// Reads tensors of one file, keeping count of the bytes read.
 pub(crate) struct Loader<'a, R> {
@@ -79,6 +132,38 @@ pub(crate) struct Scratch {
     pub(crate) h: Vec<f32>,
     pub(crate) tmp: Vec<f32>,
     pub(crate) acts: ActBuf,
+}
+
+/// RMSNorm of every row (width `d`) of `src` into `out`.
+pub(crate) fn norm_rows(src: &[f32], w: &[f32], eps: f32, d: usize, out: &mut Vec<f32>) {
+    out.resize(src.len(), 0.0);
+    for (i, o) in src.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        crate::ops::rms_norm(i, w, eps, o);
+    }
+}
+
+/// The residual: `x += y`.
+pub(crate) fn add(x: &mut [f32], y: &[f32]) {
+    for (xv, o) in x.iter_mut().zip(y) {
+        *xv += o;
+    }
+}
+
+/// A gated feed-forward's middle: from rows `[gate | up]` of `2 * ffn`,
+/// `act(gate) * up` into `h`.
+pub(crate) fn gated(gu: &[f32], ffn: usize, act: fn(f32) -> f32, h: &mut Vec<f32>) {
+    h.resize(gu.len() / 2, 0.0);
+    for (row, out) in gu.chunks_exact(2 * ffn).zip(h.chunks_exact_mut(ffn)) {
+        let (g, u) = row.split_at(ffn);
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = act(g) * u;
+        }
+    }
+}
+
+/// Bytes held by a block's norm vectors and matrices.
+pub(crate) fn held_bytes(norms: &[&[f32]], matrices: &[&[Weights]]) -> usize {
+    4 * norms.iter().map(|v| v.len()).sum::<usize>() + matrices.iter().flat_map(|m| m.iter()).map(Weights::memory_bytes).sum::<usize>()
 }
 
 /// Multiplies `x` by matrices stacked by rows, writing `[tokens, width]` to `out`.

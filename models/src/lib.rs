@@ -26,7 +26,9 @@
 //!   head, dispatch through the blocks) and [`SessionCache`] (its KV cache for
 //!   one session).
 //! - `arch.rs` (+ `arch/`): the blocks, one file per architecture
-//!   (`llama.rs`), and what they share (tensor loader, scratch buffers).
+//!   (`llama.rs`: Llama, Mistral, Granite; `gemma3.rs`), the `Block` that
+//!   dispatches to them, and what they share (tensor loader, scratch
+//!   buffers, the `Pass` a block runs with).
 //! - `tokenizer.rs` (+ `tokenizer/`): [`Tokenizer`] and chat template from
 //!   metadata; `spm.rs` (the SentencePiece-style vocabulary of `llama`
 //!   tokenizer files, as llama.cpp reads it).
@@ -58,7 +60,7 @@ mod tokenizer;
 #[doc(hidden)]
 pub mod testing;
 
-pub use config::LlamaConfig;
+pub use config::{Family, LlamaConfig};
 pub use error::{ModelError, RequestError, RequestErrorKind, Result};
 pub use generate::{
     BoundaryHook, FinishReason, Generation, GenerationState, LocalModel, PREFILL_CHUNK, Step, Timings, uneven_ranges,

@@ -1,4 +1,4 @@
-//! The element-wise and attention operations of the Llama block.
+//! The element-wise and attention operations of the blocks.
 
 use crate::config::LlamaConfig;
 use crate::pool::ThreadPool;
@@ -43,6 +43,36 @@ pub(crate) fn rope(x: &mut [f32], table: &[(f32, f32)]) {
     }
 }
 
+/// Rotates the pairs `(x[i], x[i + half])` (GGUF Gemma weights, and
+/// llama.cpp's "NeoX" RoPE).
+#[inline]
+pub(crate) fn rope_neox(x: &mut [f32], table: &[(f32, f32)]) {
+    let half = x.len() / 2;
+    let (lo, hi) = x.split_at_mut(half);
+    for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(table) {
+        let (x0, x1) = (*a, *b);
+        *a = x0 * c - x1 * s;
+        *b = x0 * s + x1 * c;
+    }
+}
+
+/// GELU, tanh approximation, as llama.cpp's CPU backend computes it: the
+/// input rounded to f16, the result read from a table of f16 values
+/// (`GGML_GELU_FP16`); 0 below -10 and the identity above 10.
+#[inline]
+pub(crate) fn gelu(x: f32) -> f32 {
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let x = half::f16::from_f32(x).to_f32();
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh());
+    half::f16::from_f32(y).to_f32()
+}
+
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums let the compiler vectorize.
@@ -63,9 +93,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Causal grouped-query attention of `tokens` new queries over the cache.
 ///
-/// `qkv` holds `[tokens, qkv_w]` rows whose first `hidden` values are the
+/// `qkv` holds `[tokens, qkv_w]` rows whose first `q_dim` values are the
 /// queries; `k` and `v` hold the cache including the new tokens, whose first
-/// new position is `pos0`. Writes `[tokens, hidden]` to `out`.
+/// new position is `pos0`. With a `window`, a query sees only the last
+/// `window` positions (itself included). Writes `[tokens, q_dim]` to `out`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     pool: &ThreadPool,
@@ -75,12 +106,13 @@ pub(crate) fn attention(
     k: &[f32],
     v: &[f32],
     pos0: usize,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
-    let (hd, heads, kvd) = (cfg.head_dim, cfg.heads, cfg.kv_dim());
+    let (hd, heads, kvd, qd) = (cfg.head_dim, cfg.heads, cfg.kv_dim(), cfg.q_dim);
     let group = heads / cfg.kv_heads;
-    let tokens = out.len() / cfg.hidden;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let tokens = out.len() / qd;
+    let scale = cfg.attn_scale;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
     pool.run_split(tokens * heads, 1, &|a, b| {
@@ -91,11 +123,12 @@ pub(crate) fn attention(
         for i in a..b {
             let (t, h) = (i / heads, i % heads);
             let n = pos0 + t + 1;
+            let first = window.map_or(0, |w| n.saturating_sub(w));
             let q = &qkv[t * qkv_w + h * hd..t * qkv_w + (h + 1) * hd];
             let off = (h / group) * hd;
             scores.clear();
             let mut max = f32::NEG_INFINITY;
-            for j in 0..n {
+            for j in first..n {
                 let sc = dot(q, &k[j * kvd + off..j * kvd + off + hd]) * scale;
                 max = max.max(sc);
                 scores.push(sc);
@@ -106,9 +139,9 @@ pub(crate) fn attention(
                 sum += *sc as f64;
             }
             let inv = (1.0 / sum) as f32;
-            let o = &mut out[t * cfg.hidden + h * hd..t * cfg.hidden + (h + 1) * hd];
+            let o = &mut out[t * qd + h * hd..t * qd + (h + 1) * hd];
             o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
+            for (j, &p) in (first..n).zip(scores.iter()) {
                 let w = p * inv;
                 for (ov, &vv) in o.iter_mut().zip(&v[j * kvd + off..j * kvd + off + hd]) {
                     *ov += w * vv;

@@ -43,8 +43,8 @@ impl ModelProfile {
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(g)?;
         let size = |n: &str| g.tensors.get(n).map_or(0, |t| t.size);
-        let (d, kvd, ffn) = (cfg.hidden as u64, cfg.kv_dim() as u64, cfg.ffn as u64);
-        let matmul_params = d * d * 2 + d * kvd * 2 + 3 * d * ffn;
+        let (d, qd, kvd, ffn) = (cfg.hidden as u64, cfg.q_dim as u64, cfg.kv_dim() as u64, cfg.ffn as u64);
+        let matmul_params = d * qd * 2 + d * kvd * 2 + 3 * d * ffn;
         let layers = (0..cfg.layers)
             .map(|i| {
                 let prefix = format!("blk.{i}.");
@@ -53,7 +53,7 @@ impl ModelProfile {
                     layer: i,
                     weight_bytes,
                     flops_per_token: 2 * matmul_params,
-                    attention_flops_per_context_token: 4 * d,
+                    attention_flops_per_context_token: 4 * qd,
                     kv_bytes_per_token: 2 * kvd * 4,
                     activation_bytes_per_token: d * 4,
                 }

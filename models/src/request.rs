@@ -82,6 +82,12 @@ mod tests {
             eps: 1e-5,
             vocab: 100,
             context: 32,
+            q_dim: 8,
+            family: crate::config::Family::Llama,
+            window: None,
+            rope_base_local: 10000.0,
+            rope_scale: 1.0,
+            attn_scale: 0.5,
         }
     }
 

@@ -18,9 +18,8 @@ use std::sync::Arc;
 
 use tracing::debug_span;
 
-use crate::arch::llama::Layer;
-use crate::arch::{Loader, Scratch};
-use crate::config::LlamaConfig;
+use crate::arch::{Block, Loader, Pass, Scratch};
+use crate::config::{Family, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::Gguf;
 use crate::ops;
@@ -76,10 +75,12 @@ pub struct Shard {
     cfg: LlamaConfig,
     range: Range<usize>,
     embed: Option<Arc<Weights>>,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     head: Option<Head>,
-    /// RoPE inverse frequencies, `rope_dims / 2`.
+    /// RoPE inverse frequencies, `rope_dims / 2` (position scale applied).
     inv_freq: Vec<f64>,
+    /// Those of the local (sliding-window) layers, where they differ.
+    inv_freq_local: Option<Vec<f64>>,
     pool: Arc<ThreadPool>,
     memory: usize,
     /// Unique per loaded shard: a session cache works only with its own shard.
@@ -158,7 +159,7 @@ impl Shard {
         let embed = if first { Some(Arc::new(ld.matrix("token_embd.weight", d, vocab)?)) } else { None };
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
-            layers.push(Layer::load(&mut ld, &cfg, i)?);
+            layers.push(Block::load(&mut ld, &cfg, i)?);
             layer_done(i);
         }
         let head = if last {
@@ -174,11 +175,16 @@ impl Shard {
         } else {
             None
         };
-        let inv_freq = (0..cfg.rope_dims / 2)
-            .map(|i| (cfg.rope_base as f64).powf(-((2 * i) as f64) / cfg.rope_dims as f64))
-            .collect();
+        let freqs = |base: f32, scale: f32| -> Vec<f64> {
+            (0..cfg.rope_dims / 2)
+                .map(|i| scale as f64 * (base as f64).powf(-((2 * i) as f64) / cfg.rope_dims as f64))
+                .collect()
+        };
+        let inv_freq = freqs(cfg.rope_base, cfg.rope_scale);
+        // Gemma 3's local layers keep their own base, unscaled.
+        let inv_freq_local = (cfg.family == Family::Gemma3).then(|| freqs(cfg.rope_base_local, 1.0));
         let id = NEXT_SHARD_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut shard = Shard { cfg, range, embed, layers, head, inv_freq, pool, memory: 0, id };
+        let mut shard = Shard { cfg, range, embed, layers, head, inv_freq, inv_freq_local, pool, memory: 0, id };
         shard.memory = shard.compute_memory();
         Ok(shard)
     }
@@ -269,6 +275,10 @@ impl Shard {
                     }
                     embed.row_f32(id as usize, &mut x[t * d..(t + 1) * d])?;
                 }
+                if self.cfg.family == Family::Gemma3 {
+                    let scale = (d as f32).sqrt();
+                    x.iter_mut().for_each(|v| *v *= scale);
+                }
                 x
             }
             (ShardInput::Tokens(_), None) => {
@@ -295,9 +305,26 @@ impl Shard {
             return Err(ModelError::ContextFull { pos: cache.pos, tokens, ctx: self.cfg.context });
         }
         let rope = ops::rope_table(&self.inv_freq, cache.pos, tokens);
+        let rope_local = self.inv_freq_local.as_ref().map(|f| ops::rope_table(f, cache.pos, tokens));
         for (li, layer) in self.layers.iter().enumerate() {
-            let _span = debug_span!("layer", layer = self.range.start + li, tokens).entered();
-            layer.forward(&self.cfg, &self.pool, &mut cache.k[li], &mut cache.v[li], cache.pos, &mut cache.scratch, &rope, &mut x)?;
+            let i = self.range.start + li;
+            let _span = debug_span!("layer", layer = i, tokens).entered();
+            let window = self.cfg.window_of(i);
+            let table = match (&rope_local, window) {
+                (Some(local), Some(_)) => local,
+                _ => &rope,
+            };
+            let pass = Pass {
+                cfg: &self.cfg,
+                pool: &self.pool,
+                k: &mut cache.k[li],
+                v: &mut cache.v[li],
+                pos: cache.pos,
+                s: &mut cache.scratch,
+                rope: table,
+                window,
+            };
+            layer.forward(pass, &mut x)?;
         }
         cache.pos += tokens;
         let Some(head) = &self.head else {

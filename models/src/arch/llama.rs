@@ -4,11 +4,10 @@
 
 use std::io::{Read, Seek};
 
-use super::{Loader, Scratch, matmul_stacked, stack};
+use super::{Loader, Pass, add, gated, held_bytes, matmul_stacked, norm_rows, stack};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::ops;
-use crate::pool::ThreadPool;
 use crate::quant::Weights;
 
 /// One transformer block's weights.
@@ -45,36 +44,21 @@ impl Layer {
 
     /// Bytes of weights it holds.
     pub(crate) fn memory_bytes(&self) -> usize {
-        4 * (self.attn_norm.len() + self.ffn_norm.len())
-            + self.qkv.iter().chain(&self.gate_up).map(Weights::memory_bytes).sum::<usize>()
-            + self.wo.memory_bytes()
-            + self.down.memory_bytes()
+        let (wo, down) = (std::slice::from_ref(&self.wo), std::slice::from_ref(&self.down));
+        held_bytes(&[&self.attn_norm, &self.ffn_norm], &[&self.qkv, &self.gate_up, wo, down])
     }
 
     /// Runs the block over `x` (`tokens` rows of the hidden width) at
     /// positions `pos..`, appending this layer's keys and values to `k` and
     /// `v`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(
-        &self,
-        cfg: &LlamaConfig,
-        pool: &ThreadPool,
-        k: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        pos: usize,
-        s: &mut Scratch,
-        rope: &[(f32, f32)],
-        x: &mut [f32],
-    ) -> Result<()> {
+    pub(crate) fn forward(&self, p: Pass<'_>, x: &mut [f32]) -> Result<()> {
+        let Pass { cfg, pool, k, v, pos, s, rope, window } = p;
         let l = self;
         let (d, kvd, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
         let tokens = x.len() / d;
 
         // Attention.
-        s.xn.resize(x.len(), 0.0);
-        for t in 0..tokens {
-            ops::rms_norm(&x[t * d..(t + 1) * d], &l.attn_norm, cfg.eps, &mut s.xn[t * d..(t + 1) * d]);
-        }
+        norm_rows(x, &l.attn_norm, cfg.eps, d, &mut s.xn);
         let qkv_w = d + 2 * kvd;
         matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.tmp, &mut s.qkv, qkv_w)?;
         let half = cfg.rope_dims / 2;
@@ -88,30 +72,17 @@ impl Layer {
             v.extend_from_slice(&row[d + kvd..]);
         }
         s.att.resize(tokens * d, 0.0);
-        ops::attention(pool, cfg, &s.qkv, qkv_w, k, v, pos, &mut s.att);
+        ops::attention(pool, cfg, &s.qkv, qkv_w, k, v, pos, window, &mut s.att);
         s.out.resize(tokens * d, 0.0);
         l.wo.matmul(pool, &s.att, &mut s.acts, &mut s.out)?;
-        for (xv, o) in x.iter_mut().zip(&s.out) {
-            *xv += o;
-        }
+        add(x, &s.out);
 
         // Feed-forward.
-        for t in 0..tokens {
-            ops::rms_norm(&x[t * d..(t + 1) * d], &l.ffn_norm, cfg.eps, &mut s.xn[t * d..(t + 1) * d]);
-        }
+        norm_rows(x, &l.ffn_norm, cfg.eps, d, &mut s.xn);
         matmul_stacked(pool, &l.gate_up, &s.xn, &mut s.acts, &mut s.tmp, &mut s.gu, 2 * ffn)?;
-        s.h.resize(tokens * ffn, 0.0);
-        for t in 0..tokens {
-            let gu = &s.gu[t * 2 * ffn..(t + 1) * 2 * ffn];
-            let (g, u) = gu.split_at(ffn);
-            for ((h, &g), &u) in s.h[t * ffn..(t + 1) * ffn].iter_mut().zip(g).zip(u) {
-                *h = ops::silu(g) * u;
-            }
-        }
+        gated(&s.gu, ffn, ops::silu, &mut s.h);
         l.down.matmul(pool, &s.h, &mut s.acts, &mut s.out)?;
-        for (xv, o) in x.iter_mut().zip(&s.out) {
-            *xv += o;
-        }
+        add(x, &s.out);
         Ok(())
     }
 }
