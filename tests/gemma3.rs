@@ -2,7 +2,8 @@
 //! llama.cpp's reference outputs (`tests/data/gemma3-270m-q4_k_m-greedy.json`,
 //! its criterion): greedy tokens equal before the first near-tie, the
 //! teacher-forced argmax equal at every confident step, top-1 logits close;
-//! and any split of the layers bit-identical to one shard. Needs the file
+//! any split of the layers bit-identical to one shard; three processes
+//! equal to one. Needs the file
 //! (`fogmesh fetch gemma3-270m`; skipped without it, failed under CI). On a
 //! tiny synthetic Gemma 3 file (always): sliding-window attention and the
 //! local/global split cut anywhere, and malformed metadata as clear errors.
@@ -97,6 +98,46 @@ fn any_split_of_gemma3_is_bit_identical() {
         let ranges = fogmesh::models::uneven_ranges(18, k).unwrap();
         let split = LocalModel::load(&path, Some(&ranges), 1).unwrap().score(&seq, 3).unwrap();
         assert_eq!(split, one, "{k} shards");
+    }
+}
+
+/// Three `fogmesh node` processes on loopback splitting Gemma 3 (lossless
+/// activations) give the single-process greedy tokens, chat-formatted
+/// prompts included. Each offers the file's size in all (three quarters
+/// for weights): the 170 MB embedding and the head it doubles as leave the
+/// end stages room for a few layers each, so the plan needs all three.
+/// (Unbounded, placement picks two stages: the head stage is the
+/// bottleneck, and a third stage would only add a hop.)
+#[test]
+fn three_processes_equal_one_process_on_gemma3() {
+    use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
+    let Some(path) = gemma_path() else { return };
+    let local = LocalModel::load(&path, None, 1).unwrap();
+    let bin = env!("CARGO_BIN_EXE_fogmesh");
+    let file = std::fs::metadata(&path).unwrap().len();
+    let o = ClusterOptions {
+        activations: Some("lossless".into()),
+        max_memory: Some(file),
+        ..ClusterOptions::new(bin, Some(path.clone()), 3)
+    };
+    let c = LocalCluster::start(&o).unwrap();
+    c.wait_plan(3, std::time::Duration::from_secs(120)).unwrap();
+    for prompt in [
+        "The capital of Japan is",
+        "import os\nimport sys\n",
+        "<start_of_turn>user\nName a fruit that is yellow.<end_of_turn>\n<start_of_turn>model\n",
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["run", "--node", &c.peers[0].http, "--raw", "--temperature", "0", "--max-tokens", "16", "--json", "--prompt", prompt])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        let ids = local.tokenizer().encode(prompt).unwrap();
+        let want = local.generate(ids, 16, SamplingParams::greedy(), vec![], 0, |_| {}).unwrap().tokens;
+        assert_eq!(got, want, "prompt {prompt:?}");
+        assert_eq!(v["route"].as_array().unwrap().len(), 3, "{v}");
     }
 }
 
