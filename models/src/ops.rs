@@ -67,11 +67,21 @@ pub(crate) fn gelu(x: f32) -> f32 {
     if x >= 10.0 {
         return x;
     }
-    let x = half::f16::from_f32(x).to_f32();
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh());
-    half::f16::from_f32(y).to_f32()
+    let table = GELU_F16.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = half::f16::from_bits(bits).to_f32();
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh());
+                half::f16::from_f32(y).to_bits()
+            })
+            .collect()
+    });
+    half::f16::from_bits(table[usize::from(half::f16::from_f32(x).to_bits())]).to_f32()
 }
+
+/// GELU of every f16 value (128 KiB, made on first use).
+static GELU_F16: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
 
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
