@@ -157,8 +157,8 @@ impl LlamaConfig {
         if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
             return Err(bad("attention.layer_norm_rms_epsilon", format!("{eps} is not a usable epsilon")));
         }
-        if g.tensors.contains_key("rope_freqs.weight") {
-            return Err(ModelError::Unsupported("RoPE frequency factors (rope_freqs.weight)".into()));
+        if family != Family::Llama && g.tensors.contains_key("rope_freqs.weight") {
+            return Err(ModelError::Unsupported(format!("RoPE frequency factors (rope_freqs.weight) in a `{arch}` file")));
         }
         let rope_scale = match g.metadata.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             None | Some("none") => 1.0,

@@ -180,7 +180,17 @@ impl Shard {
                 .map(|i| scale as f64 * (base as f64).powf(-((2 * i) as f64) / cfg.rope_dims as f64))
                 .collect()
         };
-        let inv_freq = freqs(cfg.rope_base, cfg.rope_scale);
+        let mut inv_freq = freqs(cfg.rope_base, cfg.rope_scale);
+        // Llama 3 files carry per-frequency divisors (their scaling, baked in).
+        if ld.has("rope_freqs.weight") {
+            let factors = ld.vector("rope_freqs.weight", cfg.rope_dims / 2)?;
+            if let Some(bad) = factors.iter().find(|f| **f <= 0.0) {
+                return Err(ModelError::Tensor { name: "rope_freqs.weight".into(), problem: format!("holds {bad}, not a positive factor") });
+            }
+            for (f, k) in inv_freq.iter_mut().zip(&factors) {
+                *f /= *k as f64;
+            }
+        }
         // Gemma 3's local layers keep their own base, unscaled.
         let inv_freq_local = (cfg.family == Family::Gemma3).then(|| freqs(cfg.rope_base_local, 1.0));
         let id = NEXT_SHARD_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
