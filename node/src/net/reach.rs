@@ -258,19 +258,6 @@ impl Reach {
     pub fn reservations(&self) -> Vec<PeerId> {
         self.relays.iter().filter(|(_, r)| r.reserved).map(|(p, _)| *p).collect()
     }
-
-    /// The relay a circuit listen address goes through.
-    pub fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
-        let mut last = None;
-        for p in addr.iter() {
-            match p {
-                Protocol::P2p(id) => last = Some(id),
-                Protocol::P2pCircuit => return last,
-                _ => {}
-            }
-        }
-        None
-    }
 }
 
 #[cfg(test)]
@@ -297,7 +284,6 @@ mod tests {
         let due = r.due(t, |_| true);
         assert_eq!(due.len(), 1, "only the peer we dialed is a relay candidate: {due:?}");
         assert_eq!(due[0].1.to_string(), format!("/ip4/10.88.0.1/tcp/4001/p2p/{relay}/p2p-circuit"));
-        assert_eq!(Reach::relay_of(&due[0].1), Some(relay));
         assert!(r.due(t + MAX_RETRY, |_| true).is_empty(), "one listen at a time per relay");
         // Refused (the relay is not public yet): retried after the backoff.
         r.reservation_lost(relay);
