@@ -8,6 +8,7 @@ use std::io::{Read, Seek};
 use crate::error::{ModelError, Result};
 use crate::gguf::{Gguf, TensorInfo};
 use crate::pool::ThreadPool;
+use crate::ops::AttnSeg;
 use crate::quant::{ActBuf, Weights};
 
 pub(crate) mod gemma3;
@@ -15,18 +16,63 @@ pub(crate) mod llama;
 
 use crate::config::{Family, LlamaConfig};
 
-/// What one block's forward pass works with besides its weights: the
-/// session's cache of this layer (`k`, `v`, appended to), the first new
-/// position, scratch buffers, the layer's RoPE table and attention window.
-pub(crate) struct Pass<'a> {
-    pub(crate) cfg: &'a LlamaConfig,
-    pub(crate) pool: &'a ThreadPool,
+/// One session's part of a block's pass: its cache of this layer (`k`,
+/// `v`, appended to), its first new position, how many new rows it brings
+/// and its RoPE table for this layer.
+pub(crate) struct Seg<'a> {
     pub(crate) k: &'a mut Vec<f32>,
     pub(crate) v: &'a mut Vec<f32>,
     pub(crate) pos: usize,
-    pub(crate) s: &'a mut Scratch,
+    pub(crate) rows: usize,
     pub(crate) rope: &'a [(f32, f32)],
+}
+
+/// What one block's forward pass works with besides its weights: the
+/// sessions whose rows it carries (one after another in `x`), scratch
+/// buffers and the layer's attention window. The weights are read once for
+/// all of them; attention is per session.
+pub(crate) struct Pass<'a, 'b> {
+    pub(crate) cfg: &'a LlamaConfig,
+    pub(crate) pool: &'a ThreadPool,
+    pub(crate) segs: &'b mut [Seg<'a>],
+    pub(crate) s: &'b mut Scratch,
     pub(crate) window: Option<usize>,
+}
+
+/// Gives `f` every new row of `qkv` (width `qkv_w`) with the RoPE row of its
+/// position in its session, then appends the row's keys (`kvd` values at
+/// `k_off`) and values (the `kvd` after them) to its session's cache.
+pub(crate) fn rotate_and_store(
+    segs: &mut [Seg<'_>],
+    qkv: &mut [f32],
+    qkv_w: usize,
+    k_off: usize,
+    kvd: usize,
+    half: usize,
+    mut f: impl FnMut(&mut [f32], &[(f32, f32)]),
+) {
+    let mut rows = qkv.chunks_exact_mut(qkv_w);
+    for sg in segs.iter_mut() {
+        for (t, row) in (&mut rows).take(sg.rows).enumerate() {
+            f(row, &sg.rope[t * half..(t + 1) * half]);
+            sg.k.extend_from_slice(&row[k_off..k_off + kvd]);
+            sg.v.extend_from_slice(&row[k_off + kvd..k_off + 2 * kvd]);
+        }
+    }
+}
+
+/// Attention of every session's new rows over its own cache.
+pub(crate) fn attend(
+    pool: &ThreadPool,
+    cfg: &LlamaConfig,
+    segs: &[Seg<'_>],
+    window: Option<usize>,
+    qkv: &[f32],
+    qkv_w: usize,
+    out: &mut [f32],
+) {
+    let segs: Vec<AttnSeg<'_>> = segs.iter().map(|s| AttnSeg { k: s.k, v: s.v, pos0: s.pos, rows: s.rows }).collect();
+    crate::ops::attention(pool, cfg, qkv, qkv_w, &segs, window, out);
 }
 
 /// One transformer block of whichever architecture the file declares.
@@ -56,7 +102,7 @@ impl Block {
     }
 
     /// Runs the block over `x` (`tokens` rows of the hidden width).
-    pub(crate) fn forward(&self, p: Pass<'_>, x: &mut [f32]) -> Result<()> {
+    pub(crate) fn forward(&self, p: Pass<'_, '_>, x: &mut [f32]) -> Result<()> {
         match self {
             Block::Llama(l) => l.forward(p, x),
             Block::Gemma3(l) => l.forward(p, x),

@@ -73,7 +73,7 @@ pub use pool::ThreadPool;
 pub use profile::{LayerCost, ModelProfile};
 pub use request::{GenerateRequest, MAX_STOP_BYTES, MAX_STOPS};
 pub use sampling::{MAX_REPEAT_PENALTY, MAX_TEMPERATURE, REPEAT_LAST_N, Sampler, SamplingParams, TokenLogit, argmax, log_prob, top_logits};
-pub use shard::{LogitsFor, SessionCache, Shard, ShardInput, ShardOutput};
+pub use shard::{BatchItem, LogitsFor, SessionCache, Shard, ShardInput, ShardOutput};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// The name of the matrix kernel this process uses (`vnni`, `avx2` or `portable`).

@@ -101,27 +101,39 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Causal grouped-query attention of `tokens` new queries over the cache.
+/// One session's part of a batched [`attention`]: its cache (including the
+/// new tokens, the first of them at `pos0`) and how many new rows it has.
+pub(crate) struct AttnSeg<'a> {
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
+    pub(crate) pos0: usize,
+    pub(crate) rows: usize,
+}
+
+/// Causal grouped-query attention of new queries over their sessions' caches.
 ///
-/// `qkv` holds `[tokens, qkv_w]` rows whose first `q_dim` values are the
-/// queries; `k` and `v` hold the cache including the new tokens, whose first
-/// new position is `pos0`. With a `window`, a query sees only the last
-/// `window` positions (itself included). Writes `[tokens, q_dim]` to `out`.
-#[allow(clippy::too_many_arguments)]
+/// `qkv` holds `[rows, qkv_w]` rows whose first `q_dim` values are the
+/// queries, the rows of `segs` one after another; each segment's queries see
+/// only its own cache. With a `window`, a query sees only the last `window`
+/// positions (itself included). Writes `[rows, q_dim]` to `out`. Every
+/// `(row, head)` is reduced alone in a fixed order, so a row's result does
+/// not depend on what else shares the batch.
 pub(crate) fn attention(
     pool: &ThreadPool,
     cfg: &LlamaConfig,
     qkv: &[f32],
     qkv_w: usize,
-    k: &[f32],
-    v: &[f32],
-    pos0: usize,
+    segs: &[AttnSeg<'_>],
     window: Option<usize>,
     out: &mut [f32],
 ) {
     let (hd, heads, kvd, qd) = (cfg.head_dim, cfg.heads, cfg.kv_dim(), cfg.q_dim);
     let group = heads / cfg.kv_heads;
     let tokens = out.len() / qd;
+    // Each row's segment and its index there.
+    let owner: Vec<(usize, usize)> = segs.iter().enumerate().flat_map(|(i, s)| (0..s.rows).map(move |t| (i, t))).collect();
+    debug_assert_eq!(owner.len(), tokens);
+    let longest = segs.iter().map(|s| s.pos0 + s.rows).max().unwrap_or(0);
     let scale = cfg.attn_scale;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
@@ -129,12 +141,14 @@ pub(crate) fn attention(
         // SAFETY: each task writes the disjoint head slices of its own (t, h)
         // pairs, and `out` outlives `run_split`.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        let mut scores = Vec::with_capacity(pos0 + tokens);
+        let mut scores = Vec::with_capacity(longest);
         for i in a..b {
-            let (t, h) = (i / heads, i % heads);
+            let (row, h) = (i / heads, i % heads);
+            let (si, t) = owner[row];
+            let AttnSeg { k, v, pos0, .. } = segs[si];
             let n = pos0 + t + 1;
             let first = window.map_or(0, |w| n.saturating_sub(w));
-            let q = &qkv[t * qkv_w + h * hd..t * qkv_w + (h + 1) * hd];
+            let q = &qkv[row * qkv_w + h * hd..row * qkv_w + (h + 1) * hd];
             let off = (h / group) * hd;
             scores.clear();
             let mut max = f32::NEG_INFINITY;
@@ -149,7 +163,7 @@ pub(crate) fn attention(
                 sum += *sc as f64;
             }
             let inv = (1.0 / sum) as f32;
-            let o = &mut out[t * qd + h * hd..t * qd + (h + 1) * hd];
+            let o = &mut out[row * qd + h * hd..row * qd + (h + 1) * hd];
             o.fill(0.0);
             for (j, &p) in (first..n).zip(scores.iter()) {
                 let w = p * inv;

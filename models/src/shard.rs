@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tracing::debug_span;
 
-use crate::arch::{Block, Loader, Pass, Scratch};
+use crate::arch::{Block, Loader, Pass, Scratch, Seg};
 use crate::config::{Family, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::Gguf;
@@ -95,6 +95,8 @@ pub struct SessionCache {
     shard: u64,
     range: Range<usize>,
     pos: usize,
+    /// Key (and value) values per token and layer.
+    kv_dim: usize,
     /// Per layer, `pos * kv_dim` keys (RoPE applied).
     k: Vec<Vec<f32>>,
     /// Per layer, `pos * kv_dim` values.
@@ -111,11 +113,15 @@ impl SessionCache {
     /// Forgets everything after the first `pos` tokens (for rollback).
     pub fn truncate(&mut self, pos: usize) {
         if pos < self.pos {
-            let per = if self.pos == 0 { 0 } else { self.k.first().map_or(0, |k| k.len() / self.pos) };
-            for kv in self.k.iter_mut().chain(self.v.iter_mut()) {
-                kv.truncate(pos * per);
-            }
+            self.rollback_layers(pos);
             self.pos = pos;
+        }
+    }
+
+    /// Cuts every layer's keys and values back to `pos` tokens.
+    fn rollback_layers(&mut self, pos: usize) {
+        for kv in self.k.iter_mut().chain(self.v.iter_mut()) {
+            kv.truncate(pos * self.kv_dim);
         }
     }
 
@@ -259,6 +265,7 @@ impl Shard {
             shard: self.id,
             range: self.range.clone(),
             pos: 0,
+            kv_dim: self.cfg.kv_dim(),
             k: vec![Vec::new(); self.layers.len()],
             v: vec![Vec::new(); self.layers.len()],
             scratch: Scratch::default(),
@@ -269,27 +276,56 @@ impl Shard {
     /// appending to its KV cache. Returns hidden states, or logits if this is the
     /// last stage.
     pub fn forward(&self, cache: &mut SessionCache, input: ShardInput<'_>, logits: LogitsFor) -> Result<ShardOutput> {
+        let mut one = [BatchItem { cache, input, logits }];
+        self.forward_batch(&mut one).pop().unwrap_or_else(|| Err(ModelError::Input("no result".into())))
+    }
+
+    /// Runs several sessions' inputs through this shard in one pass: each
+    /// weight matrix is read once for all their rows, attention is per
+    /// session over its own cache. Each item gets exactly what
+    /// [`Shard::forward`] would have given it alone (every row is reduced
+    /// in a fixed order), or its own error: a bad item fails alone.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Vec<Result<ShardOutput>> {
+        let mut results: Vec<Option<Result<ShardOutput>>> = Vec::with_capacity(items.len());
+        let mut x = Vec::new();
+        let mut rows = Vec::new();
+        for it in items.iter_mut() {
+            match self.embed_input(it, &mut x) {
+                Ok(n) => {
+                    rows.push(n);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut caches: Vec<(&mut SessionCache, LogitsFor)> =
+            items.iter_mut().zip(&results).filter(|(_, r)| r.is_none()).map(|(it, _)| (&mut *it.cache, it.logits)).collect();
+        if !caches.is_empty() {
+            let out = self.run(&mut caches, &rows, x);
+            let mut out = out.into_iter();
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = out.next();
+            }
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(ModelError::Input("no result".into())))).collect()
+    }
+
+    /// Checks one item and appends its rows (embedded token ids, or hidden
+    /// states) to `x`; returns how many.
+    fn embed_input(&self, it: &BatchItem<'_>, x: &mut Vec<f32>) -> Result<usize> {
         let d = self.cfg.hidden;
+        let cache = &*it.cache;
         if cache.shard != self.id {
             return Err(ModelError::Input(format!(
                 "session cache belongs to another shard (layers {:?}; this one runs {:?})",
                 cache.range, self.range
             )));
         }
-        let mut x = match (input, &self.embed) {
-            (ShardInput::Tokens(ids), Some(embed)) => {
-                let mut x = vec![0.0; ids.len() * d];
-                for (t, &id) in ids.iter().enumerate() {
-                    if id as usize >= self.cfg.vocab {
-                        return Err(ModelError::Input(format!("token id {id} is outside the vocabulary of {}", self.cfg.vocab)));
-                    }
-                    embed.row_f32(id as usize, &mut x[t * d..(t + 1) * d])?;
-                }
-                if self.cfg.family == Family::Gemma3 {
-                    let scale = (d as f32).sqrt();
-                    x.iter_mut().for_each(|v| *v *= scale);
-                }
-                x
+        let tokens = match (it.input, &self.embed) {
+            (ShardInput::Tokens(ids), Some(_)) => ids.len(),
+            (ShardInput::Hidden(h), None) if h.len() % d == 0 => h.len() / d,
+            (ShardInput::Hidden(h), None) => {
+                return Err(ModelError::Input(format!("{} values are not whole rows of width {d}", h.len())));
             }
             (ShardInput::Tokens(_), None) => {
                 return Err(ModelError::Input(format!("layers {:?} take hidden states, not token ids", self.range)));
@@ -297,63 +333,149 @@ impl Shard {
             (ShardInput::Hidden(_), Some(_)) => {
                 return Err(ModelError::Input("the first stage takes token ids, not hidden states".into()));
             }
-            (ShardInput::Hidden(h), None) => {
-                if h.len() % d != 0 {
-                    return Err(ModelError::Input(format!("{} values are not whole rows of width {d}", h.len())));
-                }
-                if h.iter().any(|v| !v.is_finite()) {
-                    return Err(ModelError::Input("hidden state holds NaN or infinity".into()));
-                }
-                h.to_vec()
-            }
         };
-        let tokens = x.len() / d;
         if tokens == 0 {
             return Err(ModelError::Input("no tokens".into()));
         }
         if cache.pos + tokens > self.cfg.context {
             return Err(ModelError::ContextFull { pos: cache.pos, tokens, ctx: self.cfg.context });
         }
-        let rope = ops::rope_table(&self.inv_freq, cache.pos, tokens);
-        let rope_local = self.inv_freq_local.as_ref().map(|f| ops::rope_table(f, cache.pos, tokens));
-        for (li, layer) in self.layers.iter().enumerate() {
-            let i = self.range.start + li;
-            let _span = debug_span!("layer", layer = i, tokens).entered();
-            let window = self.cfg.window_of(i);
-            let table = match (&rope_local, window) {
-                (Some(local), Some(_)) => local,
-                _ => &rope,
-            };
-            let pass = Pass {
-                cfg: &self.cfg,
-                pool: &self.pool,
-                k: &mut cache.k[li],
-                v: &mut cache.v[li],
-                pos: cache.pos,
-                s: &mut cache.scratch,
-                rope: table,
-                window,
-            };
-            layer.forward(pass, &mut x)?;
+        match (it.input, &self.embed) {
+            (ShardInput::Tokens(ids), Some(embed)) => {
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab) {
+                    return Err(ModelError::Input(format!("token id {id} is outside the vocabulary of {}", self.cfg.vocab)));
+                }
+                let at = x.len();
+                x.resize(at + tokens * d, 0.0);
+                for (&id, row) in ids.iter().zip(x[at..].chunks_exact_mut(d)) {
+                    embed.row_f32(id as usize, row)?;
+                }
+                if self.cfg.family == Family::Gemma3 {
+                    let scale = (d as f32).sqrt();
+                    x[at..].iter_mut().for_each(|v| *v *= scale);
+                }
+            }
+            (ShardInput::Hidden(h), _) => {
+                if h.iter().any(|v| !v.is_finite()) {
+                    return Err(ModelError::Input("hidden state holds NaN or infinity".into()));
+                }
+                x.extend_from_slice(h);
+            }
+            _ => {}
         }
-        cache.pos += tokens;
-        let Some(head) = &self.head else {
-            return Ok(ShardOutput::Hidden(x));
-        };
-        let rows = match logits {
-            LogitsFor::Last => &x[(tokens - 1) * d..],
-            LogitsFor::All => &x[..],
-        };
-        let n = rows.len() / d;
-        let s = &mut cache.scratch;
-        s.xn.resize(rows.len(), 0.0);
-        for t in 0..n {
-            ops::rms_norm(&rows[t * d..(t + 1) * d], &head.norm, self.cfg.eps, &mut s.xn[t * d..(t + 1) * d]);
-        }
-        let mut out = vec![0.0; n * self.cfg.vocab];
-        head.output.matmul(&self.pool, &s.xn, &mut s.acts, &mut out)?;
-        Ok(ShardOutput::Logits(out))
+        Ok(tokens)
     }
 
+    /// The layers and the head over the checked sessions' rows `x`
+    /// (`rows[i]` of session `i`, one after another).
+    fn run(&self, caches: &mut [(&mut SessionCache, LogitsFor)], rows: &[usize], mut x: Vec<f32>) -> Vec<Result<ShardOutput>> {
+        let d = self.cfg.hidden;
+        let ropes: Vec<(Vec<(f32, f32)>, Option<Vec<(f32, f32)>>)> = caches
+            .iter()
+            .zip(rows)
+            .map(|((c, _), &n)| (ops::rope_table(&self.inv_freq, c.pos, n), self.inv_freq_local.as_ref().map(|f| ops::rope_table(f, c.pos, n))))
+            .collect();
+        // The batch computes in the first session's buffers.
+        let mut scratch = std::mem::take(&mut caches[0].0.scratch);
+        let total: usize = rows.iter().sum();
+        let mut failed = None;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let i = self.range.start + li;
+            let _span = debug_span!("layer", layer = i, tokens = total, sessions = caches.len()).entered();
+            let window = self.cfg.window_of(i);
+            let mut segs: Vec<Seg<'_>> = caches
+                .iter_mut()
+                .zip(rows)
+                .zip(&ropes)
+                .map(|(((c, _), &n), (global, local))| {
+                    let rope = match (local, window) {
+                        (Some(local), Some(_)) => local,
+                        _ => global,
+                    };
+                    Seg { k: &mut c.k[li], v: &mut c.v[li], pos: c.pos, rows: n, rope }
+                })
+                .collect();
+            let pass = Pass { cfg: &self.cfg, pool: &self.pool, segs: &mut segs, s: &mut scratch, window };
+            if let Err(e) = layer.forward(pass, &mut x) {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // Back to where every session was: a failed pass leaves no trace.
+            for (c, _) in caches.iter_mut() {
+                let pos = c.pos;
+                c.rollback_layers(pos);
+            }
+            caches[0].0.scratch = scratch;
+            let why = e.to_string();
+            let mut first = Some(e);
+            return caches.iter().map(|_| Err(first.take().unwrap_or_else(|| ModelError::Input(format!("the batched pass failed: {why}"))))).collect();
+        }
+        for ((c, _), &n) in caches.iter_mut().zip(rows) {
+            c.pos += n;
+        }
+        let out = match &self.head {
+            None => {
+                let mut out = Vec::with_capacity(caches.len());
+                let mut at = 0;
+                for &n in rows {
+                    out.push(Ok(ShardOutput::Hidden(x[at * d..(at + n) * d].to_vec())));
+                    at += n;
+                }
+                out
+            }
+            Some(head) => self.logits(head, caches, rows, &x, &mut scratch),
+        };
+        caches[0].0.scratch = scratch;
+        out
+    }
+
+    /// The last stage's logits for the rows each session asks for, through
+    /// one product with the output matrix.
+    fn logits(&self, head: &Head, caches: &[(&mut SessionCache, LogitsFor)], rows: &[usize], x: &[f32], s: &mut Scratch) -> Vec<Result<ShardOutput>> {
+        let (d, vocab) = (self.cfg.hidden, self.cfg.vocab);
+        // Each session's rows of `x` that get logits.
+        let mut picked = Vec::with_capacity(caches.len());
+        let mut at = 0;
+        for ((_, which), &n) in caches.iter().zip(rows) {
+            picked.push(match which {
+                LogitsFor::Last => at + n - 1..at + n,
+                LogitsFor::All => at..at + n,
+            });
+            at += n;
+        }
+        let m: usize = picked.iter().map(|r| r.len()).sum();
+        s.xn.resize(m * d, 0.0);
+        for (src, dst) in picked.iter().flat_map(|r| r.clone()).zip(s.xn.chunks_exact_mut(d)) {
+            ops::rms_norm(&x[src * d..(src + 1) * d], &head.norm, self.cfg.eps, dst);
+        }
+        let mut all = vec![0.0; m * vocab];
+        if let Err(e) = head.output.matmul(&self.pool, &s.xn, &mut s.acts, &mut all) {
+            let why = e.to_string();
+            return caches.iter().map(|_| Err(ModelError::Input(format!("the output projection failed: {why}")))).collect();
+        }
+        if picked.len() == 1 {
+            return vec![Ok(ShardOutput::Logits(all))];
+        }
+        let mut at = 0;
+        picked
+            .iter()
+            .map(|r| {
+                let part = all[at * vocab..(at + r.len()) * vocab].to_vec();
+                at += r.len();
+                Ok(ShardOutput::Logits(part))
+            })
+            .collect()
+    }
 }
 
+/// One session's part of a batched forward pass ([`Shard::forward_batch`]).
+pub struct BatchItem<'a> {
+    /// The session's state on this shard.
+    pub cache: &'a mut SessionCache,
+    /// Its new token ids or hidden states.
+    pub input: ShardInput<'a>,
+    /// Which of its rows get logits (last stage only).
+    pub logits: LogitsFor,
+}

@@ -7,7 +7,7 @@
 
 use std::io::{Read, Seek};
 
-use super::{Loader, Pass, add, gated, held_bytes, matmul_stacked, norm_rows, stack};
+use super::{Loader, Pass, add, attend, gated, held_bytes, matmul_stacked, norm_rows, rotate_and_store, stack};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::ops;
@@ -59,11 +59,11 @@ impl Layer {
         held_bytes(&norms, &[&self.qkv, &self.gate_up, wo, down])
     }
 
-    /// Runs the block over `x` (`tokens` rows of the hidden width) at
-    /// positions `pos..` with this layer's RoPE table and window, appending
-    /// its keys and values to `k` and `v`.
-    pub(crate) fn forward(&self, p: Pass<'_>, x: &mut [f32]) -> Result<()> {
-        let Pass { cfg, pool, k, v, pos, s, rope, window } = p;
+    /// Runs the block over `x` (the rows of every session of the pass, one
+    /// after another) with this layer's RoPE tables and window, appending
+    /// its keys and values to each session's cache.
+    pub(crate) fn forward(&self, p: Pass<'_, '_>, x: &mut [f32]) -> Result<()> {
+        let Pass { cfg, pool, segs, s, window } = p;
         let l = self;
         let (d, qd, kvd, ffn, hd) = (cfg.hidden, cfg.q_dim, cfg.kv_dim(), cfg.ffn, cfg.head_dim);
         let tokens = x.len() / d;
@@ -73,23 +73,19 @@ impl Layer {
         norm_rows(x, &l.attn_norm, eps, d, &mut s.xn);
         let qkv_w = qd + 2 * kvd;
         matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.tmp, &mut s.qkv, qkv_w)?;
-        let half = hd / 2;
         s.tmp.resize(hd, 0.0);
-        for t in 0..tokens {
-            let row = &mut s.qkv[t * qkv_w..(t + 1) * qkv_w];
-            let rt = &rope[t * half..(t + 1) * half];
+        let tmp = &mut s.tmp;
+        rotate_and_store(segs, &mut s.qkv, qkv_w, qd, kvd, hd / 2, |row, rt| {
             for h in 0..cfg.heads + cfg.kv_heads {
                 let head = &mut row[h * hd..(h + 1) * hd];
                 let w = if h < cfg.heads { &l.q_norm } else { &l.k_norm };
-                s.tmp.copy_from_slice(head);
-                ops::rms_norm(&s.tmp, w, cfg.eps, head);
+                tmp.copy_from_slice(head);
+                ops::rms_norm(tmp, w, eps, head);
                 ops::rope_neox(head, rt);
             }
-            k.extend_from_slice(&row[qd..qd + kvd]);
-            v.extend_from_slice(&row[qd + kvd..]);
-        }
+        });
         s.att.resize(tokens * qd, 0.0);
-        ops::attention(pool, cfg, &s.qkv, qkv_w, k, v, pos, window, &mut s.att);
+        attend(pool, cfg, segs, window, &s.qkv, qkv_w, &mut s.att);
         s.out.resize(tokens * d, 0.0);
         l.wo.matmul(pool, &s.att, &mut s.acts, &mut s.out)?;
         norm_rows(&s.out, &l.post_attn_norm, eps, d, &mut s.h);

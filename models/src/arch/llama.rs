@@ -4,7 +4,7 @@
 
 use std::io::{Read, Seek};
 
-use super::{Loader, Pass, add, gated, held_bytes, matmul_stacked, norm_rows, stack};
+use super::{Loader, Pass, add, attend, gated, held_bytes, matmul_stacked, norm_rows, rotate_and_store, stack};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::ops;
@@ -48,11 +48,11 @@ impl Layer {
         held_bytes(&[&self.attn_norm, &self.ffn_norm], &[&self.qkv, &self.gate_up, wo, down])
     }
 
-    /// Runs the block over `x` (`tokens` rows of the hidden width) at
-    /// positions `pos..`, appending this layer's keys and values to `k` and
-    /// `v`.
-    pub(crate) fn forward(&self, p: Pass<'_>, x: &mut [f32]) -> Result<()> {
-        let Pass { cfg, pool, k, v, pos, s, rope, window } = p;
+    /// Runs the block over `x` (the rows of every session of the pass, one
+    /// after another), appending this layer's keys and values to each
+    /// session's cache.
+    pub(crate) fn forward(&self, p: Pass<'_, '_>, x: &mut [f32]) -> Result<()> {
+        let Pass { cfg, pool, segs, s, window } = p;
         let l = self;
         let (d, kvd, ffn) = (cfg.hidden, cfg.kv_dim(), cfg.ffn);
         let tokens = x.len() / d;
@@ -61,18 +61,14 @@ impl Layer {
         norm_rows(x, &l.attn_norm, cfg.eps, d, &mut s.xn);
         let qkv_w = d + 2 * kvd;
         matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.tmp, &mut s.qkv, qkv_w)?;
-        let half = cfg.rope_dims / 2;
-        for t in 0..tokens {
-            let row = &mut s.qkv[t * qkv_w..(t + 1) * qkv_w];
-            let rt = &rope[t * half..(t + 1) * half];
-            for h in 0..cfg.heads + cfg.kv_heads {
-                ops::rope(&mut row[h * cfg.head_dim..h * cfg.head_dim + cfg.rope_dims], rt);
+        let (heads, hd, rd) = (cfg.heads + cfg.kv_heads, cfg.head_dim, cfg.rope_dims);
+        rotate_and_store(segs, &mut s.qkv, qkv_w, d, kvd, rd / 2, |row, rt| {
+            for h in 0..heads {
+                ops::rope(&mut row[h * hd..h * hd + rd], rt);
             }
-            k.extend_from_slice(&row[d..d + kvd]);
-            v.extend_from_slice(&row[d + kvd..]);
-        }
+        });
         s.att.resize(tokens * d, 0.0);
-        ops::attention(pool, cfg, &s.qkv, qkv_w, k, v, pos, window, &mut s.att);
+        attend(pool, cfg, segs, window, &s.qkv, qkv_w, &mut s.att);
         s.out.resize(tokens * d, 0.0);
         l.wo.matmul(pool, &s.att, &mut s.acts, &mut s.out)?;
         add(x, &s.out);
