@@ -42,6 +42,9 @@ pub struct RuntimeConfig {
     pub standby_shards: bool,
     /// Prompt tokens per pipeline chunk.
     pub prefill_chunk: usize,
+    /// Tokens one forward pass of a shard carries at most, over all the
+    /// sessions batched into it (a single step bigger than this runs alone).
+    pub max_batch_tokens: usize,
     /// How long a step may take before its hops are probed.
     pub deadlines: Deadlines,
     /// A session gives up after this many failovers.
@@ -79,6 +82,7 @@ impl Default for RuntimeConfig {
             max_shards: 4,
             standby_shards: true,
             prefill_chunk: 64,
+            max_batch_tokens: 256,
             deadlines: Deadlines::default(),
             max_failovers: 6,
             ban_base: Duration::from_secs(2),

@@ -11,9 +11,12 @@
 //!   `routing.rs` (inbound traffic, calls, session opens), `bidding.rs`
 //!   (bids, auctions, load report), `hosts.rs` (the actors' host traits over
 //!   the runtime).
-//! - `shard_actor.rs`: `ShardActor` and its `ShardHost`: one loaded layer
-//!   range with per-session KV caches (bounded, LRU + TTL), a bounded work
-//!   queue; forwards activations to the next stage, samples on the last.
+//! - `shard_actor.rs` (+ `shard_actor/`): `ShardActor` and its `ShardHost`:
+//!   one loaded layer range with per-session KV caches (bounded, LRU + TTL);
+//!   continuous batching: every pass carries all its sessions' ready steps;
+//!   `batch.rs` (which steps share a pass), `queue.rs` (the bounded work
+//!   queue, per owner), `output.rs` (activations to the next stage, tokens
+//!   sampled on the last).
 //! - `session.rs` (+ `session/`): `SessionActor` and its `SessionHost`: one
 //!   generation: route, chunked prefill, decode, resends of lost steps, and
 //!   failover by ban + new route + replay of the history; `event.rs` (what

@@ -2,20 +2,32 @@
 //! with a TTL) and, on the last stage, their samplers. Work arrives as
 //! stage requests; outputs go straight to the next stage, tokens to the
 //! session's owner, through an outbox: the actor never waits on a link.
+//!
+//! Continuous batching: while a forward pass runs on the compute thread,
+//! the actor keeps taking requests in; when it ends, the next pass carries
+//! every session's ready step at once ([`batch::pick`]), so the weights are
+//! read once for all of them. A session's results do not depend on what
+//! shares its pass.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+pub mod batch;
+mod output;
+mod queue;
+
+pub use queue::WorkQueue;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use fogmesh_models::{LogitsFor, Sampler, SessionCache, Shard, ShardInput, ShardOutput, log_prob};
+use fogmesh_models::{BatchItem, LogitsFor, Sampler, SessionCache, Shard, ShardInput, ShardOutput};
 use fogmesh_protocols::{
     ActivationCodec, ErrorCode, Message, NodeId, SessionOpen, StageError, StageInput, StageOutcome, StageReply,
-    StageRequest, TokenResult,
+    StageRequest,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::compute::Compute;
+use crate::compute::{Compute, ComputeError};
 use crate::host::Host;
 use crate::link::PeerKey;
 use crate::links::LinkMeter;
@@ -49,6 +61,38 @@ pub enum ShardMsg {
     Close(u64),
     /// Report status.
     Status(RpcReplyPort<ShardStatus>),
+    /// A forward pass ended (sent by the actor's own pass).
+    Done(Box<Finished>),
+    /// Start a pass if one is due (after lingering for stragglers).
+    Kick,
+}
+
+
+/// A finished pass: its steps and what the compute thread gave back.
+#[derive(Debug)]
+pub struct Finished {
+    steps: Vec<Step>,
+    result: Result<Pass, ComputeError>,
+}
+
+/// What a pass gives back: every session's cache, its output, and the
+/// pass's compute time.
+#[derive(Debug)]
+struct Pass {
+    caches: Vec<SessionCache>,
+    outs: Vec<fogmesh_models::Result<ShardOutput>>,
+    took: std::time::Duration,
+}
+
+/// A stage request taken in, its input decoded.
+#[derive(Debug)]
+struct Step {
+    from: PeerKey,
+    owner: PeerKey,
+    /// The request (its input moved out).
+    req: StageRequest,
+    tokens: usize,
+    arrived: Instant,
 }
 
 /// A shard's state, for status pages and tests.
@@ -68,56 +112,8 @@ pub struct ShardStatus {
     pub tokens: u64,
     /// Stage requests waiting.
     pub queued: usize,
-}
-
-/// A shard's waiting stage requests, counted in all and per session owner:
-/// one owner may hold at most half the queue, so another's next step still
-/// gets in.
-#[derive(Debug, Default)]
-pub struct WorkQueue {
-    total: AtomicUsize,
-    by_owner: Mutex<HashMap<PeerKey, usize>>,
-}
-
-impl WorkQueue {
-    /// Requests waiting.
-    pub fn len(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
-    }
-
-    /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Counts one more request of `owner`, or says why not: `max` wait in
-    /// all, or `owner` already has half of them waiting.
-    pub fn enter(&self, owner: &str, max: usize) -> Result<(), String> {
-        let mut by = self.by_owner.lock().unwrap_or_else(|e| e.into_inner());
-        let share = (max / 2).max(1);
-        let mine = by.get(owner).copied().unwrap_or(0);
-        if self.len() >= max {
-            return Err(format!("{max} stage requests already wait here"));
-        }
-        if mine >= share {
-            return Err(format!("{owner} already has {mine} stage requests waiting here, its share of {max}"));
-        }
-        *by.entry(owner.to_string()).or_insert(0) += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// One request of `owner` left the queue.
-    pub fn leave(&self, owner: &str) {
-        let mut by = self.by_owner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = by.get_mut(owner) {
-            *n -= 1;
-            if *n == 0 {
-                by.remove(owner);
-            }
-            self.total.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
+    /// Forward passes run since load.
+    pub passes: u64,
 }
 
 /// What a shard actor starts from.
@@ -152,6 +148,12 @@ struct Session {
     open_len: usize,
     max_tokens: usize,
     last_used: Instant,
+    /// Tokens its cache holds (or will, once the pass it is in ends).
+    held: usize,
+    /// When its last result left, until its next step comes in.
+    delivered: Option<Instant>,
+    /// How long its next step takes to come back after a result (smoothed).
+    gap: Option<std::time::Duration>,
 }
 
 /// State of a [`ShardActor`].
@@ -173,6 +175,18 @@ pub struct ShardState {
     /// Bytes of KV cache this shard's sessions may hold together.
     cache_budget: usize,
     links: Arc<LinkMeter>,
+    /// Steps taken in, waiting for a pass, oldest first.
+    waiting: VecDeque<(Step, Input)>,
+    /// Whether a pass is running.
+    running: bool,
+    /// Tokens one pass carries at most (see [`batch::pick`]).
+    max_batch_tokens: usize,
+    passes: u64,
+    /// The last pass's compute time, and when it ended.
+    last_took: std::time::Duration,
+    ended: Option<Instant>,
+    /// Whether a [`ShardMsg::Kick`] is on its way.
+    kick_pending: bool,
 }
 
 /// The actor owning one loaded layer range.
@@ -224,6 +238,9 @@ impl ShardState {
                 open_draws: u64::from(open.draws),
                 max_tokens,
                 last_used: now,
+                held: 0,
+                delivered: None,
+                gap: None,
             },
         );
         Ok(())
@@ -241,16 +258,20 @@ impl ShardState {
     }
 
     /// Evicts what [`policy::admit`] says so that `session` of `owner` may
-    /// hold `bytes` of cache here, or says why it may not.
+    /// hold `bytes` of cache here, or says why it may not. A session inside
+    /// a running pass is never evicted: the newcomer is refused instead.
     fn make_room(&mut self, session: u64, owner: &str, bytes: usize) -> Result<(), String> {
         let per = self.shard.cache_bytes_per_token();
         let held: Vec<policy::Held<'_>> = self
             .sessions
             .iter()
             .filter(|(k, _)| **k != session)
-            .map(|(k, s)| policy::Held { session: *k, owner: &s.owner, bytes: s.cache.as_ref().map_or(0, |c| c.pos() * per), last_used: s.last_used })
+            .map(|(k, s)| policy::Held { session: *k, owner: &s.owner, bytes: s.held * per, last_used: s.last_used })
             .collect();
         let evict = policy::admit(&held, owner, bytes, Instant::now(), &self.bounds())?;
+        if evict.iter().any(|k| self.sessions.get(k).is_some_and(|s| s.cache.is_none())) {
+            return Err("the cache budget is held by sessions computing now".into());
+        }
         for k in evict {
             tracing::info!(session = k, "evicting a session cache (idle past its TTL, or room for another owner's)");
             self.sessions.remove(&k);
@@ -259,57 +280,101 @@ impl ShardState {
         Ok(())
     }
 
-    async fn work(&mut self, from: PeerKey, req: StageRequest) {
-        let local = self.rt.local_peer().to_string();
-        let Some(sess) = self.sessions.get_mut(&req.session) else {
-            let e = stage_error(req.session, &local, ErrorCode::UnknownSession, "session evicted or closed");
-            report(&mut self.outbox, &from, req.request, e);
-            return;
-        };
-        sess.last_used = Instant::now();
-        let owner = sess.owner.clone();
-        let Some(mut cache) = sess.cache.take() else { return };
-        let pos = req.position as usize;
-        if pos > cache.pos() {
-            sess.cache = Some(cache);
-            let e = stage_error(req.session, &local, ErrorCode::UnknownSession, format!("input at position {pos} but {} tokens are cached", sess.cache.as_ref().map_or(0, |c| c.pos())));
-            report(&mut self.outbox, &owner, req.request, e);
-            return;
-        }
-        // A retried request rolls the cache back to where it starts.
-        cache.truncate(pos);
+    /// Takes a stage request in: its input decoded and checked, it waits
+    /// for the next pass.
+    fn arrive(&mut self, from: PeerKey, owner: PeerKey, mut req: StageRequest) {
         let d = self.shard.config().hidden;
-        let input = match req.input {
+        let input = match std::mem::replace(&mut req.input, StageInput::Tokens(Vec::new())) {
             StageInput::Tokens(t) => Input::Tokens(t),
             StageInput::Activation(bytes) => {
                 let mut x = Vec::new();
-                match self.codec.decode(&bytes, &self.rt.config().limits, &mut x) {
-                    Ok(info) if info.width == d && x.len() == info.tokens * d => Input::Hidden(x),
-                    Ok(info) => {
-                        sess.cache = Some(cache);
-                        let e = stage_error(req.session, &from, ErrorCode::Malformed, format!("activation of width {} for a model of width {d}", info.width));
-                        report(&mut self.outbox, &owner, req.request, e);
-                        return;
-                    }
-                    Err(err) => {
-                        sess.cache = Some(cache);
-                        let e = stage_error(req.session, &from, ErrorCode::Malformed, format!("undecodable activation: {err}"));
-                        report(&mut self.outbox, &owner, req.request, e);
-                        return;
-                    }
+                let bad = match self.codec.decode(&bytes, &self.rt.config().limits, &mut x) {
+                    Ok(info) if info.width == d && x.len() == info.tokens * d => None,
+                    Ok(info) => Some(format!("activation of width {} for a model of width {d}", info.width)),
+                    Err(err) => Some(format!("undecodable activation: {err}")),
+                };
+                if let Some(why) = bad {
+                    self.queued.leave(&owner);
+                    report(&mut self.outbox, &owner, req.request, stage_error(req.session, &from, ErrorCode::Malformed, why));
+                    return;
                 }
+                Input::Hidden(x)
             }
         };
-        let n = match &input {
+        let tokens = match &input {
             Input::Tokens(t) => t.len(),
             Input::Hidden(h) => h.len() / d.max(1),
         };
-        if pos + n > sess.max_tokens {
-            sess.cache = Some(cache);
-            let e = stage_error(req.session, &local, ErrorCode::Model, format!("{} tokens exceed the session's bound of {}", pos + n, sess.max_tokens));
-            report(&mut self.outbox, &owner, req.request, e);
-            return;
+        if let Some(sess) = self.sessions.get_mut(&req.session)
+            && let Some(t) = sess.delivered.take()
+        {
+            // While a pass runs it holds the cores, and the way back is
+            // slower than it would be: such a sample only ever lowers the
+            // estimate.
+            let g = t.elapsed();
+            sess.gap = match (sess.gap, self.running) {
+                (None, true) => None,
+                (Some(old), true) => Some(old.min(g)),
+                (None, false) => Some(g),
+                (Some(old), false) => Some((old * 3 + g) / 4),
+            };
         }
+        self.waiting.push_back((Step { from, owner, req, tokens, arrived: Instant::now() }, input));
+    }
+
+    /// How much longer the next pass should wait for sessions that usually
+    /// come back quickly after a result and have not yet, or `None` to
+    /// start now. Counted from the end of the last pass, so that sessions
+    /// that came back during it and those coming back now share the next
+    /// one instead of taking turns.
+    fn linger(&self) -> Option<std::time::Duration> {
+        let since = self.ended?.elapsed();
+        let cap = batch::LINGER_MAX.min(self.last_took / 4);
+        if since >= cap {
+            return None;
+        }
+        // Sessions not yet back whose way back is short, or not yet known.
+        let soon = self.sessions.iter().any(|(id, s)| {
+            s.delivered.is_some() && s.gap.is_none_or(|g| g <= cap) && !self.waiting.iter().any(|(w, _)| w.req.session == *id)
+        });
+        soon.then(|| cap - since)
+    }
+
+    /// Readies one step's session for a pass: its cache, rolled back to
+    /// where the step starts and with room to grow. Reports and returns
+    /// `None` when the step cannot run.
+    fn prepare(&mut self, step: &Step) -> Option<SessionCache> {
+        let local = self.rt.local_peer().to_string();
+        let req = &step.req;
+        let fail = |outbox: &mut Outbox, to: &str, code, why: String| {
+            report(outbox, to, req.request, stage_error(req.session, &local, code, why));
+        };
+        let Some(sess) = self.sessions.get_mut(&req.session) else {
+            fail(&mut self.outbox, &step.from, ErrorCode::UnknownSession, "session evicted or closed".into());
+            return None;
+        };
+        sess.last_used = Instant::now();
+        let owner = sess.owner.clone();
+        let Some(mut cache) = sess.cache.take() else {
+            fail(&mut self.outbox, &owner, ErrorCode::Internal, "the session is already in a pass".into());
+            return None;
+        };
+        let (pos, n) = (req.position as usize, step.tokens);
+        let why = if pos > cache.pos() {
+            Some((ErrorCode::UnknownSession, format!("input at position {pos} but {} tokens are cached", cache.pos())))
+        } else if pos + n > sess.max_tokens {
+            Some((ErrorCode::Model, format!("{} tokens exceed the session's bound of {}", pos + n, sess.max_tokens)))
+        } else {
+            None
+        };
+        if let Some((code, why)) = why {
+            sess.cache = Some(cache);
+            fail(&mut self.outbox, &owner, code, why);
+            return None;
+        }
+        // A retried request rolls the cache back to where it starts.
+        cache.truncate(pos);
+        sess.held = cache.pos();
         // The cache grows to pos + n tokens: within the shard's budget, at
         // the expense of the biggest owner's least recently used caches.
         let need = (pos + n) * self.shard.cache_bytes_per_token();
@@ -317,118 +382,125 @@ impl ShardState {
             if let Some(sess) = self.sessions.get_mut(&req.session) {
                 sess.cache = Some(cache);
             }
-            report(&mut self.outbox, &owner, req.request, stage_error(req.session, &local, ErrorCode::Busy, why));
-            return;
+            fail(&mut self.outbox, &owner, ErrorCode::Busy, why);
+            return None;
         }
-        tracing::trace!(session = req.session, step = req.step, "forward start");
-        let shard = self.shard.clone();
-        let t0 = Instant::now();
-        let joined = self.compute.run(move || {
-            let r = match &input {
-                Input::Tokens(t) => shard.forward(&mut cache, ShardInput::Tokens(t), LogitsFor::Last),
-                Input::Hidden(h) => shard.forward(&mut cache, ShardInput::Hidden(h), LogitsFor::Last),
-            };
-            (cache, r)
-        })
-        .await;
-        let Some(sess) = self.sessions.get_mut(&req.session) else { return };
-        let (cache, out) = match joined {
-            Ok(v) => v,
-            Err(e) => {
-                let e = stage_error(req.session, &local, ErrorCode::Internal, format!("forward pass failed: {e}"));
-                report(&mut self.outbox, &owner, req.request, e);
-                self.sessions.remove(&req.session);
-                self.rt.forget_served(req.session);
+        if let Some(sess) = self.sessions.get_mut(&req.session) {
+            sess.held = pos + n;
+        }
+        Some(cache)
+    }
+
+    /// Starts the next pass, if none runs and steps wait: the steps
+    /// [`batch::pick`] chooses, run together on the compute thread; the
+    /// result comes back as [`ShardMsg::Done`].
+    fn start_pass(&mut self) {
+        while !self.running && !self.waiting.is_empty() {
+            if let Some(wait) = self.linger() {
+                if !self.kick_pending {
+                    self.kick_pending = true;
+                    let me = self.myself.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        let _ = me.cast(ShardMsg::Kick);
+                    });
+                }
                 return;
             }
-        };
-        sess.cache = Some(cache);
-        self.tokens.fetch_add(n as u64, Ordering::Relaxed);
-        let took = t0.elapsed();
-        metrics::histogram!(crate::metrics::STAGE_SECONDS, "layers" => self.label.clone()).record(took.as_secs_f64());
-        metrics::counter!(crate::metrics::STAGE_TOKENS, "layers" => self.label.clone()).increment(n as u64);
-        let us = took.as_micros() as u64 / n.max(1) as u64;
-        let old = self.us_per_token.load(Ordering::Relaxed);
-        self.us_per_token.store(if old == 0 { us } else { (old * 7 + us) / 8 }, Ordering::Relaxed);
-        tracing::trace!(session = req.session, step = req.step, "forward done");
-        match out {
-            Err(err) => {
-                let e = stage_error(req.session, &local, ErrorCode::Model, err.to_string());
-                report(&mut self.outbox, &owner, req.request, e);
+            let view: Vec<batch::Waiting> =
+                self.waiting.iter().map(|(s, _)| batch::Waiting { session: s.req.session, tokens: s.tokens }).collect();
+            let picked = batch::pick(&view, self.max_batch_tokens);
+            let mut taken = Vec::with_capacity(picked.len());
+            for &i in picked.iter().rev() {
+                taken.extend(self.waiting.remove(i));
             }
-            Ok(ShardOutput::Hidden(h)) => {
-                let Some(next) = sess.next.clone() else {
-                    let e = stage_error(req.session, &local, ErrorCode::Internal, "hidden states but no next stage");
-                    report(&mut self.outbox, &owner, req.request, e);
-                    return;
-                };
-                // Lossless unless the link to the next stage is the
-                // bottleneck (or the node was told otherwise).
-                let encoding = self.links.encoding(&next, h.len() * 4, took.as_secs_f64());
-                let mut bytes = Vec::new();
-                if let Err(err) = self.codec.encode(&h, n, d, encoding, &mut bytes) {
-                    let e = stage_error(req.session, &local, ErrorCode::Internal, err.to_string());
-                    report(&mut self.outbox, &owner, req.request, e);
-                    return;
+            taken.reverse();
+            let (mut steps, mut work) = (Vec::new(), Vec::new());
+            for (step, input) in taken {
+                self.queued.leave(&step.owner);
+                metrics::histogram!(crate::metrics::QUEUE_SECONDS, "layers" => self.label.clone()).record(step.arrived.elapsed().as_secs_f64());
+                if let Some(cache) = self.prepare(&step) {
+                    steps.push(step);
+                    work.push((cache, input));
                 }
-                self.links.sent(encoding);
-                metrics::counter!(crate::metrics::WIRE_BYTES, "encoding" => encoding.name()).increment(bytes.len() as u64);
-                let msg = Message::StageRequest(StageRequest {
-                    request: req.request,
-                    session: req.session,
-                    step: req.step,
-                    stage: req.stage + 1,
-                    position: req.position,
-                    sample: req.sample,
-                    input: StageInput::Activation(bytes),
-                });
-                // Sent in the background: a slow link to the next stage
-                // holds up only this session. Its failure is reported to
-                // the owner (which replaces the hop).
-                let (host, session, request, hop) = (self.rt.clone(), req.session, req.request, next.clone());
-                self.outbox.push(&next, msg, move |err| {
-                    let e = stage_error(session, &hop, ErrorCode::NotServed, format!("next stage unreachable: {err}"));
-                    tokio::spawn(async move { host.report(&owner, request, e).await });
-                });
             }
-            Ok(ShardOutput::Logits(l)) => {
-                if !req.sample {
-                    return;
+            if steps.is_empty() {
+                continue;
+            }
+            self.running = true;
+            let (shard, compute, me) = (self.shard.clone(), self.compute.clone(), self.myself.clone());
+            tokio::spawn(async move {
+                let result = compute
+                    .run(move || {
+                        let t0 = Instant::now();
+                        let mut caches = Vec::with_capacity(work.len());
+                        let mut inputs = Vec::with_capacity(work.len());
+                        for (c, i) in work {
+                            caches.push(c);
+                            inputs.push(i);
+                        }
+                        let mut items: Vec<BatchItem<'_>> = caches
+                            .iter_mut()
+                            .zip(&inputs)
+                            .map(|(cache, input)| BatchItem { cache, input: input.as_shard_input(), logits: LogitsFor::Last })
+                            .collect();
+                        let outs = shard.forward_batch(&mut items);
+                        drop(items);
+                        Pass { caches, outs, took: t0.elapsed() }
+                    })
+                    .await;
+                // The actor may be gone (its shard unloaded): nothing to tell.
+                let _ = me.cast(ShardMsg::Done(Box::new(Finished { steps, result })));
+            });
+        }
+    }
+
+    /// A pass ended: every step's output goes on its way, then the next
+    /// pass starts.
+    fn finish(&mut self, f: Finished) {
+        self.running = false;
+        let local = self.rt.local_peer().to_string();
+        match f.result {
+            Err(e) => {
+                for step in f.steps {
+                    let (req, owner) = (&step.req, &step.owner);
+                    let e = stage_error(req.session, &local, ErrorCode::Internal, format!("forward pass failed: {e}"));
+                    report(&mut self.outbox, owner, req.request, e);
+                    self.sessions.remove(&req.session);
+                    self.rt.forget_served(req.session);
                 }
-                // A resent step: the history and the sampler go back to
-                // where the step began, so it draws the same token again.
-                let upto = pos + n;
-                if sess.history.len() > upto && upto >= sess.open_len {
-                    sess.history.truncate(upto);
-                    let draws = sess.open_draws + (upto - sess.open_len) as u64;
-                    if let Ok(s) = Sampler::resume(sess.params.clone(), draws) {
-                        sess.sampler = Some(s);
-                    }
+            }
+            Ok(Pass { caches, outs, took }) => {
+                self.passes += 1;
+                self.last_took = took;
+                let n: usize = f.steps.iter().map(|s| s.tokens).sum();
+                tracing::debug!(sessions = f.steps.len(), tokens = n, ms = took.as_secs_f64() * 1e3, waiting = self.waiting.len(), "pass");
+                self.tokens.fetch_add(n as u64, Ordering::Relaxed);
+                let label = self.label.clone();
+                metrics::histogram!(crate::metrics::STAGE_SECONDS, "layers" => label.clone()).record(took.as_secs_f64());
+                metrics::counter!(crate::metrics::STAGE_TOKENS, "layers" => label.clone()).increment(n as u64);
+                metrics::histogram!(crate::metrics::BATCH_SESSIONS, "layers" => label.clone()).record(f.steps.len() as f64);
+                metrics::histogram!(crate::metrics::BATCH_TOKENS, "layers" => label.clone()).record(n as f64);
+                // Per token of a pass: what bids and the load report use.
+                let us = took.as_micros() as u64 / n.max(1) as u64;
+                let old = self.us_per_token.load(Ordering::Relaxed);
+                self.us_per_token.store(if old == 0 { us } else { (old * 7 + us) / 8 }, Ordering::Relaxed);
+                for ((step, cache), out) in f.steps.into_iter().zip(caches).zip(outs) {
+                    self.deliver(step, cache, out, took.as_secs_f64());
                 }
-                let Some(sampler) = sess.sampler.as_mut() else { return };
-                let token = match sampler.sample(&l, &sess.history) {
-                    Ok(t) => t,
-                    Err(err) => {
-                        let e = stage_error(req.session, &local, ErrorCode::Model, err.to_string());
-                        report(&mut self.outbox, &owner, req.request, e);
-                        return;
-                    }
-                };
-                sess.history.push(token);
-                let msg = Message::TokenResult(TokenResult {
-                    session: req.session,
-                    step: req.step,
-                    token,
-                    logprob: log_prob(&l, token),
-                });
-                let (host, me, session) = (self.rt.clone(), self.myself.clone(), req.session);
-                self.outbox.push(&owner, msg, move |err| {
-                    tracing::info!(session, error = %err, "session owner unreachable; dropping its cache");
-                    host.forget_served(session);
-                    let _ = me.cast(ShardMsg::Close(session));
-                });
+                metrics::gauge!(crate::metrics::KV_BYTES, "layers" => label).set(self.cache_bytes() as f64);
+                // The lingering for returning sessions counts from here:
+                // the last result has left.
+                self.ended = Some(Instant::now());
             }
         }
+        self.start_pass();
+    }
+
+    /// Bytes the sessions' caches hold.
+    fn cache_bytes(&self) -> usize {
+        let per = self.shard.cache_bytes_per_token();
+        self.sessions.values().map(|s| s.cache.as_ref().map_or(s.held * per, SessionCache::memory_bytes)).sum()
     }
 }
 
@@ -438,9 +510,19 @@ fn report(outbox: &mut Outbox, to: &str, request: u64, err: StageError) {
     outbox.push(to, msg, |e| tracing::debug!(error = %e, "could not report a stage error"));
 }
 
+#[derive(Debug)]
 enum Input {
     Tokens(Vec<u32>),
     Hidden(Vec<f32>),
+}
+
+impl Input {
+    fn as_shard_input(&self) -> ShardInput<'_> {
+        match self {
+            Input::Tokens(t) => ShardInput::Tokens(t),
+            Input::Hidden(h) => ShardInput::Hidden(h),
+        }
+    }
 }
 
 impl Actor for ShardActor {
@@ -453,6 +535,7 @@ impl Actor for ShardActor {
         let cfg = args.host.config();
         let limit = cfg.outbox_bytes;
         let cache_budget = cfg.cache_budget();
+        let max_batch_tokens = cfg.max_batch_tokens.max(1);
         Ok(ShardState {
             cache_budget,
             outbox: Outbox::new(args.host.clone(), args.links.clone(), limit),
@@ -467,6 +550,13 @@ impl Actor for ShardActor {
             sessions: HashMap::new(),
             codec: ActivationCodec::new(),
             tokens: args.tokens,
+            waiting: VecDeque::new(),
+            running: false,
+            max_batch_tokens,
+            passes: 0,
+            last_took: std::time::Duration::ZERO,
+            ended: None,
+            kick_pending: false,
         })
     }
 
@@ -476,8 +566,13 @@ impl Actor for ShardActor {
                 let _ = reply.send(st.open(*open));
             }
             ShardMsg::Work(from, owner, req) => {
-                st.queued.leave(&owner);
-                st.work(from, req).await;
+                st.arrive(from, owner, req);
+                st.start_pass();
+            }
+            ShardMsg::Done(f) => st.finish(*f),
+            ShardMsg::Kick => {
+                st.kick_pending = false;
+                st.start_pass();
             }
             ShardMsg::Close(session) => {
                 st.sessions.remove(&session);
@@ -489,36 +584,13 @@ impl Actor for ShardActor {
                     end: r.end,
                     sessions: st.sessions.len(),
                     memory_bytes: st.shard.memory_bytes(),
-                    cache_bytes: st.sessions.values().filter_map(|s| s.cache.as_ref()).map(|c| c.memory_bytes()).sum(),
+                    cache_bytes: st.cache_bytes(),
                     tokens: st.tokens.load(Ordering::Relaxed),
                     queued: st.queued.len(),
+                    passes: st.passes,
                 });
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::WorkQueue;
-
-    #[test]
-    fn one_owner_fills_at_most_half_the_queue_and_another_still_gets_in() {
-        let q = WorkQueue::default();
-        for _ in 0..4 {
-            q.enter("flood", 8).unwrap();
-        }
-        assert!(q.enter("flood", 8).unwrap_err().contains("its share"));
-        for _ in 0..4 {
-            q.enter("calm", 8).unwrap();
-        }
-        assert!(q.enter("third", 8).unwrap_err().contains("already wait"));
-        q.leave("flood");
-        q.enter("third", 8).unwrap();
-        assert_eq!(q.len(), 8);
-        // A leave of an owner with nothing waiting changes nothing.
-        q.leave("nobody");
-        assert_eq!(q.len(), 8);
     }
 }

@@ -29,6 +29,8 @@ struct Shared {
     wake: Condvar,
     stop: AtomicBool,
     panicked: AtomicBool,
+    /// Set by [`ThreadPool::rest`]: workers sleep at once instead of spinning.
+    resting: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
@@ -63,6 +65,7 @@ impl ThreadPool {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
+            resting: AtomicBool::new(false),
         });
         let workers = (1..threads.max(1))
             .map(|idx| {
@@ -95,6 +98,7 @@ impl ThreadPool {
         // finished with the job (`pending` reaches zero below).
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(SendJob(job));
+        s.resting.store(false, SeqCst);
         s.pending.store(n, SeqCst);
         s.epoch.fetch_add(1, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
@@ -111,6 +115,13 @@ impl ThreadPool {
         if s.panicked.swap(false, SeqCst) {
             panic!("a compute thread panicked");
         }
+    }
+
+    /// Lets the workers sleep now rather than spin for the next loop: for
+    /// the end of a forward pass, so that the cores go to whatever else the
+    /// process has to do (the next loop wakes them).
+    pub fn rest(&self) {
+        self.shared.resting.store(true, SeqCst);
     }
 
     /// Splits `0..total` into one contiguous chunk per thread (chunk edges on
@@ -147,7 +158,7 @@ fn worker(s: Arc<Shared>, idx: usize) {
                 break;
             }
             spins += 1;
-            if spins < SPINS {
+            if spins < SPINS && !s.resting.load(SeqCst) {
                 std::hint::spin_loop();
                 continue;
             }

@@ -428,6 +428,7 @@ impl Shard {
             Some(head) => self.logits(head, caches, rows, &x, &mut scratch),
         };
         caches[0].0.scratch = scratch;
+        self.pool.rest();
         out
     }
 

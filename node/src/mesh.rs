@@ -305,6 +305,13 @@ impl MeshBuilder {
         self
     }
 
+    /// Tokens one forward pass of a shard carries at most (continuous
+    /// batching).
+    pub fn max_batch_tokens(mut self, n: usize) -> Self {
+        self.runtime.max_batch_tokens = n.max(1);
+        self
+    }
+
     /// Offer at most `bytes` of memory in all (`--max-memory`): three
     /// quarters for weights (what placement plans with, as gossiped), one
     /// quarter for the KV caches of the sessions served here.

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Counter: HTTP requests by `endpoint` and `status`.
 pub const HTTP_REQUESTS: &str = "fogmesh_http_requests_total";
@@ -35,13 +35,22 @@ pub const SHARDS: &str = "fogmesh_shards_loaded";
 /// Histogram buckets (seconds), from a sub-millisecond hop to a slow prompt.
 const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+/// Histogram buckets of counts (sessions or tokens per forward pass).
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
 /// The process's recorder handle; `None` when another recorder was
 /// installed first (then `/metrics` says so).
 pub fn handle() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new().set_buckets(BUCKETS).ok()?;
+            let builder = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(fogmesh_actors::metrics::BATCH_SESSIONS.into()), COUNT_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(fogmesh_actors::metrics::BATCH_TOKENS.into()), COUNT_BUCKETS)
+                .ok()?;
             let h = builder.install_recorder().ok()?;
             fogmesh_actors::metrics::describe();
             metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by endpoint and status");

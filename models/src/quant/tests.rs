@@ -92,6 +92,43 @@ fn simd_kernels_agree_with_portable_kernel() {
     }
 }
 
+/// A token's products do not depend on how many tokens share the call
+/// (the kernels tile tokens by four): bit for bit, on every level.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn each_token_gets_the_same_bits_alone_or_in_a_batch() {
+    use super::x86::{Level, best_level, dot_rows_at};
+    let (rows, tokens) = (13, 9);
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let cols = if dtype.block_size() == 256 { 768 } else { 576 };
+        let x = pseudo_random(tokens * cols, 7);
+        let (bytes, _) = encode(dtype, &pseudo_random(rows * cols, 13));
+        let Weights::Affine(m) = Weights::from_gguf("t", dtype, rows, cols, &bytes).unwrap() else {
+            panic!("{dtype:?} not affine")
+        };
+        for lvl in [Level::Portable, Level::Avx2, Level::Vnni] {
+            if lvl > best_level() {
+                continue;
+            }
+            let run = |x: &[f32], n: usize| {
+                let mut a = QActs::default();
+                a.quantize(x, cols, m.nb);
+                let mut out = vec![0f32; n * rows];
+                if !dot_rows_at(lvl, &m, 0, rows, &a, &mut out) {
+                    m.dot_rows_portable(0, rows, &a, &mut out);
+                }
+                out
+            };
+            let all = run(&x, tokens);
+            for t in 0..tokens {
+                let one = run(&x[t * cols..(t + 1) * cols], 1);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&one), bits(&all[t * rows..(t + 1) * rows]), "{dtype:?} {lvl:?} token {t}");
+            }
+        }
+    }
+}
+
 #[test]
 fn odd_block_counts_are_padded() {
     // 96 columns = 3 blocks: the pair layout pads a fourth, zero block.

@@ -100,18 +100,28 @@ pub(super) fn dot_rows_at(lvl: Level, m: &AffineMatrix, r0: usize, r1: usize, a:
 
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+    // Tiles of 4 rows by 4 tokens: each weight block is loaded and
+    // unpacked once for four tokens. Every (row, token) still sums its
+    // blocks in the same order, so the tiling never changes a result.
     let mut r = r0;
     while r + 4 <= r1 {
-        for t in 0..a.tokens {
+        let mut t = 0;
+        while t + 4 <= a.tokens {
+            // SAFETY: rows r..r+4 exist, tokens t..t+4 exist.
+            unsafe { vnni_tile::<4, 4, K, H>(m, r, t, a, out) };
+            t += 4;
+        }
+        while t < a.tokens {
             // SAFETY: rows r..r+4 exist, token t exists.
-            unsafe { vnni_tile::<4, K, H>(m, r, t, a, out) };
+            unsafe { vnni_tile::<4, 1, K, H>(m, r, t, a, out) };
+            t += 1;
         }
         r += 4;
     }
     while r < r1 {
         for t in 0..a.tokens {
             // SAFETY: as above.
-            unsafe { vnni_tile::<1, K, H>(m, r, t, a, out) };
+            unsafe { vnni_tile::<1, 1, K, H>(m, r, t, a, out) };
         }
         r += 1;
     }
@@ -127,22 +137,31 @@ unsafe fn bcast2_512(p: *const f32) -> __m512 {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")]
-unsafe fn vnni_tile<const R: usize, const K: u8, const H: bool>(m: &AffineMatrix, r: usize, t: usize, a: &QActs, out: &mut [f32]) {
+unsafe fn vnni_tile<const R: usize, const T: usize, const K: u8, const H: bool>(
+    m: &AffineMatrix,
+    r: usize,
+    t0: usize,
+    a: &QActs,
+    out: &mut [f32],
+) {
     let nb = m.nb;
     let np = nb / 2;
     let pb = if K == K_U4 { 32 } else { 64 };
     // SAFETY (whole body): every pointer below stays inside the row and token
     // slices, whose sizes follow from nb, rows and tokens.
     unsafe {
-        let aq = a.q.as_ptr().add(t * nb * 32);
-        let ad = a.d.as_ptr().add(t * nb);
         let (sp, mp) = scale_ptrs(m);
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
         let nib = _mm256_set1_epi8(0x0f);
         let flip = _mm512_set1_epi8(-128);
         for p in 0..np {
-            let av = _mm512_loadu_si512(aq.add(p * 64) as *const _);
-            let sa = bcast2_512(ad.add(2 * p));
+            let mut av = [_mm512_setzero_si512(); T];
+            let mut sa = [_mm512_setzero_ps(); T];
+            for j in 0..T {
+                let t = t0 + j;
+                av[j] = _mm512_loadu_si512(a.q.as_ptr().add(t * nb * 32 + p * 64) as *const _);
+                sa[j] = bcast2_512(a.d.as_ptr().add(t * nb + 2 * p));
+            }
             for (i, acc) in acc.iter_mut().enumerate() {
                 let row = r + i;
                 let qp = m.q.as_ptr().add((row * np + p) * pb);
@@ -156,25 +175,30 @@ unsafe fn vnni_tile<const R: usize, const K: u8, const H: bool>(m: &AffineMatrix
                 } else {
                     _mm512_xor_si512(_mm512_loadu_si512(qp as *const _), flip)
                 };
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
                 let sw = scale_pair_512::<H>(sp, row * nb + 2 * p);
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, sa), *acc);
+                for j in 0..T {
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av[j]);
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, sa[j]), acc[j]);
+                }
             }
         }
-        let asum = a.s.as_ptr().add(t * nb);
-        for (i, acc) in acc.iter().enumerate() {
-            let row = r + i;
-            let mut macc = _mm512_setzero_ps();
-            let mut j = 0;
-            while j + 16 <= nb {
-                macc = _mm512_fmadd_ps(mins16_512::<H>(mp, row * nb + j, !0), _mm512_loadu_ps(asum.add(j)), macc);
-                j += 16;
+        for j in 0..T {
+            let t = t0 + j;
+            let asum = a.s.as_ptr().add(t * nb);
+            for (i, acc) in acc.iter().enumerate() {
+                let row = r + i;
+                let mut macc = _mm512_setzero_ps();
+                let mut k = 0;
+                while k + 16 <= nb {
+                    macc = _mm512_fmadd_ps(mins16_512::<H>(mp, row * nb + k, !0), _mm512_loadu_ps(asum.add(k)), macc);
+                    k += 16;
+                }
+                if k < nb {
+                    let mask: __mmask16 = ((1u32 << (nb - k)) - 1) as __mmask16;
+                    macc = _mm512_fmadd_ps(mins16_512::<H>(mp, row * nb + k, mask), _mm512_maskz_loadu_ps(mask, asum.add(k)), macc);
+                }
+                *out.get_unchecked_mut(t * m.rows + row) = _mm512_reduce_add_ps(acc[j]) + _mm512_reduce_add_ps(macc);
             }
-            if j < nb {
-                let k: __mmask16 = ((1u32 << (nb - j)) - 1) as __mmask16;
-                macc = _mm512_fmadd_ps(mins16_512::<H>(mp, row * nb + j, k), _mm512_maskz_loadu_ps(k, asum.add(j)), macc);
-            }
-            *out.get_unchecked_mut(t * m.rows + row) = _mm512_reduce_add_ps(*acc) + _mm512_reduce_add_ps(macc);
         }
     }
 }

@@ -84,6 +84,11 @@ pub struct NodeArgs {
     /// memory available when it starts.
     #[arg(long, value_name = "SIZE", value_parser = crate::measure::parse_size)]
     pub max_memory: Option<u64>,
+    /// Tokens one forward pass of a shard carries at most, over all the
+    /// sessions batched into it (decode steps first, then prompt chunks).
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_batch_tokens: u32,
     /// HTTP connections open at once; more are closed on accept.
     #[arg(long, value_name = "N", default_value_t = crate::api::MAX_CONNECTIONS)]
     pub http_max_connections: usize,
@@ -175,6 +180,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             b = b.threads(t);
         }
         b = b.activations(args.activations);
+        b = b.max_batch_tokens(args.max_batch_tokens as usize);
         if let Some(m) = args.max_memory {
             b = b.max_memory(m);
         }
