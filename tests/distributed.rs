@@ -10,15 +10,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 use fogmesh::models::LocalModel;
 use fogmesh::node::api::types::{Dashboard, GenEvent, GenFlags, Incident, PlanView};
 use fogmesh::node::client::{generate_on, http_get};
-use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fogmesh");
@@ -27,25 +24,8 @@ fn get<T: serde::de::DeserializeOwned>(http: &str, path: &str) -> T {
     serde_json::from_str(&http_get(http, path).unwrap()).unwrap()
 }
 
-/// `n` peer processes with the model (or none), planned over all of them.
-fn cluster(model: Option<&Path>, n: usize) -> LocalCluster {
-    // Lossless: these tests hold the peers to the single-process tokens.
-    let o = ClusterOptions { activations: Some("lossless".into()), ..ClusterOptions::new(BIN, model.map(Path::to_path_buf), n) };
-    let c = LocalCluster::start(&o).unwrap();
-    if model.is_some() {
-        c.wait_plan(n, Duration::from_secs(60)).unwrap();
-    }
-    c
-}
 
-fn flags(prompt: &str, max: usize, temperature: f32, seed: u64) -> GenFlags {
-    GenFlags { prompt: prompt.into(), raw: true, max_tokens: max, temperature, seed, ..GenFlags::default() }
-}
 
-fn single(model: &LocalModel, f: &GenFlags) -> Vec<u32> {
-    let prompt = f.prompt_tokens(model.tokenizer()).unwrap();
-    model.generate(prompt, f.max_tokens, f.sampling(), f.stop.clone(), 0, |_| {}).unwrap().tokens
-}
 
 fn tokens(v: &Value) -> Vec<u32> {
     v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
@@ -55,18 +35,18 @@ fn tokens(v: &Value) -> Vec<u32> {
 fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
     let Some(path) = model_path() else { return };
     let local = LocalModel::load(&path, None, 1).unwrap();
-    let c = cluster(Some(&path), 3);
+    let c = lossless_cluster(BIN, Some(&path), 3, 1, &[]);
     // Greedy, through the CLI, on the reference prompts.
     for p in reference()["prompts"].as_array().unwrap() {
         let prompt = p["prompt"].as_str().unwrap();
-        let f = flags(prompt, 32, 0.0, 0);
+        let f = raw_flags(prompt, 32, 0.0, 0);
         let out = Command::new(BIN)
             .args(["run", "--node", &c.peers[0].http, "--raw", "--temperature", "0", "--max-tokens", "32", "--json", "--prompt", prompt])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(tokens(&v), single(&local, &f), "prompt {prompt:?}");
+        assert_eq!(tokens(&v), solo_tokens(&local, &f), "prompt {prompt:?}");
         let route = v["route"].as_array().unwrap();
         assert_eq!(route.len(), 3);
         assert_eq!(route[0]["layers"][0], 0);
@@ -76,7 +56,7 @@ fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
     // 8 concurrent sessions, through all three nodes, greedy and seeded.
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is"];
     let jobs: Vec<(String, GenFlags)> = (0..8)
-        .map(|i| (c.peers[i % 3].http.clone(), flags(prompts[i % 4], 24, if i % 2 == 0 { 0.0 } else { 0.8 }, i as u64)))
+        .map(|i| (c.peers[i % 3].http.clone(), raw_flags(prompts[i % 4], 24, if i % 2 == 0 { 0.0 } else { 0.8 }, i as u64)))
         .collect();
     let handles: Vec<_> = jobs
         .iter()
@@ -85,7 +65,7 @@ fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
         .collect();
     for (h, (_, f)) in handles.into_iter().zip(&jobs) {
         let r = h.join().unwrap();
-        assert_eq!(r.done.tokens, single(&local, f), "{f:?}");
+        assert_eq!(r.done.tokens, solo_tokens(&local, f), "{f:?}");
     }
 }
 
@@ -93,13 +73,13 @@ fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
 fn killing_the_middle_peer_mid_generation_keeps_every_token() {
     let Some(path) = model_path() else { return };
     let local = LocalModel::load(&path, None, 1).unwrap();
-    let mut c = cluster(Some(&path), 3);
+    let mut c = lossless_cluster(BIN, Some(&path), 3, 1, &[]);
     let plan: PlanView = get(&c.peers[0].http, "/plan");
     let middle = plan.route[1].peer.clone();
     let idx = c.index_of(&middle).unwrap();
     // The session's own node (the entry) must survive: use another one.
-    let f = GenFlags { max_tokens: 160, ..flags("Once upon a time", 160, 0.7, 42) };
-    let want = single(&local, &f);
+    let f = GenFlags { max_tokens: 160, ..raw_flags("Once upon a time", 160, 0.7, 42) };
+    let want = solo_tokens(&local, &f);
     let (r, gap) = c.generate_killing((idx + 1) % 3, idx, 100, &f).unwrap();
     assert_eq!(r.done.tokens, want, "same tokens after losing the middle stage");
     assert!(r.done.failovers >= 1);
@@ -135,17 +115,17 @@ fn bad_input_ends_in_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     // A node with the model, and one without.
-    let with = cluster(Some(&path), 1);
-    let without = cluster(None, 1);
+    let with = lossless_cluster(BIN, Some(&path), 1, 1, &[]);
+    let without = lossless_cluster(BIN, None, 1, 1, &[]);
     let (http, http2) = (with.peers[0].http.clone(), without.peers[0].http.clone());
     let long = "word ".repeat(9000);
-    let err = generate_on(&http, &flags(&long, 8, 0.0, 0), |_| {}).unwrap_err().to_string();
+    let err = generate_on(&http, &raw_flags(&long, 8, 0.0, 0), |_| {}).unwrap_err().to_string();
     assert!(err.contains("context"), "{err}");
-    let err = generate_on(&http, &GenFlags { max_tokens: 1 << 20, ..flags("hi", 8, 0.0, 0) }, |_| {})
+    let err = generate_on(&http, &GenFlags { max_tokens: 1 << 20, ..raw_flags("hi", 8, 0.0, 0) }, |_| {})
         .unwrap_err()
         .to_string();
     assert!(err.contains("max_tokens"), "{err}");
-    let err = generate_on(&http2, &flags("hi", 8, 0.0, 0), |_| {}).unwrap_err().to_string();
+    let err = generate_on(&http2, &raw_flags("hi", 8, 0.0, 0), |_| {}).unwrap_err().to_string();
     assert!(err.contains("serves no model"), "{err}");
     let bad = http_get(&http, "/plan").unwrap();
     assert!(bad.contains("route"));
@@ -160,6 +140,6 @@ fn bad_input_ends_in_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no fogmesh node answered"));
     // The node still serves after all that.
-    let ok = generate_on(&http, &flags("The capital of France is", 4, 0.0, 0), |_| {}).unwrap();
+    let ok = generate_on(&http, &raw_flags("The capital of France is", 4, 0.0, 0), |_| {}).unwrap();
     assert_eq!(ok.done.tokens.len(), 4);
 }

@@ -33,7 +33,8 @@ pub struct RuntimeConfig {
     pub activations: crate::links::ActivationPolicy,
     /// A session cache untouched this long is dropped.
     pub session_ttl: Duration,
-    /// Stage requests waiting per shard before new ones are refused (BUSY).
+    /// Stage requests waiting (or in the running pass) per shard before new
+    /// ones are refused (BUSY).
     pub max_queue: usize,
     /// Layer ranges this peer keeps loaded at most.
     pub max_shards: usize,
@@ -63,6 +64,9 @@ pub struct RuntimeConfig {
     pub bid_timeout: Duration,
     /// Events buffered per generation before the session waits for its caller.
     pub event_capacity: usize,
+    /// How long a new session waits for room on a full route (running
+    /// sessions' caches fill the budget) before it gives up as busy.
+    pub open_wait: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -92,6 +96,7 @@ impl Default for RuntimeConfig {
             limits: Limits::default(),
             bid_timeout: Duration::from_millis(150),
             event_capacity: 256,
+            open_wait: Duration::from_secs(30),
         }
     }
 }

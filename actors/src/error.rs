@@ -61,6 +61,9 @@ pub enum SessionError {
     /// The caller cancelled it.
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// Every route stayed full (running sessions hold the room for caches).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// A call this peer refuses: the code and reason its error frame carries.

@@ -1,7 +1,7 @@
 //! Sans-I/O policy of sessions and shards: banning failed peers with
 //! backoff, choosing a route from the view, how long a hop may take, what a
-//! session does about a late or failed step, which session caches a shard
-//! evicts, and which standby ranges a peer keeps.
+//! session does about a late or failed step, the room a shard reserves for
+//! session caches, and which standby ranges a peer keeps.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -163,46 +163,71 @@ impl CacheBounds {
     }
 }
 
-/// The caches a shard drops before opening one more for `owner`, reserving
-/// `bytes`, or why it cannot: every cache idle past the TTL; then the
-/// owner's own least recently used caches while it would hold more than its
-/// share; then, while the count or the byte budget would be passed, the
-/// least recently used cache of whichever owner holds the most bytes (the
-/// newcomer's own included), so that no owner can push another below an
-/// even split. Refused when `bytes` exceeds one owner's share.
-pub fn admit(held: &[Held<'_>], owner: &str, bytes: usize, now: Instant, b: &CacheBounds) -> Result<Vec<u64>, String> {
+/// Why a shard cannot reserve a new session's cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoom {
+    /// It would not fit even in an empty shard: asking again will not help.
+    Never(String),
+    /// Running sessions hold the room; it frees as they end.
+    Now(String),
+}
+
+/// How long a session cache may sit unused before a newcomer that needs
+/// its room may take it: a generation in progress steps far more often.
+pub const IDLE_EVICT: Duration = Duration::from_secs(30);
+
+/// The caches a shard drops before reserving `bytes` for a new session of
+/// `owner`, or why it cannot. Every cache idle past the TTL goes; while the
+/// count, the byte budget or the owner's share would be passed, caches idle
+/// for [`IDLE_EVICT`] go, oldest first (the owner's own first when its share
+/// is what is short). A cache in use is never taken: a running generation
+/// keeps its room to the end, and the newcomer is refused (it waits and
+/// asks again; see [`ErrorCode::Full`]).
+pub fn reserve(held: &[Held<'_>], owner: &str, bytes: usize, now: Instant, b: &CacheBounds) -> Result<Vec<u64>, NoRoom> {
     if bytes > b.owner_bytes() {
-        return Err(format!(
+        return Err(NoRoom::Never(format!(
             "a session needing {bytes} bytes of cache here exceeds what one owner may hold ({} of {} bytes)",
             b.owner_bytes(),
             b.budget_bytes
-        ));
+        )));
     }
-    let mut out: Vec<u64> = held.iter().filter(|h| now.saturating_duration_since(h.last_used) > b.ttl).map(|h| h.session).collect();
+    let idle = |h: &Held<'_>, d: Duration| now.saturating_duration_since(h.last_used) > d;
+    let mut out: Vec<u64> = held.iter().filter(|h| idle(h, b.ttl)).map(|h| h.session).collect();
     let mut live: Vec<Held<'_>> = held.iter().filter(|h| !out.contains(&h.session)).copied().collect();
     // Oldest first; ties by session id so the choice is deterministic.
     live.sort_by_key(|h| (h.last_used, h.session));
-    let owned = |live: &[Held<'_>], o: &str| live.iter().filter(|h| h.owner == o).map(|h| h.bytes).sum::<usize>();
-    while owned(&live, owner) + bytes > b.owner_bytes() {
-        let Some(i) = live.iter().position(|h| h.owner == owner) else { break };
+    let owned = |live: &[Held<'_>]| live.iter().filter(|h| h.owner == owner).map(|h| h.bytes).sum::<usize>();
+    while owned(&live) + bytes > b.owner_bytes() {
+        let Some(i) = live.iter().position(|h| h.owner == owner && idle(h, IDLE_EVICT)) else {
+            return Err(NoRoom::Now(format!(
+                "this owner's running sessions hold {} of the {} bytes of cache one owner may hold here",
+                owned(&live),
+                b.owner_bytes()
+            )));
+        };
         out.push(live.remove(i).session);
     }
     loop {
         let total: usize = live.iter().map(|h| h.bytes).sum();
         if live.len() < b.max_sessions.max(1) && total + bytes <= b.budget_bytes {
-            break;
+            return Ok(out);
         }
-        // The owner holding the most (the newcomer counting what it asks
-        // for); ties to the lower name.
-        let mut owners: Vec<&str> = live.iter().map(|h| h.owner).collect();
-        owners.sort_unstable();
-        owners.dedup();
-        let weight = |o: &str| owned(&live, o) + if o == owner { bytes } else { 0 };
-        let Some(big) = owners.into_iter().max_by(|x, y| weight(x).cmp(&weight(y)).then(y.cmp(x))) else { break };
-        let Some(i) = live.iter().position(|h| h.owner == big) else { break };
+        let Some(i) = live.iter().position(|h| idle(h, IDLE_EVICT)) else {
+            return Err(NoRoom::Now(format!(
+                "running sessions hold {total} of {} bytes of cache here ({} sessions; {bytes} more needed)",
+                b.budget_bytes,
+                live.len()
+            )));
+        };
         out.push(live.remove(i).session);
     }
-    Ok(out)
+}
+
+/// How long a session whose route is full ([`ErrorCode::Full`]) pauses
+/// before asking again, after `waited` in all and `waits` pauses: 20 ms
+/// doubling to 640 ms, never past `bound`; `None` once `bound` is spent.
+pub fn full_pause(waited: Duration, bound: Duration, waits: u32) -> Option<Duration> {
+    (waited < bound).then(|| Duration::from_millis(20 << waits.min(5)).min(bound - waited))
 }
 
 /// What went wrong with a session's step.

@@ -91,6 +91,10 @@ pub struct SessionState {
     stalls: u32,
     /// Deadlines missed while the pipeline had work queued (reset by a token).
     busy_waits: u32,
+    /// Since when, and how many times, routes refused to open for want of
+    /// room ([`ErrorCode::Full`]).
+    full_since: Option<Instant>,
+    full_waits: u32,
     bans: BanList,
     failovers: u32,
     failed_at: Option<Instant>,
@@ -170,9 +174,12 @@ impl SessionState {
                 async move { (peer.clone(), rt.call(&peer, Message::SessionOpen(open)).await) }
             });
             let mut reasons = Vec::new();
+            let mut full = Vec::new();
             for (peer, r) in futures::future::join_all(opens).await {
                 match r {
                     Ok(Message::ShardAdvert(_)) => {}
+                    // Healthy, but its room for sessions is taken: wait.
+                    Ok(Message::Error(e)) if e.code == ErrorCode::Full => full.push(format!("{peer}: {}", e.message)),
                     Ok(Message::Error(e)) => {
                         reasons.push(format!("{peer}: {}", e.message));
                         failed.push(peer);
@@ -187,7 +194,7 @@ impl SessionState {
                     }
                 }
             }
-            if failed.is_empty() {
+            if failed.is_empty() && full.is_empty() {
                 self.wire = wire;
                 self.route = route;
                 self.rt.register_session(wire, myself.clone());
@@ -199,6 +206,18 @@ impl SessionState {
             }
             for h in &route {
                 let _ = self.rt.send(&h.peer, Message::SessionClose(SessionClose { session: wire })).await;
+            }
+            if failed.is_empty() {
+                // Only full peers: ask again shortly, up to the wait bound.
+                let bound = self.rt.config().open_wait;
+                let Some(pause) = policy::full_pause(self.full_since.get_or_insert(now).elapsed(), bound, self.full_waits) else {
+                    let why = full.join("; ");
+                    return Err(SessionError::Busy(format!("no route had room for this session's cache within {} s: {why}", bound.as_secs())));
+                };
+                self.full_waits += 1;
+                tracing::debug!(pause_ms = pause.as_millis() as u64, reason = %full.join("; "), "route full; waiting for room");
+                tokio::time::sleep(pause).await;
+                continue;
             }
             let reason = reasons.join("; ");
             self.note_failure(&failed, &reason).await?;
@@ -446,6 +465,10 @@ impl SessionState {
                 let failovers = self.failovers;
                 self.emit(SessionEvent::Done { generation, route, failovers }).await;
             }
+            Err(SessionError::Busy(why)) => {
+                metrics::counter!(crate::metrics::SESSIONS, "outcome" => "busy").increment(1);
+                self.emit(SessionEvent::Busy(why)).await;
+            }
             Err(e) => {
                 metrics::counter!(crate::metrics::SESSIONS, "outcome" => "error").increment(1);
                 self.emit(SessionEvent::Error(e.to_string())).await;
@@ -480,6 +503,8 @@ impl Actor for SessionActor {
             step_input: (Vec::new(), 0),
             stalls: 0,
             busy_waits: 0,
+            full_since: None,
+            full_waits: 0,
             bans,
             failovers: 0,
             failed_at: None,

@@ -110,7 +110,7 @@ pub struct ShardStatus {
     pub cache_bytes: usize,
     /// Tokens processed since load.
     pub tokens: u64,
-    /// Stage requests waiting.
+    /// Stage requests waiting or in the running pass.
     pub queued: usize,
     /// Forward passes run since load.
     pub passes: u64,
@@ -204,8 +204,10 @@ impl ShardState {
         if self.sessions.contains_key(&open.session) {
             return Err(stage_error(open.session, &local, ErrorCode::Malformed, "a live session cannot be reopened"));
         }
-        let need = open.history.len() * self.shard.cache_bytes_per_token();
-        self.make_room(open.session, open.owner.as_str(), need).map_err(|why| stage_error(open.session, &local, ErrorCode::Busy, why))?;
+        // The whole bound is reserved now, so that the session never has
+        // to make room for itself mid-generation.
+        let max_tokens = (open.max_tokens as usize).min(self.shard.config().context);
+        self.reserve(open.session, open.owner.as_str(), max_tokens)?;
         let params = crate::wire::sampling_params(&open.sampling);
         let sampler = if self.shard.is_last() {
             Some(
@@ -223,12 +225,15 @@ impl ShardState {
                 "exactly the stage holding the last layer has no next hop",
             ));
         }
-        let max_tokens = (open.max_tokens as usize).min(self.shard.config().context);
         let history = open.history;
         self.sessions.insert(
             open.session,
             Session {
-                cache: Some(self.shard.new_session()),
+                cache: Some({
+                    let mut c = self.shard.new_session();
+                    c.reserve(max_tokens);
+                    c
+                }),
                 next: open.next.map(|n| n.0),
                 owner: open.owner.0,
                 sampler,
@@ -257,23 +262,26 @@ impl ShardState {
         }
     }
 
-    /// Evicts what [`policy::admit`] says so that `session` of `owner` may
-    /// hold `bytes` of cache here, or says why it may not. A session inside
-    /// a running pass is never evicted: the newcomer is refused instead.
-    fn make_room(&mut self, session: u64, owner: &str, bytes: usize) -> Result<(), String> {
+    /// Reserves a new session's whole cache (its token bound) within the
+    /// shard's budget, dropping idle caches if need be (never a running
+    /// one), or says why not: [`ErrorCode::Full`] when running sessions hold
+    /// the room (the owner waits and asks again), [`ErrorCode::Busy`] when
+    /// it could never fit here.
+    fn reserve(&mut self, session: u64, owner: &str, tokens: usize) -> Result<(), StageError> {
         let per = self.shard.cache_bytes_per_token();
         let held: Vec<policy::Held<'_>> = self
             .sessions
             .iter()
             .filter(|(k, _)| **k != session)
-            .map(|(k, s)| policy::Held { session: *k, owner: &s.owner, bytes: s.held * per, last_used: s.last_used })
+            .map(|(k, s)| policy::Held { session: *k, owner: &s.owner, bytes: s.max_tokens * per, last_used: s.last_used })
             .collect();
-        let evict = policy::admit(&held, owner, bytes, Instant::now(), &self.bounds())?;
-        if evict.iter().any(|k| self.sessions.get(k).is_some_and(|s| s.cache.is_none())) {
-            return Err("the cache budget is held by sessions computing now".into());
-        }
+        let local = self.rt.local_peer().to_string();
+        let evict = policy::reserve(&held, owner, tokens * per, Instant::now(), &self.bounds()).map_err(|e| match e {
+            policy::NoRoom::Never(why) => stage_error(session, &local, ErrorCode::Busy, why),
+            policy::NoRoom::Now(why) => stage_error(session, &local, ErrorCode::Full, why),
+        })?;
         for k in evict {
-            tracing::info!(session = k, "evicting a session cache (idle past its TTL, or room for another owner's)");
+            tracing::info!(session = k, "dropping an idle session cache to make room for a new session");
             self.sessions.remove(&k);
             self.rt.forget_served(k);
         }
@@ -372,22 +380,10 @@ impl ShardState {
             fail(&mut self.outbox, &owner, code, why);
             return None;
         }
-        // A retried request rolls the cache back to where it starts.
+        // A retried request rolls the cache back to where it starts; it
+        // grows within the room reserved at open.
         cache.truncate(pos);
-        sess.held = cache.pos();
-        // The cache grows to pos + n tokens: within the shard's budget, at
-        // the expense of the biggest owner's least recently used caches.
-        let need = (pos + n) * self.shard.cache_bytes_per_token();
-        if let Err(why) = self.make_room(req.session, &owner, need) {
-            if let Some(sess) = self.sessions.get_mut(&req.session) {
-                sess.cache = Some(cache);
-            }
-            fail(&mut self.outbox, &owner, ErrorCode::Busy, why);
-            return None;
-        }
-        if let Some(sess) = self.sessions.get_mut(&req.session) {
-            sess.held = pos + n;
-        }
+        sess.held = pos + n;
         Some(cache)
     }
 
@@ -417,11 +413,14 @@ impl ShardState {
             taken.reverse();
             let (mut steps, mut work) = (Vec::new(), Vec::new());
             for (step, input) in taken {
-                self.queued.leave(&step.owner);
                 metrics::histogram!(crate::metrics::QUEUE_SECONDS, "layers" => self.label.clone()).record(step.arrived.elapsed().as_secs_f64());
+                // A step counts as queued until its pass ends: a probe of a
+                // late step then hears that work is under way here.
                 if let Some(cache) = self.prepare(&step) {
                     steps.push(step);
                     work.push((cache, input));
+                } else {
+                    self.queued.leave(&step.owner);
                 }
             }
             if steps.is_empty() {
@@ -459,6 +458,9 @@ impl ShardState {
     /// pass starts.
     fn finish(&mut self, f: Finished) {
         self.running = false;
+        for step in &f.steps {
+            self.queued.leave(&step.owner);
+        }
         let local = self.rt.local_peer().to_string();
         match f.result {
             Err(e) => {
@@ -575,7 +577,9 @@ impl Actor for ShardActor {
                 st.start_pass();
             }
             ShardMsg::Close(session) => {
-                st.sessions.remove(&session);
+                if st.sessions.remove(&session).is_some() {
+                    metrics::gauge!(crate::metrics::KV_BYTES, "layers" => st.label.clone()).set(st.cache_bytes() as f64);
+                }
             }
             ShardMsg::Status(reply) => {
                 let r = st.shard.range();

@@ -118,6 +118,16 @@ impl SessionCache {
         }
     }
 
+    /// Sets aside room for `tokens` tokens in all, so that growing to them
+    /// allocates nothing more and [`SessionCache::memory_bytes`] is exactly
+    /// what was budgeted.
+    pub fn reserve(&mut self, tokens: usize) {
+        let want = tokens * self.kv_dim;
+        for kv in self.k.iter_mut().chain(self.v.iter_mut()) {
+            kv.reserve_exact(want.saturating_sub(kv.len()));
+        }
+    }
+
     /// Cuts every layer's keys and values back to `pos` tokens.
     fn rollback_layers(&mut self, pos: usize) {
         for kv in self.k.iter_mut().chain(self.v.iter_mut()) {

@@ -141,7 +141,7 @@ impl AppState {
     /// `h` under this node's wall-clock cap per generation.
     pub(crate) fn capped(&self, h: GenerationHandle, endpoint: &'static str) -> Capped {
         let cap = self.board.limits.max_generation;
-        Capped { h: Some(h), deadline: tokio::time::Instant::now() + cap, cap, endpoint }
+        Capped { h: Some(h), deadline: tokio::time::Instant::now() + cap, cap, endpoint, ahead: None }
     }
 
     fn incident(&self, v: Incident) {
@@ -160,11 +160,34 @@ pub(crate) struct Capped {
     deadline: tokio::time::Instant,
     cap: std::time::Duration,
     endpoint: &'static str,
+    /// An event read ahead by [`Capped::admitted`].
+    ahead: Option<SessionEvent>,
 }
 
 impl Capped {
+    /// Waits for the generation's first event: a 429 (with `Retry-After`)
+    /// when no route had room for it, so that a client hears "busy" as a
+    /// status, not inside a stream already answered 200.
+    #[allow(clippy::result_large_err)] // the Err is the finished response
+    pub(crate) async fn admitted(&mut self) -> Result<(), Response> {
+        match self.next().await {
+            Some(SessionEvent::Busy(why)) => {
+                let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", format!("no room for another session now: {why}"));
+                r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+                Err(r)
+            }
+            e => {
+                self.ahead = e;
+                Ok(())
+            }
+        }
+    }
+
     /// The next event; `None` after the last.
     pub(crate) async fn next(&mut self) -> Option<SessionEvent> {
+        if let Some(e) = self.ahead.take() {
+            return Some(e);
+        }
         let h = self.h.as_mut()?;
         match tokio::time::timeout_at(self.deadline, h.next()).await {
             Ok(Some(e)) => Some(e),

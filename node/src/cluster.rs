@@ -36,6 +36,8 @@ pub struct ClusterOptions {
     pub activations: Option<String>,
     /// `--max-memory` of every peer, in bytes (`None`: what the host has).
     pub max_memory: Option<u64>,
+    /// More flags given to every peer (`--kv-budget 8MiB`, …).
+    pub extra: Vec<String>,
 }
 
 impl ClusterOptions {
@@ -53,6 +55,7 @@ impl ClusterOptions {
             wait: Duration::from_secs(60),
             activations: None,
             max_memory: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -106,6 +109,7 @@ impl LocalCluster {
             if let Some(a) = &o.activations {
                 cmd.args(["--activations", a]);
             }
+            cmd.args(&o.extra);
             if let Some(m) = o.max_memory {
                 cmd.args(["--max-memory", &m.to_string()]);
             }

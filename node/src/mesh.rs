@@ -312,6 +312,20 @@ impl MeshBuilder {
         self
     }
 
+    /// Bytes of KV cache each shard's sessions may reserve together
+    /// (`--kv-budget`); by default a quarter of the memory offered.
+    pub fn kv_budget(mut self, bytes: u64) -> Self {
+        self.runtime.cache_budget_bytes = usize::try_from(bytes).unwrap_or(usize::MAX).max(1);
+        self
+    }
+
+    /// How long a new session waits for room on a full route before it
+    /// gives up as busy (HTTP 429).
+    pub fn queue_wait(mut self, wait: Duration) -> Self {
+        self.runtime.open_wait = wait;
+        self
+    }
+
     /// Offer at most `bytes` of memory in all (`--max-memory`): three
     /// quarters for weights (what placement plans with, as gossiped), one
     /// quarter for the KV caches of the sessions served here.

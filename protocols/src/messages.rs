@@ -331,6 +331,9 @@ pub enum ErrorCode {
     Model = 5,
     /// Anything else.
     Internal = 6,
+    /// The peer's memory for session caches is taken by running sessions;
+    /// retry later (the peer is healthy: no reason to avoid it).
+    Full = 7,
 }
 
 /// A peer's complaint about something it received.

@@ -136,3 +136,32 @@ pub fn tokenizer_metadata() -> Vec<(String, Value)> {
         ("tokenizer.chat_template".into(), s("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")),
     ]
 }
+
+/// Raw-prompt generation flags (no chat template).
+pub fn raw_flags(prompt: &str, max: usize, temperature: f32, seed: u64) -> fogmesh::node::api::types::GenFlags {
+    fogmesh::node::api::types::GenFlags { prompt: prompt.into(), raw: true, max_tokens: max, temperature, seed, ..Default::default() }
+}
+
+/// The tokens one process generates for `f`.
+pub fn solo_tokens(model: &fogmesh::models::LocalModel, f: &fogmesh::node::api::types::GenFlags) -> Vec<u32> {
+    let prompt = f.prompt_tokens(model.tokenizer()).unwrap();
+    model.generate(prompt, f.max_tokens, f.sampling(), f.stop.clone(), 0, |_| {}).unwrap().tokens
+}
+
+/// `n` peer processes of `exe` serving `model` (or none), lossless (these
+/// tests hold peers to the single-process tokens), `threads` each, with
+/// `extra` flags; planned over all of them.
+pub fn lossless_cluster(exe: &str, model: Option<&std::path::Path>, n: usize, threads: usize, extra: &[&str]) -> fogmesh::node::cluster::LocalCluster {
+    use fogmesh::node::cluster::{ClusterOptions, LocalCluster};
+    let o = ClusterOptions {
+        activations: Some("lossless".into()),
+        threads,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..ClusterOptions::new(exe, model.map(std::path::Path::to_path_buf), n)
+    };
+    let c = LocalCluster::start(&o).unwrap();
+    if model.is_some() {
+        c.wait_plan(n, std::time::Duration::from_secs(60)).unwrap();
+    }
+    c
+}

@@ -45,4 +45,7 @@ pub enum SessionEvent {
     },
     /// The generation failed.
     Error(String),
+    /// No route had room for the session within the wait bound
+    /// (`RuntimeConfig::open_wait`); nothing was generated. Retry later.
+    Busy(String),
 }

@@ -132,6 +132,7 @@ fn event(e: SessionEvent, seed: u64, prompt_len: usize) -> GenEvent {
             failovers,
         }),
         SessionEvent::Error(message) => GenEvent::Error { message },
+        SessionEvent::Busy(why) => GenEvent::Error { message: format!("busy: {why}") },
     }
 }
 
@@ -172,7 +173,10 @@ pub(super) async fn generate(State(s): State<AppState>, body: Body) -> Response 
     let (seed, n) = (flags.seed, prompt.len());
     // Dropping the body (a client that went away) drops the receiver; the
     // session notices on its next event and cancels everywhere.
-    let h = s.capped(h, "fogmesh");
+    let mut h = s.capped(h, "fogmesh");
+    if let Err(r) = h.admitted().await {
+        return r;
+    }
     let lines = futures::stream::unfold((h, s, slot), move |(mut h, s, slot)| async move {
         let e = h.next().await?;
         s.observe(&e);

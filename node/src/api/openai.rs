@@ -447,7 +447,10 @@ async fn respond(s: AppState, rt: Runtime, p: Plan, kind: Endpoint) -> Response 
     let id = format!("{prefix}-{:016x}", rand::random::<u64>());
     let logprobs = p.logprobs.then(|| rt.model().map(|m| m.tokenizer.clone())).flatten();
     let head = Head { id, created: now_s(), model: p.model, kind, prompt_len, started, endpoint, logprobs };
-    let h = s.capped(h, endpoint);
+    let mut h = s.capped(h, endpoint);
+    if let Err(r) = h.admitted().await {
+        return r;
+    }
     if p.stream {
         stream(s, h, head, p.include_usage, slot)
     } else {

@@ -89,6 +89,17 @@ pub struct NodeArgs {
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_batch_tokens: u32,
+    /// Bytes of KV cache each shard's sessions may reserve together
+    /// (`512MiB`, …). A session reserves its whole bound (prompt plus
+    /// max_tokens) when it opens and keeps it to the end; one that does not
+    /// fit waits for room (--queue-wait-secs). Default: a quarter of the
+    /// memory offered (--max-memory), else of the memory available.
+    #[arg(long, value_name = "SIZE", value_parser = crate::measure::parse_size)]
+    pub kv_budget: Option<u64>,
+    /// How long a new request waits for KV room on a full route before it is
+    /// answered 429 with Retry-After.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub queue_wait_secs: u64,
     /// HTTP connections open at once; more are closed on accept.
     #[arg(long, value_name = "N", default_value_t = crate::api::MAX_CONNECTIONS)]
     pub http_max_connections: usize,
@@ -181,6 +192,10 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         }
         b = b.activations(args.activations);
         b = b.max_batch_tokens(args.max_batch_tokens as usize);
+        b = b.queue_wait(std::time::Duration::from_secs(args.queue_wait_secs));
+        if let Some(kv) = args.kv_budget {
+            b = b.kv_budget(kv);
+        }
         if let Some(m) = args.max_memory {
             b = b.max_memory(m);
         }
