@@ -6,6 +6,8 @@
 //! - a ~2000-token prompt arriving while 8 sessions decode does not stall
 //!   them: their longest gap between tokens stays within a bound derived
 //!   from the prompt chunk, far below the prompt's own prefill time;
+//! - a request sharing a long system prompt with an earlier one reuses its
+//!   keys and values on every stage (metrics) and gives the same tokens;
 //! - KV budget: sessions past it wait for room (or get 429 with
 //!   `Retry-After` when told not to wait); none is evicted, none lost, and
 //!   the caches stay within the budget.
@@ -120,6 +122,35 @@ fn a_long_prompt_arriving_does_not_stall_sessions_that_decode() {
     }
     assert!(spanned >= 4, "only {spanned} decoders were still going during the whole prefill");
     eprintln!("prefill of {chunks} chunks took {prefill:?}; bound on a decoder's gap {bound:?}");
+}
+
+#[test]
+fn a_shared_system_prompt_is_reused_on_every_stage_with_the_same_tokens() {
+    let Some(path) = model_path() else { return };
+    let local = LocalModel::load(&path, None, 2).unwrap();
+    let system = "You are a careful assistant. Answer in full sentences, cite what you know, and say when you are unsure. ".repeat(6);
+    let jobs: Vec<GenFlags> = ["What is the capital of France?", "Name three rivers in Europe."]
+        .iter()
+        .enumerate()
+        .map(|(i, q)| raw_flags(&format!("{system}\nQuestion: {q}\nAnswer:"), 16, if i == 0 { 0.0 } else { 0.7 }, 7))
+        .collect();
+    let c = lossless_cluster(BIN, Some(&path), 3, 1, &[]);
+    let entry = &c.peers[0].http;
+    for f in &jobs {
+        assert_eq!(generate_on(entry, f, |_| {}).unwrap().done.tokens, solo_tokens(&local, f));
+    }
+    // The second request's shared part came from every stage's prefix cache.
+    let shared = local.tokenizer().encode(&system).unwrap().len();
+    let reused = metric(entry, "fogmesh_prefix_tokens_reused_total");
+    assert!(reused >= shared as f64 - 2.0, "{reused} tokens reused of a {shared}-token shared prompt");
+    for p in &c.peers {
+        assert!(metric(&p.http, "fogmesh_prefix_hits_total") >= 1.0, "no prefix hit at {}", p.http);
+        assert!(metric(&p.http, "fogmesh_prefix_cache_bytes") > 0.0);
+    }
+    // A request sharing nothing reuses nothing more, and is still right.
+    let other = raw_flags("Completely different words here", 8, 0.0, 0);
+    assert_eq!(generate_on(entry, &other, |_| {}).unwrap().done.tokens, solo_tokens(&local, &other));
+    assert_eq!(metric(entry, "fogmesh_prefix_tokens_reused_total"), reused);
 }
 
 #[test]

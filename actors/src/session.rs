@@ -175,9 +175,11 @@ impl SessionState {
             });
             let mut reasons = Vec::new();
             let mut full = Vec::new();
+            // The prefix every stage already holds (a shared prompt).
+            let mut cached = history.len();
             for (peer, r) in futures::future::join_all(opens).await {
                 match r {
-                    Ok(Message::ShardAdvert(_)) => {}
+                    Ok(Message::ShardAdvert(a)) => cached = cached.min(a.cached as usize),
                     // Healthy, but its room for sessions is taken: wait.
                     Ok(Message::Error(e)) if e.code == ErrorCode::Full => full.push(format!("{peer}: {}", e.message)),
                     Ok(Message::Error(e)) => {
@@ -201,7 +203,13 @@ impl SessionState {
                 self.stalls = 0;
                 self.busy_waits = 0;
                 self.opened = Instant::now();
-                self.feed(myself, history).await;
+                // Less than the whole history, so that the last token runs.
+                let skip = cached.min(history.len().saturating_sub(1));
+                if skip > 0 {
+                    metrics::counter!(crate::metrics::PREFIX_TOKENS).increment(skip as u64);
+                    tracing::debug!(tokens = skip, "every stage holds a shared prefix");
+                }
+                self.send_tokens(myself, &history[skip..], skip).await;
                 return Ok(());
             }
             for h in &route {
@@ -313,10 +321,6 @@ impl SessionState {
         }
         self.pending_tokens = n;
         self.arm(myself, n);
-    }
-
-    async fn feed(&mut self, myself: &ActorRef<SessionMsg>, history: Vec<u32>) {
-        self.send_tokens(myself, &history, 0).await;
     }
 
     /// Probes every remote hop: the ones that did not answer, and whether

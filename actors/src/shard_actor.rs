@@ -11,6 +11,7 @@
 
 pub mod batch;
 mod output;
+pub mod prefix;
 mod queue;
 
 pub use queue::WorkQueue;
@@ -52,8 +53,9 @@ pub trait ShardHost: Host {
 /// Messages of a [`ShardActor`].
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Open a session's cache here.
-    Open(Box<SessionOpen>, RpcReplyPort<Result<(), StageError>>),
+    /// Open a session's cache here; answers how many of its history's
+    /// tokens a shared prefix already covers.
+    Open(Box<SessionOpen>, RpcReplyPort<Result<u32, StageError>>),
     /// A stage request from the given peer, for a session of the given
     /// owner (counted in the [`WorkQueue`] under it).
     Work(PeerKey, PeerKey, StageRequest),
@@ -187,6 +189,8 @@ pub struct ShardState {
     ended: Option<Instant>,
     /// Whether a [`ShardMsg::Kick`] is on its way.
     kick_pending: bool,
+    /// Finished sessions' prompts, for new sessions starting the same way.
+    prefixes: prefix::Prefixes,
 }
 
 /// The actor owning one loaded layer range.
@@ -198,7 +202,7 @@ fn stage_error(session: u64, peer: &str, code: ErrorCode, reason: impl Into<Stri
 }
 
 impl ShardState {
-    fn open(&mut self, open: SessionOpen) -> Result<(), StageError> {
+    fn open(&mut self, open: SessionOpen) -> Result<u32, StageError> {
         let local = self.rt.local_peer().to_string();
         let now = Instant::now();
         if self.sessions.contains_key(&open.session) {
@@ -226,14 +230,13 @@ impl ShardState {
             ));
         }
         let history = open.history;
+        let mut cache = self.shard.new_session();
+        cache.reserve(max_tokens);
+        let cached = self.prefixes.load_into(&history, &mut cache);
         self.sessions.insert(
             open.session,
             Session {
-                cache: Some({
-                    let mut c = self.shard.new_session();
-                    c.reserve(max_tokens);
-                    c
-                }),
+                cache: Some(cache),
                 next: open.next.map(|n| n.0),
                 owner: open.owner.0,
                 sampler,
@@ -243,12 +246,15 @@ impl ShardState {
                 open_draws: u64::from(open.draws),
                 max_tokens,
                 last_used: now,
-                held: 0,
+                held: cached,
                 delivered: None,
                 gap: None,
             },
         );
-        Ok(())
+        if cached > 0 {
+            metrics::counter!(crate::metrics::PREFIX_HITS, "layers" => self.label.clone()).increment(1);
+        }
+        Ok(cached as u32)
     }
 
     /// The bounds of this shard's caches.
@@ -276,10 +282,16 @@ impl ShardState {
             .map(|(k, s)| policy::Held { session: *k, owner: &s.owner, bytes: s.max_tokens * per, last_used: s.last_used })
             .collect();
         let local = self.rt.local_peer().to_string();
-        let evict = policy::reserve(&held, owner, tokens * per, Instant::now(), &self.bounds()).map_err(|e| match e {
-            policy::NoRoom::Never(why) => stage_error(session, &local, ErrorCode::Busy, why),
-            policy::NoRoom::Now(why) => stage_error(session, &local, ErrorCode::Full, why),
-        })?;
+        // Shared prefixes count against the budget and give way first.
+        let evict = loop {
+            let bounds = policy::CacheBounds { budget_bytes: self.cache_budget.saturating_sub(self.prefixes.bytes()), ..self.bounds() };
+            match policy::reserve(&held, owner, tokens * per, Instant::now(), &bounds) {
+                Err(_) if self.prefixes.drop_oldest() => continue,
+                Ok(evict) => break evict,
+                Err(policy::NoRoom::Never(why)) => return Err(stage_error(session, &local, ErrorCode::Busy, why)),
+                Err(policy::NoRoom::Now(why)) => return Err(stage_error(session, &local, ErrorCode::Full, why)),
+            }
+        };
         for k in evict {
             tracing::info!(session = k, "dropping an idle session cache to make room for a new session");
             self.sessions.remove(&k);
@@ -558,6 +570,7 @@ impl Actor for ShardActor {
             passes: 0,
             last_took: std::time::Duration::ZERO,
             ended: None,
+            prefixes: prefix::Prefixes::default(),
             kick_pending: false,
         })
     }
@@ -577,8 +590,15 @@ impl Actor for ShardActor {
                 st.start_pass();
             }
             ShardMsg::Close(session) => {
-                if st.sessions.remove(&session).is_some() {
+                if let Some(sess) = st.sessions.remove(&session) {
+                    // Its history's keys and values stay, shared, for whoever
+                    // starts the same way.
+                    if let Some(cache) = sess.cache {
+                        let tokens = sess.history[..sess.open_len.min(sess.history.len())].to_vec();
+                        st.prefixes.keep(tokens, cache, st.cache_budget / 2);
+                    }
                     metrics::gauge!(crate::metrics::KV_BYTES, "layers" => st.label.clone()).set(st.cache_bytes() as f64);
+                    metrics::gauge!(crate::metrics::PREFIX_BYTES, "layers" => st.label.clone()).set(st.prefixes.bytes() as f64);
                 }
             }
             ShardMsg::Status(reply) => {

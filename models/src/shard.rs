@@ -128,6 +128,34 @@ impl SessionCache {
         }
     }
 
+    /// Starts this (empty) cache with the first `n` tokens' keys and values
+    /// of `from`, a cache of the same shard: a shared prompt prefix, not
+    /// computed again. They are exactly what computing those tokens here
+    /// would give (a row's result never depends on what shares its pass).
+    pub fn load_prefix(&mut self, from: &SessionCache, n: usize) -> Result<()> {
+        if from.shard != self.shard || self.pos != 0 || n > from.pos {
+            return Err(ModelError::Input(format!(
+                "a prefix of {n} tokens cannot come from a cache of {} tokens of another shard or into a cache in use",
+                from.pos
+            )));
+        }
+        let len = n * self.kv_dim;
+        for (dst, src) in self.k.iter_mut().zip(&from.k).chain(self.v.iter_mut().zip(&from.v)) {
+            dst.extend_from_slice(&src[..len]);
+        }
+        self.pos = n;
+        Ok(())
+    }
+
+    /// Keeps only the first `pos` tokens and gives back the memory beyond
+    /// them (for a cache kept as a shared prefix).
+    pub fn shrink_to(&mut self, pos: usize) {
+        self.truncate(pos);
+        for kv in self.k.iter_mut().chain(self.v.iter_mut()) {
+            kv.shrink_to_fit();
+        }
+    }
+
     /// Cuts every layer's keys and values back to `pos` tokens.
     fn rollback_layers(&mut self, pos: usize) {
         for kv in self.k.iter_mut().chain(self.v.iter_mut()) {

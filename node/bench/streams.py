@@ -146,7 +146,9 @@ async def run(args):
         async with sem:
             messages = []
             if system:
-                messages.append({"role": "system", "content": system})
+                # With --unique-system, no two requests share a prefix.
+                text = f"Request {i} of {args.requests}. {system}" if args.unique_system else system
+                messages.append({"role": "system", "content": text})
             messages.append({"role": "user", "content": f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}. Request {i}."})
             body = {
                 "model": args.model,
@@ -193,6 +195,7 @@ def main():
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--system-tokens", type=int, default=0)
+    ap.add_argument("--unique-system", action="store_true", help="start each system prompt differently (no shared prefix)")
     ap.add_argument("--model", default="", help="default: the first GET /v1/models lists")
     ap.add_argument("--ignore-eos", action="store_true", help="ask the server not to stop at end of sequence (llama-server)")
     ap.add_argument("--json", action="store_true")

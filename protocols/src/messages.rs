@@ -100,6 +100,10 @@ pub struct ShardAdvert {
     pub start: u32,
     /// Last layer (exclusive).
     pub end: u32,
+    /// Answering a session open: the tokens of the session's history this
+    /// stage already holds keys and values for (a prefix shared with an
+    /// earlier session), which the owner need not send; 0 otherwise.
+    pub cached: u32,
 }
 
 /// A session owner asks holders of a range to bid for a task.

@@ -171,11 +171,11 @@ impl Runtime {
         let owner = open.owner.as_str().to_string();
         let prev = open.prev.as_ref().map_or_else(|| owner.clone(), |p| p.as_str().to_string());
         let next = open.next.as_ref().map(|n| n.as_str().to_string());
-        match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
-            Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
+        let cached = match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(cached))) => cached,
             Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err(Refusal::new(e.code, e.reason)),
             _ => return Err(Refusal::new(ErrorCode::Internal, "shard actor did not answer".to_string())),
-        }
+        };
         // The shard actor refuses an id it holds, so two opens racing past
         // the check above cannot both get here.
         lock(&self.0.served).insert(session, Served { slot, owner, prev, next });
@@ -184,6 +184,7 @@ impl Runtime {
             model: model.hash,
             start: start as u32,
             end: end as u32,
+            cached,
         }))
     }
 
