@@ -15,8 +15,10 @@
 //!   one loaded layer range with per-session KV caches (bounded, LRU + TTL);
 //!   continuous batching: every pass carries all its sessions' ready steps;
 //!   `batch.rs` (which steps share a pass), `queue.rs` (the bounded work
-//!   queue, per owner), `output.rs` (activations to the next stage, tokens
-//!   sampled on the last).
+//!   queue, per owner), `open.rs` (a session's whole cache reserved at open
+//!   within the KV budget), `prefix.rs` (finished prompts kept as shared,
+//!   read-only prefixes), `output.rs` (activations to the next stage,
+//!   tokens sampled on the last).
 //! - `session.rs` (+ `session/`): `SessionActor` and its `SessionHost`: one
 //!   generation: route, chunked prefill, decode, resends of lost steps, and
 //!   failover by ban + new route + replay of the history; `event.rs` (what

@@ -205,10 +205,7 @@ impl SessionState {
                 self.opened = Instant::now();
                 // Less than the whole history, so that the last token runs.
                 let skip = cached.min(history.len().saturating_sub(1));
-                if skip > 0 {
-                    metrics::counter!(crate::metrics::PREFIX_TOKENS).increment(skip as u64);
-                    tracing::debug!(tokens = skip, "every stage holds a shared prefix");
-                }
+                metrics::counter!(crate::metrics::PREFIX_TOKENS).increment(skip as u64);
                 self.send_tokens(myself, &history[skip..], skip).await;
                 return Ok(());
             }

@@ -10,6 +10,7 @@
 //! shares its pass.
 
 pub mod batch;
+mod open;
 mod output;
 pub mod prefix;
 mod queue;
@@ -33,7 +34,6 @@ use crate::host::Host;
 use crate::link::PeerKey;
 use crate::links::LinkMeter;
 use crate::outbox::Outbox;
-use crate::policy;
 
 /// What a shard actor needs of its peer beyond [`Host`]: to let go of a
 /// session it no longer serves, and to report failed stage requests.
@@ -116,6 +116,14 @@ pub struct ShardStatus {
     pub queued: usize,
     /// Forward passes run since load.
     pub passes: u64,
+    /// Session steps those passes carried (over `passes`: sessions per pass).
+    pub steps: u64,
+    /// Bytes of KV cache its sessions may reserve together.
+    pub cache_budget: usize,
+    /// Bytes of shared prompt prefixes kept.
+    pub prefix_bytes: usize,
+    /// Sessions opened with a shared prefix.
+    pub prefix_hits: u64,
 }
 
 /// What a shard actor starts from.
@@ -184,6 +192,8 @@ pub struct ShardState {
     /// Tokens one pass carries at most (see [`batch::pick`]).
     max_batch_tokens: usize,
     passes: u64,
+    steps: u64,
+    prefix_hits: u64,
     /// The last pass's compute time, and when it ended.
     last_took: std::time::Duration,
     ended: Option<Instant>,
@@ -202,104 +212,6 @@ fn stage_error(session: u64, peer: &str, code: ErrorCode, reason: impl Into<Stri
 }
 
 impl ShardState {
-    fn open(&mut self, open: SessionOpen) -> Result<u32, StageError> {
-        let local = self.rt.local_peer().to_string();
-        let now = Instant::now();
-        if self.sessions.contains_key(&open.session) {
-            return Err(stage_error(open.session, &local, ErrorCode::Malformed, "a live session cannot be reopened"));
-        }
-        // The whole bound is reserved now, so that the session never has
-        // to make room for itself mid-generation.
-        let max_tokens = (open.max_tokens as usize).min(self.shard.config().context);
-        self.reserve(open.session, open.owner.as_str(), max_tokens)?;
-        let params = crate::wire::sampling_params(&open.sampling);
-        let sampler = if self.shard.is_last() {
-            Some(
-                Sampler::resume(params.clone(), u64::from(open.draws))
-                    .map_err(|e| stage_error(open.session, &local, ErrorCode::Malformed, e.to_string()))?,
-            )
-        } else {
-            None
-        };
-        if self.shard.is_last() != open.next.is_none() {
-            return Err(stage_error(
-                open.session,
-                &local,
-                ErrorCode::Malformed,
-                "exactly the stage holding the last layer has no next hop",
-            ));
-        }
-        let history = open.history;
-        let mut cache = self.shard.new_session();
-        cache.reserve(max_tokens);
-        let cached = self.prefixes.load_into(&history, &mut cache);
-        self.sessions.insert(
-            open.session,
-            Session {
-                cache: Some(cache),
-                next: open.next.map(|n| n.0),
-                owner: open.owner.0,
-                sampler,
-                open_len: history.len(),
-                history,
-                params,
-                open_draws: u64::from(open.draws),
-                max_tokens,
-                last_used: now,
-                held: cached,
-                delivered: None,
-                gap: None,
-            },
-        );
-        if cached > 0 {
-            metrics::counter!(crate::metrics::PREFIX_HITS, "layers" => self.label.clone()).increment(1);
-        }
-        Ok(cached as u32)
-    }
-
-    /// The bounds of this shard's caches.
-    fn bounds(&self) -> policy::CacheBounds {
-        let cfg = self.rt.config();
-        policy::CacheBounds {
-            ttl: cfg.session_ttl,
-            max_sessions: cfg.max_sessions_per_shard,
-            budget_bytes: self.cache_budget,
-            owner_share: cfg.cache_owner_share,
-        }
-    }
-
-    /// Reserves a new session's whole cache (its token bound) within the
-    /// shard's budget, dropping idle caches if need be (never a running
-    /// one), or says why not: [`ErrorCode::Full`] when running sessions hold
-    /// the room (the owner waits and asks again), [`ErrorCode::Busy`] when
-    /// it could never fit here.
-    fn reserve(&mut self, session: u64, owner: &str, tokens: usize) -> Result<(), StageError> {
-        let per = self.shard.cache_bytes_per_token();
-        let held: Vec<policy::Held<'_>> = self
-            .sessions
-            .iter()
-            .filter(|(k, _)| **k != session)
-            .map(|(k, s)| policy::Held { session: *k, owner: &s.owner, bytes: s.max_tokens * per, last_used: s.last_used })
-            .collect();
-        let local = self.rt.local_peer().to_string();
-        // Shared prefixes count against the budget and give way first.
-        let evict = loop {
-            let bounds = policy::CacheBounds { budget_bytes: self.cache_budget.saturating_sub(self.prefixes.bytes()), ..self.bounds() };
-            match policy::reserve(&held, owner, tokens * per, Instant::now(), &bounds) {
-                Err(_) if self.prefixes.drop_oldest() => continue,
-                Ok(evict) => break evict,
-                Err(policy::NoRoom::Never(why)) => return Err(stage_error(session, &local, ErrorCode::Busy, why)),
-                Err(policy::NoRoom::Now(why)) => return Err(stage_error(session, &local, ErrorCode::Full, why)),
-            }
-        };
-        for k in evict {
-            tracing::info!(session = k, "dropping an idle session cache to make room for a new session");
-            self.sessions.remove(&k);
-            self.rt.forget_served(k);
-        }
-        Ok(())
-    }
-
     /// Takes a stage request in: its input decoded and checked, it waits
     /// for the next pass.
     fn arrive(&mut self, from: PeerKey, owner: PeerKey, mut req: StageRequest) {
@@ -486,6 +398,7 @@ impl ShardState {
             }
             Ok(Pass { caches, outs, took }) => {
                 self.passes += 1;
+                self.steps += f.steps.len() as u64;
                 self.last_took = took;
                 let n: usize = f.steps.iter().map(|s| s.tokens).sum();
                 tracing::debug!(sessions = f.steps.len(), tokens = n, ms = took.as_secs_f64() * 1e3, waiting = self.waiting.len(), "pass");
@@ -509,6 +422,10 @@ impl ShardState {
             }
         }
         self.start_pass();
+    }
+
+    fn prefix_bytes(&self) -> usize {
+        self.prefixes.bytes()
     }
 
     /// Bytes the sessions' caches hold.
@@ -568,6 +485,8 @@ impl Actor for ShardActor {
             running: false,
             max_batch_tokens,
             passes: 0,
+            steps: 0,
+            prefix_hits: 0,
             last_took: std::time::Duration::ZERO,
             ended: None,
             prefixes: prefix::Prefixes::default(),
@@ -582,7 +501,12 @@ impl Actor for ShardActor {
             }
             ShardMsg::Work(from, owner, req) => {
                 st.arrive(from, owner, req);
-                st.start_pass();
+                // The pass starts once the messages already in the mailbox
+                // are in (a burst from the stage before, one per session).
+                if !st.running && !st.kick_pending {
+                    st.kick_pending = true;
+                    let _ = st.myself.cast(ShardMsg::Kick);
+                }
             }
             ShardMsg::Done(f) => st.finish(*f),
             ShardMsg::Kick => {
@@ -612,6 +536,10 @@ impl Actor for ShardActor {
                     tokens: st.tokens.load(Ordering::Relaxed),
                     queued: st.queued.len(),
                     passes: st.passes,
+                    steps: st.steps,
+                    cache_budget: st.cache_budget,
+                    prefix_bytes: st.prefix_bytes(),
+                    prefix_hits: st.prefix_hits,
                 });
             }
         }

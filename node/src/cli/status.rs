@@ -208,7 +208,7 @@ mod tests {
             secret: true,
             connections: 1,
             measurement: SelfMeasurement { cores: 4, memory_bytes: 1 << 33, gflops: 50.0, version: "0.1.0".into() },
-            shards: vec![ShardStatus { start: 0, end: 10, sessions: 0, memory_bytes: 0, cache_bytes: 0, tokens: 0, queued: 2 }],
+            shards: vec![ShardStatus { start: 0, end: 10, sessions: 0, memory_bytes: 0, cache_bytes: 0, tokens: 0, queued: 2, passes: 0, steps: 0, cache_budget: 1 << 20, prefix_bytes: 0, prefix_hits: 0 }],
             route: vec![
                 RouteHop { peer: "12D3KooWAAAAself".into(), layers: [0, 10] },
                 RouteHop { peer: "12D3KooWBBBBpeer".into(), layers: [10, 30] },
