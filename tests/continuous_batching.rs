@@ -8,6 +8,8 @@
 //!   from the prompt chunk, far below the prompt's own prefill time;
 //! - a request sharing a long system prompt with an earlier one reuses its
 //!   keys and values on every stage (metrics) and gives the same tokens;
+//! - a bound no stage could ever hold is cut to what it can: the session
+//!   ends there ("length") with the solo run's first tokens;
 //! - KV budget: sessions past it wait for room (or get 429 with
 //!   `Retry-After` when told not to wait); none is evicted, none lost, and
 //!   the caches stay within the budget.
@@ -197,6 +199,22 @@ fn past_the_kv_budget_sessions_wait_or_get_429_and_none_is_evicted() {
             Err(e) => assert!(e.starts_with("429 retry-after=Some(") && e.contains("no room"), "session {i}: {e}"),
         }
     }
+}
+
+#[test]
+fn a_bound_past_what_a_stage_can_ever_hold_is_cut_to_it() {
+    let Some(path) = model_path() else { return };
+    let local = LocalModel::load(&path, None, 2).unwrap();
+    // 2 MiB of KV holds ~45 positions of SmolLM2 (46 KiB each): a session
+    // asking for 120 gets 45 and ends there with its first tokens.
+    let c = lossless_cluster(BIN, Some(&path), 1, 2, &["--kv-budget", "2MiB"]);
+    let f = raw_flags("Once upon a time", 120, 0.0, 0);
+    let r = generate_on(&c.peers[0].http, &f, |_| {}).unwrap();
+    let prompt = f.prompt_tokens(local.tokenizer()).unwrap().len();
+    let room = (2 << 20) / (30 * 2 * 192 * 4);
+    assert_eq!(r.done.finish_reason, fogmesh::models::FinishReason::Length);
+    assert_eq!(r.done.tokens.len(), room - prompt, "{:?}", r.done);
+    assert_eq!(r.done.tokens, solo_tokens(&local, &f)[..room - prompt]);
 }
 
 /// Posts `f` to the node's generate endpoint: its tokens, or the refusal

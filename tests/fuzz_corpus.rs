@@ -68,7 +68,7 @@ fn sample_messages() -> Vec<Message> {
             timestamp_ms: 1_700_000_000_000,
             shards: vec![ShardLoad { model, start: 0, end: 10, queue_depth: 2, tokens_per_s: 90.0 }],
         }),
-        Message::ShardAdvert(ShardAdvert { peer: peer.clone(), model, start: 10, end: 20, cached: 0 }),
+        Message::ShardAdvert(ShardAdvert { peer: peer.clone(), model, start: 10, end: 20, cached: 0, bound: 0 }),
         Message::CallForBids(CallForBids { auction: 1, session: 2, model, start: 0, end: 10, tokens: 128, activation_bytes: 73728, deadline_ms: 50 }),
         Message::Bid(Bid { auction: 1, peer: peer.clone(), queue_ms: 3.0, service_ms: 40.0, transfer_ms: 1.5 }),
         Message::Award(Award { auction: 1, peer: peer.clone() }),

@@ -20,9 +20,10 @@
 //!   read-only prefixes), `output.rs` (activations to the next stage,
 //!   tokens sampled on the last).
 //! - `session.rs` (+ `session/`): `SessionActor` and its `SessionHost`: one
-//!   generation: route, chunked prefill, decode, resends of lost steps, and
-//!   failover by ban + new route + replay of the history; `event.rs` (what
-//!   a generation reports to its caller).
+//!   generation: route (waiting while its stages are full), chunked prefill
+//!   of what no shared prefix covers, decode, resends of lost steps, and
+//!   failover by ban + new route + replay of the history; `award.rs` (hops
+//!   awarded by bids), `event.rs` (what a generation reports to its caller).
 //! - `placement_actor.rs`: `PlacementActor` and its `PlacementHost`: the plan
 //!   from the view; loads and unloads this peer's shards.
 //! - `host.rs`: [`host::Host`], what every actor needs of its peer (each

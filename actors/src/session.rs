@@ -22,6 +22,7 @@ use crate::link::{LinkError, PeerKey, PeerView};
 use crate::model::ModelInfo;
 use crate::policy::{self, BanList, Hop, LateStep, Trouble};
 
+mod award;
 mod event;
 pub use event::SessionEvent;
 
@@ -175,11 +176,11 @@ impl SessionState {
             });
             let mut reasons = Vec::new();
             let mut full = Vec::new();
-            // The prefix every stage already holds (a shared prompt).
-            let mut cached = history.len();
+            // The prefix every stage holds already, and the room they have.
+            let (mut cached, mut bound) = (history.len(), usize::MAX);
             for (peer, r) in futures::future::join_all(opens).await {
                 match r {
-                    Ok(Message::ShardAdvert(a)) => cached = cached.min(a.cached as usize),
+                    Ok(Message::ShardAdvert(a)) => (cached, bound) = (cached.min(a.cached as usize), bound.min(a.bound as usize)),
                     // Healthy, but its room for sessions is taken: wait.
                     Ok(Message::Error(e)) if e.code == ErrorCode::Full => full.push(format!("{peer}: {}", e.message)),
                     Ok(Message::Error(e)) => {
@@ -203,6 +204,9 @@ impl SessionState {
                 self.stalls = 0;
                 self.busy_waits = 0;
                 self.opened = Instant::now();
+                if let Some(g) = self.state.as_mut() {
+                    g.limit_positions(bound);
+                }
                 // Less than the whole history, so that the last token runs.
                 let skip = cached.min(history.len().saturating_sub(1));
                 metrics::counter!(crate::metrics::PREFIX_TOKENS).increment(skip as u64);
@@ -214,49 +218,18 @@ impl SessionState {
             }
             if failed.is_empty() {
                 // Only full peers: ask again shortly, up to the wait bound.
-                let bound = self.rt.config().open_wait;
-                let Some(pause) = policy::full_pause(self.full_since.get_or_insert(now).elapsed(), bound, self.full_waits) else {
-                    let why = full.join("; ");
-                    return Err(SessionError::Busy(format!("no route had room for this session's cache within {} s: {why}", bound.as_secs())));
+                let (wait, why) = (self.rt.config().open_wait, full.join("; "));
+                let Some(pause) = policy::full_pause(self.full_since.get_or_insert(now).elapsed(), wait, self.full_waits) else {
+                    return Err(SessionError::Busy(format!("no route had room for this session's cache within {} s: {why}", wait.as_secs())));
                 };
                 self.full_waits += 1;
-                tracing::debug!(pause_ms = pause.as_millis() as u64, reason = %full.join("; "), "route full; waiting for room");
+                tracing::debug!(pause_ms = pause.as_millis() as u64, reason = %why, "route full; waiting for room");
                 tokio::time::sleep(pause).await;
                 continue;
             }
             let reason = reasons.join("; ");
             self.note_failure(&failed, &reason).await?;
         }
-    }
-
-    /// Where other peers already hold a hop's exact layers, the holders bid
-    /// for it (the planned peer always among them) and the lowest expected
-    /// completion serves it.
-    async fn award_hops(&mut self, mut route: Vec<Hop>, tokens: usize) -> Vec<Hop> {
-        self.promises.clear();
-        let banned = self.bans.banned(Instant::now());
-        let view = self.rt.view().await;
-        for i in 0..route.len() {
-            let range = (route[i].start as u32, route[i].end as u32);
-            let mut cands = vec![route[i].peer.clone()];
-            for v in &view {
-                let fit = v.shards.contains(&range) && v.models.contains(&self.model.hash);
-                if fit && !banned.contains(&v.peer) && !route.iter().any(|h| h.peer == v.peer) && !cands.contains(&v.peer) {
-                    cands.push(v.peer.clone());
-                }
-            }
-            if cands.len() < 2 {
-                continue;
-            }
-            if let Some((winner, promise)) = self.rt.auction(&cands, route[i].start..route[i].end, tokens).await {
-                tracing::debug!(layers = ?(range.0..range.1), candidates = cands.len(), winner = %winner, "hop awarded by bids");
-                if promise.is_finite() {
-                    self.promises.push((winner.clone(), promise));
-                }
-                route[i].peer = winner;
-            }
-        }
-        route
     }
 
     /// Bans `peers` and counts a failover; errs when the budget is spent.
@@ -466,13 +439,14 @@ impl SessionState {
                 let failovers = self.failovers;
                 self.emit(SessionEvent::Done { generation, route, failovers }).await;
             }
-            Err(SessionError::Busy(why)) => {
-                metrics::counter!(crate::metrics::SESSIONS, "outcome" => "busy").increment(1);
-                self.emit(SessionEvent::Busy(why)).await;
-            }
             Err(e) => {
-                metrics::counter!(crate::metrics::SESSIONS, "outcome" => "error").increment(1);
-                self.emit(SessionEvent::Error(e.to_string())).await;
+                let busy = matches!(e, SessionError::Busy(_));
+                metrics::counter!(crate::metrics::SESSIONS, "outcome" => if busy { "busy" } else { "error" }).increment(1);
+                self.emit(match e {
+                    SessionError::Busy(why) => SessionEvent::Busy(why),
+                    e => SessionEvent::Error(e.to_string()),
+                })
+                .await;
             }
         }
         myself.stop(None);

@@ -11,6 +11,7 @@
 
 pub mod batch;
 mod open;
+pub use open::Opened;
 mod output;
 pub mod prefix;
 mod queue;
@@ -54,8 +55,8 @@ pub trait ShardHost: Host {
 #[derive(Debug)]
 pub enum ShardMsg {
     /// Open a session's cache here; answers how many of its history's
-    /// tokens a shared prefix already covers.
-    Open(Box<SessionOpen>, RpcReplyPort<Result<u32, StageError>>),
+    /// tokens a shared prefix already covers, and its bound here.
+    Open(Box<SessionOpen>, RpcReplyPort<Result<Opened, StageError>>),
     /// A stage request from the given peer, for a session of the given
     /// owner (counted in the [`WorkQueue`] under it).
     Work(PeerKey, PeerKey, StageRequest),

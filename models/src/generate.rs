@@ -134,6 +134,13 @@ impl GenerationState {
         &self.prompt
     }
 
+    /// Ends the generation by the time prompt and answer fill `positions`
+    /// (where it runs holds no more), with [`FinishReason::Length`].
+    pub fn limit_positions(&mut self, positions: usize) {
+        let most = positions.saturating_sub(self.prompt.len()).max(self.tokens.len() + 1);
+        self.max_tokens = self.max_tokens.min(most);
+    }
+
     /// Tokens generated so far.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens

@@ -104,6 +104,10 @@ pub struct ShardAdvert {
     /// stage already holds keys and values for (a prefix shared with an
     /// earlier session), which the owner need not send; 0 otherwise.
     pub cached: u32,
+    /// Answering a session open: the positions (history plus answer) this
+    /// stage holds room for; less than asked when it could never hold that
+    /// much, and the session then ends there. 0 otherwise.
+    pub bound: u32,
 }
 
 /// A session owner asks holders of a range to bid for a task.

@@ -52,7 +52,7 @@ fn message() -> impl Strategy<Value = Message> {
                     .collect(),
             })),
         (node(), hash(), any::<u32>(), any::<u32>())
-            .prop_map(|(peer, model, start, end)| Message::ShardAdvert(ShardAdvert { peer, model, start, end, cached: start / 2 })),
+            .prop_map(|(peer, model, start, end)| Message::ShardAdvert(ShardAdvert { peer, model, start, end, cached: start / 2, bound: end })),
         (any::<u64>(), any::<u64>(), hash(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(
             |(auction, session, model, start, end, tokens, activation_bytes, deadline_ms)| {
                 Message::CallForBids(CallForBids { auction, session, model, start, end, tokens, activation_bytes, deadline_ms })

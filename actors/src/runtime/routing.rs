@@ -171,8 +171,8 @@ impl Runtime {
         let owner = open.owner.as_str().to_string();
         let prev = open.prev.as_ref().map_or_else(|| owner.clone(), |p| p.as_str().to_string());
         let next = open.next.as_ref().map(|n| n.as_str().to_string());
-        let cached = match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
-            Ok(ractor::rpc::CallResult::Success(Ok(cached))) => cached,
+        let opened = match slot.actor.call(|port| ShardMsg::Open(Box::new(open), port), Some(Duration::from_secs(10))).await {
+            Ok(ractor::rpc::CallResult::Success(Ok(opened))) => opened,
             Ok(ractor::rpc::CallResult::Success(Err(e))) => return Err(Refusal::new(e.code, e.reason)),
             _ => return Err(Refusal::new(ErrorCode::Internal, "shard actor did not answer".to_string())),
         };
@@ -184,7 +184,8 @@ impl Runtime {
             model: model.hash,
             start: start as u32,
             end: end as u32,
-            cached,
+            cached: opened.cached,
+            bound: opened.bound,
         }))
     }
 

@@ -11,10 +11,21 @@ use fogmesh_protocols::{ErrorCode, SessionOpen, StageError};
 use super::{Session, ShardState, stage_error};
 use crate::policy;
 
+/// A session opened here: the tokens of its history a shared prefix
+/// covers, and the positions it may fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// History tokens already held.
+    pub cached: u32,
+    /// Positions reserved.
+    pub bound: u32,
+}
+
 impl ShardState {
     /// Opens a session here: its whole cache reserved, the longest shared
-    /// prefix of its history loaded; answers how many tokens that covers.
-    pub(super) fn open(&mut self, open: SessionOpen) -> Result<u32, StageError> {
+    /// prefix of its history loaded; answers how many tokens that covers and
+    /// the session's bound here.
+    pub(super) fn open(&mut self, open: SessionOpen) -> Result<Opened, StageError> {
         let local = self.rt.local_peer().to_string();
         let now = Instant::now();
         if self.sessions.contains_key(&open.session) {
@@ -22,7 +33,12 @@ impl ShardState {
         }
         // The whole bound is reserved now, so that the session never has
         // to make room for itself mid-generation.
-        let max_tokens = (open.max_tokens as usize).min(self.shard.config().context);
+        // A bound this stage could never hold (a request without
+        // max_tokens on a small device) is cut to what it can: the session
+        // then ends there, as at the end of a context.
+        let wanted = (open.max_tokens as usize).min(self.shard.config().context);
+        let most = self.bounds().owner_bytes() / self.shard.cache_bytes_per_token().max(1);
+        let max_tokens = if wanted > most && most > open.history.len() { most } else { wanted };
         self.reserve(open.session, open.owner.as_str(), max_tokens)?;
         let params = crate::wire::sampling_params(&open.sampling);
         let sampler = if self.shard.is_last() {
@@ -67,7 +83,7 @@ impl ShardState {
             self.prefix_hits += 1;
             metrics::counter!(crate::metrics::PREFIX_HITS, "layers" => self.label.clone()).increment(1);
         }
-        Ok(cached as u32)
+        Ok(Opened { cached: cached as u32, bound: max_tokens as u32 })
     }
 
     /// The bounds of this shard's caches.

@@ -1,0 +1,39 @@
+//! Awarding a route's hops by bids: where other peers hold a hop's exact
+//! layers, they bid for it and the lowest expected completion serves it.
+
+use std::time::Instant;
+
+use super::SessionState;
+use crate::policy::Hop;
+
+impl SessionState {
+    /// Where other peers already hold a hop's exact layers, the holders bid
+    /// for it (the planned peer always among them) and the lowest expected
+    /// completion serves it.
+    pub(super) async fn award_hops(&mut self, mut route: Vec<Hop>, tokens: usize) -> Vec<Hop> {
+        self.promises.clear();
+        let banned = self.bans.banned(Instant::now());
+        let view = self.rt.view().await;
+        for i in 0..route.len() {
+            let range = (route[i].start as u32, route[i].end as u32);
+            let mut cands = vec![route[i].peer.clone()];
+            for v in &view {
+                let fit = v.shards.contains(&range) && v.models.contains(&self.model.hash);
+                if fit && !banned.contains(&v.peer) && !route.iter().any(|h| h.peer == v.peer) && !cands.contains(&v.peer) {
+                    cands.push(v.peer.clone());
+                }
+            }
+            if cands.len() < 2 {
+                continue;
+            }
+            if let Some((winner, promise)) = self.rt.auction(&cands, route[i].start..route[i].end, tokens).await {
+                tracing::debug!(layers = ?(range.0..range.1), candidates = cands.len(), winner = %winner, "hop awarded by bids");
+                if promise.is_finite() {
+                    self.promises.push((winner.clone(), promise));
+                }
+                route[i].peer = winner;
+            }
+        }
+        route
+    }
+}
