@@ -6,8 +6,9 @@
 //! - a ~2000-token prompt arriving while 8 sessions decode does not stall
 //!   them: their longest gap between tokens stays within a bound derived
 //!   from the prompt chunk, far below the prompt's own prefill time;
-//! - a request sharing a long system prompt with an earlier one reuses its
-//!   keys and values on every stage (metrics) and gives the same tokens;
+//! - a request sharing a long system prompt with an earlier one of the same
+//!   owner reuses its keys and values on every stage (metrics) and gives the
+//!   same tokens; another owner's request does not;
 //! - a bound no stage could ever hold is cut to what it can: the session
 //!   ends there ("length") with the solo run's first tokens;
 //! - KV budget: sessions past it wait for room (or get 429 with
@@ -149,6 +150,11 @@ fn a_shared_system_prompt_is_reused_on_every_stage_with_the_same_tokens() {
         assert!(metric(&p.http, "fogmesh_prefix_hits_total") >= 1.0, "no prefix hit at {}", p.http);
         assert!(metric(&p.http, "fogmesh_prefix_cache_bytes") > 0.0);
     }
+    // Another owner (a request entering at another peer) is not served the
+    // first owner's prefixes: what is cached is nobody else's business.
+    let second = &c.peers[1].http;
+    assert_eq!(generate_on(second, &jobs[1], |_| {}).unwrap().done.tokens, solo_tokens(&local, &jobs[1]));
+    assert_eq!(metric(second, "fogmesh_prefix_tokens_reused_total"), 0.0);
     // A request sharing nothing reuses nothing more, and is still right.
     let other = raw_flags("Completely different words here", 8, 0.0, 0);
     assert_eq!(generate_on(entry, &other, |_| {}).unwrap().done.tokens, solo_tokens(&local, &other));

@@ -70,7 +70,6 @@ pub enum ShardMsg {
     Kick,
 }
 
-
 /// A finished pass: its steps and what the compute thread gave back.
 #[derive(Debug)]
 pub struct Finished {
@@ -520,7 +519,7 @@ impl Actor for ShardActor {
                     // starts the same way.
                     if let Some(cache) = sess.cache {
                         let tokens = sess.history[..sess.open_len.min(sess.history.len())].to_vec();
-                        st.prefixes.keep(tokens, cache, st.cache_budget / 2);
+                        st.prefixes.keep(&sess.owner, tokens, cache, st.cache_budget / 2);
                     }
                     metrics::gauge!(crate::metrics::KV_BYTES, "layers" => st.label.clone()).set(st.cache_bytes() as f64);
                     metrics::gauge!(crate::metrics::PREFIX_BYTES, "layers" => st.label.clone()).set(st.prefixes.bytes() as f64);

@@ -60,7 +60,7 @@ impl ShardState {
         let history = open.history;
         let mut cache = self.shard.new_session();
         cache.reserve(max_tokens);
-        let cached = self.prefixes.load_into(&history, &mut cache);
+        let cached = self.prefixes.load_into(open.owner.as_str(), &history, &mut cache);
         self.sessions.insert(
             open.session,
             Session {

@@ -4,6 +4,10 @@
 //! copies them instead of computing them again. Bounded in count and in
 //! bytes; the least recently used go first, and all of them give way
 //! before any running session would be refused room.
+//!
+//! A prefix serves only sessions of the owner whose session left it: the
+//! answer to an open says how much of a history is cached, which would tell
+//! another peer what someone else's prompts began with.
 
 use std::time::Instant;
 
@@ -15,6 +19,7 @@ pub const MAX_PREFIXES: usize = 8;
 pub const MIN_PREFIX_TOKENS: usize = 16;
 
 struct Entry {
+    owner: String,
     tokens: Vec<u32>,
     cache: SessionCache,
     last_used: Instant,
@@ -52,14 +57,15 @@ impl Prefixes {
         self.entries.is_empty()
     }
 
-    /// Starts `cache` (empty) with the longest kept prefix `history`
-    /// shares, leaving at least its last token to compute (its logits are
+    /// Starts `cache` (empty) with the longest prefix `owner` left here
+    /// that `history` shares, leaving at least its last token to compute (its logits are
     /// needed); returns how many tokens it holds now (0: no use).
-    pub fn load_into(&mut self, history: &[u32], cache: &mut SessionCache) -> usize {
+    pub fn load_into(&mut self, owner: &str, history: &[u32], cache: &mut SessionCache) -> usize {
         let most = history.len().saturating_sub(1);
         let best = self
             .entries
             .iter_mut()
+            .filter(|e| e.owner == owner)
             .map(|e| (common(&e.tokens, history).min(most).min(e.cache.pos()), e))
             .filter(|(n, _)| *n >= MIN_PREFIX_TOKENS)
             .max_by_key(|(n, e)| (*n, e.last_used));
@@ -71,20 +77,21 @@ impl Prefixes {
         n
     }
 
-    /// Keeps `cache` (cut to `tokens`) as a prefix, unless a kept one
-    /// already covers it; kept ones it covers go. Past [`MAX_PREFIXES`] or
+    /// Keeps `cache` (cut to `tokens`) as a prefix of `owner`'s, unless one
+    /// of its kept ones already covers it; its kept ones it covers go. Past [`MAX_PREFIXES`] or
     /// `max_bytes`, the least recently used go.
-    pub fn keep(&mut self, tokens: Vec<u32>, mut cache: SessionCache, max_bytes: usize) {
+    pub fn keep(&mut self, owner: &str, tokens: Vec<u32>, mut cache: SessionCache, max_bytes: usize) {
         if tokens.len() < MIN_PREFIX_TOKENS || cache.pos() < tokens.len() {
             return;
         }
-        if let Some(e) = self.entries.iter_mut().find(|e| common(&e.tokens, &tokens) == tokens.len()) {
+        let mine = |e: &Entry| e.owner == owner;
+        if let Some(e) = self.entries.iter_mut().find(|e| mine(e) && common(&e.tokens, &tokens) == tokens.len()) {
             e.last_used = Instant::now();
             return;
         }
-        self.entries.retain(|e| common(&e.tokens, &tokens) < e.tokens.len());
+        self.entries.retain(|e| !mine(e) || common(&e.tokens, &tokens) < e.tokens.len());
         cache.shrink_to(tokens.len());
-        self.entries.push(Entry { tokens, cache, last_used: Instant::now() });
+        self.entries.push(Entry { owner: owner.to_string(), tokens, cache, last_used: Instant::now() });
         while self.entries.len() > MAX_PREFIXES || (self.bytes() > max_bytes && !self.entries.is_empty()) {
             self.drop_oldest();
         }
