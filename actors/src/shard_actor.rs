@@ -424,10 +424,6 @@ impl ShardState {
         self.start_pass();
     }
 
-    fn prefix_bytes(&self) -> usize {
-        self.prefixes.bytes()
-    }
-
     /// Bytes the sessions' caches hold.
     fn cache_bytes(&self) -> usize {
         let per = self.shard.cache_bytes_per_token();
@@ -538,7 +534,7 @@ impl Actor for ShardActor {
                     passes: st.passes,
                     steps: st.steps,
                     cache_budget: st.cache_budget,
-                    prefix_bytes: st.prefix_bytes(),
+                    prefix_bytes: st.prefixes.bytes(),
                     prefix_hits: st.prefix_hits,
                 });
             }

@@ -47,16 +47,6 @@ impl Prefixes {
         self.entries.iter().map(|e| e.cache.memory_bytes()).sum()
     }
 
-    /// Prefixes kept.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Starts `cache` (empty) with the longest prefix `owner` left here
     /// that `history` shares, leaving at least its last token to compute (its logits are
     /// needed); returns how many tokens it holds now (0: no use).
