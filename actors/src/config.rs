@@ -67,6 +67,11 @@ pub struct RuntimeConfig {
     /// How long a new session waits for room on a full route (running
     /// sessions' caches fill the budget) before it gives up as busy.
     pub open_wait: Duration,
+    /// Where chunks of models fetched from peers are kept (none: this peer
+    /// fetches no weights).
+    pub chunk_dir: Option<std::path::PathBuf>,
+    /// The most bytes of chunks kept there, over all models.
+    pub chunk_cache_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -97,6 +102,8 @@ impl Default for RuntimeConfig {
             bid_timeout: Duration::from_millis(150),
             event_capacity: 256,
             open_wait: Duration::from_secs(30),
+            chunk_dir: None,
+            chunk_cache_bytes: 16 << 30,
         }
     }
 }

@@ -26,6 +26,10 @@
 //!   awarded by bids), `event.rs` (what a generation reports to its caller).
 //! - `placement_actor.rs`: `PlacementActor` and its `PlacementHost`: the plan
 //!   from the view; loads and unloads this peer's shards.
+//! - `weights.rs` (+ `weights/`): model weights by content (cold start):
+//!   the manifest, the chunk cache on disk (`store.rs`), fetching chunks
+//!   from peers (`fetch.rs`), the manifest and chunks of a file held here
+//!   (`local.rs`); serving chunks to peers.
 //! - `host.rs`: [`host::Host`], what every actor needs of its peer (each
 //!   actor's host trait extends it).
 //! - `links.rs`: [`links::LinkMeter`], what sends measure of each link
@@ -75,6 +79,7 @@ pub mod session;
 pub mod shard_actor;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod weights;
 pub mod wire;
 
 pub use compute::Compute;

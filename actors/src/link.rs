@@ -25,6 +25,8 @@ pub struct PeerView {
     pub queued: u32,
     /// Round-trip time to it, from pings (milliseconds), when measured.
     pub rtt_ms: Option<f32>,
+    /// For models of `models` it holds only in part: which chunks.
+    pub partial: Vec<fogmesh_protocols::HeldChunks>,
 }
 
 /// Why a message did not reach a peer.

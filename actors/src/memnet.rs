@@ -21,7 +21,7 @@ pub enum Fault {
     Dead,
     /// Accepts everything and never answers or forwards anything.
     Silent,
-    /// Flips bytes in every activation it sends.
+    /// Flips bytes in every activation and weight chunk it sends.
     Garbage,
     /// Every message to it takes this long to write (a slow link); the
     /// sender waits, as on a real connection.
@@ -133,6 +133,12 @@ impl MeshLink for MemLink {
         }
         let me = self.me.clone();
         match tokio::time::timeout(self.net.call_timeout, async move { rt.handle_call(&me, msg).await }).await {
+            Ok(Message::WeightChunkReply(mut r)) if dst == Fault::Garbage && r.chunk != fogmesh_protocols::MANIFEST_CHUNK => {
+                if let Some(b) = r.data.first_mut() {
+                    *b ^= 0x5a;
+                }
+                Ok(Message::WeightChunkReply(r))
+            }
             Ok(m) => Ok(m),
             Err(_) => Err(LinkError::Timeout(peer.into())),
         }

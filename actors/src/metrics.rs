@@ -35,6 +35,10 @@ pub const FAILOVERS: &str = "fogmesh_failovers_total";
 pub const STEP_RESENDS: &str = "fogmesh_step_resends_total";
 /// Histogram: seconds from noticing a failed hop to the next token.
 pub const RECOVERY_SECONDS: &str = "fogmesh_failover_recovery_seconds";
+/// Counter: bytes of model chunks this peer fetched from others (verified).
+pub const WEIGHT_BYTES_FETCHED: &str = "fogmesh_weight_bytes_fetched_total";
+/// Counter: bytes of model chunks this peer served to others.
+pub const WEIGHT_BYTES_SERVED: &str = "fogmesh_weight_bytes_served_total";
 
 /// Describes the metrics above (help text) on the installed recorder.
 pub fn describe() {
@@ -53,5 +57,7 @@ pub fn describe() {
     metrics::describe_counter!(PROMPT_TOKENS, "Prompt tokens of sessions this peer owned");
     metrics::describe_counter!(FAILOVERS, "Failovers of sessions this peer owned");
     metrics::describe_counter!(STEP_RESENDS, "Late steps resent over the same route, their frames presumed lost");
+    metrics::describe_counter!(WEIGHT_BYTES_FETCHED, metrics::Unit::Bytes, "Bytes of model chunks fetched from peers, each verified");
+    metrics::describe_counter!(WEIGHT_BYTES_SERVED, metrics::Unit::Bytes, "Bytes of model chunks served to peers");
     metrics::describe_histogram!(RECOVERY_SECONDS, metrics::Unit::Seconds, "Time from a failed hop to the next token");
 }

@@ -88,9 +88,11 @@ impl Actor for PlacementActor {
                         };
                         let keep: Vec<Range<usize>> = mine.iter().chain(&standby).cloned().collect();
                         st.rt.unload_except(&keep).await;
+                        let mut loaded = true;
                         for r in &mine {
                             if let Err(e) = st.rt.load(r.clone()).await {
-                                tracing::warn!(layers = ?r, error = %e, "could not load the planned shard");
+                                tracing::warn!(layers = ?r, error = %e, "could not load the planned shard; trying again at the next look");
+                                loaded = false;
                             }
                         }
                         for r in &standby {
@@ -102,7 +104,9 @@ impl Actor for PlacementActor {
                                 Err(e) => tracing::debug!(layers = ?r, error = %e, "no standby shard"),
                             }
                         }
-                        st.plan = plan;
+                        if loaded {
+                            st.plan = plan;
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "no plan yet"),

@@ -65,7 +65,9 @@ impl GenerationHandle {
 struct Inner {
     link: Arc<dyn MeshLink>,
     local: PeerKey,
-    model: Option<Arc<ModelInfo>>,
+    model: std::sync::OnceLock<Arc<ModelInfo>>,
+    /// The chunk cache, chunks served and fetched.
+    weights: Arc<crate::weights::Weights>,
     pool: Arc<ThreadPool>,
     cfg: RuntimeConfig,
     shards: tokio::sync::Mutex<Vec<ShardSlot>>,
@@ -132,10 +134,12 @@ impl Runtime {
         let cfg_bid_timeout = cfg.bid_timeout;
         let cfg_activations = cfg.activations;
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>()) >> 1;
+        let weights = Arc::new(crate::weights::Weights::new(cfg.chunk_dir.clone(), cfg.chunk_cache_bytes));
         let rt = Runtime(Arc::new(Inner {
             link,
             local,
-            model,
+            model: std::sync::OnceLock::new(),
+            weights,
             pool: Arc::new(ThreadPool::new(cfg.threads.max(1))),
             cfg,
             shards: tokio::sync::Mutex::new(Vec::new()),
@@ -151,13 +155,62 @@ impl Runtime {
             started: Instant::now(),
             links: Arc::new(crate::links::LinkMeter::new(cfg_activations)),
         }));
-        if rt.0.model.is_some() {
-            let (actor, _) = Actor::spawn(None, PlacementActor, Arc::new(rt.clone()) as Arc<dyn PlacementHost>)
-                .await
-                .map_err(|e| RuntimeError::Actor(e.to_string()))?;
-            *lock(&rt.0.placement) = Some(actor);
+        if let Some(m) = model {
+            rt.adopt_model(m).await?;
         }
         Ok(rt)
+    }
+
+    /// Serves `model` from now on (a runtime started without one: its
+    /// weights came from the mesh): placement starts; a whole file's
+    /// manifest is computed ahead of the first peer asking for it.
+    pub async fn adopt_model(&self, model: Arc<ModelInfo>) -> Result<(), RuntimeError> {
+        if self.0.model.set(model.clone()).is_err() {
+            return Err(RuntimeError::Invalid("this peer already serves a model".into()));
+        }
+        let (actor, _) = Actor::spawn(None, PlacementActor, Arc::new(self.clone()) as Arc<dyn PlacementHost>)
+            .await
+            .map_err(|e| RuntimeError::Actor(e.to_string()))?;
+        *lock(&self.0.placement) = Some(actor);
+        if matches!(model.source, crate::weights::WeightSource::File(_)) {
+            let w = self.0.weights.clone();
+            tokio::spawn(async move {
+                if let Err(e) = w.manifest(&model).await {
+                    tracing::warn!(error = %e, "weights: no manifest of the model file; it is not served to peers");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Gets model `hash` from the peers that hold it (manifest, then header;
+    /// the layers follow when placement gives this peer a range) and serves
+    /// it. `trusted`: the manifest digest the model is known by, if any.
+    pub async fn fetch_model(&self, hash: fogmesh_protocols::ModelHash, trusted: Option<[u8; 32]>, name: &str) -> Result<(), RuntimeError> {
+        let info = self
+            .0
+            .weights
+            .acquire(self.0.link.clone(), hash, trusted, name)
+            .await
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        tracing::info!(model = %fogmesh_protocols::hex(&hash), layers = info.config.layers, "model header fetched from the mesh; taking part in placement");
+        self.adopt_model(Arc::new(info)).await
+    }
+
+    /// The chunk cache, and what was fetched and served.
+    pub fn weights(&self) -> &crate::weights::Weights {
+        &self.0.weights
+    }
+
+    /// The models this peer serves only in part, with the chunks it holds
+    /// (gossiped so that peers fetch from it what it has).
+    pub fn held_chunks(&self) -> Vec<fogmesh_protocols::HeldChunks> {
+        match self.0.model.get().map(|m| &m.source) {
+            Some(crate::weights::WeightSource::Chunks { store, .. }) => {
+                vec![fogmesh_protocols::HeldChunks { model: store.manifest().model, bitmap: store.bitmap() }]
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// This peer's id.
@@ -172,7 +225,7 @@ impl Runtime {
 
     /// The model this peer holds.
     pub fn model(&self) -> Option<&Arc<ModelInfo>> {
-        self.0.model.as_ref()
+        self.0.model.get()
     }
 
     /// The placement actor, if this peer holds a model.
@@ -189,7 +242,7 @@ impl Runtime {
     pub async fn view(&self) -> Vec<PeerView> {
         let mut v = self.0.link.view().await;
         v.retain(|p| p.peer != self.0.local);
-        if let Some(m) = &self.0.model {
+        if let Some(m) = self.0.model.get() {
             let shards = self.shards().await;
             v.push(PeerView {
                 peer: self.0.local.clone(),
@@ -199,6 +252,7 @@ impl Runtime {
                 shards: shards.iter().map(|s| (s.range.start as u32, s.range.end as u32)).collect(),
                 queued: shards.iter().map(|s| s.queued.len() as u32).sum(),
                 rtt_ms: Some(0.0),
+                partial: self.held_chunks(),
             });
         }
         v
@@ -206,7 +260,7 @@ impl Runtime {
 
     /// The route placement gives for this peer's model, leaving out `excluded`.
     pub async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError> {
-        let model = self.0.model.as_ref().ok_or(RuntimeError::NoModel)?;
+        let model = self.0.model.get().ok_or(RuntimeError::NoModel)?;
         let view = self.view().await;
         let cands: Vec<PlacementPeer> = policy::candidates(&view, &model.hash, excluded, self.0.cfg.memory_cap);
         policy::route(&model.costs, &cands).map_err(|e| RuntimeError::NoRoute(e.to_string()))
@@ -233,7 +287,7 @@ impl Runtime {
 
     /// Starts a generation owned by this peer.
     pub async fn generate(&self, req: GenerateRequest) -> Result<GenerationHandle, RuntimeError> {
-        let model = self.0.model.clone().ok_or(RuntimeError::NoModel)?;
+        let model = self.0.model.get().cloned().ok_or(RuntimeError::NoModel)?;
         req.validate(&model.config).map_err(|e| RuntimeError::Invalid(e.message))?;
         let (tx, rx) = mpsc::channel(self.0.cfg.event_capacity.max(1));
         let (actor, _) = Actor::spawn(None, SessionActor, (Arc::new(self.clone()) as Arc<dyn SessionHost>, model, req, tx))

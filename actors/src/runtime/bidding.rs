@@ -24,7 +24,7 @@ impl Runtime {
     /// the owner's award or release arrives, or for twice the call's deadline.
     /// Transfer is the owner's to add.
     pub async fn bid(&self, owner: &str, c: &CallForBids) -> Option<Bid> {
-        let m = self.0.model.as_ref()?;
+        let m = self.0.model.get()?;
         let (start, end) = (c.start as usize, c.end as usize);
         if c.model != m.hash || start >= end || end > m.config.layers {
             return None;
@@ -85,7 +85,7 @@ impl Runtime {
     /// scheduler's fallback when bids do not come in time. Returns the winner
     /// and its promise in seconds.
     pub async fn auction(&self, candidates: &[PeerKey], range: Range<usize>, tokens: usize) -> Option<(PeerKey, f64)> {
-        let model = self.0.model.as_ref()?;
+        let model = self.0.model.get()?;
         let ids: Vec<u64> = candidates.iter().map(|p| self.sched_id(p)).collect::<Option<_>>()?;
         let now = || self.0.started.elapsed().as_secs_f64();
         let task = SchedTask { work: tokens as f64 };
@@ -213,7 +213,7 @@ impl Runtime {
     pub async fn load_report(&self) -> LoadReport {
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let hash = self.0.model.as_ref().map_or([0; 32], |m| m.hash);
+        let hash = self.0.model.get().map_or([0; 32], |m| m.hash);
         let shards = self
             .shards()
             .await

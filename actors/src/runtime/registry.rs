@@ -12,6 +12,8 @@ use ractor::{Actor, ActorRef};
 use super::{Runtime, lock};
 use crate::error::RuntimeError;
 use crate::shard_actor::{ShardActor, ShardArgs, ShardMsg, ShardStatus, WorkQueue};
+use crate::weights::WeightSource;
+use crate::weights::store::ChunkReader;
 
 /// A loaded layer range on this peer.
 #[derive(Debug, Clone)]
@@ -69,7 +71,7 @@ impl Runtime {
     /// one load at a time, and with the shard list free while the weights
     /// are read (status, gossip and routing go on meanwhile).
     pub async fn ensure_shard(&self, range: Range<usize>) -> Result<ShardSlot, RuntimeError> {
-        let model = self.0.model.clone().ok_or(RuntimeError::NoModel)?;
+        let model = self.0.model.get().cloned().ok_or(RuntimeError::NoModel)?;
         if let Some(s) = self.0.shards.lock().await.iter().find(|s| s.range == range) {
             return Ok(s.clone());
         }
@@ -101,12 +103,22 @@ impl Runtime {
             }
         }
         let started = Instant::now();
-        let path = model.path.clone();
+        self.0
+            .weights
+            .fetch_range(&self.0.link, &model, range.clone())
+            .await
+            .map_err(|e| RuntimeError::Invalid(format!("weights of layers {range:?}: {e}")))?;
         let pool = self.0.pool.clone();
         let r = range.clone();
-        let shard = tokio::task::spawn_blocking(move || Shard::load(&path, r, pool))
-            .await
-            .map_err(|e| RuntimeError::Actor(e.to_string()))??;
+        let source = model.source.clone();
+        let shard = tokio::task::spawn_blocking(move || match source {
+            WeightSource::File(path) => Shard::load(&path, r, pool),
+            WeightSource::Chunks { store, gguf } => {
+                Shard::load_from(&gguf, std::io::BufReader::with_capacity(1 << 20, ChunkReader::new(store)), r, pool)
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::Actor(e.to_string()))??;
         let memory_bytes = shard.memory_bytes();
         tracing::info!(layers = ?range, ms = started.elapsed().as_millis() as u64, memory_mib = memory_bytes >> 20, "shard loaded");
         let queued = Arc::new(WorkQueue::default());
@@ -131,7 +143,12 @@ impl Runtime {
     /// Whether a standby copy of `range` fits: a free shard slot, and all
     /// shards here within half the memory this peer reported.
     pub async fn room_for(&self, range: Range<usize>) -> bool {
-        let Some(m) = &self.0.model else { return false };
+        let Some(m) = self.0.model.get() else { return false };
+        // A standby copy of weights fetched from peers would cost a fetch
+        // of bytes the plan does not need.
+        if matches!(m.source, WeightSource::Chunks { .. }) {
+            return false;
+        }
         let shards = self.0.shards.lock().await;
         if shards.iter().any(|s| s.range == range) {
             return true;

@@ -128,6 +128,10 @@ impl Runtime {
                 Err(r) => error_frame(r.code, r.reason),
             },
             Message::LoadReport(_) => Message::LoadReport(self.load_report().await),
+            Message::WeightChunkRequest(r) => {
+                let busy = self.shards().await.iter().any(|s| s.queued.len() > 0);
+                self.0.weights.serve(self.0.model.get().map(|m| &**m), r, busy).await
+            }
             Message::CallForBids(c) => match self.bid(from, &c).await {
                 Some(b) => Message::Bid(b),
                 None => error_frame(ErrorCode::NotServed, "this peer holds no such model or range"),
@@ -146,7 +150,7 @@ impl Runtime {
     }
 
     async fn open_served(&self, from: &str, open: SessionOpen) -> Result<Message, Refusal> {
-        let model = self.0.model.as_ref().ok_or_else(|| Refusal::new(ErrorCode::NotServed, "this peer holds no model"))?;
+        let model = self.0.model.get().ok_or_else(|| Refusal::new(ErrorCode::NotServed, "this peer holds no model"))?;
         if open.model != model.hash {
             return Err(Refusal::new(ErrorCode::NotServed, format!("this peer does not hold model {}", fogmesh_protocols::hex(&open.model))));
         }

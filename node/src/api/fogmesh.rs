@@ -78,7 +78,10 @@ fn unavailable(e: NetError) -> Response {
 
 pub(super) async fn status(State(s): State<AppState>) -> Response {
     match s.net.status().await {
-        Ok(st) => Json(st).into_response(),
+        Ok(mut st) => {
+            st.weights = s.rt.as_ref().map(|rt| rt.weights().status());
+            Json(st).into_response()
+        }
         Err(e) => unavailable(e),
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use libp2p::Multiaddr;
 
-use super::{data_dir, resolve_model};
+use super::{NodeModel, data_dir, resolve_node_model};
 use crate::client::{DEFAULT_HTTP, HTTP_ADDR_FILE};
 use crate::mesh::{Invite, Mesh, is_loopback, keys};
 
@@ -50,10 +50,21 @@ pub struct NodeArgs {
     /// Seconds an unconnected, silent peer stays in the view.
     #[arg(long, default_value_t = 10.0, hide = true)]
     pub peer_ttl: f64,
-    /// Serve this GGUF model: the mesh's peers holding it split its layers
-    /// between them. Without it the node only relays and answers queries.
-    #[arg(long, value_name = "PATH")]
+    /// Serve this model: a GGUF file, a catalogue name (`fogmesh fetch
+    /// --list`), or `sha256:HEX`, a model the mesh holds: this node then
+    /// fetches from its peers only the chunks of the layers it is given.
+    /// The mesh's peers serving it split its layers between them. Without
+    /// it the node only relays and answers queries.
+    #[arg(long, value_name = "PATH|NAME|sha256:HEX")]
     pub model: Option<PathBuf>,
+    /// Where chunks of models fetched from peers are kept [default:
+    /// $FOGMESH_HOME/chunks].
+    #[arg(long, value_name = "DIR")]
+    pub chunk_dir: Option<PathBuf>,
+    /// The most bytes of chunks kept in --chunk-dir, over all models (least
+    /// recently used out).
+    #[arg(long, value_name = "SIZE", default_value = "16GiB", value_parser = crate::measure::parse_size)]
+    pub chunk_cache: u64,
     /// Compute threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -162,7 +173,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         bail!("--threads must be at least 1");
     }
     let model = match &args.model {
-        Some(p) => Some(resolve_model(Some(p))?),
+        Some(p) => Some(resolve_node_model(p)?),
         None => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
@@ -199,9 +210,13 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         if let Some(m) = args.max_memory {
             b = b.max_memory(m);
         }
-        if let Some(m) = &model {
-            b = b.model(m.clone());
+        match &model {
+            Some(NodeModel::File(m)) => b = b.model(m.clone()),
+            Some(NodeModel::Mesh(m)) => b = b.model_from_mesh(m.clone()),
+            None => {}
         }
+        let chunks = args.chunk_dir.clone().unwrap_or_else(|| fogmesh_models::home_dir().join("chunks"));
+        b = b.chunk_dir(chunks, args.chunk_cache);
         let mesh = b.start().await?;
         let handle = mesh.net().clone();
         std::fs::write(dir.join(HTTP_ADDR_FILE), format!("{http_addr}\n"))
@@ -217,9 +232,17 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             cores = measurement.cores,
             memory_mib = measurement.memory_bytes >> 20,
             gflops = format!("{:.1}", measurement.gflops),
-            model = %model.as_ref().map_or("none".to_string(), |m| m.display().to_string()),
+            model = %model.as_ref().map_or("none".to_string(), |m| m.to_string()),
             "fogmesh node started"
         );
+        if let Some(m) = mesh.model() {
+            tracing::info!(
+                "serving model sha256:{} ({}): hosts without the file can serve it with --model sha256:{}",
+                fogmesh_actors::protocols::hex(&m.hash),
+                m.path.display(),
+                fogmesh_actors::protocols::hex(&m.hash)
+            );
+        }
         if args.private {
             // Printed, never logged: the token carries the secret.
             let invite = handle.invite().await?;
@@ -228,7 +251,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             tracing::info!("{} printed on stdout (`fogmesh invite` prints it again)", invite.redacted());
         }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let rt = mesh.model().is_some().then(|| mesh.runtime().clone());
+        let rt = model.is_some().then(|| mesh.runtime().clone());
         let access = crate::api::Access { api_key, hosts: args.allow_host.clone() };
         let limits = crate::api::Limits {
             max_connections: args.http_max_connections,

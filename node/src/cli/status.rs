@@ -194,6 +194,7 @@ mod tests {
             shards: vec![[10, 30, 1]],
             agent: None,
             models: vec![],
+            partial: vec![],
             tokens_per_s: 12.5,
             link: Some(crate::mesh::LinkKind::HolePunched),
         };

@@ -102,6 +102,7 @@ impl Runner {
             connections: self.connections,
             measurement: self.cfg.measurement.clone(),
             peers: self.membership.snapshot(Instant::now()),
+            weights: None,
         }
     }
 
@@ -119,6 +120,19 @@ impl Runner {
                 self.pending.insert(id, (peer, reply));
             }
             Command::SetLoad(shards) => self.load = shards,
+            Command::SetModels(models, partial) => {
+                if models != self.cfg.models || partial != self.cfg.partial {
+                    for m in models.iter().filter(|m| !self.cfg.models.contains(m)) {
+                        // Beyond the LAN, peers find holders through the DHT.
+                        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(libp2p::kad::RecordKey::new(m)) {
+                            tracing::debug!(error = %e, "no provider record for the model");
+                        }
+                    }
+                    self.cfg.models = models;
+                    self.cfg.partial = partial;
+                    self.caps_due = true;
+                }
+            }
             Command::Invite(reply) => {
                 let _ = reply.send(self.invite());
             }
@@ -148,6 +162,7 @@ impl Runner {
             gflops: m.gflops,
             version: m.version.clone(),
             models: self.cfg.models.clone(),
+            partial: self.cfg.partial.clone(),
         });
         self.publish(CAPS_TOPIC, &caps);
     }

@@ -12,6 +12,9 @@ pub const LOAD_TOPIC: &str = "fogmesh/load/1";
 pub const MAX_VERSION_BYTES: usize = 64;
 /// Most shards one load report may list.
 pub const MAX_REPORTED_SHARDS: usize = 1024;
+/// Longest chunk bitmap one peer may announce per model (bytes; a model of
+/// 512k chunks).
+pub const MAX_CHUNK_BITMAP: usize = 64 << 10;
 /// Most models one peer may announce.
 pub const MAX_REPORTED_MODELS: usize = 64;
 /// Most cores a plausible peer has.
@@ -66,6 +69,12 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
             if c.models.len() > MAX_REPORTED_MODELS {
                 return Err("too many models");
             }
+            if c.partial.len() > c.models.len() || c.partial.iter().any(|h| !c.models.contains(&h.model)) {
+                return Err("chunks reported of a model not served");
+            }
+            if c.partial.iter().any(|h| h.bitmap.len() > MAX_CHUNK_BITMAP) {
+                return Err("chunk bitmap too long");
+            }
             if !(1..=MAX_CORES).contains(&c.cores) || c.memory_bytes > MAX_MEMORY_BYTES {
                 return Err("implausible cores or memory");
             }
@@ -115,6 +124,7 @@ mod tests {
                 gflops: 1.0,
                 version: version.into(),
                 models: vec![],
+                partial: vec![],
             })
         };
         let load = |peer: &PeerId, n: usize| {

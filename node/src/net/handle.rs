@@ -89,8 +89,10 @@ pub struct NetConfig {
     pub inbound_capacity: usize,
     /// What this host measured about itself.
     pub measurement: SelfMeasurement,
-    /// Models this node holds locally (gossiped in its capabilities).
+    /// Models this node serves (gossiped in its capabilities).
     pub models: Vec<fogmesh_protocols::ModelHash>,
+    /// Of those, the ones it holds only some chunks of, and which.
+    pub partial: Vec<fogmesh_protocols::HeldChunks>,
 }
 
 impl NetConfig {
@@ -114,6 +116,7 @@ impl NetConfig {
             inbound_capacity: 64,
             measurement,
             models: Vec::new(),
+            partial: Vec::new(),
         }
     }
 
@@ -172,6 +175,10 @@ pub struct NodeStatus {
     /// them while behind NAT).
     #[serde(default)]
     pub relays: Vec<String>,
+    /// Model weights: the chunk cache, fetch progress, bytes fetched and
+    /// served (filled in by the API from the runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<fogmesh_actors::weights::WeightsStatus>,
 }
 
 pub(super) enum Command {
@@ -179,6 +186,7 @@ pub(super) enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), NetError>>),
     Request { peer: PeerId, message: Message, reply: oneshot::Sender<Result<Message, NetError>> },
     SetLoad(Vec<ShardLoad>),
+    SetModels(Vec<fogmesh_protocols::ModelHash>, Vec<fogmesh_protocols::HeldChunks>),
     Invite(oneshot::Sender<Invite>),
     Shutdown,
 }
@@ -299,6 +307,12 @@ impl NetHandle {
     /// Sets the shard load this node gossips from now on.
     pub async fn set_load(&self, shards: Vec<ShardLoad>) -> Result<(), NetError> {
         self.tx.send(Command::SetLoad(shards)).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Sets the models this node serves and the chunks it holds of those it
+    /// holds in part (gossiped again when they change).
+    pub async fn set_models(&self, models: Vec<fogmesh_protocols::ModelHash>, partial: Vec<fogmesh_protocols::HeldChunks>) -> Result<(), NetError> {
+        self.tx.send(Command::SetModels(models, partial)).await.map_err(|_| NetError::Stopped)
     }
 
     /// Opens a stage-traffic stream to `peer` (dialing it if needed).

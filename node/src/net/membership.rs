@@ -91,6 +91,9 @@ pub struct PeerInfo {
     /// Models it holds locally, as hex SHA-256.
     #[serde(default)]
     pub models: Vec<String>,
+    /// Of `models`, those it holds only in part: the chunks it holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partial: Vec<HeldInfo>,
     /// Tokens per second its shards processed (from its last load report).
     #[serde(default)]
     pub tokens_per_s: f32,
@@ -98,6 +101,18 @@ pub struct PeerInfo {
     /// (absent without a connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<LinkKind>,
+}
+
+/// The chunks a peer holds of a model it holds in part.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldInfo {
+    /// The model, hex SHA-256.
+    pub model: String,
+    /// How many chunks it holds.
+    pub chunks: u32,
+    /// One bit per chunk of the model's manifest (bit `i % 8` of byte
+    /// `i / 8`), hex.
+    pub bitmap: String,
 }
 
 /// The live view of the mesh.
@@ -288,6 +303,18 @@ impl Membership {
                     shards: e.load.iter().map(|s| [s.start, s.end, s.queue_depth]).collect(),
                     agent: e.agent.clone(),
                     models: caps.map(|c| c.models.iter().map(hex::encode).collect()).unwrap_or_default(),
+                    partial: caps
+                        .map(|c| {
+                            c.partial
+                                .iter()
+                                .map(|h| HeldInfo {
+                                    model: hex::encode(h.model),
+                                    chunks: h.bitmap.iter().map(|b| b.count_ones()).sum(),
+                                    bitmap: hex::encode(&h.bitmap),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     tokens_per_s: e.load.iter().map(|s| s.tokens_per_s).sum(),
                     link: e.link,
                 }
@@ -310,7 +337,7 @@ mod tests {
     use super::*;
 
     fn caps(cores: u32) -> Capabilities {
-        Capabilities { peer: Default::default(), cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into(), models: vec![] }
+        Capabilities { peer: Default::default(), cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into(), models: vec![], partial: vec![] }
     }
 
     #[test]
