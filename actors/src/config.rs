@@ -72,6 +72,8 @@ pub struct RuntimeConfig {
     pub chunk_dir: Option<std::path::PathBuf>,
     /// The most bytes of chunks kept there, over all models.
     pub chunk_cache_bytes: u64,
+    /// Most bytes per second this peer uploads model chunks at (0: no bound).
+    pub upload_rate: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -104,6 +106,7 @@ impl Default for RuntimeConfig {
             open_wait: Duration::from_secs(30),
             chunk_dir: None,
             chunk_cache_bytes: 16 << 30,
+            upload_rate: 0,
         }
     }
 }

@@ -134,7 +134,7 @@ impl Runtime {
         let cfg_bid_timeout = cfg.bid_timeout;
         let cfg_activations = cfg.activations;
         let seed = u64::from_le_bytes(rand::random::<[u8; 8]>()) >> 1;
-        let weights = Arc::new(crate::weights::Weights::new(cfg.chunk_dir.clone(), cfg.chunk_cache_bytes));
+        let weights = Arc::new(crate::weights::Weights::new(cfg.chunk_dir.clone(), cfg.chunk_cache_bytes).with_upload_rate(cfg.upload_rate));
         let rt = Runtime(Arc::new(Inner {
             link,
             local,

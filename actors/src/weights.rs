@@ -34,7 +34,7 @@ pub const MAX_UPLOADS: usize = 4;
 const MANIFEST_ASKS: usize = 3;
 /// After this long with no holder in sight, the wait is reported as an
 /// error (the search goes on).
-pub const NO_HOLDER_AFTER: Duration = Duration::from_secs(30);
+pub const NO_HOLDER_AFTER: Duration = Duration::from_secs(10);
 
 /// Why weights could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -210,8 +210,13 @@ pub struct Weights {
     progress: Progress,
     uploads: Arc<tokio::sync::Semaphore>,
     served: AtomicU64,
-    /// Test hook (`FOGMESH_TEST_CORRUPT_CHUNKS=1`): serve damaged chunks.
-    corrupt: bool,
+    /// Test hook (`FOGMESH_TEST_CORRUPT_CHUNKS`): `1` serves damaged
+    /// chunks, `manifest` a damaged manifest.
+    corrupt: Option<String>,
+    /// Most bytes per second of uploads (0: no bound), and when the next
+    /// upload may start.
+    upload_rate: u64,
+    next_upload: Mutex<Instant>,
 }
 
 impl Weights {
@@ -222,9 +227,9 @@ impl Weights {
             Some(d) => ChunkCache::open(&d, budget).map_err(|e| e.to_string()),
             None => Err("this peer has no chunk cache".into()),
         };
-        let corrupt = std::env::var("FOGMESH_TEST_CORRUPT_CHUNKS").is_ok_and(|v| v == "1");
-        if corrupt {
-            tracing::warn!("FOGMESH_TEST_CORRUPT_CHUNKS=1: this peer serves damaged chunks (a test hook)");
+        let corrupt = std::env::var("FOGMESH_TEST_CORRUPT_CHUNKS").ok().filter(|v| v == "1" || v == "manifest");
+        if let Some(c) = &corrupt {
+            tracing::warn!("FOGMESH_TEST_CORRUPT_CHUNKS={c}: this peer serves damaged weights (a test hook)");
         }
         Weights {
             cache,
@@ -234,7 +239,31 @@ impl Weights {
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
             served: AtomicU64::new(0),
             corrupt,
+            upload_rate: 0,
+            next_upload: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Bounds uploads to `bytes_per_s` (0: no bound), so that serving
+    /// weights leaves a slow link to inference.
+    pub fn with_upload_rate(mut self, bytes_per_s: u64) -> Self {
+        self.upload_rate = bytes_per_s;
+        self
+    }
+
+    /// Waits for this upload's turn under the upload rate.
+    async fn pace(&self, bytes: usize) {
+        if self.upload_rate == 0 {
+            return;
+        }
+        let wait = {
+            let mut next = self.next_upload.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.upload_rate as f64);
+            start - now
+        };
+        tokio::time::sleep(wait).await;
     }
 
     /// Fetch counters and state.
@@ -305,7 +334,13 @@ impl Weights {
         };
         let i = req.chunk as usize;
         let data = if req.chunk == MANIFEST_CHUNK {
-            manifest.encode()
+            let mut m = (*manifest).clone();
+            if self.corrupt.as_deref() == Some("manifest") {
+                if let Some(c) = m.chunks.last_mut() {
+                    c.hash[0] ^= 0xff;
+                }
+            }
+            m.encode()
         } else {
             let Some(c) = manifest.chunks.get(i).copied() else {
                 return error_frame(ErrorCode::Malformed, format!("model has {} chunks, not {}", manifest.chunks.len(), i + 1));
@@ -322,9 +357,10 @@ impl Weights {
             };
             match read {
                 Ok(mut d) => {
-                    if self.corrupt && !d.is_empty() {
+                    if self.corrupt.as_deref() == Some("1") && !d.is_empty() {
                         d[0] ^= 0xff;
                     }
+                    self.pace(d.len()).await;
                     d
                 }
                 Err(e) => return error_frame(ErrorCode::NotServed, e),

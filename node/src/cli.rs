@@ -259,20 +259,26 @@ impl std::fmt::Display for NodeModel {
     }
 }
 
-/// `sha256:HEX` as a model hash.
-pub fn parse_model_hash(s: &str) -> Result<Option<[u8; 32]>> {
-    let Some(h) = s.strip_prefix("sha256:") else { return Ok(None) };
-    let bytes = hex::decode(h).ok().filter(|b| b.len() == 32);
-    let Some(b) = bytes else { bail!("{s}: sha256: takes the 64 hex digits of a model file's SHA-256") };
-    Ok(Some(b.try_into().expect("32 bytes")))
+/// `sha256:HEX` (a model file's SHA-256), optionally `@DIGEST` (its
+/// manifest's, which the chunks' hashes are then checked against).
+pub fn parse_model_hash(s: &str) -> Result<Option<([u8; 32], Option<[u8; 32]>)>> {
+    let Some(rest) = s.strip_prefix("sha256:") else { return Ok(None) };
+    let (h, d) = rest.split_once('@').map_or((rest, None), |(h, d)| (h, Some(d)));
+    let parse = |x: &str| hex::decode(x).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
+    let Some(hash) = parse(h) else { bail!("{s}: sha256: takes the 64 hex digits of a model file's SHA-256") };
+    let digest = match d {
+        None => None,
+        Some(d) => Some(parse(d).with_context(|| format!("{s}: after @ come the 64 hex digits of the model's manifest digest"))?),
+    };
+    Ok(Some((hash, digest)))
 }
 
-fn from_mesh(hash: [u8; 32]) -> NodeModel {
+fn from_mesh(hash: [u8; 32], digest: Option<[u8; 32]>) -> NodeModel {
     let hex = fogmesh_actors::protocols::hex(&hash);
     let known = fogmesh_models::CATALOGUE.iter().find(|m| m.sha256 == hex);
     NodeModel::Mesh(crate::mesh::MeshModel {
         hash,
-        manifest: known.and_then(|m| hex::decode(m.manifest).ok()?.try_into().ok()),
+        manifest: digest.or_else(|| known.and_then(|m| hex::decode(m.manifest).ok()?.try_into().ok())),
         name: known.map_or_else(|| format!("sha256-{}.gguf", &hex[..12]), |m| m.file.to_string()),
     })
 }
@@ -286,7 +292,7 @@ pub fn resolve_node_model(arg: &Path) -> Result<NodeModel> {
         return Ok(NodeModel::File(arg.to_path_buf()));
     }
     let s = arg.to_string_lossy();
-    if let Some(hash) = parse_model_hash(&s)? {
+    if let Some((hash, digest)) = parse_model_hash(&s)? {
         let hex = fogmesh_actors::protocols::hex(&hash);
         if let Some(m) = fogmesh_models::CATALOGUE.iter().find(|m| m.sha256 == hex) {
             let cached = fogmesh_models::catalogue_path(m);
@@ -294,7 +300,7 @@ pub fn resolve_node_model(arg: &Path) -> Result<NodeModel> {
                 return Ok(NodeModel::File(cached));
             }
         }
-        return Ok(from_mesh(hash));
+        return Ok(from_mesh(hash, digest));
     }
     if let Some(m) = fogmesh_models::catalogue(&s) {
         let cached = fogmesh_models::catalogue_path(m);
@@ -307,7 +313,7 @@ pub fn resolve_node_model(arg: &Path) -> Result<NodeModel> {
             Err(e) => {
                 eprintln!("warning: {e:#}; getting {} from the mesh's peers instead", m.name);
                 let hash = hex::decode(m.sha256).ok().and_then(|b| b.try_into().ok()).context("catalogue hash")?;
-                Ok(from_mesh(hash))
+                Ok(from_mesh(hash, None))
             }
         };
     }

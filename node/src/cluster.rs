@@ -38,6 +38,11 @@ pub struct ClusterOptions {
     pub max_memory: Option<u64>,
     /// More flags given to every peer (`--kv-budget 8MiB`, …).
     pub extra: Vec<String>,
+    /// Flags of peer i alone (with a `--model` of its own, the common model
+    /// is not given to it).
+    pub peer_args: Vec<Vec<String>>,
+    /// Environment variables of peer i alone.
+    pub peer_env: Vec<Vec<(String, String)>>,
 }
 
 impl ClusterOptions {
@@ -56,6 +61,8 @@ impl ClusterOptions {
             activations: None,
             max_memory: None,
             extra: Vec::new(),
+            peer_args: Vec::new(),
+            peer_env: Vec::new(),
         }
     }
 }
@@ -79,6 +86,9 @@ pub struct LocalCluster {
     /// The peers, in start order.
     pub peers: Vec<LocalPeer>,
     _dir: tempfile::TempDir,
+    options: ClusterOptions,
+    /// Peer 1's address, which the others join through.
+    bootstrap: Option<String>,
 }
 
 fn log_tail(dir: &Path) -> String {
@@ -91,83 +101,112 @@ impl LocalCluster {
     /// Starts the peers and waits until each serves HTTP.
     pub fn start(o: &ClusterOptions) -> Result<LocalCluster> {
         let tmp = tempfile::Builder::new().prefix("fogmesh-cluster-").tempdir()?;
-        let mut c = LocalCluster { peers: Vec::new(), _dir: tmp };
-        let mut bootstrap: Option<String> = None;
+        let mut c = LocalCluster { peers: Vec::new(), _dir: tmp, options: o.clone(), bootstrap: None };
         for i in 0..o.peers {
             let dir = c._dir.path().join(format!("peer{}", i + 1));
             std::fs::create_dir_all(&dir)?;
-            let log = std::fs::File::create(dir.join("node.log"))?;
-            let mut cmd = match o.pin.as_ref().and_then(|p| p.get(i)) {
-                Some(cpu) => {
-                    let mut t = Command::new("taskset");
-                    t.args(["-c", &cpu.to_string()]).arg(&o.exe);
-                    t
-                }
-                None => Command::new(&o.exe),
-            };
-            cmd.arg("node");
-            if let Some(a) = &o.activations {
-                cmd.args(["--activations", a]);
-            }
-            cmd.args(&o.extra);
-            if let Some(m) = o.max_memory {
-                cmd.args(["--max-memory", &m.to_string()]);
-            }
-            cmd.args(["--listen", if o.mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }])
-                .args(["--http", "127.0.0.1:0", "--threads", &o.threads.max(1).to_string()])
-                .arg("--data-dir")
-                .arg(&dir)
-                .env("RUST_LOG", &o.log)
-                // The peers' settings are exactly these flags: none from the
-                // caller's FOGMESH_* variables or config file.
-                .env(crate::config::CONFIG_ENV, "/dev/null")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            for (k, _) in std::env::vars_os() {
-                let k = k.to_string_lossy();
-                if k.starts_with("FOGMESH_") && !matches!(k.as_ref(), "FOGMESH_HOME" | "FOGMESH_KERNEL" | "FOGMESH_CONFIG") {
-                    cmd.env_remove(k.as_ref());
-                }
-            }
-            if let Some(m) = &o.model {
-                cmd.arg("--model").arg(m);
-            }
-            match &o.secret {
-                Some(s) => cmd.env("FOGMESH_SECRET", s),
-                None => cmd.env_remove("FOGMESH_SECRET"),
-            };
-            if !o.mdns {
-                cmd.arg("--no-mdns");
-                if let Some(b) = &bootstrap {
-                    cmd.args(["--bootstrap", b]);
-                }
-            }
-            let child = cmd.spawn().with_context(|| format!("starting {}", o.exe.display()))?;
-            c.peers.push(LocalPeer { child: Some(child), dir: dir.clone(), http: String::new(), peer_id: String::new() });
-            let until = Instant::now() + o.wait;
-            let http = loop {
-                if let Ok(s) = std::fs::read_to_string(dir.join(HTTP_ADDR_FILE))
-                    && !s.trim().is_empty()
-                {
-                    break s.trim().to_string();
-                }
-                if let Some(Ok(Some(st))) = c.peers[i].child.as_mut().map(|ch| ch.try_wait()) {
-                    bail!("peer {} exited ({st}) during start:\n{}", i + 1, log_tail(&dir));
-                }
-                if Instant::now() > until {
-                    bail!("peer {} did not start in time:\n{}", i + 1, log_tail(&dir));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            let st: NodeStatus = serde_json::from_str(&http_get(&http, "/status")?)?;
+            let peer = c.spawn(i, dir)?;
             if i == 0 {
-                bootstrap = st.listen_addrs.first().cloned();
+                let st: NodeStatus = serde_json::from_str(&http_get(&peer.http, "/status")?)?;
+                c.bootstrap = st.listen_addrs.first().cloned();
             }
-            c.peers[i].peer_id = st.peer_id;
-            c.peers[i].http = http;
+            c.peers.push(peer);
         }
         Ok(c)
+    }
+
+    /// Starts peer `i` (its flags, environment and data dir `dir`) and waits
+    /// until it serves HTTP.
+    fn spawn(&self, i: usize, dir: PathBuf) -> Result<LocalPeer> {
+        let o = &self.options;
+        let _ = std::fs::remove_file(dir.join(HTTP_ADDR_FILE));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("node.log"))?;
+        let mut cmd = match o.pin.as_ref().and_then(|p| p.get(i)) {
+            Some(cpu) => {
+                let mut t = Command::new("taskset");
+                t.args(["-c", &cpu.to_string()]).arg(&o.exe);
+                t
+            }
+            None => Command::new(&o.exe),
+        };
+        cmd.arg("node");
+        if let Some(a) = &o.activations {
+            cmd.args(["--activations", a]);
+        }
+        cmd.args(&o.extra);
+        let own = o.peer_args.get(i).cloned().unwrap_or_default();
+        cmd.args(&own);
+        if let Some(m) = o.max_memory {
+            cmd.args(["--max-memory", &m.to_string()]);
+        }
+        // Peer 1 started again listens where the others join it.
+        let listen = match (&self.bootstrap, i) {
+            (Some(b), 0) if !o.mdns => b.clone(),
+            _ => if o.mdns { "/ip4/0.0.0.0/tcp/0" } else { "/ip4/127.0.0.1/tcp/0" }.to_string(),
+        };
+        cmd.args(["--listen", &listen])
+            .args(["--http", "127.0.0.1:0", "--threads", &o.threads.max(1).to_string()])
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("RUST_LOG", &o.log)
+            // The peers' settings are exactly these flags: none from the
+            // caller's FOGMESH_* variables or config file.
+            .env(crate::config::CONFIG_ENV, "/dev/null")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("FOGMESH_") && !matches!(k.as_ref(), "FOGMESH_HOME" | "FOGMESH_KERNEL" | "FOGMESH_CONFIG") {
+                cmd.env_remove(k.as_ref());
+            }
+        }
+        for (k, v) in o.peer_env.get(i).into_iter().flatten() {
+            cmd.env(k, v);
+        }
+        if let Some(m) = &o.model
+            && !own.iter().any(|a| a == "--model")
+        {
+            cmd.arg("--model").arg(m);
+        }
+        match &o.secret {
+            Some(s) => cmd.env("FOGMESH_SECRET", s),
+            None => cmd.env_remove("FOGMESH_SECRET"),
+        };
+        if !o.mdns {
+            cmd.arg("--no-mdns");
+            if let Some(b) = self.bootstrap.as_ref().filter(|_| i > 0) {
+                cmd.args(["--bootstrap", b]);
+            }
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", o.exe.display()))?;
+        let until = Instant::now() + o.wait;
+        let http = loop {
+            if let Ok(s) = std::fs::read_to_string(dir.join(HTTP_ADDR_FILE))
+                && !s.trim().is_empty()
+            {
+                break s.trim().to_string();
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                bail!("peer {} exited ({st}) during start:\n{}", i + 1, log_tail(&dir));
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                bail!("peer {} did not start in time:\n{}", i + 1, log_tail(&dir));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let st: NodeStatus = serde_json::from_str(&http_get(&http, "/status")?)?;
+        Ok(LocalPeer { child: Some(child), dir, http, peer_id: st.peer_id })
+    }
+
+    /// Starts peer `i` again after [`LocalCluster::kill`] (same identity,
+    /// flags and data dir).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        let peer = self.spawn(i, self.peers[i].dir.clone())?;
+        self.peers[i] = peer;
+        Ok(())
     }
 
     /// The last lines of peer `i`'s log.

@@ -371,6 +371,13 @@ impl MeshBuilder {
         self
     }
 
+    /// Upload model chunks to peers at most this fast (bytes per second; 0:
+    /// no bound).
+    pub fn upload_rate(mut self, bytes_per_s: u64) -> Self {
+        self.runtime.upload_rate = bytes_per_s;
+        self
+    }
+
     /// Use this self-measurement instead of probing the host (tests).
     pub fn measurement(mut self, m: SelfMeasurement) -> Self {
         self.measurement = Some(m);

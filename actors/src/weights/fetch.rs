@@ -22,6 +22,8 @@ use crate::link::{MeshLink, PeerKey, PeerView};
 pub const MAX_IN_FLIGHT: usize = 12;
 /// Chunk requests in flight to one holder.
 pub const PER_HOLDER: usize = 4;
+/// How long a holder that answered busy is left alone.
+const BUSY_REST: Duration = Duration::from_millis(200);
 /// A fetch that has received nothing for this long gives up.
 pub const STALL: Duration = Duration::from_secs(120);
 
@@ -83,6 +85,9 @@ impl Fetch<'_> {
         let mut in_flight = FuturesUnordered::new();
         let mut per_peer: HashMap<PeerKey, usize> = HashMap::new();
         let mut skip: HashMap<usize, HashSet<PeerKey>> = HashMap::new();
+        // Holders that answered busy rest a moment.
+        let mut resting: HashMap<PeerKey, Instant> = HashMap::new();
+        let mut logged = Instant::now();
         let mut known: Vec<Holder> = Vec::new();
         let mut looked = Instant::now() - Duration::from_secs(60);
         let mut last_got = Instant::now();
@@ -102,6 +107,7 @@ impl Fetch<'_> {
                     .iter()
                     .filter(|h| h.has(i) && no.is_none_or(|s| !s.contains(&h.peer)))
                     .filter(|h| per_peer.get(&h.peer).copied().unwrap_or(0) < PER_HOLDER)
+                    .filter(|h| resting.get(&h.peer).is_none_or(|t| t.elapsed() > BUSY_REST))
                     .min_by_key(|h| (per_peer.get(&h.peer).copied().unwrap_or(0), h.queued));
                 let Some(h) = pick else {
                     waiting.push_back(i);
@@ -141,6 +147,17 @@ impl Fetch<'_> {
                         Ok(()) => {
                             last_got = Instant::now();
                             self.progress.got(&peer, rep.data.len() as u64);
+                            if logged.elapsed() > Duration::from_secs(2) {
+                                logged = Instant::now();
+                                if let Some(st) = self.progress.status() {
+                                    tracing::info!(
+                                        mib = format!("{:.1}/{:.1}", st.bytes_done as f64 / 1048576.0, st.bytes_wanted as f64 / 1048576.0),
+                                        peers = st.peers,
+                                        eta_s = st.eta_s.unwrap_or(0.0),
+                                        "weights: fetching"
+                                    );
+                                }
+                            }
                         }
                         Err(WeightsError::Corrupt { .. }) => {
                             tracing::warn!(peer = %peer, chunk = i, "weights: chunk does not match its hash; peer banned for this model");
@@ -151,6 +168,10 @@ impl Fetch<'_> {
                         }
                         Err(e) => return Err(e),
                     }
+                }
+                Ok(Message::Error(e)) if e.code == fogmesh_protocols::ErrorCode::Busy => {
+                    resting.insert(peer, Instant::now());
+                    todo.push_back(i);
                 }
                 other => {
                     let why = match other {

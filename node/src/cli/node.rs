@@ -65,6 +65,11 @@ pub struct NodeArgs {
     /// recently used out).
     #[arg(long, value_name = "SIZE", default_value = "16GiB", value_parser = crate::measure::parse_size)]
     pub chunk_cache: u64,
+    /// The most bytes per second this node uploads model chunks to peers at
+    /// (`10MiB`, …) [default: no bound], leaving the rest of a slow link to
+    /// inference.
+    #[arg(long, value_name = "SIZE", value_parser = crate::measure::parse_size)]
+    pub upload_rate: Option<u64>,
     /// Compute threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -216,7 +221,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             None => {}
         }
         let chunks = args.chunk_dir.clone().unwrap_or_else(|| fogmesh_models::home_dir().join("chunks"));
-        b = b.chunk_dir(chunks, args.chunk_cache);
+        b = b.chunk_dir(chunks, args.chunk_cache).upload_rate(args.upload_rate.unwrap_or(0));
         let mesh = b.start().await?;
         let handle = mesh.net().clone();
         std::fs::write(dir.join(HTTP_ADDR_FILE), format!("{http_addr}\n"))
@@ -235,13 +240,11 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             model = %model.as_ref().map_or("none".to_string(), |m| m.to_string()),
             "fogmesh node started"
         );
-        if let Some(m) = mesh.model() {
-            tracing::info!(
-                "serving model sha256:{} ({}): hosts without the file can serve it with --model sha256:{}",
-                fogmesh_actors::protocols::hex(&m.hash),
-                m.path.display(),
-                fogmesh_actors::protocols::hex(&m.hash)
-            );
+        if let Some(m) = mesh.model()
+            && let Ok(man) = mesh.runtime().weights().manifest(m).await
+        {
+            let id = format!("sha256:{}@{}", fogmesh_actors::protocols::hex(&m.hash), fogmesh_actors::protocols::hex(&man.digest()));
+            tracing::info!(chunks = man.chunks.len(), "serving {}; hosts without the file can serve it with --model {id}", m.path.display());
         }
         if args.private {
             // Printed, never logged: the token carries the secret.
