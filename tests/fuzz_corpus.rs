@@ -62,7 +62,7 @@ fn sample_messages() -> Vec<Message> {
     let peer = NodeId::from("12D3KooWexamplepeer");
     let model = [7u8; 32];
     vec![
-        Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into(), models: vec![model] }),
+        Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into(), models: vec![model], partial: vec![fogmesh::protocols::HeldChunks { model, bitmap: vec![0b1011, 0xff] }] }),
         Message::LoadReport(LoadReport {
             peer: peer.clone(),
             timestamp_ms: 1_700_000_000_000,
@@ -92,8 +92,9 @@ fn sample_messages() -> Vec<Message> {
         }),
         Message::SessionClose(SessionClose { session: 2 }),
         Message::SessionCancel(SessionCancel { session: 2, reason: "client went away".into() }),
-        Message::WeightChunkRequest(WeightChunkRequest { model, tensor: "blk.0.attn_q.weight".into(), offset: 0, len: 4096 }),
-        Message::WeightChunkReply(WeightChunkReply { model, tensor: "blk.0.attn_q.weight".into(), offset: 0, data: vec![9; 64] }),
+        Message::WeightChunkRequest(WeightChunkRequest { model, chunk: 3 }),
+        Message::WeightChunkRequest(WeightChunkRequest { model, chunk: fogmesh::protocols::MANIFEST_CHUNK }),
+        Message::WeightChunkReply(WeightChunkReply { model, chunk: 3, data: vec![9; 64] }),
         Message::Error(ErrorFrame { request: 9, code: ErrorCode::Malformed, message: "malformed".into() }),
     ]
 }
@@ -102,9 +103,14 @@ fn sample_messages() -> Vec<Message> {
 #[ignore = "writes the seed corpora"]
 fn write_protocol_seeds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-    for d in ["frame", "message", "activation"] {
+    for d in ["frame", "message", "activation", "manifest"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
+    let m = sample_manifest();
+    std::fs::write(root.join("manifest/three-chunks"), m.encode()).unwrap();
+    let mut short = m.encode();
+    short.truncate(short.len() - 5);
+    std::fs::write(root.join("manifest/truncated"), short).unwrap();
     let limits = Limits::default();
     let mut stream = Vec::new();
     for (i, m) in sample_messages().iter().enumerate() {
@@ -144,6 +150,38 @@ fn protocol_corpora_replay_without_panics() {
     assert!(messages.iter().filter(|f| decode_message(&std::fs::read(f).unwrap())).count() >= 15);
     let acts = corpus("activation");
     assert!(acts.iter().filter(|f| decode_activation(&std::fs::read(f).unwrap())).count() >= 10);
+    let manifests = corpus("manifest");
+    assert!(manifests.iter().filter(|f| decode_manifest(&std::fs::read(f).unwrap())).count() >= 1, "manifest corpus missing");
+}
+
+fn sample_manifest() -> fogmesh::protocols::Manifest {
+    use fogmesh::protocols::{ChunkEntry, Manifest};
+    let chunks = [(0, 100), (100, 4000), (4100, 4096)]
+        .iter()
+        .map(|&(offset, len)| ChunkEntry { offset, len, hash: [offset as u8; 32] })
+        .collect();
+    Manifest { model: [5; 32], file_len: 8196, header_chunks: 1, chunks }
+}
+
+/// The same work as `fuzz/fuzz_targets/manifest.rs`: a manifest that
+/// decodes tiles its file and encodes back to the same bytes.
+fn decode_manifest(data: &[u8]) -> bool {
+    let Ok(m) = fogmesh::protocols::Manifest::decode(data) else { return false };
+    assert_eq!(m.encode(), data);
+    assert_eq!(m.chunks.last().map(|c| c.end()), Some(m.file_len));
+    let _ = m.covering(0, m.file_len);
+    true
+}
+
+proptest! {
+    #[test]
+    fn manifests_from_any_bytes_are_an_error_or_tile_their_file(data in proptest::collection::vec(any::<u8>(), 0..300), cut in 0usize..200, flip in any::<u8>()) {
+        decode_manifest(&data);
+        let mut good = sample_manifest().encode();
+        let at = cut % good.len();
+        good[at] ^= flip;
+        decode_manifest(&good);
+    }
 }
 
 #[test]
