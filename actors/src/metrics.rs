@@ -59,5 +59,8 @@ pub fn describe() {
     metrics::describe_counter!(STEP_RESENDS, "Late steps resent over the same route, their frames presumed lost");
     metrics::describe_counter!(WEIGHT_BYTES_FETCHED, metrics::Unit::Bytes, "Bytes of model chunks fetched from peers, each verified");
     metrics::describe_counter!(WEIGHT_BYTES_SERVED, metrics::Unit::Bytes, "Bytes of model chunks served to peers");
+    // One series each from the start, zero until bytes move.
+    metrics::counter!(WEIGHT_BYTES_FETCHED).increment(0);
+    metrics::counter!(WEIGHT_BYTES_SERVED).increment(0);
     metrics::describe_histogram!(RECOVERY_SECONDS, metrics::Unit::Seconds, "Time from a failed hop to the next token");
 }

@@ -54,6 +54,7 @@ pub(super) async fn dashboard(State(s): State<AppState>) -> Response {
         generated_tokens: s.board.generated.load(Ordering::Relaxed),
         sessions: s.board.sessions.load(Ordering::Relaxed),
         incidents: s.incidents(),
+        weights: s.rt.as_ref().map(|rt| rt.weights().status()),
     })
     .into_response()
 }

@@ -271,6 +271,9 @@ pub struct Dashboard {
     pub sessions: u64,
     /// Recent failovers and recoveries, oldest first.
     pub incidents: Vec<Incident>,
+    /// Model weights: fetch progress from peers, bytes fetched and served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<fogmesh_actors::weights::WeightsStatus>,
 }
 
 /// `GET /health`.

@@ -49,6 +49,40 @@ pub fn run_status(args: StatusArgs) -> Result<()> {
     }
 }
 
+/// One line about a node's weights: the fetch from peers (progress, ETA),
+/// what it fetched and served.
+pub fn weights_line(w: &fogmesh_actors::weights::WeightsStatus) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    let mut parts = Vec::new();
+    if let Some(f) = &w.fetch {
+        let mut s = match f.state.as_str() {
+            "fetching" => format!(
+                "fetching from {} peers: {} of {}{}",
+                f.peers,
+                mib(f.bytes_done),
+                mib(f.bytes_wanted),
+                f.eta_s.map_or(String::new(), |e| format!(", {e:.0} s left"))
+            ),
+            "ready" => format!("fetched from peers: {} held ({} chunks)", mib(f.bytes_held), f.chunks_held),
+            other => other.to_string(),
+        };
+        if f.rejected > 0 {
+            s.push_str(&format!("; {} damaged chunks refused", f.rejected));
+        }
+        if let Some(e) = &f.error {
+            s.push_str(&format!(" — {e}"));
+        }
+        parts.push(s);
+    }
+    if w.served_bytes > 0 {
+        parts.push(format!("served {} to peers", mib(w.served_bytes)));
+    }
+    if parts.is_empty() {
+        parts.push("the whole file, here".into());
+    }
+    parts.join("; ")
+}
+
 /// The terminal view of a node's `/v1/fogmesh/dashboard` answer.
 pub fn status_view(node: &str, d: &Dashboard, rate: Option<f64>) -> String {
     use std::fmt::Write;
@@ -81,6 +115,9 @@ pub fn status_view(node: &str, d: &Dashboard, rate: Option<f64>) -> String {
         None => {
             let _ = writeln!(o, "model       none (start the node with --model PATH to serve one)");
         }
+    }
+    if let Some(w) = &d.weights {
+        let _ = writeln!(o, "weights     {}", weights_line(w));
     }
     let m = &d.measurement;
     let _ = writeln!(o, "this host   {} cores, {} MiB free, {:.1} GFLOP/s", m.cores, m.memory_bytes >> 20, m.gflops);
@@ -230,9 +267,22 @@ mod tests {
                 Incident::Failover { at_ms: 0, banned: vec!["12D3KooWCCCCgone".into()], reason: "hop did not answer".into() },
                 Incident::Recovered { at_ms: 0, route: vec![], recovery_ms: 320.0 },
             ],
+            weights: Some(fogmesh_actors::weights::WeightsStatus {
+                fetch: Some(fogmesh_actors::weights::FetchStatus {
+                    state: "fetching".into(),
+                    bytes_wanted: 20 << 20,
+                    bytes_done: 5 << 20,
+                    peers: 2,
+                    eta_s: Some(3.0),
+                    rejected: 1,
+                    ..Default::default()
+                }),
+                served_bytes: 1 << 20,
+                ..Default::default()
+            }),
         };
         let v = status_view("127.0.0.1:8469", &d, Some(3.0));
-        for needle in ["(this)", "0..10", "10..30", "12.5", "0.70", "route", "→", "hop did not answer", "recovered in 320 ms", "3.0 tokens/s", "hole-punched", "1.0 Mb/s", "through relay …"] {
+        for needle in ["(this)", "0..10", "10..30", "12.5", "0.70", "route", "→", "hop did not answer", "recovered in 320 ms", "3.0 tokens/s", "hole-punched", "1.0 Mb/s", "through relay …", "fetching from 2 peers: 5.0 MiB of 20.0 MiB, 3 s left", "1 damaged chunks refused", "served 1.0 MiB"] {
             assert!(v.contains(needle), "{needle:?} missing from:\n{v}");
         }
         assert!(!v.contains("no peers yet"));
