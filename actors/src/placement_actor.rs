@@ -28,7 +28,15 @@ pub trait PlacementHost: Host {
     async fn load(&self, range: Range<usize>) -> Result<(), RuntimeError>;
     /// Whether a standby copy of `range` fits.
     async fn room_for(&self, range: Range<usize>) -> bool;
+    /// Whether the weights of `range` are all here (a model held whole, or
+    /// every chunk of the range fetched).
+    fn holds(&self, range: Range<usize>) -> bool;
 }
+
+/// A plan that would have this peer fetch weights from peers is acted on
+/// only once it has held this long: while peers join one by one, each
+/// interim plan would cost a fetch of its ranges.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Messages of the [`PlacementActor`].
 #[derive(Debug)]
@@ -43,6 +51,8 @@ pub enum PlacementMsg {
 pub struct PlacementState {
     rt: Arc<dyn PlacementHost>,
     plan: Vec<Hop>,
+    /// A plan waiting to settle, and since when it has been the plan.
+    pending: Option<(Vec<Hop>, std::time::Instant)>,
 }
 
 /// The actor keeping this peer's shards in line with the plan.
@@ -58,7 +68,7 @@ impl Actor for PlacementActor {
         // The first look waits one interval, so peers starting together see
         // each other before anyone loads a range.
         myself.send_after(rt.config().placement_interval, || PlacementMsg::Tick);
-        Ok(PlacementState { rt, plan: Vec::new() })
+        Ok(PlacementState { rt, plan: Vec::new(), pending: None })
     }
 
     async fn handle(&self, myself: ActorRef<PlacementMsg>, msg: PlacementMsg, st: &mut PlacementState) -> Result<(), ActorProcessingErr> {
@@ -70,7 +80,11 @@ impl Actor for PlacementActor {
                 let view = st.rt.view().await;
                 let cands = policy::candidates(&view, &model.hash, &[], st.rt.config().memory_cap);
                 match policy::route(&model.costs, &cands) {
+                    Ok(plan) if plan != st.plan && !settled(st, &plan) => {
+                        tracing::debug!(stages = plan.len(), "a plan that needs weights fetched; waiting for it to settle");
+                    }
                     Ok(plan) if plan != st.plan => {
+                        st.pending = None;
                         let map: Vec<String> =
                             plan.iter().map(|h| format!("{}:{}..{}", short(&h.peer), h.start, h.end)).collect();
                         tracing::info!(stages = plan.len(), plan = %map.join(" "), "placement plan");
@@ -119,6 +133,22 @@ impl Actor for PlacementActor {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether `plan` can be acted on: this peer holds the weights of its
+/// ranges in it, or the plan has stayed the same for [`SETTLE`].
+fn settled(st: &mut PlacementState, plan: &[Hop]) -> bool {
+    let me = st.rt.local_peer().to_string();
+    if plan.iter().filter(|h| h.peer == me).all(|h| st.rt.holds(h.start..h.end)) {
+        return true;
+    }
+    match &st.pending {
+        Some((p, since)) if p == plan => since.elapsed() >= SETTLE,
+        _ => {
+            st.pending = Some((plan.to_vec(), std::time::Instant::now()));
+            false
+        }
     }
 }
 

@@ -498,15 +498,8 @@ impl Weights {
     /// (nothing for a model held whole).
     pub async fn fetch_range(&self, link: &Arc<dyn MeshLink>, model: &ModelInfo, range: std::ops::Range<usize>) -> Result<(), WeightsError> {
         let WeightSource::Chunks { store, gguf } = &model.source else { return Ok(()) };
-        let names = Shard::tensors_for(gguf, range.clone()).map_err(|e| WeightsError::Model(e.to_string()))?;
+        let wanted = chunks_for(store, gguf, range.clone())?;
         let m = store.manifest();
-        let mut wanted: Vec<usize> = (0..m.header_chunks as usize).collect();
-        for n in &names {
-            let t = &gguf.tensors[n];
-            wanted.extend(m.covering(t.offset, t.offset + t.size));
-        }
-        wanted.sort_unstable();
-        wanted.dedup();
         let r = self.fetch(link, store).run(&wanted).await;
         let (state, err) = match &r {
             Ok(()) => ("ready", None),
@@ -520,5 +513,28 @@ impl Weights {
     fn refresh_held(&self, store: &ChunkStore) {
         let (n, bytes) = store.held();
         self.progress.with(|s| (s.0.chunks_held, s.0.bytes_held) = (n, bytes));
+    }
+}
+
+/// The chunks layers `range` need: the header's, and those holding the
+/// range's tensors.
+fn chunks_for(store: &ChunkStore, gguf: &Gguf, range: std::ops::Range<usize>) -> Result<Vec<usize>, WeightsError> {
+    let names = Shard::tensors_for(gguf, range).map_err(|e| WeightsError::Model(e.to_string()))?;
+    let m = store.manifest();
+    let mut wanted: Vec<usize> = (0..m.header_chunks as usize).collect();
+    for n in &names {
+        let t = &gguf.tensors[n];
+        wanted.extend(m.covering(t.offset, t.offset + t.size));
+    }
+    wanted.sort_unstable();
+    wanted.dedup();
+    Ok(wanted)
+}
+
+/// Whether the weights of layers `range` of `model` are all here.
+pub fn holds(model: &ModelInfo, range: std::ops::Range<usize>) -> bool {
+    match &model.source {
+        WeightSource::File(_) => true,
+        WeightSource::Chunks { store, gguf } => chunks_for(store, gguf, range).is_ok_and(|w| w.iter().all(|&i| store.has(i))),
     }
 }

@@ -86,4 +86,7 @@ impl PlacementHost for Runtime {
     async fn room_for(&self, range: Range<usize>) -> bool {
         Runtime::room_for(self, range).await
     }
+    fn holds(&self, range: Range<usize>) -> bool {
+        Runtime::model(self).is_some_and(|m| crate::weights::holds(m, range))
+    }
 }
