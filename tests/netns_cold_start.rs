@@ -105,7 +105,7 @@ fn hosts_without_the_file_fetch_only_their_layers_and_serve_together() {
 
 /// Every fetching host copies the whole file from host 1 over HTTP at once;
 /// returns the seconds until the last copy is done.
-fn whole_file_copies(lab: &Lab, hosts: &[String], model: &std::path::Path) -> f64 {
+fn whole_file_copies(hosts: &[String], model: &std::path::Path) -> f64 {
     let dir = model.parent().unwrap();
     let name = model.file_name().unwrap().to_str().unwrap();
     let mut server = Command::new("ip")
@@ -114,19 +114,24 @@ fn whole_file_copies(lab: &Lab, hosts: &[String], model: &std::path::Path) -> f6
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    let url = format!("http://10.77.1.1:8000/{name}");
+    let up = Instant::now();
+    while !Command::new("ip").args(["netns", "exec", &hosts[1], "curl", "-sfI", &url]).output().is_ok_and(|o| o.status.success()) {
+        assert!(up.elapsed() < Duration::from_secs(30), "the HTTP server in {} did not come up", hosts[0]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let t = Instant::now();
     let copies: Vec<_> = hosts[1..]
         .iter()
         .map(|h| {
             Command::new("ip")
-                .args(["netns", "exec", h, "curl", "-sf", "-o", "/dev/null", &format!("http://10.77.1.1:8000/{name}")])
+                .args(["netns", "exec", h, "curl", "-sSf", "-o", "/dev/null", &url])
                 .spawn()
                 .unwrap()
         })
         .collect();
     for mut c in copies {
-        assert!(c.wait().unwrap().success(), "a whole-file copy failed\n{}", lab.logs());
+        assert!(c.wait().unwrap().success(), "a whole-file copy failed");
     }
     let secs = t.elapsed().as_secs_f64();
     let _ = server.kill();
@@ -144,20 +149,43 @@ fn bench_cold_start_over_100_mbit_links() {
     let mbit: f64 = rate.trim_end_matches("mbit").parse().unwrap_or(100.0);
     let one = file as f64 * 8.0 / (mbit * 1e6);
     eprintln!("file {file} bytes: one whole-file transfer at {rate} takes {one:.1} s");
-    for fetchers in [3usize, 7] {
+    let sizes: Vec<usize> = std::env::var("FOGMESH_BENCH_FETCHERS")
+        .map_or_else(|_| vec![3, 7], |v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    for fetchers in sizes {
         let (mut lab, hosts) = hosts(if fetchers == 3 { "b" } else { "B" }, fetchers, Some(&rate));
         let (v, mesh) = cold_start(&mut lab, &hosts, &model);
-        let per_host: Vec<u64> = hosts[1..].iter().map(|h| fetched(h)).collect();
         let stages = v["route"].as_array().unwrap().len();
+        // And until every host serves its stage of the plan over all.
+        let t = Instant::now();
+        while !hosts.iter().all(|h| {
+            let p = api(h, "/plan");
+            p["route"].as_array().is_some_and(|r| r.len() == hosts.len()) && p["shards"].as_array().is_some_and(|s| !s.is_empty())
+        }) {
+            assert!(t.elapsed() < Duration::from_secs(120), "no plan over all {} hosts\n{}", hosts.len(), lab.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let all = mesh + t.elapsed().as_secs_f64();
+        let per_host: Vec<u64> = hosts[1..].iter().map(|h| fetched(h)).collect();
+        let ranges: Vec<String> = hosts[1..]
+            .iter()
+            .map(|h| api(h, "/plan")["shards"].as_array().unwrap().iter().map(|s| format!("{}..{}", s["start"], s["end"])).collect::<Vec<_>>().join("+"))
+            .collect();
         // The same links, the same moment: everyone copies the whole file.
-        let copies = whole_file_copies(&lab, &hosts, &model);
+        let copies = whole_file_copies(&hosts, &model);
         eprintln!(
             "1 + {fetchers} hosts: mesh served through {stages} hosts after {mesh:.1} s ({:.2}x one transfer); whole-file copies by every host {copies:.1} s ({:.2}x); mesh / copies {:.2}",
             mesh / one,
             copies / one,
             mesh / copies
         );
-        let share: Vec<String> = per_host.iter().map(|b| format!("{:.0}%", 100.0 * *b as f64 / file as f64)).collect();
-        eprintln!("  bytes fetched per host (of the file): {}", share.join(" "));
+        eprintln!("  every host serving its stage of the plan over all {} after {all:.1} s ({:.2}x one transfer)", hosts.len(), all / one);
+        let share: Vec<String> =
+            per_host.iter().zip(&ranges).map(|(b, r)| format!("{:.0}% ({r})", 100.0 * *b as f64 / file as f64)).collect();
+        eprintln!("  bytes fetched per host, of the file (layers it serves): {}", share.join(" "));
+        if std::env::var_os("FOGMESH_BENCH_LOGS").is_some() {
+            for l in lab.logs().lines().filter(|l| l.starts_with("====") || l.contains("placement plan") || l.contains("shard loaded")) {
+                eprintln!("  {l}");
+            }
+        }
     }
 }
