@@ -33,7 +33,7 @@ async fn mesh(n: usize, cfg: RuntimeConfig) -> Option<Mesh> {
     let mut peers = Vec::new();
     for i in 0..n {
         let id = format!("peer-{i}");
-        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
+        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None, partial: vec![] });
         let mut c = cfg.clone();
         c.gflops = 10.0;
         c.memory_bytes = 1 << 32;
@@ -49,7 +49,7 @@ impl Mesh {
     /// estimate of its speed is `gflops`.
     async fn outsider(&mut self, id: &str, gflops: f32) -> Runtime {
         let info = Arc::new(ModelInfo::open(&model_path().unwrap(), HASH).unwrap());
-        let link = self.net.add(PeerView { peer: id.into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None });
+        let link = self.net.add(PeerView { peer: id.into(), gflops: 0.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None, partial: vec![] });
         let c = RuntimeConfig { gflops, memory_bytes: 1 << 32, placement_interval: Duration::from_secs(3600), ..cfg() };
         let rt = Runtime::start(link, Some(info), c).await.unwrap();
         self.net.attach(id, rt.clone());
@@ -605,7 +605,7 @@ async fn a_range_past_the_memory_offered_is_refused_without_loading() {
     let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
     let layers = info.config.layers;
     let net = MemNet::new(Duration::from_secs(5));
-    let view = PeerView { peer: "small".into(), gflops: 10.0, memory_bytes: 8 << 20, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None };
+    let view = PeerView { peer: "small".into(), gflops: 10.0, memory_bytes: 8 << 20, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None, partial: vec![] };
     let link = net.add(view);
     let cfg = RuntimeConfig { threads: 1, memory_bytes: 8 << 20, gflops: 10.0, ..RuntimeConfig::default() };
     let rt = Runtime::start(link, Some(info), cfg).await.unwrap();

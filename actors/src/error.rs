@@ -82,3 +82,8 @@ impl Refusal {
         Refusal { code, reason: reason.into() }
     }
 }
+
+/// The error frame answering a call that failed.
+pub fn error_frame(code: fogmesh_protocols::ErrorCode, message: impl Into<String>) -> fogmesh_protocols::Message {
+    fogmesh_protocols::Message::Error(fogmesh_protocols::ErrorFrame { request: 0, code, message: message.into() })
+}

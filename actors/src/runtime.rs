@@ -175,7 +175,7 @@ impl Runtime {
         if matches!(model.source, crate::weights::WeightSource::File(_)) {
             let w = self.0.weights.clone();
             tokio::spawn(async move {
-                if let Err(e) = w.manifest(&model).await {
+                if let Err(e) = w.manifest(model.hash, &model.source).await {
                     tracing::warn!(error = %e, "weights: no manifest of the model file; it is not served to peers");
                 }
             });
@@ -187,12 +187,13 @@ impl Runtime {
     /// the layers follow when placement gives this peer a range) and serves
     /// it. `trusted`: the manifest digest the model is known by, if any.
     pub async fn fetch_model(&self, hash: fogmesh_protocols::ModelHash, trusted: Option<[u8; 32]>, name: &str) -> Result<(), RuntimeError> {
-        let info = self
+        let (path, gguf, source) = self
             .0
             .weights
             .acquire(self.0.link.clone(), hash, trusted, name)
             .await
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let info = ModelInfo::from_gguf(&gguf, path, hash, source)?;
         tracing::info!(model = %fogmesh_protocols::hex(&hash), layers = info.config.layers, "model header fetched from the mesh; taking part in placement");
         self.adopt_model(Arc::new(info)).await
     }

@@ -24,8 +24,7 @@ use fogmesh_models::gguf::Gguf;
 use fogmesh_protocols::{ErrorCode, MANIFEST_CHUNK, Manifest, Message, ModelHash, WeightChunkReply, WeightChunkRequest, hex};
 
 use crate::link::{MeshLink, PeerKey};
-use crate::model::ModelInfo;
-use crate::runtime::error_frame;
+use crate::error::error_frame;
 use store::{ChunkCache, ChunkReader, ChunkStore};
 
 /// Uploads served at once (a peer busy with stage work serves one).
@@ -296,13 +295,13 @@ impl Weights {
         }
     }
 
-    /// The manifest of `model` as this peer serves it (computed once for a
-    /// whole file held here).
-    pub async fn manifest(&self, model: &ModelInfo) -> Result<Arc<Manifest>, WeightsError> {
-        match &model.source {
+    /// The manifest of model `hash` as this peer serves it from `source`
+    /// (computed once for a whole file held here).
+    pub async fn manifest(&self, hash: ModelHash, source: &WeightSource) -> Result<Arc<Manifest>, WeightsError> {
+        match source {
             WeightSource::Chunks { store, .. } => Ok(store.manifest().clone()),
             WeightSource::File(path) => {
-                let (path, hash) = (path.clone(), model.hash);
+                let path = path.clone();
                 self.local
                     .get_or_try_init(|| async move {
                         tokio::task::spawn_blocking(move || local::manifest_of(&path, hash))
@@ -316,10 +315,11 @@ impl Weights {
         }
     }
 
-    /// Answers a peer's request for a chunk (or the manifest) of `model`;
-    /// `busy`: stage work is waiting here, so uploads go one at a time.
-    pub async fn serve(&self, model: Option<&ModelInfo>, req: WeightChunkRequest, busy: bool) -> Message {
-        let Some(model) = model.filter(|m| m.hash == req.model) else {
+    /// Answers a peer's request for a chunk (or the manifest) of the model
+    /// this peer serves (`served`: its hash and weights); `busy`: stage work
+    /// is waiting here, so uploads go one at a time.
+    pub async fn serve(&self, served: Option<(ModelHash, &WeightSource)>, req: WeightChunkRequest, busy: bool) -> Message {
+        let Some((hash, source)) = served.filter(|m| m.0 == req.model) else {
             return error_frame(ErrorCode::NotServed, format!("this peer does not hold model {}", hex(&req.model)));
         };
         if busy && self.uploads.available_permits() < MAX_UPLOADS {
@@ -328,7 +328,7 @@ impl Weights {
         let Ok(_permit) = self.uploads.clone().try_acquire_owned() else {
             return error_frame(ErrorCode::Busy, format!("{MAX_UPLOADS} uploads in progress"));
         };
-        let manifest = match self.manifest(model).await {
+        let manifest = match self.manifest(hash, source).await {
             Ok(m) => m,
             Err(e) => return error_frame(ErrorCode::NotServed, e.to_string()),
         };
@@ -345,7 +345,7 @@ impl Weights {
             let Some(c) = manifest.chunks.get(i).copied() else {
                 return error_frame(ErrorCode::Malformed, format!("model has {} chunks, not {}", manifest.chunks.len(), i + 1));
             };
-            let read = match &model.source {
+            let read = match source {
                 WeightSource::File(p) => {
                     let p = p.clone();
                     tokio::task::spawn_blocking(move || local::read_span(&p, c.offset, c.len)).await.map_err(|e| e.to_string()).and_then(|r| r)
@@ -384,9 +384,16 @@ impl Weights {
     /// Gets model `hash` from the mesh: its manifest (checked against
     /// `trusted`, the manifest digest when known; else every holder asked
     /// must agree), then its header chunks; the model is served under
-    /// `name`. Waits for a holder as long as it takes, reporting the wait
-    /// as an error after [`NO_HOLDER_AFTER`].
-    pub async fn acquire(&self, link: Arc<dyn MeshLink>, hash: ModelHash, trusted: Option<[u8; 32]>, name: &str) -> Result<ModelInfo, WeightsError> {
+    /// `name` (the path returned, in the model's cache folder). Waits for a
+    /// holder as long as it takes, reporting the wait as an error after
+    /// [`NO_HOLDER_AFTER`].
+    pub async fn acquire(
+        &self,
+        link: Arc<dyn MeshLink>,
+        hash: ModelHash,
+        trusted: Option<[u8; 32]>,
+        name: &str,
+    ) -> Result<(PathBuf, Arc<Gguf>, WeightSource), WeightsError> {
         let cache = self.cache().inspect_err(|e| self.progress.state(&hash, "failed", Some(e.to_string())))?.clone();
         let cached = ChunkStore::cached_manifest(&cache, &hash).filter(|m| trusted.is_none_or(|t| m.digest() == t));
         let manifest = match cached {
@@ -404,10 +411,8 @@ impl Weights {
             .map_err(|e| WeightsError::Model(format!("the fetched header: {e}")))?;
         let gguf = Arc::new(gguf);
         let path = store.dir().join(name);
-        let info = ModelInfo::from_gguf(&gguf, path, hash, WeightSource::Chunks { store, gguf: gguf.clone() })
-            .map_err(|e| WeightsError::Model(e.to_string()))?;
         self.progress.state(&hash, "ready", None);
-        Ok(info)
+        Ok((path, gguf.clone(), WeightSource::Chunks { store, gguf }))
     }
 
     async fn manifest_from_mesh(&self, link: &Arc<dyn MeshLink>, hash: ModelHash, trusted: Option<[u8; 32]>) -> Manifest {
@@ -494,10 +499,10 @@ impl Weights {
         }
     }
 
-    /// Fetches what layers `range` of `model` need that is not here yet
+    /// Fetches what layers `range` need from `source` that is not here yet
     /// (nothing for a model held whole).
-    pub async fn fetch_range(&self, link: &Arc<dyn MeshLink>, model: &ModelInfo, range: std::ops::Range<usize>) -> Result<(), WeightsError> {
-        let WeightSource::Chunks { store, gguf } = &model.source else { return Ok(()) };
+    pub async fn fetch_range(&self, link: &Arc<dyn MeshLink>, source: &WeightSource, range: std::ops::Range<usize>) -> Result<(), WeightsError> {
+        let WeightSource::Chunks { store, gguf } = source else { return Ok(()) };
         let wanted = chunks_for(store, gguf, range.clone())?;
         let m = store.manifest();
         let r = self.fetch(link, store).run(&wanted).await;
@@ -531,9 +536,9 @@ fn chunks_for(store: &ChunkStore, gguf: &Gguf, range: std::ops::Range<usize>) ->
     Ok(wanted)
 }
 
-/// Whether the weights of layers `range` of `model` are all here.
-pub fn holds(model: &ModelInfo, range: std::ops::Range<usize>) -> bool {
-    match &model.source {
+/// Whether the weights of layers `range` are all here in `source`.
+pub fn holds(source: &WeightSource, range: std::ops::Range<usize>) -> bool {
+    match source {
         WeightSource::File(_) => true,
         WeightSource::Chunks { store, gguf } => chunks_for(store, gguf, range).is_ok_and(|w| w.iter().all(|&i| store.has(i))),
     }

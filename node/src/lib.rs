@@ -24,8 +24,9 @@
 //!   OpenAI-compatible API), `fogmesh.rs` (status, peers,
 //!   plan, dashboard data, streamed generation), `types.rs` (every JSON body
 //!   written and read back), `dashboard.html` (the page at `/`).
-//! - `mesh.rs`: [`mesh::Mesh`] (builder, start, generate, shutdown) and
-//!   `NetLink`, the actors' `MeshLink` over the swarm.
+//! - `mesh.rs` (+ `mesh/`): [`mesh::Mesh`] (builder, start, generate,
+//!   shutdown; a model from a file or fetched from the mesh);
+//!   `netlink.rs` (`NetLink`, the actors' `MeshLink` over the swarm).
 //! - `net.rs` (+ `net/`): the swarm task and its [`net::NetHandle`];
 //!   `membership.rs` (the sans-I/O peer view), `codec.rs` (framed stage
 //!   traffic), `keys.rs` (identity and cluster secret), `behaviour.rs` (the

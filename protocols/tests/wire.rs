@@ -37,9 +37,10 @@ fn token_result() -> impl Strategy<Value = TokenResult> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (node(), any::<u32>(), any::<u64>(), any::<f32>(), text(), proptest::collection::vec(hash(), 0..3)).prop_map(
-            |(peer, cores, memory_bytes, gflops, version, models)| {
-                Message::Capabilities(Capabilities { peer, cores, memory_bytes, gflops, version, models })
+        (node(), any::<u32>(), any::<u64>(), any::<f32>(), text(), proptest::collection::vec(hash(), 0..3), proptest::collection::vec((hash(), bytes(16)), 0..2)).prop_map(
+            |(peer, cores, memory_bytes, gflops, version, models, held)| {
+                let partial = held.into_iter().map(|(model, bitmap)| HeldChunks { model, bitmap }).collect();
+                Message::Capabilities(Capabilities { peer, cores, memory_bytes, gflops, version, models, partial })
             }
         ),
         (node(), any::<u64>(), proptest::collection::vec((hash(), any::<u32>(), any::<u32>(), any::<u32>(), any::<f32>()), 0..5))
@@ -112,10 +113,9 @@ fn message() -> impl Strategy<Value = Message> {
             }),
         any::<u64>().prop_map(|session| Message::SessionClose(SessionClose { session })),
         (any::<u64>(), text()).prop_map(|(session, reason)| Message::SessionCancel(SessionCancel { session, reason })),
-        (hash(), text(), any::<u64>(), any::<u32>())
-            .prop_map(|(model, tensor, offset, len)| Message::WeightChunkRequest(WeightChunkRequest { model, tensor, offset, len })),
-        (hash(), text(), any::<u64>(), bytes(1024))
-            .prop_map(|(model, tensor, offset, data)| Message::WeightChunkReply(WeightChunkReply { model, tensor, offset, data })),
+        (hash(), any::<u32>()).prop_map(|(model, chunk)| Message::WeightChunkRequest(WeightChunkRequest { model, chunk })),
+        (hash(), any::<u32>(), bytes(1024))
+            .prop_map(|(model, chunk, data)| Message::WeightChunkReply(WeightChunkReply { model, chunk, data })),
         (any::<u64>(), error_code(), text()).prop_map(|(request, code, message)| Message::Error(ErrorFrame { request, code, message })),
     ]
 }
@@ -178,7 +178,7 @@ fn a_payload_under_the_wrong_kind_is_refused() {
 #[test]
 fn oversized_messages_are_refused_both_ways() {
     let small = Limits { max_frame: 1024, ..Limits::default() };
-    let big = Message::WeightChunkReply(WeightChunkReply { model: [0; 32], tensor: "t".into(), offset: 0, data: vec![1; 4096] });
+    let big = Message::WeightChunkReply(WeightChunkReply { model: [0; 32], chunk: 0, data: vec![1; 4096] });
     assert!(matches!(encode_message(&big, &small, &mut Vec::new()), Err(ProtocolError::FrameTooLarge { .. })));
     let mut buf = Vec::new();
     encode_message(&big, &Limits::default(), &mut buf).unwrap();

@@ -3,7 +3,7 @@ use proptest::prelude::*;
 
 fn view(ids: &[(u8, f32)], model: ModelHash) -> Vec<PeerView> {
     ids.iter()
-        .map(|&(i, g)| PeerView { peer: format!("peer{i:03}"), gflops: g, memory_bytes: 1 << 32, models: vec![model], shards: vec![], queued: 0, rtt_ms: None })
+        .map(|&(i, g)| PeerView { peer: format!("peer{i:03}"), gflops: g, memory_bytes: 1 << 32, models: vec![model], shards: vec![], queued: 0, rtt_ms: None, partial: vec![] })
         .collect()
 }
 
@@ -100,7 +100,7 @@ proptest! {
 fn peers_without_the_model_or_speed_are_not_candidates() {
     let model = [1u8; 32];
     let mut v = view(&[(1, 10.0), (2, 0.0)], model);
-    v.push(PeerView { peer: "other".into(), gflops: 10.0, memory_bytes: 1 << 30, models: vec![[2u8; 32]], shards: vec![], queued: 0, rtt_ms: None });
+    v.push(PeerView { peer: "other".into(), gflops: 10.0, memory_bytes: 1 << 30, models: vec![[2u8; 32]], shards: vec![], queued: 0, rtt_ms: None, partial: vec![] });
     let c = candidates(&v, &model, &[], 1 << 20);
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].memory_bytes, 1 << 20);

@@ -87,6 +87,6 @@ impl PlacementHost for Runtime {
         Runtime::room_for(self, range).await
     }
     fn holds(&self, range: Range<usize>) -> bool {
-        Runtime::model(self).is_some_and(|m| crate::weights::holds(m, range))
+        Runtime::model(self).is_some_and(|m| crate::weights::holds(&m.source, range))
     }
 }

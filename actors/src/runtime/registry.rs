@@ -105,7 +105,7 @@ impl Runtime {
         let started = Instant::now();
         self.0
             .weights
-            .fetch_range(&self.0.link, &model, range.clone())
+            .fetch_range(&self.0.link, &model.source, range.clone())
             .await
             .map_err(|e| RuntimeError::Invalid(format!("weights of layers {range:?}: {e}")))?;
         let pool = self.0.pool.clone();

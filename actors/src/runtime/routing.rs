@@ -5,20 +5,16 @@
 
 use std::time::Duration;
 
-use fogmesh_protocols::{ErrorCode, ErrorFrame, Message, NodeId, SessionOpen, ShardAdvert, StageError, StageOutcome, StageReply};
+use fogmesh_protocols::{ErrorCode, Message, NodeId, SessionOpen, ShardAdvert, StageError, StageOutcome, StageReply};
 
 use crate::shard_actor::ShardHost as _;
 
 use super::{Runtime, Served, lock};
 use crate::error::Refusal;
+pub use crate::error::error_frame;
 use crate::link::LinkError;
 use crate::session::SessionMsg;
 use crate::shard_actor::ShardMsg;
-
-/// The error frame answering a call that failed.
-pub fn error_frame(code: ErrorCode, message: impl Into<String>) -> Message {
-    Message::Error(ErrorFrame { request: 0, code, message: message.into() })
-}
 
 impl Runtime {
     /// Sends stage traffic to `peer` (delivered in-process when it is us).
@@ -130,7 +126,7 @@ impl Runtime {
             Message::LoadReport(_) => Message::LoadReport(self.load_report().await),
             Message::WeightChunkRequest(r) => {
                 let busy = self.shards().await.iter().any(|s| s.queued.len() > 0);
-                self.0.weights.serve(self.0.model.get().map(|m| &**m), r, busy).await
+                self.0.weights.serve(self.0.model.get().map(|m| (m.hash, &m.source)), r, busy).await
             }
             Message::CallForBids(c) => match self.bid(from, &c).await {
                 Some(b) => Message::Bid(b),

@@ -241,7 +241,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             "fogmesh node started"
         );
         if let Some(m) = mesh.model()
-            && let Ok(man) = mesh.runtime().weights().manifest(m).await
+            && let Ok(man) = mesh.runtime().weights().manifest(m.hash, &m.source).await
         {
             let id = format!("sha256:{}@{}", fogmesh_actors::protocols::hex(&m.hash), fogmesh_actors::protocols::hex(&man.digest()));
             tracing::info!(chunks = man.chunks.len(), "serving {}; hosts without the file can serve it with --model {id}", m.path.display());
