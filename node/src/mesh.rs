@@ -399,6 +399,17 @@ impl MeshBuilder {
         }));
         // A model from the mesh: its manifest and header, then placement.
         if let Some(m) = self.from_mesh {
+            // Beyond the LAN, holders are found through their provider
+            // records, until the model is had.
+            let (rt, h, hash) = (runtime.clone(), handle.clone(), m.hash);
+            tasks.push(tokio::spawn(async move {
+                while rt.model().is_none() {
+                    if h.find_holders(hash).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }));
             let rt = runtime.clone();
             tasks.push(tokio::spawn(async move {
                 tracing::info!(model = %fogmesh_protocols::hex(&m.hash), "getting the model from the peers that hold it");

@@ -120,6 +120,9 @@ impl Runner {
                 self.pending.insert(id, (peer, reply));
             }
             Command::SetLoad(shards) => self.load = shards,
+            Command::FindHolders(model) => {
+                self.swarm.behaviour_mut().kad.get_providers(libp2p::kad::RecordKey::new(&model));
+            }
             Command::SetModels(models, partial) => {
                 if models != self.cfg.models || partial != self.cfg.partial {
                     for m in models.iter().filter(|m| !self.cfg.models.contains(m)) {
@@ -353,6 +356,21 @@ impl Runner {
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 let addrs: Vec<Multiaddr> = addresses.iter().cloned().collect();
                 self.discovered(peer, addrs, Source::Kad);
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })),
+                ..
+            }) => {
+                // Holders of a model this node is looking for, beyond the
+                // LAN: meet them (their gossip then says what they hold).
+                for peer in providers {
+                    if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) {
+                        tracing::info!(%peer, "a holder of the model found through the DHT; dialing it");
+                        if let Err(e) = self.swarm.dial(DialOpts::peer_id(peer).build()) {
+                            tracing::debug!(%peer, error = %e, "could not dial a model holder");
+                        }
+                    }
+                }
             }
             BehaviourEvent::Kad(ev) => tracing::trace!(?ev, "kad"),
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {

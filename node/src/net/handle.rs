@@ -187,6 +187,7 @@ pub(super) enum Command {
     Request { peer: PeerId, message: Message, reply: oneshot::Sender<Result<Message, NetError>> },
     SetLoad(Vec<ShardLoad>),
     SetModels(Vec<fogmesh_protocols::ModelHash>, Vec<fogmesh_protocols::HeldChunks>),
+    FindHolders(fogmesh_protocols::ModelHash),
     Invite(oneshot::Sender<Invite>),
     Shutdown,
 }
@@ -313,6 +314,12 @@ impl NetHandle {
     /// holds in part (gossiped again when they change).
     pub async fn set_models(&self, models: Vec<fogmesh_protocols::ModelHash>, partial: Vec<fogmesh_protocols::HeldChunks>) -> Result<(), NetError> {
         self.tx.send(Command::SetModels(models, partial)).await.map_err(|_| NetError::Stopped)
+    }
+
+    /// Looks up the holders of `model` in the DHT (their provider records)
+    /// and dials those found.
+    pub async fn find_holders(&self, model: fogmesh_protocols::ModelHash) -> Result<(), NetError> {
+        self.tx.send(Command::FindHolders(model)).await.map_err(|_| NetError::Stopped)
     }
 
     /// Opens a stage-traffic stream to `peer` (dialing it if needed).
