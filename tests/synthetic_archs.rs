@@ -59,3 +59,100 @@ fn llama_with_rope_frequency_factors_matches_llama_cpp() {
 fn gemma3_with_a_small_window_matches_llama_cpp() {
     check("gemma3");
 }
+
+/// Qwen 2: biases on Q, K and V, RoPE on half-split pairs, the output tied
+/// to the embedding.
+#[test]
+fn qwen2_matches_llama_cpp() {
+    check("qwen2");
+}
+
+/// Qwen 3: q/k RMSNorm per head, heads of 32 in a width of 64 (4 heads).
+#[test]
+fn qwen3_matches_llama_cpp() {
+    check("qwen3");
+}
+
+/// Phi-3: Q, K and V in one tensor, gate and up in one tensor.
+#[test]
+fn phi3_matches_llama_cpp() {
+    check("phi3");
+}
+
+/// A synthetic file's metadata and tensors, changed by `f`, loaded whole:
+/// the error's text.
+fn load_changed(name: &str, f: impl FnOnce(&mut Vec<(String, fogmesh::models::gguf::Value)>, &mut Vec<fogmesh::models::gguf::TensorData>)) -> String {
+    use fogmesh::models::gguf::{Gguf, TensorData, write_gguf};
+    let path = data(&format!("{name}.gguf"));
+    let g = Gguf::open(&path).unwrap();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let mut meta: Vec<_> = g.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut tensors: Vec<TensorData> = g
+        .tensors
+        .values()
+        .map(|t| TensorData { name: t.name.clone(), dims: t.dims.clone(), dtype: t.dtype, data: g.read_tensor(&mut file, t).unwrap() })
+        .collect();
+    f(&mut meta, &mut tensors);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("changed.gguf");
+    std::fs::write(&out, write_gguf(&meta, &tensors)).unwrap();
+    match LocalModel::load(&out, None, 1) {
+        Ok(_) => panic!("{name}: a changed file loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Malformed Qwen 2, Qwen 3 and Phi-3 files: errors that name the problem.
+#[test]
+fn malformed_qwen_and_phi3_files_are_clear_errors() {
+    use fogmesh::models::gguf::{TensorData, Value};
+    let drop = |t: &'static str| move |_: &mut Vec<(String, Value)>, ts: &mut Vec<TensorData>| ts.retain(|x| x.name != t);
+    let unset = |k: &'static str| move |m: &mut Vec<(String, Value)>, _: &mut Vec<TensorData>| m.retain(|(x, _)| x != k);
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<(String, Value)>, &mut Vec<TensorData>)>, &str)> = vec![
+        ("qwen2", Box::new(drop("blk.1.attn_k.bias")), "blk.1.attn_k.bias"),
+        ("qwen2", Box::new(unset("qwen2.attention.head_count")), "qwen2.attention.head_count"),
+        ("qwen3", Box::new(drop("blk.2.attn_q_norm.weight")), "blk.2.attn_q_norm.weight"),
+        ("qwen3", Box::new(unset("qwen3.attention.key_length")), "shape"),
+        ("phi3", Box::new(drop("blk.0.ffn_up.weight")), "blk.0.ffn_up.weight"),
+        (
+            "phi3",
+            Box::new(|_: &mut Vec<(String, Value)>, ts: &mut Vec<TensorData>| {
+                let mut f = ts.iter().find(|t| t.name == "output_norm.weight").unwrap().clone();
+                f.name = "rope_factors_long.weight".into();
+                ts.push(f);
+            }),
+            "LongRoPE",
+        ),
+        (
+            "phi3",
+            Box::new(|m: &mut Vec<(String, Value)>, _: &mut Vec<TensorData>| {
+                for (k, v) in m.iter_mut() {
+                    if k == "phi3.attention.head_count_kv" {
+                        *v = Value::U32(3);
+                    }
+                }
+            }),
+            "head_count_kv",
+        ),
+    ];
+    for (name, change, needle) in cases {
+        let e = load_changed(name, change);
+        assert!(e.contains(needle), "{name}: {needle:?} not in {e:?}");
+    }
+}
+
+/// The `qwen2` pre-tokenizer (Qwen 2 and 3 files): the synthetic Qwen 2
+/// file's byte-level BPE vocabulary gives llama.cpp's ids on texts with
+/// digit runs, contractions, punctuation runs, newlines, spaces, bytes past
+/// ASCII and a control token (`tests/data/synthetic/qwen2.tokens.json`).
+#[test]
+fn the_qwen2_pre_tokenizer_gives_llama_cpps_ids() {
+    let g = fogmesh::models::gguf::Gguf::open(&data("qwen2.gguf")).unwrap();
+    let t = fogmesh::models::Tokenizer::from_gguf(&g).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data("qwen2.tokens.json")).unwrap()).unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(t.encode_with(text, true).unwrap(), want, "{text:?}");
+    }
+}

@@ -1,5 +1,7 @@
 //! The blocks of each architecture, one file each (`llama.rs`,
-//! `gemma3.rs`), the [`Block`] that dispatches to them, and what they
+//! `gemma3.rs`, `qwen2.rs`, `qwen3.rs`, `phi3.rs`; the last three load
+//! their tensors into the Llama block), the [`Block`] that dispatches to
+//! them, and what they
 //! share: reading a layer's tensors ([`Loader`]), the per-session scratch
 //! buffers, and matrices stacked by rows.
 
@@ -13,6 +15,9 @@ use crate::quant::{ActBuf, Weights};
 
 pub(crate) mod gemma3;
 pub(crate) mod llama;
+pub(crate) mod phi3;
+pub(crate) mod qwen2;
+pub(crate) mod qwen3;
 
 use crate::config::{Family, LlamaConfig};
 
@@ -78,7 +83,7 @@ pub(crate) fn attend(
 /// One transformer block of whichever architecture the file declares.
 #[derive(Debug)]
 pub(crate) enum Block {
-    /// Llama, Mistral, Granite.
+    /// Llama, Mistral, Granite, Qwen 2, Qwen 3, Phi-3.
     Llama(llama::Layer),
     /// Gemma 3.
     Gemma3(gemma3::Layer),
@@ -90,6 +95,9 @@ impl Block {
         Ok(match cfg.family {
             Family::Llama => Block::Llama(llama::Layer::load(ld, cfg, i)?),
             Family::Gemma3 => Block::Gemma3(gemma3::Layer::load(ld, cfg, i)?),
+            Family::Qwen2 => Block::Llama(qwen2::load(ld, cfg, i)?),
+            Family::Qwen3 => Block::Llama(qwen3::load(ld, cfg, i)?),
+            Family::Phi3 => Block::Llama(phi3::load(ld, cfg, i)?),
         })
     }
 

@@ -6,7 +6,7 @@ use crate::gguf::Gguf;
 /// Architectures whose GGUF layout and block are the Llama ones.
 const LLAMA_FAMILY: &[&str] = &["llama", "mistral", "granite"];
 /// Every architecture that loads.
-const SUPPORTED: &[&str] = &["llama", "mistral", "granite", "gemma3"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "granite", "gemma3", "qwen2", "qwen3", "phi3"];
 
 /// Which block an architecture's layers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -20,6 +20,23 @@ pub enum Family {
     /// before and after attention and feed-forward, GeGLU, embeddings
     /// scaled by √d.
     Gemma3,
+    /// Qwen 2 / 2.5: the Llama block with biases on Q, K and V and RoPE on
+    /// half-split pairs.
+    Qwen2,
+    /// Qwen 3: the Llama block with q/k RMSNorm per head before RoPE on
+    /// half-split pairs; heads may be wider than `d / heads`.
+    Qwen3,
+    /// Phi-3: the Llama block with Q, K and V in one tensor, gate and up in
+    /// one tensor, and RoPE on half-split pairs.
+    Phi3,
+}
+
+impl Family {
+    /// Whether RoPE rotates half-split pairs (`x[i]`, `x[i + n/2]`; "NeoX")
+    /// rather than adjacent ones.
+    pub fn rope_half_split(self) -> bool {
+        !matches!(self, Family::Llama)
+    }
 }
 
 /// Gemma 3 runs every sixth layer (5, 11, 17, …) with global attention,
@@ -78,7 +95,13 @@ impl LlamaConfig {
         if !SUPPORTED.contains(&arch.as_str()) {
             return Err(ModelError::Unsupported(format!("architecture `{arch}` (supported: {})", SUPPORTED.join(", "))));
         }
-        let family = if LLAMA_FAMILY.contains(&arch.as_str()) { Family::Llama } else { Family::Gemma3 };
+        let family = match arch.as_str() {
+            a if LLAMA_FAMILY.contains(&a) => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            "phi3" => Family::Phi3,
+            _ => Family::Gemma3,
+        };
         let key = |k: &str| format!("{arch}.{k}");
         let layers = g.get_usize(&key("block_count"))?;
         let hidden = g.get_usize(&key("embedding_length"))?;
@@ -134,14 +157,14 @@ impl LlamaConfig {
                 k
             }
             (None, Family::Gemma3) => return Err(bad("attention.key_length", "missing (Gemma 3 files name their head width)".into())),
-            (None, Family::Llama) => {
+            (None, _) => {
                 if hidden % heads != 0 {
                     return Err(bad("attention.head_count", format!("{heads} heads do not divide width {hidden}")));
                 }
                 hidden / heads
             }
         };
-        if family == Family::Llama && head_dim * heads != hidden {
+        if matches!(family, Family::Llama | Family::Qwen2 | Family::Phi3) && head_dim * heads != hidden {
             return Err(bad("attention.key_length", format!("{heads} heads of {head_dim} do not make width {hidden}")));
         }
         let rope_dims = match g.metadata.get(&key("rope.dimension_count")) {
@@ -159,6 +182,9 @@ impl LlamaConfig {
         }
         if family != Family::Llama && g.tensors.contains_key("rope_freqs.weight") {
             return Err(ModelError::Unsupported(format!("RoPE frequency factors (rope_freqs.weight) in a `{arch}` file")));
+        }
+        if g.tensors.keys().any(|t| t.contains("rope_factors_long") || t.contains("rope_factors_short")) {
+            return Err(ModelError::Unsupported(format!("LongRoPE factors (rope_factors_long/short, the 128k-context `{arch}` files)")));
         }
         let rope_scale = match g.metadata.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             None | Some("none") => 1.0,
@@ -180,8 +206,11 @@ impl LlamaConfig {
                 Some(w)
             }
             (Family::Gemma3, None) => return Err(bad("attention.sliding_window", "missing (Gemma 3 files name their window)".into())),
-            (Family::Llama, Some(_)) => return Err(ModelError::Unsupported(format!("sliding-window attention in a `{arch}` file"))),
-            (Family::Llama, None) => None,
+            // llama.cpp runs Phi-3 files without their window too (its
+            // converters do not say which layers have one).
+            (Family::Phi3, _) => None,
+            (_, Some(_)) => return Err(ModelError::Unsupported(format!("sliding-window attention in a `{arch}` file"))),
+            (_, None) => None,
         };
         // llama.cpp scales Gemma 3 27B's queries by the width per head of
         // the model, every other size by the head width.

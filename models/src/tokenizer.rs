@@ -26,6 +26,10 @@ use spm::{Spm, TYPE_CONTROL as TOKEN_CONTROL, TYPE_USER_DEFINED as TOKEN_USER_DE
 /// The Llama-3 pre-tokenizer split pattern.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The Qwen 2 (and 3) pre-tokenizer split pattern: Llama 3's with digits
+/// one by one.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Texts of special tokens that end a generation wherever a file has them.
 const END_OF_GENERATION: &[&str] = &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|end_of_text|>", "<end_of_turn>"];
 
@@ -211,10 +215,14 @@ impl Tokenizer {
                 PreTokenizerWrapper::Digits(Digits::new(true)),
                 PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
             ])),
-            "llama-bpe" | "llama3" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            name @ ("llama-bpe" | "llama3" | "qwen2") => PreTokenizerWrapper::Sequence(Sequence::new(vec![
                 PreTokenizerWrapper::Split(
-                    Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-                        .map_err(tok_err)?,
+                    Split::new(
+                        SplitPattern::Regex(if name == "qwen2" { QWEN2_PATTERN } else { LLAMA3_PATTERN }.into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map_err(tok_err)?,
                 ),
                 PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
             ])),
