@@ -212,3 +212,33 @@ fn the_catalogue_knows_each_models_manifest() {
     }
     eprintln!("{checked} catalogue manifests checked");
 }
+
+/// What a peer lacks, by layer, from its chunk bitmap: all of the tensor
+/// bytes with no chunks, none with all, one layer's with all but its chunks.
+#[test]
+fn what_a_peer_lacks_is_counted_by_layer() {
+    use fogmesh::actors::weights::local::ChunkParts;
+    let dir = tempfile::tempdir().unwrap();
+    let (p, hash) = tiny_file(dir.path());
+    let m = local::manifest_of(&p, hash).unwrap();
+    let g = Gguf::open(&p).unwrap();
+    let layers = fogmesh::models::LlamaConfig::from_gguf(&g).unwrap().layers;
+    let parts = ChunkParts::of(&g, layers);
+    let none = parts.missing(&[]);
+    let total: u64 = none.layer.iter().sum::<u64>() + none.first + none.last;
+    assert_eq!(total, m.file_len - m.header_len(), "every tensor byte lacking");
+    assert!(none.layer.iter().all(|&b| b > 0) && none.first > 0 && none.last > 0, "{none:?}");
+    let all = vec![0xffu8; m.chunks.len().div_ceil(8)];
+    assert_eq!(parts.missing(&all), fogmesh::actors::placement::Missing { layer: vec![0; layers], first: 0, last: 0 });
+    // All but layer 1's chunks.
+    let mut bits = all.clone();
+    for n in Shard::tensors_for(&g, 1..2).unwrap().iter().filter(|n| n.starts_with("blk.")) {
+        let t = &g.tensors[n];
+        for i in m.covering(t.offset, t.offset + t.size) {
+            bits[i / 8] &= !(1 << (i % 8));
+        }
+    }
+    let one = parts.missing(&bits);
+    assert_eq!(one.layer[1], none.layer[1]);
+    assert_eq!(one.layer.iter().sum::<u64>(), none.layer[1]);
+}

@@ -26,6 +26,8 @@ pub struct ModelInfo {
     pub costs: ModelCosts,
     /// Where its weights are read from.
     pub source: WeightSource,
+    /// What each chunk of its file holds (costing what peers lack).
+    pub parts: Arc<crate::weights::local::ChunkParts>,
 }
 
 impl ModelInfo {
@@ -40,6 +42,7 @@ impl ModelInfo {
         let config = LlamaConfig::from_gguf(g)?;
         let tokenizer = Arc::new(Tokenizer::from_gguf(g)?);
         let costs = ModelCosts::from_profile(&ModelProfile::from_gguf(g)?);
-        Ok(ModelInfo { path, hash, config, tokenizer, costs, source })
+        let parts = Arc::new(crate::weights::local::ChunkParts::of(g, config.layers));
+        Ok(ModelInfo { path, hash, config, tokenizer, costs, source, parts })
     }
 }

@@ -109,7 +109,31 @@ pub struct PlacementPeer {
     pub speed: f64,
     /// Bytes it may spend on weights.
     pub memory_bytes: u64,
+    /// The file bytes of each layer it lacks and would have to fetch from
+    /// peers before serving it (`None`: it holds the whole model).
+    pub missing: Option<std::sync::Arc<Missing>>,
 }
+
+/// File bytes of a model a peer lacks, by layer (and the first and last
+/// stages' extra tensors), as its gossiped chunks say.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Missing {
+    /// Bytes lacking of each layer.
+    pub layer: Vec<u64>,
+    /// Of the first stage's extra tensors (the embedding).
+    pub first: u64,
+    /// Of the last stage's extra tensors (output norm and head).
+    pub last: u64,
+}
+
+/// The link rate placement assumes for fetching missing weights (100
+/// Mbit/s), and the tokens a fetch is spread over: a stage's cost is its
+/// compute time per token plus its fetch time divided by this many tokens,
+/// so a peer that holds a range's bytes keeps it unless a plan without the
+/// fetch is faster by more than that, and newcomers take less at first.
+pub const FETCH_BYTES_PER_S: f64 = 12.5e6;
+/// See [`FETCH_BYTES_PER_S`].
+pub const FETCH_AMORTIZE_TOKENS: f64 = 256.0;
 
 /// One stage of a plan.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,7 +144,8 @@ pub struct Stage {
     pub start: usize,
     /// One past the last layer.
     pub end: usize,
-    /// Seconds per token on that peer.
+    /// Seconds per token on that peer (with the fetch of weights it lacks
+    /// spread over [`FETCH_AMORTIZE_TOKENS`]).
     pub time: f64,
     /// Bytes it holds.
     pub bytes: u64,
@@ -164,6 +189,8 @@ struct Problem<'a> {
     peers: Vec<&'a PlacementPeer>,
     cost_prefix: Vec<f64>,
     bytes_prefix: Vec<u64>,
+    /// Per peer: prefix sums of the bytes of each layer it lacks.
+    missing_prefix: Vec<Option<Vec<u64>>>,
 }
 
 impl Problem<'_> {
@@ -194,7 +221,20 @@ impl Problem<'_> {
     }
 
     fn time(&self, p: usize, i: usize, j: usize) -> f64 {
-        self.work(i, j) / self.peers[p].speed
+        self.work(i, j) / self.peers[p].speed + self.fetch(p, i, j)
+    }
+
+    /// Peer `p`'s fetch of what it lacks of `i..j`, per token.
+    fn fetch(&self, p: usize, i: usize, j: usize) -> f64 {
+        let (Some(pre), Some(m)) = (&self.missing_prefix[p], &self.peers[p].missing) else { return 0.0 };
+        let mut b = pre[j] - pre[i];
+        if i == 0 {
+            b += m.first;
+        }
+        if j == self.l() {
+            b += m.last;
+        }
+        b as f64 / FETCH_BYTES_PER_S / FETCH_AMORTIZE_TOKENS
     }
 
     fn fits(&self, p: usize, i: usize, j: usize, t: f64) -> bool {
@@ -281,7 +321,19 @@ pub fn plan(model: &ModelCosts, peers: &[PlacementPeer], replicas: usize) -> Res
         cost_prefix[i + 1] = cost_prefix[i] + model.layer_cost[i];
         bytes_prefix[i + 1] = bytes_prefix[i].saturating_add(model.layer_bytes[i]);
     }
-    let pb = Problem { m: model, peers: candidates, cost_prefix, bytes_prefix };
+    let missing_prefix = candidates
+        .iter()
+        .map(|p| {
+            p.missing.as_ref().filter(|m| m.layer.len() == l).map(|m| {
+                let mut pre = vec![0u64; l + 1];
+                for i in 0..l {
+                    pre[i + 1] = pre[i].saturating_add(m.layer[i]);
+                }
+                pre
+            })
+        })
+        .collect();
+    let pb = Problem { m: model, peers: candidates, cost_prefix, bytes_prefix, missing_prefix };
     let needed = pb.bytes(0, l);
 
     // Every stage time a plan could have, sorted: the optimum is one of them.

@@ -78,7 +78,7 @@ impl Actor for PlacementActor {
                     return Ok(());
                 };
                 let view = st.rt.view().await;
-                let cands = policy::candidates(&view, &model.hash, &[], st.rt.config().memory_cap);
+                let cands = policy::candidates_for(&view, &model, &[], st.rt.config().memory_cap);
                 match policy::route(&model.costs, &cands) {
                     Ok(plan) if plan != st.plan && !settled(st, &plan) => {
                         tracing::debug!(stages = plan.len(), "a plan that needs weights fetched; waiting for it to settle");

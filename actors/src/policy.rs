@@ -71,8 +71,20 @@ pub fn candidates(view: &[PeerView], model: &ModelHash, excluded: &[PeerKey], me
             id: p.peer.clone(),
             speed: p.gflops as f64 * 1e9,
             memory_bytes: if memory_cap == 0 { p.memory_bytes } else { p.memory_bytes.min(memory_cap) },
+            missing: None,
         })
         .collect()
+}
+
+/// [`candidates`] for `model`, each with the bytes it lacks (from its
+/// gossiped chunks): placement counts their fetch.
+pub fn candidates_for(view: &[PeerView], model: &crate::model::ModelInfo, excluded: &[PeerKey], memory_cap: u64) -> Vec<PlacementPeer> {
+    let mut out = candidates(view, &model.hash, excluded, memory_cap);
+    for c in &mut out {
+        let held = view.iter().find(|p| p.peer == c.id).and_then(|p| p.partial.iter().find(|h| h.model == model.hash));
+        c.missing = held.map(|h| std::sync::Arc::new(model.parts.missing(&h.bitmap)));
+    }
+    out
 }
 
 /// The route for a session: the placement plan over the candidates, one hop

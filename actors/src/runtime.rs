@@ -263,7 +263,7 @@ impl Runtime {
     pub async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError> {
         let model = self.0.model.get().ok_or(RuntimeError::NoModel)?;
         let view = self.view().await;
-        let cands: Vec<PlacementPeer> = policy::candidates(&view, &model.hash, excluded, self.0.cfg.memory_cap);
+        let cands: Vec<PlacementPeer> = policy::candidates_for(&view, model, excluded, self.0.cfg.memory_cap);
         policy::route(&model.costs, &cands).map_err(|e| RuntimeError::NoRoute(e.to_string()))
     }
 

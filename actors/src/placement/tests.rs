@@ -13,7 +13,7 @@ fn model(costs: &[f64], bytes: &[u64], extras: (f64, u64, f64, u64)) -> ModelCos
 }
 
 fn peer(id: &str, speed: f64, memory_bytes: u64) -> PlacementPeer {
-    PlacementPeer { id: id.into(), speed, memory_bytes }
+    PlacementPeer { id: id.into(), speed, memory_bytes, missing: None }
 }
 
 /// Brute force: every ordered choice of distinct peers and every way to cut
@@ -204,4 +204,31 @@ fn many_peers_plan_over_the_best_ranked() {
     let top: Vec<&str> = ranked.iter().take(MAX_EXACT_PEERS).map(|q| q.id.as_str()).collect();
     assert!(p.stages.iter().all(|s| top.contains(&s.peer.as_str())));
     assert!(p.stages.iter().all(|s| s.replicas.len() <= 2));
+}
+
+/// A peer that lacks a range's bytes pays their fetch, spread over
+/// `FETCH_AMORTIZE_TOKENS`: a newcomer takes less than its speed alone
+/// would give it, and one that already holds some layers keeps them.
+#[test]
+fn placement_counts_the_fetch_of_missing_bytes() {
+    // 8 layers of 1 ms each at speed 1; a layer's fetch spread over the
+    // tokens costs another 1 ms.
+    let per_layer = (FETCH_BYTES_PER_S * FETCH_AMORTIZE_TOKENS * 1e-3) as u64;
+    let m = model(&[1e-3; 8], &[1; 8], (0.0, 0, 0.0, 0));
+    let lacking = |have: std::ops::Range<usize>| {
+        let layer = (0..8).map(|i| if have.contains(&i) { 0 } else { per_layer }).collect();
+        Some(std::sync::Arc::new(Missing { layer, first: 0, last: 0 }))
+    };
+    let holder = peer("a", 1.0, 1 << 30);
+    let newcomer = PlacementPeer { missing: lacking(0..0), ..peer("b", 1.0, 1 << 30) };
+    let plain = plan(&m, &[holder.clone(), peer("b", 1.0, 1 << 30)], 0).unwrap();
+    let len = |p: &Plan, id: &str| p.stages.iter().filter(|s| s.peer == id).map(|s| s.end - s.start).sum::<usize>();
+    assert_eq!(len(&plain, "b"), 4, "{plain:?}");
+    let fetching = plan(&m, &[holder.clone(), newcomer], 0).unwrap();
+    assert!(len(&fetching, "b") < 4, "a newcomer takes less: {fetching:?}");
+    // A peer holding layers 4..8 keeps them rather than fetch others.
+    let settled = PlacementPeer { missing: lacking(4..8), ..peer("b", 1.0, 1 << 30) };
+    let p = plan(&m, &[holder, settled], 0).unwrap();
+    let b = p.stages.iter().find(|s| s.peer == "b").unwrap();
+    assert!(b.start >= 4 && b.end == 8, "{p:?}");
 }
