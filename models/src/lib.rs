@@ -26,7 +26,8 @@
 //!   head, dispatch through the blocks) and [`SessionCache`] (its KV cache for
 //!   one session).
 //! - `arch.rs` (+ `arch/`): the blocks, one file per architecture
-//!   (`llama.rs`: Llama, Mistral, Granite; `gemma3.rs`), the `Block` that
+//!   (`llama.rs`: Llama, Mistral, Granite; `gemma3.rs`; `qwen2.rs`,
+//!   `qwen3.rs`, `phi3.rs`, which load into the Llama block), the `Block` that
 //!   dispatches to them, and what they share (tensor loader, scratch
 //!   buffers, the `Pass` a block runs with).
 //! - `tokenizer.rs` (+ `tokenizer/`): [`Tokenizer`] and chat template from
