@@ -9,7 +9,8 @@
 //! - a holder that damages every chunk it sends is banned for the model and
 //!   the chunks come from the honest one; same tokens;
 //! - the only holder killed mid-fetch and started again: the fetch resumes
-//!   where it stopped (nothing fetched twice);
+//!   where it stopped (nothing fetched twice); the fetcher started again
+//!   serves from its chunk cache, fetching nothing;
 //! - bad input: an unknown model hash, a manifest that does not match the
 //!   model, a cache directory that cannot be written: clear errors in
 //!   `/status`, and the node keeps running.
@@ -162,6 +163,14 @@ fn a_fetch_resumes_where_it_stopped_when_its_only_holder_comes_back() {
     let local = LocalModel::load(&path, None, 1).unwrap();
     let f = raw_flags("def fibonacci(n):", 12, 0.0, 0);
     assert_eq!(generate_on(&fetcher, &f, |_| {}).unwrap().done.tokens, solo_tokens(&local, &f));
+    // The fetcher started again finds its chunks in its cache: it serves
+    // its layers having fetched nothing.
+    c.restart(1).unwrap();
+    c.wait_plan(2, Duration::from_secs(60)).unwrap();
+    let again = weights(&c.peers[1].http);
+    assert_eq!(again.fetched_bytes, 0, "{again:?}");
+    assert!(again.cache_bytes >= done.fetched_bytes);
+    assert_eq!(generate_on(&c.peers[1].http, &f, |_| {}).unwrap().done.tokens, solo_tokens(&local, &f));
 }
 
 #[test]

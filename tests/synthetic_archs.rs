@@ -36,6 +36,13 @@ fn check(name: &str) {
         }
     }
     eprintln!("{name}: {compared} of {} positions compared by id; largest top-1 logit difference {worst:.5}", tokens.len());
+    // The independent f32 oracle agrees too (F32 weights: closely).
+    let g = fogmesh::models::gguf::Gguf::open(&path).unwrap();
+    let oracle = fogmesh::models::reference::reference_logits(&g, &mut std::fs::File::open(&path).unwrap(), &tokens).unwrap();
+    for (at, row) in oracle.iter().enumerate() {
+        let best = fogmesh::models::argmax(row) as usize;
+        assert!((ours[at][0].logit - row[best]).abs() <= 0.05, "{name} position {at}: {} vs the oracle's {}", ours[at][0].logit, row[best]);
+    }
     assert!(compared >= tokens.len() / 2, "{name}: too few confident positions");
     // Any split gives the same logits.
     let layers = m.config().layers;
