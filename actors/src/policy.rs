@@ -115,6 +115,15 @@ impl Deadlines {
     pub fn step(&self, tokens: usize) -> Duration {
         self.base + self.per_token.saturating_mul(tokens.min(1 << 20) as u32)
     }
+
+    /// [`Deadlines::step`] over a route whose hops answer pings in `rtts`
+    /// (from the session's owner; unknown ones count as nothing): twice
+    /// their sum more, so that a step over slow or distant links is not
+    /// taken for lost while it travels.
+    pub fn step_over(&self, tokens: usize, rtts: &[Option<Duration>]) -> Duration {
+        let travel: Duration = rtts.iter().flatten().copied().sum();
+        self.step(tokens) + travel.min(Duration::from_secs(60)) * 2
+    }
 }
 
 /// Standby ranges of `me`: what it would serve if any one other peer of

@@ -83,6 +83,9 @@ pub struct SessionState {
     max_tokens: usize,
     events: mpsc::Sender<SessionEvent>,
     route: Vec<Hop>,
+    /// Ping round trips to the route's hops, as the view had them when the
+    /// route opened (steps' deadlines grow with them).
+    route_rtts: Vec<Option<std::time::Duration>>,
     /// The session id on the wire for the current route (new per route).
     wire: u64,
     step: u32,
@@ -127,7 +130,7 @@ impl SessionState {
             t.abort();
         }
         let (wire, step) = (self.wire, self.step);
-        let d = self.rt.config().deadlines.step(tokens);
+        let d = self.rt.config().deadlines.step_over(tokens, &self.route_rtts);
         self.timer = Some(myself.send_after(d, move || SessionMsg::Timeout { wire, step }));
     }
 
@@ -198,6 +201,11 @@ impl SessionState {
                 }
             }
             if failed.is_empty() && full.is_empty() {
+                let view = self.rt.view().await;
+                self.route_rtts = route
+                    .iter()
+                    .map(|h| view.iter().find(|p| p.peer == h.peer).and_then(|p| p.rtt_ms).and_then(|ms| std::time::Duration::try_from_secs_f32(ms / 1e3).ok()))
+                    .collect();
                 self.wire = wire;
                 self.route = route;
                 self.rt.register_session(wire, myself.clone());
@@ -472,6 +480,7 @@ impl Actor for SessionActor {
             max_tokens: req.max_tokens,
             events,
             route: Vec::new(),
+            route_rtts: Vec::new(),
             wire: 0,
             step: 0,
             pending_tokens: 0,
@@ -545,7 +554,7 @@ impl Actor for SessionActor {
                 if wire != st.wire || step != st.step {
                     return Ok(());
                 }
-                let t = Trouble::Unknown(format!("step {step} took longer than {:?}", st.rt.config().deadlines.step(st.pending_tokens)));
+                let t = Trouble::Unknown(format!("step {step} took longer than {:?}", st.rt.config().deadlines.step_over(st.pending_tokens, &st.route_rtts)));
                 st.trouble(&myself, t).await.map(|()| false)
             }
             SessionMsg::PeerLost(peer) => {

@@ -250,3 +250,15 @@ fn stage_errors_end_the_generation_only_when_the_model_or_this_peer_failed() {
     assert_eq!(stage_trouble(ErrorCode::UnknownSession, "p1", "gone".into(), me), Ok(Trouble::Rebuild("gone".into())));
     assert_eq!(stage_trouble(ErrorCode::Busy, "", "late".into(), me), Ok(Trouble::Unknown("late".into())));
 }
+
+/// A step's deadline grows with the round trips of its route's hops.
+#[test]
+fn deadlines_follow_the_routes_round_trips() {
+    let d = Deadlines::default();
+    let ms = |x: u64| Some(Duration::from_millis(x));
+    assert_eq!(d.step_over(1, &[]), d.step(1));
+    assert_eq!(d.step_over(1, &[None, None]), d.step(1));
+    assert_eq!(d.step_over(1, &[ms(100), None, ms(300)]), d.step(1) + Duration::from_millis(800));
+    // A wild figure is bounded.
+    assert_eq!(d.step_over(1, &[Some(Duration::from_secs(1000))]), d.step(1) + Duration::from_secs(120));
+}
