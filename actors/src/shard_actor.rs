@@ -327,8 +327,17 @@ impl ShardState {
                 }
                 return;
             }
-            let view: Vec<batch::Waiting> =
-                self.waiting.iter().map(|(s, _)| batch::Waiting { session: s.req.session, tokens: s.tokens }).collect();
+            let owner_key = |o: &str| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                o.hash(&mut h);
+                h.finish()
+            };
+            let view: Vec<batch::Waiting> = self
+                .waiting
+                .iter()
+                .map(|(s, _)| batch::Waiting { session: s.req.session, owner: owner_key(&s.owner), tokens: s.tokens })
+                .collect();
             let picked = batch::pick(&view, self.max_batch_tokens);
             let mut taken = Vec::with_capacity(picked.len());
             for &i in picked.iter().rev() {

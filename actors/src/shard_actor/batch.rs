@@ -1,9 +1,11 @@
 //! Which waiting steps share a shard's next forward pass (sans-I/O).
 //!
 //! Continuous batching: whenever a pass ends, the next one takes what has
-//! come in meanwhile. Decode-sized steps go first, in arrival order, so a
-//! long prompt never stalls anyone's next token; prompt chunks then fill the
-//! pass up to its token bound, also in arrival order. A session contributes
+//! come in meanwhile. Decode-sized steps go first, so a long prompt never
+//! stalls anyone's next token; prompt chunks then fill the pass up to its
+//! token bound. Within each kind, owners take turns (each owner's oldest
+//! step, then each one's next, …; arrival order within an owner), so an
+//! owner with many sessions cannot crowd out one with few. A session contributes
 //! at most its earliest waiting step (its steps build on each other), and a
 //! session whose earliest step does not fit waits whole. A pass is never
 //! empty: a step bigger than the bound runs alone when it is the oldest and
@@ -25,6 +27,8 @@ pub const DECODE_TOKENS: usize = 4;
 pub struct Waiting {
     /// Its session.
     pub session: u64,
+    /// The peer that owns its session (any value that tells owners apart).
+    pub owner: u64,
     /// Its tokens (input rows).
     pub tokens: usize,
 }
@@ -45,11 +49,30 @@ pub fn pick(waiting: &[Waiting], max_tokens: usize) -> Vec<usize> {
         }
     }
     for small in [true, false] {
+        // This kind's heads, owners taking turns: by each head's rank among
+        // its owner's heads of this kind, then by arrival.
+        let mut turn: Vec<(usize, usize)> = Vec::new();
+        let mut per_owner: Vec<(u64, usize)> = Vec::new();
         for &i in &heads {
             let w = waiting[i];
             if (w.tokens <= DECODE_TOKENS) != small {
                 continue;
             }
+            let rank = match per_owner.iter_mut().find(|(o, _)| *o == w.owner) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    per_owner.push((w.owner, 0));
+                    0
+                }
+            };
+            turn.push((rank, i));
+        }
+        turn.sort_unstable();
+        for (_, i) in turn {
+            let w = waiting[i];
             if used + w.tokens <= max_tokens || (taken.is_empty() && i == 0) {
                 taken.push(i);
                 used += w.tokens;
@@ -68,7 +91,24 @@ mod tests {
     use super::{Waiting, pick};
 
     fn w(session: u64, tokens: usize) -> Waiting {
-        Waiting { session, tokens }
+        Waiting { session, owner: 0, tokens }
+    }
+
+    fn wo(session: u64, owner: u64, tokens: usize) -> Waiting {
+        Waiting { session, owner, tokens }
+    }
+
+    #[test]
+    fn owners_take_turns_when_the_bound_is_tight() {
+        // Owner 1's four prompts arrived before owner 2's one: with room for
+        // two chunks, owner 2's goes in beside owner 1's oldest.
+        let q = [wo(1, 1, 64), wo(2, 1, 64), wo(3, 1, 64), wo(4, 1, 64), wo(5, 2, 64)];
+        assert_eq!(pick(&q, 128), vec![0, 4]);
+        // Decode steps too: 6 of owner 1, then 2 of owner 2, room for 4.
+        let d: Vec<Waiting> = (0..6).map(|s| wo(s, 1, 1)).chain((6..8).map(|s| wo(s, 2, 1))).collect();
+        assert_eq!(pick(&d, 4), vec![0, 1, 6, 7]);
+        // With room for all, everyone goes.
+        assert_eq!(pick(&d, 64).len(), 8);
     }
 
     #[test]
