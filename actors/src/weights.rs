@@ -417,7 +417,8 @@ impl Weights {
 
     async fn manifest_from_mesh(&self, link: &Arc<dyn MeshLink>, hash: ModelHash, trusted: Option<[u8; 32]>) -> Manifest {
         let started = Instant::now();
-        let mut said = Instant::now() - Duration::from_secs(3600);
+        // When the wait was last reported as an error (never yet).
+        let mut said: Option<Instant> = None;
         loop {
             let banned = self.banned.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let mut holders = fetch::holders(&link.view().await, &hash, &banned);
@@ -425,7 +426,7 @@ impl Weights {
             holders.sort_by_key(|h| (h.bitmap.is_some(), h.queued));
             holders.truncate(MANIFEST_ASKS);
             if holders.is_empty() {
-                if started.elapsed() > NO_HOLDER_AFTER && said.elapsed() > Duration::from_secs(30) {
+                if started.elapsed() > NO_HOLDER_AFTER && said.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                     let msg = format!(
                         "no peer in the mesh holds model sha256:{} (waited {} s; still looking)",
                         hex(&hash),
@@ -433,8 +434,8 @@ impl Weights {
                     );
                     tracing::error!("{msg}");
                     self.progress.state(&hash, "waiting", Some(msg));
-                    said = Instant::now();
-                } else if said.elapsed() > Duration::from_secs(3600) {
+                    said = Some(Instant::now());
+                } else if said.is_none() {
                     self.progress.state(&hash, "waiting", None);
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

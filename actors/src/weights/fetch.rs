@@ -89,13 +89,14 @@ impl Fetch<'_> {
         let mut resting: HashMap<PeerKey, Instant> = HashMap::new();
         let mut logged = Instant::now();
         let mut known: Vec<Holder> = Vec::new();
-        let mut looked = Instant::now() - Duration::from_secs(60);
+        // When the view was last looked at for holders (never yet).
+        let mut looked: Option<Instant> = None;
         let mut last_got = Instant::now();
         let mut said_waiting = Instant::now();
         while !todo.is_empty() || !in_flight.is_empty() {
-            if looked.elapsed() > Duration::from_millis(500) {
+            if looked.is_none_or(|t| t.elapsed() > Duration::from_millis(500)) {
                 known = holders(&self.link.view().await, &model, &self.banned());
-                looked = Instant::now();
+                looked = Some(Instant::now());
             }
             // Hand out chunks to free holders.
             let mut waiting = VecDeque::new();
@@ -132,7 +133,7 @@ impl Fetch<'_> {
                 // Every holder was tried for these: try them all again.
                 skip.clear();
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                looked = Instant::now() - Duration::from_secs(60);
+                looked = None;
                 continue;
             }
             let Ok(Some((i, peer, r))) = tokio::time::timeout(Duration::from_millis(500), in_flight.next()).await else {

@@ -240,11 +240,17 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             model = %model.as_ref().map_or("none".to_string(), |m| m.to_string()),
             "fogmesh node started"
         );
-        if let Some(m) = mesh.model()
-            && let Ok(man) = mesh.runtime().weights().manifest(m.hash, &m.source).await
-        {
-            let id = format!("sha256:{}@{}", fogmesh_actors::protocols::hex(&m.hash), fogmesh_actors::protocols::hex(&man.digest()));
-            tracing::info!(chunks = man.chunks.len(), "serving {}; hosts without the file can serve it with --model {id}", m.path.display());
+        // The id other hosts serve this model under, once its manifest is
+        // made (a read of the file, off the start-up path).
+        if let Some(m) = mesh.model().cloned() {
+            let rt = mesh.runtime().clone();
+            tokio::spawn(async move {
+                if let Ok(man) = rt.weights().manifest(m.hash, &m.source).await {
+                    let hex = fogmesh_actors::protocols::hex;
+                    let id = format!("sha256:{}@{}", hex(&m.hash), hex(&man.digest()));
+                    tracing::info!(chunks = man.chunks.len(), "serving {}; hosts without the file can serve it with --model {id}", m.path.display());
+                }
+            });
         }
         if args.private {
             // Printed, never logged: the token carries the secret.
