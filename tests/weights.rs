@@ -120,6 +120,16 @@ fn the_cache_checks_every_chunk_and_keeps_within_its_budget() {
     let mut r = ChunkReader::new(Arc::new(ChunkStore::open(cache, m.clone()).unwrap()));
     let mut buf = vec![0u8; 16];
     assert!(std::io::Read::read_exact(&mut r, &mut buf).is_err());
+    // Chunks kept under another manifest of the same model are not taken
+    // for this one's.
+    let mut other = (*m).clone();
+    other.chunks[0].hash[0] ^= 1;
+    let cache2 = ChunkCache::open(&dir.path().join("c2"), 1 << 30).unwrap();
+    let first = ChunkStore::open(cache2.clone(), m.clone()).unwrap();
+    first.put(1, &bytes(1)).unwrap();
+    assert!(ChunkStore::open(cache2.clone(), m.clone()).unwrap().has(1));
+    assert!(!ChunkStore::open(cache2.clone(), Arc::new(other)).unwrap().has(1));
+    assert_eq!(cache2.bytes(), 0);
     // An unwritable place is a clear error.
     let e = ChunkCache::open(std::path::Path::new("/proc/fogmesh-chunks"), 1 << 20).unwrap_err();
     assert!(e.to_string().contains("not writable"), "{e}");

@@ -118,6 +118,13 @@ impl ChunkStore {
         let mpath = dir.join("manifest");
         let bytes = manifest.encode();
         if std::fs::read(&mpath).ok().as_deref() != Some(&bytes[..]) {
+            // Chunks cut another way (or of no known manifest) are not these.
+            for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if f.file_name().to_string_lossy().starts_with('c') {
+                    let _ = std::fs::remove_file(f.path());
+                    lock(&cache.index).remove(&f.path());
+                }
+            }
             write_atomic(&mpath, &bytes).map_err(io)?;
         }
         let held = (0..manifest.chunks.len())
