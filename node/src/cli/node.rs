@@ -51,11 +51,13 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 10.0, hide = true)]
     pub peer_ttl: f64,
     /// Serve this model: a GGUF file, a catalogue name (`fogmesh fetch
-    /// --list`), or `sha256:HEX`, a model the mesh holds: this node then
-    /// fetches from its peers only the chunks of the layers it is given.
+    /// --list`), or `sha256:HEX[@DIGEST]`, a model the mesh holds (the
+    /// file's SHA-256, and its manifest's digest as the holder's log prints
+    /// it): this node then fetches from its peers only the chunks of the
+    /// layers it is given, each checked.
     /// The mesh's peers serving it split its layers between them. Without
     /// it the node only relays and answers queries.
-    #[arg(long, value_name = "PATH|NAME|sha256:HEX")]
+    #[arg(long, value_name = "PATH|NAME|sha256:HEX[@DIGEST]")]
     pub model: Option<PathBuf>,
     /// Where chunks of models fetched from peers are kept [default:
     /// $FOGMESH_HOME/chunks].
