@@ -5,6 +5,9 @@
 //! - CI: 1 + 3 hosts: a generation entered at the last host goes through
 //!   at least three hosts with the single-process tokens; then all serve,
 //!   each fetching host having fetched less than the file.
+//! - CI: a holder that damages every chunk it sends is banned and the
+//!   chunks come from the honest one; the only holder killed mid-fetch and
+//!   started again: the fetch resumes. The same tokens.
 //! - Benchmark (ignored): every host's link at 100 Mbit/s (`tc … tbf`), the
 //!   time from starting the fetching hosts to that generation, for 1 + 3 and
 //!   1 + 7 hosts, beside every fetching host copying the whole file from
@@ -197,4 +200,85 @@ fn bench_cold_start_over_100_mbit_links() {
             }
         }
     }
+}
+
+/// `fogmesh node` in `ns` with `extra` flags after the common ones, without
+/// the file (a home of its own), joining host 1.
+fn start_fetcher(lab: &mut Lab, ns: &str, model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) {
+    let home = lab.dir.path().join(format!("{ns}-home"));
+    std::fs::create_dir_all(&home).unwrap();
+    let id = format!("sha256:{}", sha(model));
+    let mut vars = vec![("FOGMESH_HOME", home.to_str().unwrap())];
+    vars.extend_from_slice(env);
+    let flags = [&["--secret", SECRET, "--threads", "1", "--activations", "lossless", "--model", &id, "--bootstrap", "/ip4/10.77.1.1/tcp/4001"][..], extra].concat();
+    lab.start_node_env(ns, &flags, &vars);
+}
+
+/// Waits until `ok` holds for the weights `ns` reports.
+fn wait_weights(lab: &Lab, ns: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let w = api(ns, "/status")["weights"].clone();
+        if ok(&w) {
+            return w;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{what} not seen in {ns}: {w}\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn single(model: &std::path::Path, n: usize) -> Vec<u32> {
+    let local = fogmesh::models::LocalModel::load(model, None, 1).unwrap();
+    let ids = local.tokenizer().encode(PROMPT).unwrap();
+    local.generate(ids, n, fogmesh::models::SamplingParams::greedy(), vec![], 0, |_| {}).unwrap().tokens
+}
+
+fn tokens(v: &Value) -> Vec<u32> {
+    v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+/// Across hosts: a holder that damages every chunk it sends is banned for
+/// the model and the chunks come from the honest one; then, with the
+/// honest holder the only one left, it is killed mid-fetch of a newcomer
+/// and started again: the fetch resumes where it stopped. Same tokens.
+#[test]
+fn a_lying_holder_is_banned_and_a_fetch_resumes_across_hosts() {
+    let Some(model) = can_run_with_model() else { return };
+    let file = std::fs::metadata(&model).unwrap().len();
+    let (mut lab, h) = hosts("l", 3, None);
+    let m = model.to_str().unwrap();
+    let holder = ["--secret", SECRET, "--threads", "1", "--activations", "lossless", "--model", m, "--upload-rate", "8MiB"];
+    lab.start_node(&h[0], &holder);
+    let liar = ["--secret", SECRET, "--threads", "1", "--activations", "lossless", "--model", m, "--bootstrap", "/ip4/10.77.1.1/tcp/4001"];
+    lab.start_node_env(&h[1], &liar, &[("FOGMESH_TEST_CORRUPT_CHUNKS", "1")]);
+    wait_identity(&lab, &h[1]);
+    // 60 % of the file for weights: the newcomer must take a stage.
+    let cap = (file * 8 / 10).to_string();
+    start_fetcher(&mut lab, &h[2], &model, &["--max-memory", &cap], &[]);
+    let w = wait_weights(&lab, &h[2], "the fetch done", |w| w["fetch"]["state"] == "ready" && w["fetch"]["chunks_held"].as_u64() > Some(2));
+    assert_eq!(w["banned"], serde_json::json!([lab.peer_id(&h[1])]), "{w}");
+    assert!(w["fetch"]["rejected"].as_u64() >= Some(1), "{w}");
+    assert_eq!(w["fetched_bytes"], w["fetch"]["bytes_held"], "nothing damaged kept");
+    let v = run_at(&lab, &h[2], PROMPT, 8);
+    assert_eq!(tokens(&v), single(&model, 8));
+    drop(lab);
+
+    // The only holder killed mid-fetch, then started again.
+    let (mut lab, h) = hosts("r", 1, None);
+    lab.start_node(&h[0], &holder);
+    start_fetcher(&mut lab, &h[1], &model, &["--max-memory", &file.to_string()], &[]);
+    wait_weights(&lab, &h[1], "a fetch under way", |w| w["fetch"]["state"] == "fetching" && w["fetch"]["bytes_done"].as_u64() > Some(4 << 20));
+    lab.kill(&h[0]);
+    let stopped = api(&h[1], "/status")["weights"]["fetched_bytes"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    lab.start_node(&h[0], &holder);
+    let w = wait_weights(&lab, &h[1], "the fetch done", |w| w["fetch"]["state"] == "ready" && w["fetch"]["chunks_held"].as_u64() > Some(2));
+    assert_eq!(w["fetched_bytes"], w["fetch"]["bytes_held"], "no chunk fetched twice: {w}");
+    assert!(w["fetched_bytes"].as_u64().unwrap() > stopped);
+    let t = Instant::now();
+    while !h.iter().all(|x| api(x, "/plan")["shards"].as_array().is_some_and(|s| !s.is_empty())) {
+        assert!(t.elapsed() < Duration::from_secs(60), "not every host serves\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(tokens(&run_at(&lab, &h[1], PROMPT, 8)), single(&model, 8));
 }
