@@ -249,3 +249,20 @@ fn the_catalogue_and_tokenize() {
     let (ok, _, err) = fogmesh(&["fetch", "no-such-model"]);
     assert!(!ok && err.contains("fetch --list"), "{err}");
 }
+
+/// `fogmesh id`: the id a host without the file serves the model under,
+/// the file's SHA-256 and its manifest's digest (the catalogue's); a file
+/// that is not a model is a clear error.
+#[test]
+fn id_names_the_model_by_its_hash_and_manifest() {
+    let Some(model) = common::model_path() else { return };
+    let v = json(&["id", "--model", model.to_str().unwrap(), "--json"]);
+    let c = &fogmesh::models::CATALOGUE[0];
+    assert_eq!(v["id"], format!("sha256:{}@{}", c.sha256, c.manifest));
+    assert_eq!(v["bytes"], c.bytes);
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let (ok, _, err) = fogmesh(&["id", "--model", junk.to_str().unwrap()]);
+    assert!(!ok && !err.contains("panicked") && err.contains("junk.gguf"), "{err}");
+}

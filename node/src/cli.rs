@@ -1,7 +1,7 @@
 //! The `fogmesh` command line: the clap definitions, the flags several
 //! commands share and the dispatch here; one file per command under `cli/`
 //! (`generate`, `score`, `bench`, `node`, `invite`, `peers`, `status`, `run`,
-//! `demo`, `tokenize`).
+//! `demo`, `tokenize`, `id`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,6 +23,7 @@ pub mod peers;
 pub mod run;
 pub mod score;
 pub mod status;
+pub mod id;
 pub mod tokenize;
 
 /// fogmesh: a peer-to-peer runtime for AI inference on edge and fog devices.
@@ -64,6 +65,10 @@ enum Command {
         fogmesh generate --raw --prompt 'The capital of France is' --temperature 0 --max-tokens 16 --json\n  \
         fogmesh generate --prompt 'Hi' --split 3   # the same answer through 3 chained shards")]
     Generate(generate::GenerateArgs),
+    /// Print the id hosts without the model file serve it under
+    /// (`fogmesh node --model sha256:FILE@DIGEST`).
+    #[command(after_help = "Examples:\n  fogmesh id\n  fogmesh id --model gemma3-270m --json")]
+    Id(id::IdArgs),
     /// Print the token ids of a text under a model's tokenizer.
     #[command(after_help = "Examples:\n  fogmesh tokenize 'Hello there'\n  \
         fogmesh tokenize --model gemma3-270m --special --json '<start_of_turn>user'")]
@@ -190,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tokenize(a) => tokenize::tokenize(a),
+        Command::Id(a) => id::id(a),
         Command::Generate(a) => generate::generate(a),
         Command::Score(a) => score::score(a),
         Command::Bench(a) => bench::bench(a),

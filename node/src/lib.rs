@@ -13,7 +13,7 @@
 //! - `cli.rs` (+ `cli/`): the `fogmesh` command line: clap definitions,
 //!   shared flags and dispatch; one file per command: `generate.rs`,
 //!   `score.rs`, `bench.rs`, `node.rs`, `invite.rs`, `peers.rs`,
-//!   `status.rs`, `run.rs`, `demo.rs`, `tokenize.rs`.
+//!   `status.rs`, `run.rs`, `demo.rs`, `tokenize.rs`, `id.rs`.
 //! - `cluster.rs`: peer processes on this host (demo, tests, benchmarks).
 //! - `client.rs`: the HTTP client side of the API (`fogmesh run`, `status`,
 //!   local clusters): a node's address, GETs, streamed generations.
