@@ -27,6 +27,9 @@
 
 use std::cmp::Ordering;
 
+mod routes;
+pub use routes::{HOP_COST_S, Layout, MAX_ROUTES, layout};
+
 /// Most peers the exact search considers at once.
 pub const MAX_EXACT_PEERS: usize = 16;
 
@@ -46,6 +49,9 @@ pub struct ModelCosts {
     pub last_cost: f64,
     /// Extra bytes of the last stage (head, or the tied embedding again).
     pub last_bytes: u64,
+    /// Bytes the first and last stages' extras share (a tied embedding): a
+    /// stage holding both holds them once.
+    pub shared_bytes: u64,
 }
 
 impl ModelCosts {
@@ -66,6 +72,7 @@ impl ModelCosts {
             first_bytes: p.embedding_bytes,
             last_cost: p.head_bytes as f64 * k,
             last_bytes: p.head_bytes,
+            shared_bytes: if p.tied_head { p.embedding_bytes.min(p.head_bytes) } else { 0 },
         }
     }
 
@@ -95,6 +102,9 @@ impl ModelCosts {
         }
         if range.end == self.layer_bytes.len() {
             b += self.last_bytes;
+            if range.start == 0 {
+                b = b.saturating_sub(self.shared_bytes);
+            }
         }
         b
     }
@@ -216,6 +226,9 @@ impl Problem<'_> {
         }
         if j == self.l() {
             b += self.m.last_bytes;
+            if i == 0 {
+                b = b.saturating_sub(self.m.shared_bytes);
+            }
         }
         b
     }

@@ -43,16 +43,17 @@ pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 pub enum PlacementMsg {
     /// Look at the view again (sent by the actor to itself).
     Tick,
-    /// The current plan (empty until one could be made).
+    /// The preferred route of the current plan (empty until one could be
+    /// made).
     Plan(RpcReplyPort<Vec<Hop>>),
 }
 
 /// State of the [`PlacementActor`].
 pub struct PlacementState {
     rt: Arc<dyn PlacementHost>,
-    plan: Vec<Hop>,
+    plan: policy::Assignment,
     /// A plan waiting to settle, and since when it has been the plan.
-    pending: Option<(Vec<Hop>, std::time::Instant)>,
+    pending: Option<(policy::Assignment, std::time::Instant)>,
 }
 
 /// The actor keeping this peer's shards in line with the plan.
@@ -68,7 +69,7 @@ impl Actor for PlacementActor {
         // The first look waits one interval, so peers starting together see
         // each other before anyone loads a range.
         myself.send_after(rt.config().placement_interval, || PlacementMsg::Tick);
-        Ok(PlacementState { rt, plan: Vec::new(), pending: None })
+        Ok(PlacementState { rt, plan: policy::Assignment { routes: Vec::new(), mine: Vec::new() }, pending: None })
     }
 
     async fn handle(&self, myself: ActorRef<PlacementMsg>, msg: PlacementMsg, st: &mut PlacementState) -> Result<(), ActorProcessingErr> {
@@ -79,18 +80,19 @@ impl Actor for PlacementActor {
                 };
                 let view = st.rt.view().await;
                 let cands = policy::candidates_for(&view, &model, &[], st.rt.config().memory_cap);
-                match policy::route(&model.costs, &cands) {
+                let me = st.rt.local_peer().to_string();
+                match policy::assignment(&model.costs, &cands, &me) {
                     Ok(plan) if plan != st.plan && !settled(st, &plan) => {
-                        tracing::debug!(stages = plan.len(), "a plan that needs weights fetched; waiting for it to settle");
+                        tracing::debug!(routes = plan.routes.len(), "a plan that needs weights fetched; waiting for it to settle");
                     }
                     Ok(plan) if plan != st.plan => {
                         st.pending = None;
-                        let map: Vec<String> =
-                            plan.iter().map(|h| format!("{}:{}..{}", short(&h.peer), h.start, h.end)).collect();
-                        tracing::info!(stages = plan.len(), plan = %map.join(" "), "placement plan");
-                        let me = st.rt.local_peer().to_string();
-                        let mine: Vec<Range<usize>> =
-                            plan.iter().filter(|h| h.peer == me).map(|h| h.start..h.end).collect();
+                        let map: Vec<String> = plan
+                            .routes
+                            .iter()
+                            .map(|r| r.iter().map(|h| format!("{}:{}..{}", short(&h.peer), h.start, h.end)).collect::<Vec<_>>().join(" "))
+                            .collect();
+                        tracing::info!(routes = plan.routes.len(), stages = plan.routes.first().map_or(0, Vec::len), plan = %map.join(" | "), "placement plan");
                         // Standby ranges: what this peer would serve if any one
                         // other peer of the plan were lost, loaded ahead so a
                         // failover finds them ready (as memory and the shard
@@ -100,10 +102,10 @@ impl Actor for PlacementActor {
                         } else {
                             Vec::new()
                         };
-                        let keep: Vec<Range<usize>> = mine.iter().chain(&standby).cloned().collect();
+                        let keep: Vec<Range<usize>> = plan.mine.iter().chain(&standby).cloned().collect();
                         st.rt.unload_except(&keep).await;
                         let mut loaded = true;
-                        for r in &mine {
+                        for r in &plan.mine {
                             if let Err(e) = st.rt.load(r.clone()).await {
                                 tracing::warn!(layers = ?r, error = %e, "could not load the planned shard; trying again at the next look");
                                 loaded = false;
@@ -129,7 +131,7 @@ impl Actor for PlacementActor {
                 myself.send_after(every, || PlacementMsg::Tick);
             }
             PlacementMsg::Plan(reply) => {
-                let _ = reply.send(st.plan.clone());
+                let _ = reply.send(st.plan.routes.first().cloned().unwrap_or_default());
             }
         }
         Ok(())
@@ -138,15 +140,14 @@ impl Actor for PlacementActor {
 
 /// Whether `plan` can be acted on: this peer holds the weights of its
 /// ranges in it, or the plan has stayed the same for [`SETTLE`].
-fn settled(st: &mut PlacementState, plan: &[Hop]) -> bool {
-    let me = st.rt.local_peer().to_string();
-    if plan.iter().filter(|h| h.peer == me).all(|h| st.rt.holds(h.start..h.end)) {
+fn settled(st: &mut PlacementState, plan: &policy::Assignment) -> bool {
+    if plan.mine.iter().all(|r| st.rt.holds(r.clone())) {
         return true;
     }
     match &st.pending {
         Some((p, since)) if p == plan => since.elapsed() >= SETTLE,
         _ => {
-            st.pending = Some((plan.to_vec(), std::time::Instant::now()));
+            st.pending = Some((plan.clone(), std::time::Instant::now()));
             false
         }
     }

@@ -87,11 +87,71 @@ pub fn candidates_for(view: &[PeerView], model: &crate::model::ModelInfo, exclud
     out
 }
 
-/// The route for a session: the placement plan over the candidates, one hop
-/// per stage. Deterministic for a given set of candidates.
+/// The routes serving the model over the candidates (whole replicas and
+/// pipelines, the preferred first; see [`placement::layout`]), each as its
+/// hops. Deterministic for a given set of candidates.
+pub fn routes(costs: &ModelCosts, peers: &[PlacementPeer]) -> Result<Vec<Vec<Hop>>, placement::PlacementError> {
+    Ok(placement::layout(costs, peers)?.routes.into_iter().map(hops).collect())
+}
+
+fn hops(plan: placement::Plan) -> Vec<Hop> {
+    plan.stages.into_iter().map(|s| Hop { peer: s.peer, start: s.start, end: s.end }).collect()
+}
+
+/// The preferred route of [`routes`].
 pub fn route(costs: &ModelCosts, peers: &[PlacementPeer]) -> Result<Vec<Hop>, placement::PlacementError> {
-    let plan = placement::plan(costs, peers, 0)?;
-    Ok(plan.stages.into_iter().map(|s| Hop { peer: s.peer, start: s.start, end: s.end }).collect())
+    let mut all = routes(costs, peers)?;
+    // A layout holds at least one route.
+    Ok(if all.is_empty() { Vec::new() } else { all.swap_remove(0) })
+}
+
+/// What the layout over the candidates gives one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// The layout's routes, the preferred first.
+    pub routes: Vec<Vec<Hop>>,
+    /// The ranges this peer serves: its hops on any route, then the stages
+    /// it keeps a copy of (spare memory on the busiest ranges).
+    pub mine: Vec<Range<usize>>,
+}
+
+/// The layout over `peers` as `me` acts on it.
+pub fn assignment(costs: &ModelCosts, peers: &[PlacementPeer], me: &str) -> Result<Assignment, placement::PlacementError> {
+    let layout = placement::layout(costs, peers)?;
+    let mut mine: Vec<Range<usize>> = Vec::new();
+    let stages = layout.routes.iter().flat_map(|r| &r.stages);
+    for s in stages.clone().filter(|s| s.peer == me).chain(stages.filter(|s| s.replicas.iter().any(|p| p == me))) {
+        if !mine.contains(&(s.start..s.end)) {
+            mine.push(s.start..s.end);
+        }
+    }
+    Ok(Assignment { routes: layout.routes.into_iter().map(hops).collect(), mine })
+}
+
+/// The route a new session takes among `routes`: the lowest expected time
+/// per token by gossip (each hop's stage time at its peer's speed, times
+/// the steps queued there plus this one; hops at
+/// [`placement::HOP_COST_S`]); ties to the earlier route. Its hops are then
+/// bid for among the holders of their ranges.
+pub fn choose_route(routes: &[Vec<Hop>], view: &[PeerView], costs: &ModelCosts) -> usize {
+    let expected = |r: &Vec<Hop>| -> f64 {
+        let hops: f64 = r
+            .iter()
+            .map(|h| {
+                let Some(v) = view.iter().find(|p| p.peer == h.peer).filter(|v| v.gflops > 0.0) else { return f64::INFINITY };
+                costs.stage_work(h.start..h.end) / (f64::from(v.gflops) * 1e9) * (f64::from(v.queued) + 1.0)
+            })
+            .sum();
+        hops + placement::HOP_COST_S * r.len().saturating_sub(1) as f64
+    };
+    let mut best = (0, f64::INFINITY);
+    for (i, r) in routes.iter().enumerate() {
+        let e = expected(r);
+        if e < best.1 {
+            best = (i, e);
+        }
+    }
+    best.0
 }
 
 /// Timeouts of a session's hops.
@@ -127,22 +187,21 @@ impl Deadlines {
 }
 
 /// Standby ranges of `me`: what it would serve if any one other peer of
-/// `plan` were lost (the plan over `peers` without that peer), minus what the
-/// plan already gives it; each range once, in the order the lost peers appear.
-pub fn standby_ranges(costs: &ModelCosts, peers: &[PlacementPeer], plan: &[Hop], me: &str) -> Vec<Range<usize>> {
-    let mine: Vec<Range<usize>> = plan.iter().filter(|h| h.peer == me).map(|h| h.start..h.end).collect();
+/// `plan`'s routes were lost (the layout over `peers` without that peer),
+/// minus what the plan already gives it; each range once, in the order the
+/// lost peers appear.
+pub fn standby_ranges(costs: &ModelCosts, peers: &[PlacementPeer], plan: &Assignment, me: &str) -> Vec<Range<usize>> {
     let mut standby: Vec<Range<usize>> = Vec::new();
     let mut lost_seen: Vec<&str> = Vec::new();
-    for lost in plan.iter().filter(|h| h.peer != me) {
+    for lost in plan.routes.iter().flatten().filter(|h| h.peer != me) {
         if lost_seen.contains(&lost.peer.as_str()) {
             continue;
         }
         lost_seen.push(&lost.peer);
         let rest: Vec<PlacementPeer> = peers.iter().filter(|p| p.id != lost.peer).cloned().collect();
-        let Ok(alt) = route(costs, &rest) else { continue };
-        for h in alt.iter().filter(|h| h.peer == me) {
-            let r = h.start..h.end;
-            if !mine.contains(&r) && !standby.contains(&r) {
+        let Ok(alt) = assignment(costs, &rest, me) else { continue };
+        for r in alt.mine {
+            if !plan.mine.contains(&r) && !standby.contains(&r) {
                 standby.push(r);
             }
         }

@@ -259,12 +259,20 @@ impl Runtime {
         v
     }
 
-    /// The route placement gives for this peer's model, leaving out `excluded`.
+    /// The preferred route placement gives for this peer's model, leaving
+    /// out `excluded`.
     pub async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError> {
+        let mut all = self.routes(excluded).await?;
+        Ok(if all.is_empty() { Vec::new() } else { all.swap_remove(0) })
+    }
+
+    /// Every route placement gives for this peer's model (whole replicas and
+    /// pipelines, the preferred first), leaving out `excluded`.
+    pub async fn routes(&self, excluded: &[PeerKey]) -> Result<Vec<Vec<Hop>>, RuntimeError> {
         let model = self.0.model.get().ok_or(RuntimeError::NoModel)?;
         let view = self.view().await;
         let cands: Vec<PlacementPeer> = policy::candidates_for(&view, model, excluded, self.0.cfg.memory_cap);
-        policy::route(&model.costs, &cands).map_err(|e| RuntimeError::NoRoute(e.to_string()))
+        policy::routes(&model.costs, &cands).map_err(|e| RuntimeError::NoRoute(e.to_string()))
     }
 
     /// This peer's links as its sends measured them, and the activation

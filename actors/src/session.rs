@@ -34,8 +34,9 @@ pub use event::SessionEvent;
 pub trait SessionHost: Host {
     /// A fresh id (wire sessions, requests).
     fn next_id(&self) -> u64;
-    /// The route placement gives, leaving out `excluded`.
-    async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError>;
+    /// The routes placement gives (the preferred first), leaving out
+    /// `excluded`.
+    async fn routes(&self, excluded: &[PeerKey]) -> Result<Vec<Vec<Hop>>, RuntimeError>;
     /// The peers as placement sees them (this one included).
     async fn view(&self) -> Vec<PeerView>;
     /// Runs an auction among `candidates` (the planned peer first) for
@@ -149,9 +150,9 @@ impl SessionState {
     async fn establish(&mut self, myself: &ActorRef<SessionMsg>) -> Result<(), SessionError> {
         loop {
             let now = Instant::now();
-            let route = self.rt.route(&self.bans.banned(now)).await.map_err(|e| SessionError::NoRoute(e.to_string()))?;
+            let routes = self.rt.routes(&self.bans.banned(now)).await.map_err(|e| SessionError::NoRoute(e.to_string()))?;
             let tokens = self.state.as_ref().map_or(0, |g| g.history().len());
-            let route = self.award_hops(route, tokens).await;
+            let route = self.award_hops(routes, tokens).await;
             // Random, so no peer can guess another session's id.
             let wire = rand::random::<u64>().max(1);
             let state = self.state.as_ref().expect("generation state");

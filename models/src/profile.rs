@@ -34,6 +34,9 @@ pub struct ModelProfile {
     pub head_bytes: u64,
     /// Operations per token of the output head.
     pub head_flops_per_token: u64,
+    /// Whether the head is the token embedding itself (tied): a shard
+    /// holding both the first and the last layer holds it once.
+    pub tied_head: bool,
     /// One entry per layer.
     pub layers: Vec<LayerCost>,
 }
@@ -64,6 +67,7 @@ impl ModelProfile {
             embedding_bytes: size("token_embd.weight"),
             head_bytes: size(head) + size("output_norm.weight"),
             head_flops_per_token: 2 * d * cfg.vocab as u64,
+            tied_head: head == "token_embd.weight",
             layers,
         })
     }

@@ -214,8 +214,9 @@ impl LocalCluster {
         log_tail(&self.peers[i].dir)
     }
 
-    /// Waits until every running peer plans over `stages` peers and holds its
-    /// own range; returns peer 0's plan (`GET /plan`).
+    /// Waits until every running peer plans over `stages` peers (on all its
+    /// routes together: a pipeline's stages, whole replicas) and holds its
+    /// own ranges; returns peer 0's plan (`GET /plan`).
     pub fn wait_plan(&self, stages: usize, wait: Duration) -> Result<PlanView> {
         let until = Instant::now() + wait;
         loop {
@@ -223,10 +224,14 @@ impl LocalCluster {
             let mut first = None;
             for p in self.peers.iter().filter(|p| p.child.is_some()) {
                 let plan: PlanView = serde_json::from_str(&http_get(&p.http, "/plan")?)?;
-                let mine = plan.route.iter().find(|h| h.peer == p.peer_id);
-                let held =
-                    mine.is_some_and(|h| plan.shards.iter().any(|s| s.start == h.layers[0] && s.end == h.layers[1]));
-                ready &= plan.route.len() == stages && held;
+                let hops: Vec<&crate::api::types::RouteHop> = plan.routes.iter().flatten().collect();
+                let mut serving: Vec<&str> = hops.iter().map(|h| h.peer.as_str()).collect();
+                serving.sort_unstable();
+                serving.dedup();
+                let mut mine = hops.iter().filter(|h| h.peer == p.peer_id).peekable();
+                let held = mine.peek().is_some()
+                    && mine.all(|h| plan.shards.iter().any(|s| s.start == h.layers[0] && s.end == h.layers[1]));
+                ready &= serving.len() == stages && held;
                 first.get_or_insert(plan);
             }
             if ready && let Some(first) = first {

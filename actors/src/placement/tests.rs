@@ -9,6 +9,7 @@ fn model(costs: &[f64], bytes: &[u64], extras: (f64, u64, f64, u64)) -> ModelCos
         first_bytes: extras.1,
         last_cost: extras.2,
         last_bytes: extras.3,
+        shared_bytes: 0,
     }
 }
 

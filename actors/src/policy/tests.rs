@@ -15,6 +15,7 @@ fn costs(layers: usize) -> ModelCosts {
         first_bytes: 1 << 20,
         last_cost: 3e7,
         last_bytes: 1 << 20,
+        shared_bytes: 0,
     }
 }
 
@@ -218,20 +219,23 @@ proptest! {
     ) {
         let model = [4u8; 32];
         let ids: Vec<(u8, f32)> = speeds.iter().enumerate().map(|(i, &g)| (i as u8, g)).collect();
-        let v = view(&ids, model);
+        let mut v = view(&ids, model);
+        // Room for about half the model each: pipelines, not replicas.
+        for p in &mut v {
+            p.memory_bytes = ((layers as u64 / 2 + 2) << 20).max(3 << 20);
+        }
         let me = v[me % v.len()].peer.clone();
         let c = costs(layers);
         let cands = candidates(&v, &model, &[], 0);
-        let plan = route(&c, &cands).unwrap();
+        let plan = assignment(&c, &cands, &me).unwrap();
         let standby = standby_ranges(&c, &cands, &plan, &me);
-        let mine: Vec<Range<usize>> = plan.iter().filter(|h| h.peer == me).map(|h| h.start..h.end).collect();
         for (i, r) in standby.iter().enumerate() {
-            prop_assert!(!mine.contains(r));
+            prop_assert!(!plan.mine.contains(r));
             prop_assert!(!standby[..i].contains(r));
-            // Each comes from the plan without one other peer of the plan.
-            let found = plan.iter().filter(|h| h.peer != me).any(|lost| {
+            // Each comes from the layout without one other peer of a route.
+            let found = plan.routes.iter().flatten().filter(|h| h.peer != me).any(|lost| {
                 let rest = candidates(&v, &model, std::slice::from_ref(&lost.peer), 0);
-                route(&c, &rest).is_ok_and(|alt| alt.iter().any(|h| h.peer == me && (h.start..h.end) == *r))
+                assignment(&c, &rest, &me).is_ok_and(|alt| alt.mine.contains(r))
             });
             prop_assert!(found);
         }
@@ -261,4 +265,27 @@ fn deadlines_follow_the_routes_round_trips() {
     assert_eq!(d.step_over(1, &[ms(100), None, ms(300)]), d.step(1) + Duration::from_millis(800));
     // A wild figure is bounded.
     assert_eq!(d.step_over(1, &[Some(Duration::from_secs(1000))]), d.step(1) + Duration::from_secs(120));
+}
+
+#[test]
+fn a_session_takes_the_route_gossip_expects_done_soonest() {
+    let model = [5u8; 32];
+    let mut v = view(&[(1, 10.0), (2, 10.0), (3, 30.0)], model);
+    let c = costs(4);
+    let whole = |p: &str| vec![Hop { peer: p.into(), start: 0, end: 4 }];
+    let routes = vec![whole("peer001"), whole("peer002"), whole("peer003")];
+    // The fastest peer wins while nobody is queued.
+    assert_eq!(choose_route(&routes, &v, &c), 2);
+    // Four steps waiting there (5x its time) lose to an idle peer a third as fast.
+    v[2].queued = 4;
+    assert_eq!(choose_route(&routes, &v, &c), 0);
+    // Ties go to the earlier route; a peer gossip does not know never wins.
+    v[2].queued = 0;
+    v[2].gflops = 10.0;
+    assert_eq!(choose_route(&routes, &v, &c), 0);
+    let unknown = vec![whole("stranger"), whole("peer002")];
+    assert_eq!(choose_route(&unknown, &v, &c), 1);
+    // A two-hop pipeline pays its hop.
+    let split = vec![Hop { peer: "peer001".into(), start: 0, end: 2 }, Hop { peer: "peer003".into(), start: 2, end: 4 }];
+    assert_eq!(choose_route(&[split, whole("peer002")], &v, &c), 1);
 }

@@ -43,8 +43,8 @@ impl SessionHost for Runtime {
     fn next_id(&self) -> u64 {
         Runtime::next_id(self)
     }
-    async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError> {
-        Runtime::route(self, excluded).await
+    async fn routes(&self, excluded: &[PeerKey]) -> Result<Vec<Vec<Hop>>, RuntimeError> {
+        Runtime::routes(self, excluded).await
     }
     async fn view(&self) -> Vec<PeerView> {
         Runtime::view(self).await

@@ -1,5 +1,7 @@
-//! Awarding a route's hops by bids: where other peers hold a hop's exact
-//! layers, they bid for it and the lowest expected completion serves it.
+//! Choosing a session's route: among the layout's routes by gossip, then
+//! each hop by bids: where other peers hold a hop's exact layers (whole
+//! replicas, stage copies), they bid for it and the lowest expected
+//! completion serves it.
 
 use std::time::Instant;
 
@@ -7,13 +9,19 @@ use super::SessionState;
 use crate::policy::Hop;
 
 impl SessionState {
-    /// Where other peers already hold a hop's exact layers, the holders bid
-    /// for it (the planned peer always among them) and the lowest expected
+    /// Takes the route of `routes` gossip expects soonest done; then, where
+    /// other peers already hold a hop's exact layers, the holders bid for it
+    /// (the chosen peer always among them) and the lowest expected
     /// completion serves it.
-    pub(super) async fn award_hops(&mut self, mut route: Vec<Hop>, tokens: usize) -> Vec<Hop> {
+    pub(super) async fn award_hops(&mut self, mut routes: Vec<Vec<Hop>>, tokens: usize) -> Vec<Hop> {
         self.promises.clear();
         let banned = self.bans.banned(Instant::now());
         let view = self.rt.view().await;
+        let pick = crate::policy::choose_route(&routes, &view, &self.model.costs);
+        if pick >= routes.len() {
+            return Vec::new();
+        }
+        let mut route = routes.swap_remove(pick);
         for i in 0..route.len() {
             let range = (route[i].start as u32, route[i].end as u32);
             let mut cands = vec![route[i].peer.clone()];

@@ -99,15 +99,16 @@ pub(super) async fn plan(State(s): State<AppState>) -> Response {
     let Some(rt) = s.rt else {
         return error(StatusCode::NOT_FOUND, "not_served", "this node serves no model (start it with --model PATH)");
     };
-    let (route, no_route) = match rt.route(&[]).await {
-        Ok(r) => (route_hops(&r), None),
+    let (routes, no_route) = match rt.routes(&[]).await {
+        Ok(r) => (r.iter().map(|r| route_hops(r)).collect::<Vec<_>>(), None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
     let shards = rt.shard_status().await;
     let links = rt.links();
     Json(PlanView {
         peer_id: rt.local_peer().to_string(),
-        route,
+        route: routes.first().cloned().unwrap_or_default(),
+        routes,
         no_route,
         shards,
         activations: links.policy().to_string(),

@@ -208,8 +208,12 @@ pub enum Incident {
 pub struct PlanView {
     /// This node.
     pub peer_id: String,
-    /// The route placement gives now (empty when none).
+    /// The route placement prefers now (empty when none).
     pub route: Vec<RouteHop>,
+    /// Every route placement gives now, the preferred first: whole
+    /// replicas (one hop) and pipelines. Each request takes one of them.
+    #[serde(default)]
+    pub routes: Vec<Vec<RouteHop>>,
     /// Why there is no route, when there is none.
     pub no_route: Option<String>,
     /// The shards loaded here.
