@@ -31,8 +31,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_fogmesh");
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 fn cluster(path: &Path) -> LocalCluster {
-    // Lossless: the answers are compared with the single-process ones.
-    let o = ClusterOptions { activations: Some("lossless".into()), ..ClusterOptions::new(BIN, Some(path.to_path_buf()), 3) };
+    // Lossless: the answers are compared with the single-process ones; no
+    // peer holds the whole model, so requests cross a pipeline.
+    let o = ClusterOptions {
+        activations: Some("lossless".into()),
+        max_memory: Some(split_offer(path)),
+        ..ClusterOptions::new(BIN, Some(path.to_path_buf()), 3)
+    };
     let c = LocalCluster::start(&o).unwrap();
     c.wait_plan(3, Duration::from_secs(60)).unwrap();
     c

@@ -247,13 +247,14 @@ fn a_lying_holder_is_banned_and_a_fetch_resumes_across_hosts() {
     let file = std::fs::metadata(&model).unwrap().len();
     let (mut lab, h) = hosts("l", 3, None);
     let m = model.to_str().unwrap();
-    let holder = ["--secret", SECRET, "--threads", "1", "--activations", "lossless", "--model", m, "--upload-rate", "8MiB"];
+    // Nobody holds the whole model in memory (60 % of the file for
+    // weights): the newcomer must take a stage.
+    let cap = (file * 8 / 10).to_string();
+    let holder = ["--secret", SECRET, "--threads", "1", "--activations", "lossless", "--model", m, "--upload-rate", "8MiB", "--max-memory", &cap];
     lab.start_node(&h[0], &holder);
-    let liar = ["--secret", SECRET, "--threads", "1", "--activations", "lossless", "--model", m, "--bootstrap", "/ip4/10.77.1.1/tcp/4001"];
+    let liar = ["--secret", SECRET, "--threads", "1", "--activations", "lossless", "--model", m, "--bootstrap", "/ip4/10.77.1.1/tcp/4001", "--max-memory", &cap];
     lab.start_node_env(&h[1], &liar, &[("FOGMESH_TEST_CORRUPT_CHUNKS", "1")]);
     wait_identity(&lab, &h[1]);
-    // 60 % of the file for weights: the newcomer must take a stage.
-    let cap = (file * 8 / 10).to_string();
     start_fetcher(&mut lab, &h[2], &model, &["--max-memory", &cap], &[]);
     let w = wait_weights(&lab, &h[2], "the fetch done", |w| w["fetch"]["state"] == "ready" && w["fetch"]["chunks_held"].as_u64() > Some(2));
     assert_eq!(w["banned"], serde_json::json!([lab.peer_id(&h[1])]), "{w}");
@@ -265,6 +266,9 @@ fn a_lying_holder_is_banned_and_a_fetch_resumes_across_hosts() {
 
     // The only holder killed mid-fetch, then started again.
     let (mut lab, h) = hosts("r", 1, None);
+    // Neither can hold it alone (75 % of the file for weights): two stages.
+    let full = file.to_string();
+    let holder = [&holder[..holder.len() - 1], &[full.as_str()]].concat();
     lab.start_node(&h[0], &holder);
     start_fetcher(&mut lab, &h[1], &model, &["--max-memory", &file.to_string()], &[]);
     wait_weights(&lab, &h[1], "a fetch under way", |w| w["fetch"]["state"] == "fetching" && w["fetch"]["bytes_done"].as_u64() > Some(4 << 20));

@@ -19,7 +19,7 @@ use fogmesh::protocols::{
     StageReply, StageRequest, TokenResult,
 };
 
-const HASH: [u8; 32] = [0xab; 32];
+const HASH: [u8; 32] = MEMNET_HASH;
 
 struct Mesh {
     net: Arc<MemNet>,
@@ -27,20 +27,7 @@ struct Mesh {
 }
 
 async fn mesh(n: usize, cfg: RuntimeConfig) -> Option<Mesh> {
-    let path = model_path()?;
-    let info = Arc::new(ModelInfo::open(&path, HASH).unwrap());
-    let net = MemNet::new(Duration::from_secs(5));
-    let mut peers = Vec::new();
-    for i in 0..n {
-        let id = format!("peer-{i}");
-        let link = net.add(PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![HASH], shards: vec![], queued: 0, rtt_ms: None, partial: vec![] });
-        let mut c = cfg.clone();
-        c.gflops = 10.0;
-        c.memory_bytes = 1 << 32;
-        let rt = Runtime::start(link, Some(info.clone()), c).await.unwrap();
-        net.attach(&id, rt.clone());
-        peers.push(rt);
-    }
+    let (net, peers) = memnet_peers(vec![cfg; n]).await?;
     Some(Mesh { net, peers })
 }
 
@@ -60,10 +47,16 @@ impl Mesh {
 
 /// Lossless activations: these tests hold the distributed run to the
 /// single-process tokens (`auto` would compress over a link a loaded
-/// machine makes look slow).
+/// machine makes look slow). Placement sees 66 MiB on each peer: too
+/// little for the whole model (97 MB with its tied embedding once), enough
+/// for two peers to split it (127 MB with the embedding on both ends), so
+/// three peers form a pipeline and two still carry it after a failover.
 fn cfg() -> RuntimeConfig {
-    RuntimeConfig { threads: 1, prefill_chunk: 8, activations: ActivationPolicy::Lossless, ..RuntimeConfig::default() }
+    RuntimeConfig { threads: 1, prefill_chunk: 8, activations: ActivationPolicy::Lossless, memory_cap: SPLIT_MEMORY, ..RuntimeConfig::default() }
 }
+
+/// See [`cfg`].
+const SPLIT_MEMORY: u64 = 66 << 20;
 
 struct Outcome {
     tokens: Vec<u32>,

@@ -74,6 +74,10 @@ pub struct RuntimeConfig {
     pub chunk_cache_bytes: u64,
     /// Most bytes per second this peer uploads model chunks at (0: no bound).
     pub upload_rate: u64,
+    /// Test hook: every forward pass holds the compute thread this many
+    /// times as long as it took (1: none), so one host can play a slower
+    /// device. Measured speeds and bids see it like real slowness.
+    pub compute_slowdown: f32,
 }
 
 impl Default for RuntimeConfig {
@@ -107,6 +111,7 @@ impl Default for RuntimeConfig {
             chunk_dir: None,
             chunk_cache_bytes: 16 << 30,
             upload_rate: 0,
+            compute_slowdown: 1.0,
         }
     }
 }

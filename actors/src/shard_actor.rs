@@ -361,6 +361,7 @@ impl ShardState {
             }
             self.running = true;
             let (shard, compute, me) = (self.shard.clone(), self.compute.clone(), self.myself.clone());
+            let slowdown = self.rt.config().compute_slowdown;
             tokio::spawn(async move {
                 let result = compute
                     .run(move || {
@@ -378,6 +379,9 @@ impl ShardState {
                             .collect();
                         let outs = shard.forward_batch(&mut items);
                         drop(items);
+                        if slowdown.is_finite() && slowdown > 1.0 {
+                            std::thread::sleep(t0.elapsed().mul_f32((slowdown - 1.0).min(100.0)));
+                        }
                         Pass { caches, outs, took: t0.elapsed() }
                     })
                     .await;

@@ -235,6 +235,14 @@ impl MeshBuilder {
         self
     }
 
+    /// Test hook: each forward pass holds the compute thread `factor`
+    /// times as long as it took, so one host can play a slower device
+    /// (`FOGMESH_TEST_SLOWDOWN` for `fogmesh node`).
+    pub fn compute_slowdown(mut self, factor: f32) -> Self {
+        self.runtime.compute_slowdown = factor;
+        self
+    }
+
     /// Upload model chunks to peers at most this fast (bytes per second; 0:
     /// no bound).
     pub fn upload_rate(mut self, bytes_per_s: u64) -> Self {

@@ -157,6 +157,9 @@ pub fn lossless_cluster(exe: &str, model: Option<&std::path::Path>, n: usize, th
         activations: Some("lossless".into()),
         threads,
         extra: extra.iter().map(|s| s.to_string()).collect(),
+        // Several peers: each offers too little to hold the whole model, so
+        // they form a pipeline (that two of them still carry).
+        max_memory: model.filter(|_| n > 1).map(split_offer),
         ..ClusterOptions::new(exe, model.map(std::path::Path::to_path_buf), n)
     };
     let c = LocalCluster::start(&o).unwrap();
@@ -164,4 +167,39 @@ pub fn lossless_cluster(exe: &str, model: Option<&std::path::Path>, n: usize, th
         c.wait_plan(n, std::time::Duration::from_secs(60)).unwrap();
     }
     c
+}
+
+/// The `--max-memory` that makes peers split the default model: 95 % of the
+/// file, three quarters of it (71 % of the file) for weights. The whole
+/// model needs 98 % of the file (its tied embedding held once), a split
+/// 129 % (the embedding on both ends): no peer holds it alone, any two
+/// carry it.
+pub fn split_offer(model: &std::path::Path) -> u64 {
+    std::fs::metadata(model).map_or(0, |m| m.len()) * 95 / 100
+}
+
+/// The model hash the in-memory meshes of the tests announce.
+pub const MEMNET_HASH: [u8; 32] = [0xab; 32];
+
+/// Peers `peer-0..` on one in-memory network, each with its own config,
+/// serving the default model (`None` when it is absent). Placement sees
+/// every peer at 10 GFLOPS with 4 GiB (less where a config's
+/// `memory_cap` says so).
+pub async fn memnet_peers(cfgs: Vec<fogmesh::actors::RuntimeConfig>) -> Option<(std::sync::Arc<fogmesh::actors::memnet::MemNet>, Vec<fogmesh::actors::Runtime>)> {
+    use fogmesh::actors::{ModelInfo, PeerView, Runtime};
+    let path = model_path()?;
+    let info = std::sync::Arc::new(ModelInfo::open(&path, MEMNET_HASH).unwrap());
+    let net = fogmesh::actors::memnet::MemNet::new(std::time::Duration::from_secs(5));
+    let mut peers = Vec::new();
+    for (i, mut c) in cfgs.into_iter().enumerate() {
+        let id = format!("peer-{i}");
+        let view = PeerView { peer: id.clone(), gflops: 10.0, memory_bytes: 1 << 32, models: vec![MEMNET_HASH], shards: vec![], queued: 0, rtt_ms: None, partial: vec![] };
+        let link = net.add(view);
+        c.gflops = 10.0;
+        c.memory_bytes = 1 << 32;
+        let rt = Runtime::start(link, Some(info.clone()), c).await.unwrap();
+        net.attach(&id, rt.clone());
+        peers.push(rt);
+    }
+    Some((net, peers))
 }

@@ -224,6 +224,10 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         }
         let chunks = args.chunk_dir.clone().unwrap_or_else(|| fogmesh_models::home_dir().join("chunks"));
         b = b.chunk_dir(chunks, args.chunk_cache).upload_rate(args.upload_rate.unwrap_or(0));
+        if let Some(f) = std::env::var("FOGMESH_TEST_SLOWDOWN").ok().and_then(|v| v.parse::<f32>().ok()).filter(|f| *f > 1.0) {
+            tracing::warn!(factor = f, "FOGMESH_TEST_SLOWDOWN: every forward pass is held this many times its length (a test hook)");
+            b = b.compute_slowdown(f);
+        }
         let mesh = b.start().await?;
         let handle = mesh.net().clone();
         std::fs::write(dir.join(HTTP_ADDR_FILE), format!("{http_addr}\n"))

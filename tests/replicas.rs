@@ -1,0 +1,137 @@
+//! Replicas and bidding on real requests, with the peers in one process
+//! over the in-memory network on the real model (needs it: `fogmesh
+//! fetch`): peers that hold the whole model each serve it alone and every
+//! request's hop is bid for among them; a slow replica wins fewer requests;
+//! peers that cannot hold it form a pipeline. Every request's tokens equal
+//! its single-process run.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fogmesh::actors::links::ActivationPolicy;
+use fogmesh::actors::{GenerateRequest, Runtime, RuntimeConfig, SessionEvent};
+use fogmesh::models::{LocalModel, SamplingParams};
+
+fn cfg() -> RuntimeConfig {
+    RuntimeConfig { threads: 1, prefill_chunk: 16, activations: ActivationPolicy::Lossless, ..RuntimeConfig::default() }
+}
+
+/// Runs `req` on `rt`: its tokens and the peers of the route it ended on.
+async fn run(rt: &Runtime, req: GenerateRequest) -> (Vec<u32>, Vec<String>, u32) {
+    let mut h = rt.generate(req).await.unwrap();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
+        match e {
+            SessionEvent::Done { generation, route, failovers } => {
+                return (generation.tokens, route.into_iter().map(|h| h.peer).collect(), failovers);
+            }
+            SessionEvent::Error(e) => panic!("generation failed: {e}"),
+            _ => {}
+        }
+    }
+    panic!("no done event");
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    reference()["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt_token_ids"])).collect()
+}
+
+/// Single-process greedy tokens of each prompt.
+fn solo(prompts: &[Vec<u32>], max: usize) -> Vec<Vec<u32>> {
+    let m = LocalModel::load(&model_path().unwrap(), None, 2).unwrap();
+    prompts.iter().map(|p| m.generate(p.clone(), max, SamplingParams::greedy(), vec![], 0, |_| {}).unwrap().tokens).collect()
+}
+
+/// Waits until every peer has loaded `range`.
+async fn wait_loaded(peers: &[Runtime], range: std::ops::Range<usize>) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut all = true;
+        for p in peers {
+            all &= p.shards().await.iter().any(|s| s.range == range);
+        }
+        if all {
+            return;
+        }
+        assert!(Instant::now() < until, "not every peer loaded {range:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `waves` rounds of `streams` concurrent greedy requests owned by peer 0;
+/// checks every request's tokens and returns how many each peer served.
+async fn waves(peers: &[Runtime], waves: usize, streams: usize, max: usize) -> BTreeMap<String, usize> {
+    let ps = prompts();
+    let want = solo(&ps, max);
+    let mut served = BTreeMap::new();
+    for _ in 0..waves {
+        let jobs = (0..streams).map(|i| {
+            let rt = peers[0].clone();
+            let p = ps[i % ps.len()].clone();
+            async move { (i, run(&rt, GenerateRequest { prompt: p, max_tokens: max, sampling: SamplingParams::greedy(), stop: vec![] }).await) }
+        });
+        for (i, (tokens, route, failovers)) in futures::future::join_all(jobs).await {
+            assert_eq!(tokens, want[i % ps.len()], "request {i}: its tokens equal its solo run");
+            assert_eq!(failovers, 0, "request {i} failed over");
+            for p in route {
+                *served.entry(p).or_insert(0) += 1;
+            }
+        }
+    }
+    served
+}
+
+/// Three peers that each hold the model: the layout is three whole
+/// replicas, a request's one hop goes to whichever bids best, and
+/// concurrent requests spread over them; no bid stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_that_hold_the_model_serve_whole_replicas_and_requests_spread_by_bids() {
+    let Some((_net, peers)) = memnet_peers(vec![cfg(); 3]).await else { return };
+    let layers = peers[0].model().unwrap().config.layers;
+    let routes = peers[0].routes(&[]).await.unwrap();
+    assert_eq!(routes.len(), 3, "{routes:?}");
+    assert!(routes.iter().all(|r| r.len() == 1 && r[0].start == 0 && r[0].end == layers), "{routes:?}");
+    wait_loaded(&peers, 0..layers).await;
+    let served = waves(&peers, 1, 6, 12).await;
+    eprintln!("6 concurrent requests over three replicas: {served:?}");
+    assert!(served.len() >= 2, "concurrent requests all went to one replica: {served:?}");
+    let until = Instant::now() + Duration::from_secs(15);
+    while peers.iter().any(|p| p.open_bids() > 0) {
+        assert!(Instant::now() < until, "bids still held after every auction ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One replica three times slower than the others (a compute throttle on
+/// its passes): under 8 concurrent streams it wins fewer requests than
+/// either of the others; no request fails and every one keeps its tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_replica_wins_fewer_requests() {
+    let slow = RuntimeConfig { compute_slowdown: 3.0, ..cfg() };
+    let Some((_net, peers)) = memnet_peers(vec![cfg(), cfg(), slow]).await else { return };
+    let layers = peers[0].model().unwrap().config.layers;
+    wait_loaded(&peers, 0..layers).await;
+    let served = waves(&peers, 3, 8, 12).await;
+    eprintln!("3 waves of 8 streams, peer-2 3x slower: {served:?}");
+    let n = |p: &str| served.get(p).copied().unwrap_or(0);
+    assert_eq!(n("peer-0") + n("peer-1") + n("peer-2"), 24);
+    assert!(n("peer-2") < n("peer-0") && n("peer-2") < n("peer-1"), "the slow replica won as much: {served:?}");
+}
+
+/// Each peer offered 60 % of the file (placement sees 45 % for weights):
+/// no peer holds the model, so the three form one pipeline, and its tokens
+/// are the single-process ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_too_small_for_the_model_form_a_pipeline() {
+    let Some(path) = model_path() else { return };
+    let file = std::fs::metadata(&path).unwrap().len();
+    let small = RuntimeConfig { memory_cap: file * 45 / 100, ..cfg() };
+    let Some((_net, peers)) = memnet_peers(vec![small; 3]).await else { return };
+    let routes = peers[0].routes(&[]).await.unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0].len(), 3, "{routes:?}");
+    let served = waves(&peers, 1, 2, 12).await;
+    assert_eq!(served.len(), 3, "{served:?}");
+}
