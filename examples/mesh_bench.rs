@@ -1,6 +1,11 @@
 //! Benchmarks of the distributed pipeline, each beside its comparison in the
 //! same run (rounds interleaved; medians and ratios):
-//! - decode tok/s: 3 peers on loopback vs one process;
+//! - decode tok/s: 3 peers on loopback (split; whole replicas) vs one process;
+//! - whole replicas vs a split pipeline, 2 peers pinned to a core each, 8
+//!   streams (`--only replicas`);
+//! - three replicas, one 3x slower: p99 latency and tok/s of bursts of 8 and
+//!   32 requests, hops chosen by bids vs round-robin vs least-queued
+//!   (`--only hetero`);
 //! - aggregate tok/s of 4 concurrent sessions: 2 peers pinned to one core
 //!   each vs 1 peer on one core (`taskset`);
 //! - time to first token of a 512-token prompt: 1 vs 3 stages;
@@ -51,12 +56,34 @@ fn one_process(exe: &Path, f: &GenFlags, threads: usize) -> Result<Timings> {
     Ok(serde_json::from_value(v["timings"].clone())?)
 }
 
-fn mesh(exe: &Path, model: &Path, peers: usize, threads: usize, pin: Option<Vec<usize>>) -> Result<LocalCluster> {
+/// How the peers of a benchmark mesh hold the model.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// Each offers 95 % of the file (71 % for weights): nobody holds the
+    /// whole model, so the peers form one pipeline (any two carry it).
+    Split,
+    /// Each offers what the host has: every peer holds a whole replica.
+    Replicas,
+}
+
+fn options(exe: &Path, model: &Path, peers: usize, threads: usize, pin: Option<Vec<usize>>, layout: Layout) -> ClusterOptions {
     let mut o = ClusterOptions::new(exe, Some(model.to_path_buf()), peers);
     o.threads = threads;
     o.pin = pin;
     o.log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into());
-    let c = LocalCluster::start(&o)?;
+    if layout == Layout::Split && peers > 1 {
+        o.max_memory = Some(std::fs::metadata(model).map_or(0, |m| m.len()) * 95 / 100);
+    }
+    o
+}
+
+fn mesh(exe: &Path, model: &Path, peers: usize, threads: usize, pin: Option<Vec<usize>>) -> Result<LocalCluster> {
+    start(&options(exe, model, peers, threads, pin, Layout::Split))
+}
+
+fn start(o: &ClusterOptions) -> Result<LocalCluster> {
+    let peers = o.peers;
+    let c = LocalCluster::start(o)?;
     c.wait_plan(peers, Duration::from_secs(60))?;
     // Warm-up (page cache, connections, streams).
     generate_on(&c.peers[0].http, &flags("Hello", 8), |_| {})?;
@@ -108,6 +135,40 @@ fn answer_started(out: &[u8]) -> bool {
 /// Tokens/s from the first streamed piece to the last.
 fn stream_rate(n: usize, secs: f64) -> f64 {
     n.saturating_sub(1) as f64 / secs.max(1e-9)
+}
+
+/// `n` requests of `max` tokens sent to `http` at once: each one's
+/// latency (seconds, sent to done), the aggregate tokens/s, and how many
+/// requests each peer served.
+fn burst(http: &str, n: usize, max: usize) -> Result<(Vec<f64>, f64, std::collections::BTreeMap<String, usize>)> {
+    let t = Instant::now();
+    let hs: Vec<_> = (0..n)
+        .map(|i| {
+            let http = http.to_string();
+            let f = flags(["Once upon a time", "The history of computing", "In a small village", "Rust is a language"][i % 4], max);
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                generate_on(&http, &f, |_| {}).map(|r| (t.elapsed().as_secs_f64(), r.done.tokens.len(), r.done.route))
+            })
+        })
+        .collect();
+    let (mut lat, mut tokens, mut served) = (Vec::new(), 0, std::collections::BTreeMap::new());
+    for h in hs {
+        let (l, n, route) = h.join().map_err(|_| anyhow::anyhow!("session thread panicked"))??;
+        lat.push(l);
+        tokens += n;
+        for hop in route {
+            *served.entry(hop.peer).or_insert(0) += 1;
+        }
+    }
+    Ok((lat, tokens as f64 / t.elapsed().as_secs_f64(), served))
+}
+
+/// The `q` quantile of `xs` (nearest rank).
+fn quantile(xs: &[f64], q: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1)) - 1).copied().unwrap_or(f64::NAN)
 }
 
 /// Aggregate tokens/s of `n` concurrent sessions through `http`.
@@ -189,8 +250,66 @@ fn main() -> Result<()> {
             d3.push(decode_rate(&generate_on(&m3.peers[0].http, &story, |_| {})?.done.timings));
         }
         let (p1, p2, d3) = (median(&p1), median(&p2), median(&d3));
-        println!("decode tok/s: one process 1 thread {p1:.1}, {cores} threads {p2:.1}; 3 peers (1 thread each) {d3:.1}");
+        println!("decode tok/s: one process 1 thread {p1:.1}, {cores} threads {p2:.1}; 3 peers split (1 thread each) {d3:.1}");
         println!("  ratio 3-peer / one process: {:.2}x (1 thread), {:.2}x ({cores} threads)", d3 / p1, d3 / p2);
+        drop(m3);
+        // Peers that each hold the model: a request runs on one replica.
+        let r3 = start(&options(&exe, &model, 3, 1, None, Layout::Replicas))?;
+        let (mut p1, mut d3) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            p1.push(decode_rate(&one_process(&exe, &story, 1)?));
+            let r = generate_on(&r3.peers[0].http, &story, |_| {})?;
+            anyhow::ensure!(r.done.route.len() == 1, "not a whole replica: {:?}", r.done.route);
+            d3.push(decode_rate(&r.done.timings));
+        }
+        let (p1, d3) = (median(&p1), median(&d3));
+        println!("decode tok/s: one process 1 thread {p1:.1}; 3 peers holding whole replicas (1 thread each) {d3:.1}; ratio {:.2}x", d3 / p1);
+    }
+
+    if want("replicas") && cores >= 2 {
+        // Two peers pinned to a core each, 8 streams: whole replicas vs
+        // today's always-split plan, rounds interleaved.
+        let rep = start(&options(&exe, &model, 2, 1, Some(vec![0, 1]), Layout::Replicas))?;
+        let split = start(&options(&exe, &model, 2, 1, Some(vec![0, 1]), Layout::Split))?;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            a.push(burst(&rep.peers[0].http, 8, 64)?.1);
+            b.push(burst(&split.peers[0].http, 8, 64)?.1);
+        }
+        let (a, b) = (median(&a), median(&b));
+        println!("8 streams on 2 peers pinned to a core each, aggregate tok/s: whole replicas {a:.1}; split pipeline {b:.1}; ratio {:.2}x", a / b);
+    }
+
+    if want("hetero") {
+        // Three replicas, the third 3x slower (a compute throttle): request
+        // latency and throughput under bursts of 8 and 32 requests, by how
+        // hops are chosen; one mesh per choice, the same bursts.
+        for streams in [8usize, 32] {
+            let mut rows = Vec::new();
+            for how in ["bids", "round-robin", "least-queued"] {
+                let mut o = options(&exe, &model, 3, 1, None, Layout::Replicas);
+                o.extra = vec!["--hop-choice".into(), how.into()];
+                o.peer_env = vec![vec![], vec![], vec![("FOGMESH_TEST_SLOWDOWN".into(), "3".into())]];
+                let c = start(&o)?;
+                let slow = c.peers[2].peer_id.clone();
+                let (mut p99, mut agg, mut slow_share) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..reps.min(3) {
+                    let (lat, tps, served) = burst(&c.peers[0].http, streams, 32)?;
+                    p99.push(quantile(&lat, 0.99));
+                    agg.push(tps);
+                    slow_share.push(served.get(&slow).copied().unwrap_or(0) as f64 / streams as f64);
+                }
+                rows.push((how, median(&p99), median(&agg), median(&slow_share)));
+            }
+            let rr = rows.iter().find(|r| r.0 == "round-robin").map_or(f64::NAN, |r| r.1);
+            for (how, p99, agg, share) in &rows {
+                println!(
+                    "hetero, {streams} requests at once (peer 3 3x slower): {how:<12} p99 {p99:.2} s ({:.2}x round-robin), {agg:.1} tok/s, slow peer served {:.0} %",
+                    p99 / rr,
+                    share * 100.0
+                );
+            }
+        }
     }
 
     if want("ttft") {

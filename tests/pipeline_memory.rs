@@ -187,7 +187,8 @@ async fn eight_concurrent_sessions_each_equal_one_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_requests_get_clear_errors() {
-    let Some(m) = mesh(2, cfg()).await else { return };
+    // Room for the whole model: the owner can serve alone at the end.
+    let Some(m) = mesh(2, RuntimeConfig { memory_cap: 0, ..cfg() }).await else { return };
     let ctx = m.peers[0].model().unwrap().config.context;
     let err = m.peers[0].generate(req(vec![1; ctx + 5], 4, SamplingParams::greedy())).await.unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
@@ -312,7 +313,7 @@ async fn holders_of_a_range_bid_for_the_hop() {
     // candidate (peer-x gossips no speed).
     let mid = plan[1].peer.clone();
     m.net.set_fault(&mid, Fault::Silent);
-    let won = m.peers[0].auction(&["peer-x".to_string(), mid.clone()], plan[1].start..plan[1].end, 1).await;
+    let won = m.peers[0].auction(&["peer-x".to_string(), mid.clone()], plan[1].start..plan[1].end, 1, None).await;
     m.net.set_fault(&mid, Fault::None);
     assert_eq!(won.map(|w| w.0), Some(mid));
 }

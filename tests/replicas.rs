@@ -15,6 +15,11 @@ use fogmesh::actors::links::ActivationPolicy;
 use fogmesh::actors::{GenerateRequest, Runtime, RuntimeConfig, SessionEvent};
 use fogmesh::models::{LocalModel, SamplingParams};
 
+/// One test of this file at a time: each runs three peers' compute, and
+/// the measured speeds that bids rest on mean little when the tests share
+/// the cores with each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn cfg() -> RuntimeConfig {
     RuntimeConfig { threads: 1, prefill_chunk: 16, activations: ActivationPolicy::Lossless, ..RuntimeConfig::default() }
 }
@@ -88,6 +93,7 @@ async fn waves(peers: &[Runtime], waves: usize, streams: usize, max: usize) -> B
 /// concurrent requests spread over them; no bid stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peers_that_hold_the_model_serve_whole_replicas_and_requests_spread_by_bids() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some((_net, peers)) = memnet_peers(vec![cfg(); 3]).await else { return };
     let layers = peers[0].model().unwrap().config.layers;
     let routes = peers[0].routes(&[]).await.unwrap();
@@ -109,14 +115,15 @@ async fn peers_that_hold_the_model_serve_whole_replicas_and_requests_spread_by_b
 /// either of the others; no request fails and every one keeps its tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_replica_wins_fewer_requests() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let slow = RuntimeConfig { compute_slowdown: 3.0, ..cfg() };
     let Some((_net, peers)) = memnet_peers(vec![cfg(), cfg(), slow]).await else { return };
     let layers = peers[0].model().unwrap().config.layers;
     wait_loaded(&peers, 0..layers).await;
-    let served = waves(&peers, 3, 8, 12).await;
-    eprintln!("3 waves of 8 streams, peer-2 3x slower: {served:?}");
+    let served = waves(&peers, 4, 8, 12).await;
+    eprintln!("4 waves of 8 streams, peer-2 3x slower: {served:?}");
     let n = |p: &str| served.get(p).copied().unwrap_or(0);
-    assert_eq!(n("peer-0") + n("peer-1") + n("peer-2"), 24);
+    assert_eq!(n("peer-0") + n("peer-1") + n("peer-2"), 32);
     assert!(n("peer-2") < n("peer-0") && n("peer-2") < n("peer-1"), "the slow replica won as much: {served:?}");
 }
 
@@ -125,6 +132,7 @@ async fn a_slow_replica_wins_fewer_requests() {
 /// are the single-process ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn peers_too_small_for_the_model_form_a_pipeline() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(path) = model_path() else { return };
     let file = std::fs::metadata(&path).unwrap().len();
     let small = RuntimeConfig { memory_cap: file * 45 / 100, ..cfg() };
@@ -134,4 +142,50 @@ async fn peers_too_small_for_the_model_form_a_pipeline() {
     assert_eq!(routes[0].len(), 3, "{routes:?}");
     let served = waves(&peers, 1, 2, 12).await;
     assert_eq!(served.len(), 3, "{served:?}");
+}
+
+/// Three conversations at once over three replicas (so they spread), then
+/// each one's follow-up: every follow-up goes to the replica that keeps its
+/// conversation's earlier turn (it bids for the new tokens only), with the
+/// single-process tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follow_up_goes_where_its_conversation_is_kept() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((_net, peers)) = memnet_peers(vec![cfg(); 3]).await else { return };
+    let layers = peers[0].model().unwrap().config.layers;
+    wait_loaded(&peers, 0..layers).await;
+    let ps = prompts();
+    let turn = |prompt: Vec<u32>| {
+        let rt = peers[0].clone();
+        async move {
+            let mut h = rt.generate(GenerateRequest { prompt: prompt.clone(), max_tokens: 8, sampling: SamplingParams::greedy(), stop: vec![] }).await.unwrap();
+            while let Some(e) = tokio::time::timeout(Duration::from_secs(120), h.events.recv()).await.expect("no hang") {
+                if let SessionEvent::Done { generation, route, .. } = e {
+                    return (prompt, generation.tokens, route[0].peer.clone());
+                }
+            }
+            panic!("no done event");
+        }
+    };
+    // First turns of 40+ tokens: stages keep prefixes of 16 tokens or more.
+    let long = |i: usize| -> Vec<u32> { (0..4).flat_map(|k| ps[(i + k) % ps.len()].clone()).collect() };
+    let first = futures::future::join_all((0..3).map(long).map(turn)).await;
+    let follow_ups: Vec<Vec<u32>> = first
+        .iter()
+        .map(|(p, out, _)| p.iter().chain(out).copied().chain([13, 10]).chain(p.iter().take(6).copied()).collect())
+        .collect();
+    let want = solo(&follow_ups, 8);
+    let mut second = Vec::new();
+    for f in follow_ups.iter().cloned() {
+        second.push(turn(f).await);
+    }
+    let mut moved = Vec::new();
+    for (i, ((_, _, was), (_, tokens, now))) in first.iter().zip(&second).enumerate() {
+        assert_eq!(tokens, &want[i], "follow-up {i}: its solo tokens");
+        if was != now {
+            moved.push(format!("conversation {i}: {was} then {now}"));
+        }
+    }
+    eprintln!("first turns on {:?}", first.iter().map(|f| f.2.as_str()).collect::<Vec<_>>());
+    assert!(moved.is_empty(), "follow-ups left their conversation's replica: {moved:?}");
 }

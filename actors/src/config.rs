@@ -78,6 +78,9 @@ pub struct RuntimeConfig {
     /// times as long as it took (1: none), so one host can play a slower
     /// device. Measured speeds and bids see it like real slowness.
     pub compute_slowdown: f32,
+    /// How sessions owned here pick among a hop's holders (bids; the
+    /// others are baselines for comparisons).
+    pub hop_choice: crate::policy::HopChoice,
 }
 
 impl Default for RuntimeConfig {
@@ -112,6 +115,7 @@ impl Default for RuntimeConfig {
             chunk_cache_bytes: 16 << 30,
             upload_rate: 0,
             compute_slowdown: 1.0,
+            hop_choice: crate::policy::HopChoice::Bids,
         }
     }
 }

@@ -48,7 +48,10 @@
 //! - `memnet.rs`: an in-memory network with injectable faults (feature
 //!   `testing`).
 //! - `placement.rs`: the exact, deterministic linear partition of layers over
-//!   peers (fastest slowest stage, then fewest stages) with replicas.
+//!   peers (fastest slowest stage, then fewest stages) with replicas;
+//!   `placement/routes.rs`: the layout of every route serving a model
+//!   (whole replicas where a peer holds it, pipelines of the peers too
+//!   small, stage copies from the rest).
 //! - `sched.rs`: the sans-I/O scheduling core (gossip views, auctions, awards,
 //!   promise records).
 //! - `sim.rs` (+ `sim/`): a seeded discrete-event simulator of a fog cluster

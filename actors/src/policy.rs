@@ -1,7 +1,8 @@
 //! Sans-I/O policy of sessions and shards: banning failed peers with
 //! backoff, choosing a route from the view, how long a hop may take, what a
 //! session does about a late or failed step, the room a shard reserves for
-//! session caches, and which standby ranges a peer keeps.
+//! session caches, and which standby ranges a peer keeps; `affinity.rs`:
+//! where an owner's finished conversations left their keys and values.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -152,6 +153,52 @@ pub fn choose_route(routes: &[Vec<Hop>], view: &[PeerView], costs: &ModelCosts) 
         }
     }
     best.0
+}
+
+/// How a session picks, for each hop, among the peers holding its layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HopChoice {
+    /// The holders bid; the lowest expected completion wins (the default).
+    #[default]
+    Bids,
+    /// In turn, whatever their load (a baseline for comparisons).
+    RoundRobin,
+    /// The fewest steps queued by gossip (a baseline for comparisons).
+    LeastQueued,
+}
+
+impl std::str::FromStr for HopChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bids" => Ok(HopChoice::Bids),
+            "round-robin" => Ok(HopChoice::RoundRobin),
+            "least-queued" => Ok(HopChoice::LeastQueued),
+            other => Err(format!("unknown hop choice {other:?} (bids, round-robin, least-queued)")),
+        }
+    }
+}
+
+/// The holder [`HopChoice::RoundRobin`] or [`HopChoice::LeastQueued`] takes
+/// among `candidates` (`turn` counts this peer's choices so far); `None`
+/// for [`HopChoice::Bids`] (an auction decides) or no candidate.
+pub fn baseline_choice(how: HopChoice, candidates: &[PeerKey], view: &[PeerView], turn: u64) -> Option<usize> {
+    if candidates.is_empty() {
+        return None;
+    }
+    match how {
+        HopChoice::Bids => None,
+        HopChoice::RoundRobin => {
+            let mut by_id: Vec<usize> = (0..candidates.len()).collect();
+            by_id.sort_by(|&a, &b| candidates[a].cmp(&candidates[b]));
+            Some(by_id[(turn % candidates.len() as u64) as usize])
+        }
+        HopChoice::LeastQueued => {
+            let queued = |p: &PeerKey| view.iter().find(|v| v.peer == *p).map_or(u32::MAX, |v| v.queued);
+            (0..candidates.len()).min_by_key(|&i| (queued(&candidates[i]), i))
+        }
+    }
 }
 
 /// Timeouts of a session's hops.
@@ -375,6 +422,8 @@ pub fn late_step(why: &str, dead: Vec<PeerKey>, busy: bool, busy_waits: u32, sta
         LateStep::FailOver(culprits, format!("{why}; hop did not answer a probe"))
     }
 }
+
+pub mod affinity;
 
 #[cfg(test)]
 mod tests;

@@ -87,6 +87,9 @@ struct Inner {
     /// Bids this peer made that their owners have not yet decided on
     /// (keyed by owner and auction): their work counts in its other bids.
     bids: Mutex<BidBook<(PeerKey, u64)>>,
+    /// The routes of this peer's finished sessions, by history: follow-ups
+    /// prefer where their prefix is kept.
+    affinity: Mutex<crate::policy::affinity::PrefixRoutes>,
     started: Instant,
     /// The compute thread (forward passes of every shard here).
     compute: Compute,
@@ -152,6 +155,7 @@ impl Runtime {
             sched: Mutex::new(Scheduler::new(SchedConfig { auction_timeout_s: cfg_bid_timeout.as_secs_f64(), ..SchedConfig::default() })),
             sched_ids: Mutex::new(Vec::new()),
             bids: Mutex::new(BidBook::new(OPEN_BIDS)),
+            affinity: Mutex::new(Default::default()),
             started: Instant::now(),
             links: Arc::new(crate::links::LinkMeter::new(cfg_activations)),
         }));

@@ -163,9 +163,19 @@ struct Auction {
     task: TaskSpec,
     /// Candidates and the owner's estimate of the transfer time to each.
     candidates: Vec<(PeerId, f64)>,
+    /// The share of the task's work a candidate must do, where it is not
+    /// all of it (it holds part of the result already).
+    shares: BTreeMap<PeerId, f64>,
     bids: BTreeMap<PeerId, Quote>,
     started: f64,
     deadline: f64,
+}
+
+impl Auction {
+    /// The work `peer` must do for this auction's task.
+    fn work(&self, peer: PeerId) -> f64 {
+        self.task.work * self.shares.get(&peer).copied().unwrap_or(1.0)
+    }
 }
 
 /// One owner's scheduler.
@@ -245,6 +255,15 @@ impl Scheduler {
     /// estimate of the transfer time to it). With one candidate the award is
     /// immediate; with none there is nothing to do.
     pub fn start(&mut self, task: TaskSpec, candidates: &[(PeerId, f64)], now: f64) -> (AuctionId, Vec<Action>) {
+        self.start_shared(task, candidates, &[], now)
+    }
+
+    /// [`Scheduler::start`] where some candidates must do only a share of
+    /// the task's work (`shares`: peer and share in (0, 1]; for instance a
+    /// peer holding part of a prompt's keys and values already): their
+    /// bids' floors, the bounds that close an auction early and their
+    /// gossip estimates count only that share.
+    pub fn start_shared(&mut self, task: TaskSpec, candidates: &[(PeerId, f64)], shares: &[(PeerId, f64)], now: f64) -> (AuctionId, Vec<Action>) {
         let id = self.next;
         self.next += 1;
         let mut cands: Vec<(PeerId, f64)> = Vec::with_capacity(candidates.len());
@@ -256,7 +275,8 @@ impl Scheduler {
         match cands.as_slice() {
             [] => (id, Vec::new()),
             [(peer, transfer)] => {
-                let expected = self.gossip_estimate(*peer, task, *transfer, now).unwrap_or(f64::INFINITY);
+                let share = shares.iter().find(|(p, _)| p == peer).map_or(1.0, |s| s.1.clamp(0.0, 1.0));
+                let expected = self.gossip_estimate(*peer, TaskSpec { work: task.work * share }, *transfer, now).unwrap_or(f64::INFINITY);
                 (id, vec![Action::Award { auction: id, peer: *peer, expected_s: expected, basis: AwardBasis::Single }])
             }
             _ => {
@@ -266,7 +286,8 @@ impl Scheduler {
                     .map(|(p, _)| self.rtts.get(p).map_or(f64::INFINITY, |r| r * self.cfg.rtt_factor + self.cfg.rtt_margin_s))
                     .fold(0.0, f64::max);
                 let deadline = now + wait.min(self.cfg.auction_timeout_s);
-                self.auctions.insert(id, Auction { task, candidates: cands, bids: BTreeMap::new(), started: now, deadline });
+                let shares = shares.iter().filter(|s| s.1.is_finite()).map(|&(p, v)| (p, v.clamp(0.0, 1.0))).collect();
+                self.auctions.insert(id, Auction { task, candidates: cands, shares, bids: BTreeMap::new(), started: now, deadline });
                 (id, calls)
             }
         }
@@ -298,7 +319,7 @@ impl Scheduler {
                 (Some((r, _)), Some((b, _))) => {
                     let queue = (r.queue_s - (now - r.sent_at).max(0.0)).max(0.0);
                     let due = self.rtts.get(&p).map_or(0.0, |rtt| (a.started + rtt - now).max(0.0));
-                    due + (queue + a.task.work / r.speed + transfer) * self.record(p) <= b
+                    due + (queue + a.work(p) / r.speed + transfer) * self.record(p) <= b
                 }
                 _ => true,
             }
@@ -346,7 +367,7 @@ impl Scheduler {
             it.filter(|(_, v)| v.is_finite()).min_by(|x, y| x.1.total_cmp(&y.1).then(x.0.cmp(&y.0)))
         };
         let chosen = if basis == AwardBasis::Gossip {
-            best(&mut a.candidates.iter().filter_map(|&(p, t)| self.gossip_estimate(p, a.task, t, now).map(|e| (p, e))))
+            best(&mut a.candidates.iter().filter_map(|&(p, t)| self.gossip_estimate(p, TaskSpec { work: a.work(p) }, t, now).map(|e| (p, e))))
                 // Nothing known at all: the first candidate, deterministically.
                 .or_else(|| a.candidates.iter().map(|(p, _)| *p).min().map(|p| (p, f64::INFINITY)))
         } else {
@@ -365,7 +386,7 @@ impl Scheduler {
 /// cannot beat: compute at `speed_slack` times its gossiped speed, the
 /// owner's own estimate of the transfer, and `min_bid_s` in all.
 fn floored(q: Quote, a: &Auction, peer: PeerId, speed: Option<f64>, cfg: &SchedConfig) -> Quote {
-    let service = speed.filter(|v| *v > 0.0).map_or(0.0, |v| a.task.work / (v * cfg.speed_slack));
+    let service = speed.filter(|v| *v > 0.0).map_or(0.0, |v| a.work(peer) / (v * cfg.speed_slack));
     let transfer = a.candidates.iter().find(|(p, _)| *p == peer).map_or(0.0, |c| c.1);
     let mut q = Quote { queue_s: q.queue_s, service_s: q.service_s.max(service), transfer_s: q.transfer_s.max(transfer) };
     if q.total() < cfg.min_bid_s {

@@ -40,8 +40,14 @@ pub trait SessionHost: Host {
     /// The peers as placement sees them (this one included).
     async fn view(&self) -> Vec<PeerView>;
     /// Runs an auction among `candidates` (the planned peer first) for
-    /// `range`; the winner and its promise in seconds.
-    async fn auction(&self, candidates: &[PeerKey], range: std::ops::Range<usize>, tokens: usize) -> Option<(PeerKey, f64)>;
+    /// `range` of a `tokens`-token task, `cached` naming a candidate that
+    /// holds that many of them already; the winner and its promise in
+    /// seconds.
+    async fn auction(&self, candidates: &[PeerKey], range: std::ops::Range<usize>, tokens: usize, cached: Option<(&str, usize)>) -> Option<(PeerKey, f64)>;
+    /// Remembers the route a finished session's history was left on.
+    fn remember_route(&self, history: &[u32], route: &[Hop]);
+    /// The hops holding the longest remembered prefix of `history`.
+    fn prefix_holders(&self, history: &[u32]) -> Vec<crate::policy::affinity::Held>;
     /// How an awarded peer's promise turned out.
     fn auction_outcome(&self, peer: &str, promised_s: f64, actual_s: f64);
     /// Calls `peer`.
@@ -440,6 +446,7 @@ impl SessionState {
                     decode_tokens: state.tokens().len().saturating_sub(1),
                     decode_ms: first.elapsed().as_secs_f64() * 1e3,
                 };
+                self.rt.remember_route(state.history(), &self.route);
                 let generation = state.into_generation(timings);
                 metrics::counter!(crate::metrics::SESSIONS, "outcome" => "done").increment(1);
                 metrics::counter!(crate::metrics::PROMPT_TOKENS).increment(generation.prompt_tokens.len() as u64);

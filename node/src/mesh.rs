@@ -203,6 +203,12 @@ impl MeshBuilder {
         self
     }
 
+    /// How sessions owned here pick among a hop's holders (`--hop-choice`).
+    pub fn hop_choice(mut self, how: fogmesh_actors::policy::HopChoice) -> Self {
+        self.runtime.hop_choice = how;
+        self
+    }
+
     /// How long a new session waits for room on a full route before it
     /// gives up as busy (HTTP 429).
     pub fn queue_wait(mut self, wait: Duration) -> Self {

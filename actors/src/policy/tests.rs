@@ -289,3 +289,19 @@ fn a_session_takes_the_route_gossip_expects_done_soonest() {
     let split = vec![Hop { peer: "peer001".into(), start: 0, end: 2 }, Hop { peer: "peer003".into(), start: 2, end: 4 }];
     assert_eq!(choose_route(&[split, whole("peer002")], &v, &c), 1);
 }
+
+#[test]
+fn baselines_take_holders_in_turn_or_by_fewest_queued() {
+    let model = [6u8; 32];
+    let mut v = view(&[(1, 10.0), (2, 10.0), (3, 10.0)], model);
+    let c: Vec<PeerKey> = vec!["peer003".into(), "peer001".into(), "peer002".into()];
+    let picks: Vec<&str> = (0..4).map(|t| c[baseline_choice(HopChoice::RoundRobin, &c, &v, t).unwrap()].as_str()).collect();
+    assert_eq!(picks, ["peer001", "peer002", "peer003", "peer001"]);
+    v[0].queued = 3;
+    v[2].queued = 1;
+    assert_eq!(baseline_choice(HopChoice::LeastQueued, &c, &v, 0), Some(2), "peer002 has nothing queued");
+    assert_eq!(baseline_choice(HopChoice::Bids, &c, &v, 0), None);
+    assert_eq!(baseline_choice(HopChoice::RoundRobin, &[], &v, 0), None);
+    assert_eq!("least-queued".parse::<HopChoice>(), Ok(HopChoice::LeastQueued));
+    assert!("fastest".parse::<HopChoice>().is_err());
+}

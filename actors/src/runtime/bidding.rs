@@ -82,11 +82,14 @@ impl Runtime {
     /// Runs an auction among `candidates` (the first is the planned peer) for
     /// layers `range` of a `tokens`-token task: calls for bids, awards the
     /// lowest expected completion (adjusted by each peer's record), or by the
-    /// scheduler's fallback when bids do not come in time. Returns the winner
+    /// scheduler's fallback when bids do not come in time. `cached` names a
+    /// candidate holding that many of the tokens already (this owner's
+    /// earlier turns): its service counts only the rest. Returns the winner
     /// and its promise in seconds.
-    pub async fn auction(&self, candidates: &[PeerKey], range: Range<usize>, tokens: usize) -> Option<(PeerKey, f64)> {
+    pub async fn auction(&self, candidates: &[PeerKey], range: Range<usize>, tokens: usize, cached: Option<(&str, usize)>) -> Option<(PeerKey, f64)> {
         let model = self.0.model.get()?;
         let ids: Vec<u64> = candidates.iter().map(|p| self.sched_id(p)).collect::<Option<_>>()?;
+        let cached_id = cached.and_then(|(p, n)| Some((ids[candidates.iter().position(|c| c == p)?], n)));
         let now = || self.0.started.elapsed().as_secs_f64();
         let task = SchedTask { work: tokens as f64 };
         let pairs: Vec<(u64, f64)> = ids.iter().map(|&i| (i, 0.0)).collect();
@@ -108,7 +111,10 @@ impl Runtime {
                 }
             }
         }
-        let (auction, actions) = lock(&self.0.sched).start(task, &pairs, now());
+        // A holder of part of the task computes only the rest.
+        let shares: Vec<(u64, f64)> =
+            cached_id.map(|(c, n)| (c, tokens.saturating_sub(n).max(1) as f64 / tokens.max(1) as f64)).into_iter().collect();
+        let (auction, actions) = lock(&self.0.sched).start_shared(task, &pairs, &shares, now());
         // No bid and no gossip about any candidate: the plan's own peer keeps
         // the hop.
         let planned = ids[0];
@@ -159,9 +165,12 @@ impl Runtime {
                     () = &mut deadline => break,
                 };
                 if let Ok(Ok(Message::Bid(b))) = r {
+                    // The share of the task the bidder must compute (its
+                    // bid counts all of it: it does not know what it keeps).
+                    let rest = shares.iter().find(|s| s.0 == id).map_or(1.0, |s| s.1);
                     let q = SchedQuote {
                         queue_s: f64::from(b.queue_ms) / 1e3,
-                        service_s: f64::from(b.service_ms) / 1e3,
+                        service_s: f64::from(b.service_ms) / 1e3 * rest,
                         transfer_s: f64::from(b.transfer_ms) / 1e3,
                     };
                     let actions = lock(&self.0.sched).on_bid(auction, id, q, now());

@@ -49,8 +49,14 @@ impl SessionHost for Runtime {
     async fn view(&self) -> Vec<PeerView> {
         Runtime::view(self).await
     }
-    async fn auction(&self, candidates: &[PeerKey], range: Range<usize>, tokens: usize) -> Option<(PeerKey, f64)> {
-        Runtime::auction(self, candidates, range, tokens).await
+    async fn auction(&self, candidates: &[PeerKey], range: Range<usize>, tokens: usize, cached: Option<(&str, usize)>) -> Option<(PeerKey, f64)> {
+        Runtime::auction(self, candidates, range, tokens, cached).await
+    }
+    fn remember_route(&self, history: &[u32], route: &[Hop]) {
+        lock(&self.0.affinity).remember(history, route);
+    }
+    fn prefix_holders(&self, history: &[u32]) -> Vec<crate::policy::affinity::Held> {
+        lock(&self.0.affinity).holders(history)
     }
     fn auction_outcome(&self, peer: &str, promised_s: f64, actual_s: f64) {
         Runtime::auction_outcome(self, peer, promised_s, actual_s);

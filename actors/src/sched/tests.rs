@@ -327,3 +327,33 @@ fn closing_one_auction_leaves_the_others_open() {
     assert_eq!(award(&s.on_bid(b, 1, quote(1.0), 0.03)), None);
     assert_eq!(award(&s.on_bid(b, 2, quote(2.0), 0.03)), Some((1, AwardBasis::AllBids)));
 }
+
+#[test]
+fn a_candidate_holding_part_of_the_task_is_floored_and_bounded_by_its_share() {
+    // Both peers do the whole task in 1 s by gossip; peer 0 holds 80 % of
+    // it already (share 0.2).
+    let mut s = Scheduler::new(SchedConfig::default());
+    for p in [0, 1] {
+        s.on_load_report(p, LoadReport { queue_s: 0.0, speed: 1.0, sent_at: 0.0 }, 0.0);
+    }
+    let q = |service_s: f64| Quote { queue_s: 0.0, service_s, transfer_s: 0.0 };
+    // Peer 1 bids 0.5 s first: the holder could still beat it (its best
+    // case is 0.2 s), so the auction waits for it; its 0.06 s quote stands
+    // (the floor is 0.2 s / speed_slack, not 1 s / speed_slack) and wins.
+    let (id, _) = s.start_shared(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], &[(0, 0.2)], 0.0);
+    assert!(s.on_bid(id, 1, q(0.5), 0.0).is_empty(), "the holder is waited for");
+    let a = s.on_bid(id, 0, q(0.06), 0.0);
+    let expected = a.iter().find_map(|x| match x {
+        Action::Award { peer: 0, expected_s, .. } => Some(*expected_s),
+        _ => None,
+    });
+    assert!(expected.is_some_and(|e| (e - 0.06).abs() < 1e-9), "{a:?}");
+    // Without the share, peer 1's 0.5 s closes the auction at once (peer 0
+    // needs 1 s at best), and a 0.06 s quote would be floored at 0.25 s.
+    let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], 0.0);
+    assert_eq!(award(&s.on_bid(id, 1, q(0.5), 0.0)), Some((1, AwardBasis::Decided)));
+    // By gossip alone, the holder's estimate counts its share (a tie would
+    // go to the lower id).
+    let (id, _) = s.start_shared(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], &[(1, 0.2)], 0.0);
+    assert_eq!(award(&s.close_now(id, 0.0)), Some((1, AwardBasis::Gossip)));
+}

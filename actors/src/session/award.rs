@@ -8,11 +8,15 @@ use std::time::Instant;
 use super::SessionState;
 use crate::policy::Hop;
 
+/// Hop choices made in turn so far (by [`crate::policy::HopChoice::RoundRobin`]).
+static TURN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl SessionState {
     /// Takes the route of `routes` gossip expects soonest done; then, where
     /// other peers already hold a hop's exact layers, the holders bid for it
     /// (the chosen peer always among them) and the lowest expected
-    /// completion serves it.
+    /// completion serves it; a holder that keeps this conversation's earlier
+    /// turns bids for the rest of the history only.
     pub(super) async fn award_hops(&mut self, mut routes: Vec<Vec<Hop>>, tokens: usize) -> Vec<Hop> {
         self.promises.clear();
         let banned = self.bans.banned(Instant::now());
@@ -22,6 +26,9 @@ impl SessionState {
             return Vec::new();
         }
         let mut route = routes.swap_remove(pick);
+        // Where this owner's earlier conversation with the same start was
+        // left: that holder computes only the rest.
+        let held = self.state.as_ref().map(|g| self.rt.prefix_holders(g.history())).unwrap_or_default();
         for i in 0..route.len() {
             let range = (route[i].start as u32, route[i].end as u32);
             let mut cands = vec![route[i].peer.clone()];
@@ -34,7 +41,15 @@ impl SessionState {
             if cands.len() < 2 {
                 continue;
             }
-            if let Some((winner, promise)) = self.rt.auction(&cands, route[i].start..route[i].end, tokens).await {
+            let how = self.rt.config().hop_choice;
+            if let Some(k) = crate::policy::baseline_choice(how, &cands, &view, TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                route[i].peer = cands[k].clone();
+                continue;
+            }
+            let (start, end) = (route[i].start, route[i].end);
+            let cached = held.iter().find(|h| h.hop.start == start && h.hop.end == end && cands.contains(&h.hop.peer));
+            let cached = cached.map(|h| (h.hop.peer.as_str(), h.tokens.min(tokens)));
+            if let Some((winner, promise)) = self.rt.auction(&cands, start..end, tokens, cached).await {
                 tracing::debug!(layers = ?(range.0..range.1), candidates = cands.len(), winner = %winner, "hop awarded by bids");
                 if promise.is_finite() {
                     self.promises.push((winner.clone(), promise));

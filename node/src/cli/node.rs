@@ -118,6 +118,12 @@ pub struct NodeArgs {
     /// answered 429 with Retry-After.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub queue_wait_secs: u64,
+    /// How requests entering here pick among the peers holding a hop's
+    /// layers (whole replicas, stage copies): `bids` (the holders bid their
+    /// expected completion), or the baselines `round-robin` and
+    /// `least-queued` (by gossip), for comparisons.
+    #[arg(long, value_name = "HOW", default_value = "bids")]
+    pub hop_choice: fogmesh_actors::policy::HopChoice,
     /// HTTP connections open at once; more are closed on accept.
     #[arg(long, value_name = "N", default_value_t = crate::api::MAX_CONNECTIONS)]
     pub http_max_connections: usize,
@@ -210,7 +216,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         }
         b = b.activations(args.activations);
         b = b.max_batch_tokens(args.max_batch_tokens as usize);
-        b = b.queue_wait(std::time::Duration::from_secs(args.queue_wait_secs));
+        b = b.queue_wait(std::time::Duration::from_secs(args.queue_wait_secs)).hop_choice(args.hop_choice);
         if let Some(kv) = args.kv_budget {
             b = b.kv_budget(kv);
         }
