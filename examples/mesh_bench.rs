@@ -255,15 +255,22 @@ fn main() -> Result<()> {
         drop(m3);
         // Peers that each hold the model: a request runs on one replica.
         let r3 = start(&options(&exe, &model, 3, 1, None, Layout::Replicas))?;
-        let (mut p1, mut d3) = (Vec::new(), Vec::new());
+        let n1 = start(&options(&exe, &model, 1, 1, None, Layout::Replicas))?;
+        let (mut p1, mut d3, mut d1, mut local) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for _ in 0..reps {
             p1.push(decode_rate(&one_process(&exe, &story, 1)?));
             let r = generate_on(&r3.peers[0].http, &story, |_| {})?;
             anyhow::ensure!(r.done.route.len() == 1, "not a whole replica: {:?}", r.done.route);
+            local += usize::from(r.done.route[0].peer == r3.peers[0].peer_id);
             d3.push(decode_rate(&r.done.timings));
+            d1.push(decode_rate(&generate_on(&n1.peers[0].http, &story, |_| {})?.done.timings));
         }
-        let (p1, d3) = (median(&p1), median(&d3));
-        println!("decode tok/s: one process 1 thread {p1:.1}; 3 peers holding whole replicas (1 thread each) {d3:.1}; ratio {:.2}x", d3 / p1);
+        let (p1, d3, d1) = (median(&p1), median(&d3), median(&d1));
+        println!(
+            "decode tok/s: one process 1 thread {p1:.1}; one node (1 thread) {d1:.1} ({:.2}x); 3 peers holding whole replicas (1 thread each) {d3:.1} ({:.2}x; {local} of {reps} on the entry node's own replica)",
+            d1 / p1,
+            d3 / p1
+        );
     }
 
     if want("replicas") && cores >= 2 {
@@ -271,13 +278,18 @@ fn main() -> Result<()> {
         // today's always-split plan, rounds interleaved.
         let rep = start(&options(&exe, &model, 2, 1, Some(vec![0, 1]), Layout::Replicas))?;
         let split = start(&options(&exe, &model, 2, 1, Some(vec![0, 1]), Layout::Split))?;
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut a, mut b, mut on_entry) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
-            a.push(burst(&rep.peers[0].http, 8, 64)?.1);
+            let (_, tps, served) = burst(&rep.peers[0].http, 8, 64)?;
+            a.push(tps);
+            on_entry.push(served.get(&rep.peers[0].peer_id).copied().unwrap_or(0));
             b.push(burst(&split.peers[0].http, 8, 64)?.1);
         }
         let (a, b) = (median(&a), median(&b));
-        println!("8 streams on 2 peers pinned to a core each, aggregate tok/s: whole replicas {a:.1}; split pipeline {b:.1}; ratio {:.2}x", a / b);
+        println!(
+            "8 streams on 2 peers pinned to a core each, aggregate tok/s: whole replicas {a:.1} (on the entry's replica: {on_entry:?} of 8); split pipeline {b:.1}; ratio {:.2}x",
+            a / b
+        );
     }
 
     if want("hetero") {

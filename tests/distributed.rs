@@ -69,6 +69,40 @@ fn three_processes_equal_one_process_and_serve_eight_sessions_at_once() {
     }
 }
 
+/// Three processes that each can hold the model (no `--max-memory`): the
+/// plan is three whole replicas, every request runs on one of them in a
+/// single hop, concurrent requests use more than one, and the tokens are
+/// the single-process ones.
+#[test]
+fn three_processes_that_each_hold_the_model_serve_whole_replicas() {
+    let Some(path) = model_path() else { return };
+    let local = LocalModel::load(&path, None, 1).unwrap();
+    let o = fogmesh::node::cluster::ClusterOptions::new(BIN, Some(path.clone()), 3);
+    let c = fogmesh::node::cluster::LocalCluster::start(&o).unwrap();
+    let plan = c.wait_plan(3, std::time::Duration::from_secs(60)).unwrap();
+    assert_eq!(plan.routes.len(), 3, "{plan:?}");
+    assert!(plan.routes.iter().all(|r| r.len() == 1 && r[0].layers == [0, 30]), "{plan:?}");
+    let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is"];
+    let jobs: Vec<GenFlags> = (0..8).map(|i| raw_flags(prompts[i % 4], 16, 0.0, 0)).collect();
+    let entry = c.peers[0].http.clone();
+    let handles: Vec<_> = jobs
+        .iter()
+        .cloned()
+        .map(|f| {
+            let entry = entry.clone();
+            std::thread::spawn(move || generate_on(&entry, &f, |_| {}).unwrap())
+        })
+        .collect();
+    let mut served = std::collections::BTreeSet::new();
+    for (h, f) in handles.into_iter().zip(&jobs) {
+        let r = h.join().unwrap();
+        assert_eq!(r.done.tokens, solo_tokens(&local, f), "{f:?}");
+        assert_eq!(r.done.route.len(), 1, "one hop: {:?}", r.done.route);
+        served.insert(r.done.route[0].peer.clone());
+    }
+    assert!(served.len() >= 2, "8 concurrent requests all ran on {served:?}");
+}
+
 #[test]
 fn killing_the_middle_peer_mid_generation_keeps_every_token() {
     let Some(path) = model_path() else { return };

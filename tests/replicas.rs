@@ -127,6 +127,26 @@ async fn a_slow_replica_wins_fewer_requests() {
     assert!(n("peer-2") < n("peer-0") && n("peer-2") < n("peer-1"), "the slow replica won as much: {served:?}");
 }
 
+/// A replica that promises five times better than it does (a test hook
+/// scales its bids) wins at first; its broken promises go on record at the
+/// owner, and its share of the awards falls. Every request keeps its tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_underbidding_replica_loses_awards_over_time() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let liar = RuntimeConfig { bid_scale: 0.2, compute_slowdown: 2.0, ..cfg() };
+    let Some((_net, peers)) = memnet_peers(vec![cfg(), cfg(), liar]).await else { return };
+    let layers = peers[0].model().unwrap().config.layers;
+    wait_loaded(&peers, 0..layers).await;
+    let mut shares = Vec::new();
+    for _ in 0..6 {
+        let served = waves(&peers, 1, 6, 8).await;
+        shares.push(served.get("peer-2").copied().unwrap_or(0));
+    }
+    eprintln!("the underbidder's awards per wave of 6: {shares:?}");
+    let (early, late) = (shares[0] + shares[1], shares[4] + shares[5]);
+    assert!(early > late, "its share did not fall: {shares:?}");
+}
+
 /// Each peer offered 60 % of the file (placement sees 45 % for weights):
 /// no peer holds the model, so the three form one pipeline, and its tokens
 /// are the single-process ones.

@@ -81,6 +81,9 @@ pub struct RuntimeConfig {
     /// How sessions owned here pick among a hop's holders (bids; the
     /// others are baselines for comparisons).
     pub hop_choice: crate::policy::HopChoice,
+    /// Test hook: this peer's bids are scaled by this factor (1: honest;
+    /// below 1 it underbids), so tests can show its record catching up.
+    pub bid_scale: f32,
 }
 
 impl Default for RuntimeConfig {
@@ -116,6 +119,7 @@ impl Default for RuntimeConfig {
             upload_rate: 0,
             compute_slowdown: 1.0,
             hop_choice: crate::policy::HopChoice::Bids,
+            bid_scale: 1.0,
         }
     }
 }

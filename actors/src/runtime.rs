@@ -152,7 +152,11 @@ impl Runtime {
             placement: Mutex::new(None),
             next_id: AtomicU64::new(seed.max(1)),
             compute: Compute::start().map_err(|e| RuntimeError::Actor(format!("compute thread: {e}")))?,
-            sched: Mutex::new(Scheduler::new(SchedConfig { auction_timeout_s: cfg_bid_timeout.as_secs_f64(), ..SchedConfig::default() })),
+            sched: Mutex::new(Scheduler::new(SchedConfig {
+                auction_timeout_s: cfg_bid_timeout.as_secs_f64(),
+                rtt_margin_s: bidding::BID_ANSWER_MARGIN.as_secs_f64(),
+                ..SchedConfig::default()
+            })),
             sched_ids: Mutex::new(Vec::new()),
             bids: Mutex::new(BidBook::new(OPEN_BIDS)),
             affinity: Mutex::new(Default::default()),

@@ -446,7 +446,8 @@ impl SessionState {
                     decode_tokens: state.tokens().len().saturating_sub(1),
                     decode_ms: first.elapsed().as_secs_f64() * 1e3,
                 };
-                self.rt.remember_route(state.history(), &self.route);
+                // The stages keep the history each session opened with.
+                self.rt.remember_route(state.prompt(), &self.route);
                 let generation = state.into_generation(timings);
                 metrics::counter!(crate::metrics::SESSIONS, "outcome" => "done").increment(1);
                 metrics::counter!(crate::metrics::PROMPT_TOKENS).increment(generation.prompt_tokens.len() as u64);

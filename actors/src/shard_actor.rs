@@ -140,6 +140,8 @@ pub struct ShardArgs {
     pub us_per_token: Arc<AtomicU64>,
     /// Tokens processed since load (shared: the load report's rate).
     pub tokens: Arc<AtomicU64>,
+    /// Sessions open here (shared: bids count them).
+    pub active: Arc<std::sync::atomic::AtomicUsize>,
     /// This peer's links: send times, and the encoding per hop.
     pub links: Arc<LinkMeter>,
 }
@@ -174,6 +176,8 @@ pub struct ShardState {
     queued: Arc<WorkQueue>,
     us_per_token: Arc<AtomicU64>,
     sessions: HashMap<u64, Session>,
+    /// `sessions.len()`, shared with the runtime's bids.
+    active: Arc<std::sync::atomic::AtomicUsize>,
     codec: ActivationCodec,
     tokens: Arc<AtomicU64>,
     /// `layers="start..end"`, the label of this stage's metrics.
@@ -487,6 +491,7 @@ impl Actor for ShardActor {
             compute: args.compute,
             queued: args.queued,
             us_per_token: args.us_per_token,
+            active: args.active,
             sessions: HashMap::new(),
             codec: ActivationCodec::new(),
             tokens: args.tokens,
@@ -504,6 +509,15 @@ impl Actor for ShardActor {
     }
 
     async fn handle(&self, _myself: ActorRef<ShardMsg>, msg: ShardMsg, st: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        st.handle(msg);
+        st.active.store(st.sessions.len(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl ShardState {
+    fn handle(&mut self, msg: ShardMsg) {
+        let st = self;
         match msg {
             ShardMsg::Open(open, reply) => {
                 let _ = reply.send(st.open(*open));
@@ -552,6 +566,5 @@ impl Actor for ShardActor {
                 });
             }
         }
-        Ok(())
     }
 }

@@ -13,11 +13,19 @@ use super::{Runtime, lock};
 use crate::link::PeerKey;
 use crate::sched::{Action as SchedAction, LoadReport as SchedLoadReport, Quote as SchedQuote, TaskSpec as SchedTask};
 
+/// How much longer than a round trip a bid may take to come in before an
+/// auction stops waiting for it: the bidder answers from a process busy
+/// with forward passes, and the call crosses both peers' schedulers (on
+/// loopback under 8 concurrent streams, bids took 5-25 ms where pings took
+/// under 1 ms). Paid once per session and failover, not per token.
+pub(crate) const BID_ANSWER_MARGIN: Duration = Duration::from_millis(30);
+
 /// A bid holds its work at most this long, whatever the call's deadline.
 pub(super) const MAX_BID_LEASE: Duration = Duration::from_secs(10);
 
 impl Runtime {
-    /// This peer's bid for running `c`'s layers for `owner`: its queue and
+    /// This peer's bid for running `c`'s layers for `owner`: its queue (the
+    /// work waiting plus a token per session open on the shard) and
     /// compute time from the shard's measured speed (from its GFLOPS estimate
     /// and a load time when the range is not loaded). The queue counts the
     /// work of this peer's other open bids; this bid's own work is held until
@@ -33,10 +41,12 @@ impl Runtime {
         let estimate_ms = work / (f64::from(self.0.cfg.gflops.max(0.01)) * 1e9) * 1e3;
         let slot = self.shards().await.into_iter().find(|s| s.range == (start..end));
         let (per_token_ms, queue_ms) = match &slot {
+            // The work waiting, and a token's worth per open session: each
+            // shares the passes the new one would run in.
             Some(s) => {
                 let us = s.us_per_token.load(Ordering::Relaxed);
                 let per = if us > 0 { us as f64 / 1e3 } else { estimate_ms };
-                (per, s.queued.len() as f64 * per)
+                (per, (s.queued.len() + s.active.load(Ordering::Relaxed)) as f64 * per)
             }
             // Not loaded: reading its weights comes first (~1 GB/s).
             None => (estimate_ms, m.costs.stage_bytes(start..end) as f64 / 1e6),
@@ -50,11 +60,12 @@ impl Runtime {
             book.hold((owner.to_string(), c.auction), service_ms / 1e3, now, lease_s);
             held
         };
+        let scale = if self.0.cfg.bid_scale.is_finite() && self.0.cfg.bid_scale > 0.0 { self.0.cfg.bid_scale } else { 1.0 };
         Some(Bid {
             auction: c.auction,
             peer: NodeId::from(self.0.local.as_str()),
-            queue_ms: (queue_ms + held_ms) as f32,
-            service_ms: service_ms as f32,
+            queue_ms: (queue_ms + held_ms) as f32 * scale,
+            service_ms: service_ms as f32 * scale,
             transfer_ms: 0.0,
         })
     }
@@ -127,6 +138,7 @@ impl Runtime {
                 _ => None,
             })
         };
+        let actions_start = actions.clone();
         let mut won = award(&actions);
         let mut decided = Vec::new();
         if won.is_none() {
@@ -168,6 +180,7 @@ impl Runtime {
                     // The share of the task the bidder must compute (its
                     // bid counts all of it: it does not know what it keeps).
                     let rest = shares.iter().find(|s| s.0 == id).map_or(1.0, |s| s.1);
+                    tracing::debug!(auction, bidder = id, queue_ms = b.queue_ms, service_ms = b.service_ms, share = rest, "bid in");
                     let q = SchedQuote {
                         queue_s: f64::from(b.queue_ms) / 1e3,
                         service_s: f64::from(b.service_ms) / 1e3 * rest,
@@ -188,6 +201,11 @@ impl Runtime {
             }
         }
         let (id, expected) = won?;
+        let basis = decided.iter().chain(&actions_start).find_map(|a| match a {
+            SchedAction::Award { basis, .. } => Some(*basis),
+            _ => None,
+        });
+        tracing::debug!(auction, winner = id, expected_s = expected, ?basis, "auction decided");
         let winner = lock(&self.0.sched_ids).get(id as usize).cloned()?;
         // Every candidate asked hears the outcome, so the losers' bids stop
         // counting against their other offers (the winner's too: the session

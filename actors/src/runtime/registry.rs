@@ -30,6 +30,8 @@ pub struct ShardSlot {
     pub us_per_token: Arc<AtomicU64>,
     /// Tokens processed since load.
     pub tokens: Arc<AtomicU64>,
+    /// Sessions open on it (each one shares its passes).
+    pub active: Arc<std::sync::atomic::AtomicUsize>,
     /// The last (time, tokens) sample the load report's rate is taken from.
     pub(super) rate: Arc<Mutex<(Instant, u64)>>,
 }
@@ -124,6 +126,7 @@ impl Runtime {
         let queued = Arc::new(WorkQueue::default());
         let us_per_token = Arc::new(AtomicU64::new(0));
         let tokens = Arc::new(AtomicU64::new(0));
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let args = ShardArgs {
             shard: Arc::new(shard),
             host: Arc::new(self.clone()),
@@ -131,11 +134,12 @@ impl Runtime {
             queued: queued.clone(),
             us_per_token: us_per_token.clone(),
             tokens: tokens.clone(),
+            active: active.clone(),
             links: self.0.links.clone(),
         };
         let (actor, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| RuntimeError::Actor(e.to_string()))?;
         let rate = Arc::new(Mutex::new((Instant::now(), 0)));
-        let slot = ShardSlot { range, actor, queued, memory_bytes, us_per_token, tokens, rate };
+        let slot = ShardSlot { range, actor, queued, memory_bytes, us_per_token, tokens, active, rate };
         self.0.shards.lock().await.push(slot.clone());
         Ok(slot)
     }
