@@ -41,8 +41,11 @@
 //! - `config.rs`: [`RuntimeConfig`]. `error.rs`: [`RuntimeError`].
 //!   `model.rs`: [`ModelInfo`]. `wire.rs`: engine types to and from their
 //!   wire forms.
-//! - `policy.rs`: sans-I/O ban list, route choice, deadlines, the failover
-//!   decision, cache eviction and standby ranges.
+//! - `policy.rs`: sans-I/O ban list, route choice (by gossip among the
+//!   layout's routes; the round-robin and least-queued baselines),
+//!   deadlines, the failover decision, cache eviction and standby ranges;
+//!   `policy/affinity.rs`: where an owner's finished conversations left
+//!   their keys and values (follow-ups bid there for the new tokens only).
 //! - `metrics.rs`: names of the metrics the actors record (the node's
 //!   `/metrics` renders them).
 //! - `memnet.rs`: an in-memory network with injectable faults (feature
