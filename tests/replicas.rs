@@ -111,8 +111,9 @@ async fn peers_that_hold_the_model_serve_whole_replicas_and_requests_spread_by_b
 }
 
 /// One replica three times slower than the others (a compute throttle on
-/// its passes): under 8 concurrent streams it wins fewer requests than
-/// either of the others; no request fails and every one keeps its tokens.
+/// its passes): under 8 concurrent streams it wins at most half as many
+/// requests as the others do on average; no request fails and every one
+/// keeps its tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_replica_wins_fewer_requests() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -124,7 +125,9 @@ async fn a_slow_replica_wins_fewer_requests() {
     eprintln!("4 waves of 8 streams, peer-2 3x slower: {served:?}");
     let n = |p: &str| served.get(p).copied().unwrap_or(0);
     assert_eq!(n("peer-0") + n("peer-1") + n("peer-2"), 32);
-    assert!(n("peer-2") < n("peer-0") && n("peer-2") < n("peer-1"), "the slow replica won as much: {served:?}");
+    // At most half the others' mean (which of the two fast ones takes more
+    // depends on the load this host's other work puts on each).
+    assert!(n("peer-2") * 4 <= n("peer-0") + n("peer-1"), "the slow replica won as much: {served:?}");
 }
 
 /// A replica that promises five times better than it does (a test hook
