@@ -23,7 +23,8 @@
 //!   generation: route (waiting while its stages are full), chunked prefill
 //!   of what no shared prefix covers, decode, resends of lost steps, and
 //!   failover by ban + new route + replay of the history; `award.rs` (hops
-//!   awarded by bids), `event.rs` (what a generation reports to its caller).
+//!   awarded by bids), `close.rs` (closing a route's hops, awaited before a
+//!   failover reopens), `event.rs` (what a generation reports to its caller).
 //! - `placement_actor.rs`: `PlacementActor` and its `PlacementHost`: the plan
 //!   from the view; loads and unloads this peer's shards.
 //! - `weights.rs` (+ `weights/`): model weights by content (cold start):

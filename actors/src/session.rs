@@ -23,6 +23,7 @@ use crate::model::ModelInfo;
 use crate::policy::{self, BanList, Hop, LateStep, Trouble};
 
 mod award;
+mod close;
 mod event;
 pub use event::SessionEvent;
 
@@ -139,16 +140,6 @@ impl SessionState {
         let (wire, step) = (self.wire, self.step);
         let d = self.rt.config().deadlines.step_over(tokens, &self.route_rtts);
         self.timer = Some(myself.send_after(d, move || SessionMsg::Timeout { wire, step }));
-    }
-
-    fn close_route(&self) {
-        let (rt, wire, route) = (self.rt.clone(), self.wire, self.route.clone());
-        rt.unregister_session(wire);
-        tokio::spawn(async move {
-            for h in route {
-                let _ = rt.send(&h.peer, Message::SessionClose(SessionClose { session: wire })).await;
-            }
-        });
     }
 
     /// Opens a route and replays the history into it; retries other routes
@@ -372,7 +363,10 @@ impl SessionState {
                 }
             }
         };
-        self.close_route();
+        // The surviving hops drop the old route's session before the new
+        // one opens: a peer with little memory may have to swap the range
+        // it served for the bigger one the new route gives it.
+        self.close_route_now(&culprits).await;
         self.note_failure(&culprits, &reason).await?;
         self.establish(myself).await
     }
