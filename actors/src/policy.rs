@@ -101,9 +101,8 @@ fn hops(plan: placement::Plan) -> Vec<Hop> {
 
 /// The preferred route of [`routes`].
 pub fn route(costs: &ModelCosts, peers: &[PlacementPeer]) -> Result<Vec<Hop>, placement::PlacementError> {
-    let mut all = routes(costs, peers)?;
     // A layout holds at least one route.
-    Ok(if all.is_empty() { Vec::new() } else { all.swap_remove(0) })
+    Ok(routes(costs, peers)?.into_iter().next().unwrap_or_default())
 }
 
 /// What the layout over the candidates gives one peer.

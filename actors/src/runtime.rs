@@ -270,8 +270,7 @@ impl Runtime {
     /// The preferred route placement gives for this peer's model, leaving
     /// out `excluded`.
     pub async fn route(&self, excluded: &[PeerKey]) -> Result<Vec<Hop>, RuntimeError> {
-        let mut all = self.routes(excluded).await?;
-        Ok(if all.is_empty() { Vec::new() } else { all.swap_remove(0) })
+        Ok(self.routes(excluded).await?.into_iter().next().unwrap_or_default())
     }
 
     /// Every route placement gives for this peer's model (whole replicas and

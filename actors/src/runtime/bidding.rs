@@ -138,7 +138,7 @@ impl Runtime {
                 _ => None,
             })
         };
-        let actions_start = actions.clone();
+        let mut basis = basis_of(&actions);
         let mut won = award(&actions);
         let mut decided = Vec::new();
         if won.is_none() {
@@ -201,10 +201,7 @@ impl Runtime {
             }
         }
         let (id, expected) = won?;
-        let basis = decided.iter().chain(&actions_start).find_map(|a| match a {
-            SchedAction::Award { basis, .. } => Some(*basis),
-            _ => None,
-        });
+        basis = basis.or_else(|| basis_of(&decided));
         tracing::debug!(auction, winner = id, expected_s = expected, ?basis, "auction decided");
         let winner = lock(&self.0.sched_ids).get(id as usize).cloned()?;
         // Every candidate asked hears the outcome, so the losers' bids stop
@@ -256,4 +253,12 @@ impl Runtime {
         LoadReport { peer: NodeId::from(self.0.local.as_str()), timestamp_ms: now_ms, shards }
     }
 
+}
+
+/// On what an auction's award was decided (for the debug trace).
+fn basis_of(actions: &[SchedAction]) -> Option<crate::sched::AwardBasis> {
+    actions.iter().find_map(|a| match a {
+        SchedAction::Award { basis, .. } => Some(*basis),
+        _ => None,
+    })
 }
