@@ -164,11 +164,12 @@ fn a_fetch_resumes_where_it_stopped_when_its_only_holder_comes_back() {
     let f = raw_flags("def fibonacci(n):", 12, 0.0, 0);
     assert_eq!(generate_on(&fetcher, &f, |_| {}).unwrap().done.tokens, solo_tokens(&local, &f));
     // The fetcher started again finds its chunks in its cache: it serves
-    // its layers having fetched nothing.
+    // its layers having fetched at most a layer or two (each start measures
+    // its speed anew, which can move the cut by a layer), not its range.
     c.restart(1).unwrap();
     c.wait_plan(2, Duration::from_secs(60)).unwrap();
     let again = weights(&c.peers[1].http);
-    assert_eq!(again.fetched_bytes, 0, "{again:?}");
+    assert!(again.fetched_bytes < done.fetched_bytes / 4, "{again:?}");
     assert!(again.cache_bytes >= done.fetched_bytes);
     assert_eq!(generate_on(&c.peers[1].http, &f, |_| {}).unwrap().done.tokens, solo_tokens(&local, &f));
 }
