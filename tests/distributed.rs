@@ -85,22 +85,31 @@ fn three_processes_that_each_hold_the_model_serve_whole_replicas() {
     let prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn is"];
     let jobs: Vec<GenFlags> = (0..8).map(|i| raw_flags(prompts[i % 4], 16, 0.0, 0)).collect();
     let entry = c.peers[0].http.clone();
-    let handles: Vec<_> = jobs
-        .iter()
-        .cloned()
-        .map(|f| {
-            let entry = entry.clone();
-            std::thread::spawn(move || generate_on(&entry, &f, |_| {}).unwrap())
-        })
-        .collect();
+    // The entry learns which peers hold a range by gossip (a second or so
+    // after they load it): a round may find no other holder to ask yet.
     let mut served = std::collections::BTreeSet::new();
-    for (h, f) in handles.into_iter().zip(&jobs) {
-        let r = h.join().unwrap();
-        assert_eq!(r.done.tokens, solo_tokens(&local, f), "{f:?}");
-        assert_eq!(r.done.route.len(), 1, "one hop: {:?}", r.done.route);
-        served.insert(r.done.route[0].peer.clone());
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let handles: Vec<_> = jobs
+            .iter()
+            .cloned()
+            .map(|f| {
+                let entry = entry.clone();
+                std::thread::spawn(move || generate_on(&entry, &f, |_| {}).unwrap())
+            })
+            .collect();
+        served.clear();
+        for (h, f) in handles.into_iter().zip(&jobs) {
+            let r = h.join().unwrap();
+            assert_eq!(r.done.tokens, solo_tokens(&local, f), "{f:?}");
+            assert_eq!(r.done.route.len(), 1, "one hop: {:?}", r.done.route);
+            served.insert(r.done.route[0].peer.clone());
+        }
+        if served.len() >= 2 {
+            break;
+        }
     }
-    assert!(served.len() >= 2, "8 concurrent requests all ran on {served:?}");
+    assert!(served.len() >= 2, "8 concurrent requests all ran on {served:?}, three rounds running");
 }
 
 #[test]
