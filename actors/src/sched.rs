@@ -102,6 +102,11 @@ pub enum Action {
         /// The winner's promise, adjusted by its record (seconds); infinite
         /// when nothing is known of it.
         expected_s: f64,
+        /// The winner's own promise, before its record's adjustment: what
+        /// [`Scheduler::on_outcome`] compares the task's time with (an
+        /// adjusted promise there would learn only the square root of the
+        /// peer's true ratio).
+        promised_s: f64,
         /// How it was decided.
         basis: AwardBasis,
     },
@@ -277,7 +282,8 @@ impl Scheduler {
             [(peer, transfer)] => {
                 let share = shares.iter().find(|(p, _)| p == peer).map_or(1.0, |s| s.1.clamp(0.0, 1.0));
                 let expected = self.gossip_estimate(*peer, TaskSpec { work: task.work * share }, *transfer, now).unwrap_or(f64::INFINITY);
-                (id, vec![Action::Award { auction: id, peer: *peer, expected_s: expected, basis: AwardBasis::Single }])
+                let promised_s = expected / self.record(*peer);
+                (id, vec![Action::Award { auction: id, peer: *peer, expected_s: expected, promised_s, basis: AwardBasis::Single }])
             }
             _ => {
                 let calls = cands.iter().map(|(p, _)| Action::CallForBids { auction: id, peer: *p }).collect();
@@ -374,7 +380,8 @@ impl Scheduler {
             best(&mut a.bids.iter().map(|(p, q)| (*p, q.total() * self.record(*p))))
         };
         let Some((winner, expected_s)) = chosen else { return Vec::new() };
-        let mut out = vec![Action::Award { auction: id, peer: winner, expected_s, basis }];
+        let promised_s = expected_s / self.record(winner);
+        let mut out = vec![Action::Award { auction: id, peer: winner, expected_s, promised_s, basis }];
         out.extend(
             a.candidates.iter().filter(|(p, _)| *p != winner).map(|&(peer, _)| Action::Release { auction: id, peer, winner }),
         );

@@ -96,7 +96,7 @@ impl Runtime {
     /// scheduler's fallback when bids do not come in time. `cached` names a
     /// candidate holding that many of the tokens already (this owner's
     /// earlier turns): its service counts only the rest. Returns the winner
-    /// and its promise in seconds.
+    /// and its own promise in seconds (before its record's adjustment).
     pub async fn auction(&self, candidates: &[PeerKey], range: Range<usize>, tokens: usize, cached: Option<(&str, usize)>) -> Option<(PeerKey, f64)> {
         let model = self.0.model.get()?;
         let ids: Vec<u64> = candidates.iter().map(|p| self.sched_id(p)).collect::<Option<_>>()?;
@@ -131,8 +131,8 @@ impl Runtime {
         let planned = ids[0];
         let award = |actions: &[SchedAction]| {
             actions.iter().find_map(|a| match *a {
-                SchedAction::Award { auction: a, peer, expected_s, .. } if a == auction && expected_s.is_finite() => {
-                    Some((peer, expected_s))
+                SchedAction::Award { auction: a, peer, expected_s, promised_s, .. } if a == auction && expected_s.is_finite() => {
+                    Some((peer, promised_s))
                 }
                 SchedAction::Award { auction: a, .. } if a == auction => Some((planned, f64::INFINITY)),
                 _ => None,
@@ -200,9 +200,9 @@ impl Runtime {
                 won = award(&decided);
             }
         }
-        let (id, expected) = won?;
+        let (id, promised) = won?;
         basis = basis.or_else(|| basis_of(&decided));
-        tracing::debug!(auction, winner = id, expected_s = expected, ?basis, "auction decided");
+        tracing::debug!(auction, winner = id, promised_s = promised, ?basis, "auction decided");
         let winner = lock(&self.0.sched_ids).get(id as usize).cloned()?;
         // Every candidate asked hears the outcome, so the losers' bids stop
         // counting against their other offers (the winner's too: the session
@@ -223,7 +223,7 @@ impl Runtime {
                 let _ = tokio::time::timeout(MAX_BID_LEASE, rt.call(&peer, msg)).await;
             });
         }
-        Some((winner, expected))
+        Some((winner, promised))
     }
 
     /// Tells the scheduler how a promise turned out.

@@ -160,7 +160,7 @@ fn a_zero_bid_is_floored_at_the_bidders_own_speed_and_its_broken_promises_count(
         s.on_bid(id, 0, Quote { queue_s: 0.0, service_s: 0.0, transfer_s: 0.0 }, f64::from(round));
         let actions = s.on_bid(id, 1, quote(0.01), f64::from(round));
         let promised = actions.iter().find_map(|a| match a {
-            Action::Award { peer: 0, expected_s, .. } => Some(*expected_s),
+            Action::Award { peer: 0, promised_s, .. } => Some(*promised_s),
             _ => None,
         });
         if let Some(p) = promised {
@@ -356,4 +356,32 @@ fn a_candidate_holding_part_of_the_task_is_floored_and_bounded_by_its_share() {
     // go to the lower id).
     let (id, _) = s.start_shared(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], &[(1, 0.2)], 0.0);
     assert_eq!(award(&s.close_now(id, 0.0)), Some((1, AwardBasis::Gossip)));
+}
+
+#[test]
+fn a_record_learns_the_whole_ratio_of_a_peer_that_keeps_taking_four_times_its_promise() {
+    // Peer 0 always bids 0.1 s and takes 0.4 s; peer 1 bids 1 s. Judged by
+    // its own promises, peer 0's record nears 4, the whole ratio (judged by
+    // the adjusted ones it would stop near 2, the square root), and its
+    // adjusted expectation nears the truth: 0.4 s, still the better offer.
+    let mut s = Scheduler::new(SchedConfig::default());
+    let mut last = 0.0;
+    for round in 0..80 {
+        let now = f64::from(round);
+        let (id, _) = s.start(TaskSpec { work: 1.0 }, &[(0, 0.0), (1, 0.0)], now);
+        s.on_bid(id, 0, Quote { queue_s: 0.0, service_s: 0.1, transfer_s: 0.0 }, now);
+        let a = s.on_bid(id, 1, quote(1.0), now);
+        let (expected, promised) = a
+            .iter()
+            .find_map(|x| match x {
+                Action::Award { peer: 0, expected_s, promised_s, .. } => Some((*expected_s, *promised_s)),
+                _ => None,
+            })
+            .expect("peer 0 stays the better bid");
+        assert!((promised - 0.1).abs() < 1e-9, "its own promise: {promised}");
+        s.on_outcome(0, promised, 0.4);
+        last = expected;
+    }
+    assert!((s.record(0) - 4.0).abs() < 0.05, "record {}", s.record(0));
+    assert!((last - 0.4).abs() < 0.01, "the adjusted expectation nears the truth: {last}");
 }

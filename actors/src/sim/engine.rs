@@ -293,12 +293,12 @@ impl Sim<'_> {
                     let d = self.msg_delay(owner, peer as usize);
                     self.at(d, Event::Call { task, peer: peer as usize });
                 }
-                Action::Award { auction, peer, expected_s, .. } => {
+                Action::Award { auction, peer, promised_s, .. } => {
                     self.messages += 1.0;
                     let Some(i) = self.pending[owner].iter().position(|(id, _)| *id == auction) else { continue };
                     let (_, task) = self.pending[owner].swap_remove(i);
                     let p = peer as usize;
-                    let promised = if expected_s.is_finite() { expected_s } else { self.gossip_estimate(owner, p, task.work) };
+                    let promised = if promised_s.is_finite() { promised_s } else { self.gossip_estimate(owner, p, task.work) };
                     self.peers[p].unheard += task.work;
                     let d = self.msg_delay(owner, p);
                     self.at(d, Event::Heard { peer: p, key: (owner, auction), awarded: task.work });
