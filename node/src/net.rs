@@ -19,7 +19,10 @@
 //! [`StageStream`]; measured 2.6x faster per small message than a
 //! request-response round trip), and connection limits.
 
+pub mod address_book;
+pub mod announce;
 pub mod codec;
+pub mod connections;
 pub mod invite;
 pub mod keys;
 pub mod membership;
@@ -45,7 +48,7 @@ use tokio::sync::mpsc;
 use behaviour::{build_behaviour, build_transport};
 use dialer::Dialer;
 use event_loop::Runner;
-pub use gossip::{CAPS_TOPIC, LOAD_TOPIC};
+pub use gossip::{CAPS_TOPIC, DEPARTURE_TOPIC, LOAD_TOPIC};
 pub use handle::{IncomingStageStreams, InboundRequest, Net, NetConfig, NetError, NetHandle, NetTask, NodeStatus, StageStream};
 pub use membership::{Membership, PeerInfo, Source};
 
@@ -88,6 +91,7 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
     let (tx, rx) = mpsc::channel(256);
     let (inbound_tx, inbound) = mpsc::channel(cfg.inbound_capacity.max(1));
     let (lost, _) = tokio::sync::broadcast::channel(64);
+    let stream_use = connections::StreamUse::default();
     let mut runner = Runner {
         lost: lost.clone(),
         membership: Membership::new(local, cfg.peer_ttl),
@@ -101,7 +105,10 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
         listen_addrs: Vec::new(),
         connections: 0,
         kad_bootstrapped: None,
-        caps_due: false,
+        cadence: announce::Cadence::new(cfg.announce_interval, std::time::Instant::now()),
+        keeper: connections::Keeper::default(),
+        stream_use: stream_use.clone(),
+        gossip_rx_bytes: 0,
         reach: reach::Reach::new(),
         reservations: HashMap::new(),
         candidates: Dialer::new(membership::MAX_ADDRS_PER_PEER),
@@ -141,5 +148,5 @@ pub async fn start(mut cfg: NetConfig) -> Result<Net, NetError> {
     let listen_addrs = runner.listen_addrs.clone();
     let limits = runner.cfg.limits;
     let task = NetTask(tokio::spawn(runner.run(rx)));
-    Ok(Net { handle: NetHandle { tx, local, streams, limits, lost }, inbound, listen_addrs, task })
+    Ok(Net { handle: NetHandle { tx, local, streams, limits, lost, stream_use }, inbound, listen_addrs, task })
 }

@@ -36,11 +36,12 @@ pub enum MessageKind {
     WeightChunkRequest = 13,
     WeightChunkReply = 14,
     Error = 15,
+    Departure = 16,
 }
 
 impl MessageKind {
     /// Every kind, in number order.
-    pub const ALL: [MessageKind; 15] = [
+    pub const ALL: [MessageKind; 16] = [
         MessageKind::Capabilities,
         MessageKind::LoadReport,
         MessageKind::ShardAdvert,
@@ -56,6 +57,7 @@ impl MessageKind {
         MessageKind::WeightChunkRequest,
         MessageKind::WeightChunkReply,
         MessageKind::Error,
+        MessageKind::Departure,
     ];
 
     /// The kind numbered `v`, if any.
@@ -67,7 +69,7 @@ impl MessageKind {
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FGMS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 16;
 

@@ -64,6 +64,24 @@ pub struct Capabilities {
     pub models: Vec<ModelHash>,
     /// For a model of `models` it holds only in part: which chunks.
     pub partial: Vec<HeldChunks>,
+    /// Addresses it listens on (multiaddrs), so that members it holds no
+    /// connection to can reach it when they need to.
+    pub addrs: Vec<String>,
+}
+
+/// A member's notice that another one has left the mesh: it held a
+/// connection to `gone`, lost it, and could not reach it again. Signed (by
+/// gossip) by its reporter; `gone` refutes it by gossiping anything newer
+/// than `last_heard_ms`. A member leaving of its own accord sends one
+/// naming itself.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Departure {
+    /// The reporter.
+    pub peer: NodeId,
+    /// The member that left.
+    pub gone: NodeId,
+    /// The reporter's clock (Unix ms) when it last heard from `gone`.
+    pub last_heard_ms: u64,
 }
 
 /// Load of one served shard.
@@ -381,6 +399,7 @@ pub enum Message {
     WeightChunkRequest(WeightChunkRequest),
     WeightChunkReply(WeightChunkReply),
     Error(ErrorFrame),
+    Departure(Departure),
 }
 
 impl Message {
@@ -402,6 +421,7 @@ impl Message {
             Message::WeightChunkRequest(_) => MessageKind::WeightChunkRequest,
             Message::WeightChunkReply(_) => MessageKind::WeightChunkReply,
             Message::Error(_) => MessageKind::Error,
+            Message::Departure(_) => MessageKind::Departure,
         }
     }
 }

@@ -17,14 +17,16 @@ use libp2p::{
     request_response, tcp, yamux,
 };
 
+use super::address_book::AddressBook;
 use super::codec::StageCodec;
-use super::gossip::{CAPS_TOPIC, LOAD_TOPIC};
+use super::gossip::TOPICS;
 use super::handle::{NetConfig, NetError};
 use super::{IDENTIFY_PROTOCOL, MAX_GOSSIP_BYTES};
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
     pub(super) limits: connection_limits::Behaviour,
+    pub(super) book: AddressBook,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
@@ -134,7 +136,7 @@ fn autonat_config() -> autonat::Config {
 /// same-IP penalty (peers behind one NAT, or one host in tests).
 fn peer_score() -> gossipsub::PeerScoreParams {
     let mut params = gossipsub::PeerScoreParams { ip_colocation_factor_weight: 0.0, ..Default::default() };
-    for t in [CAPS_TOPIC, LOAD_TOPIC] {
+    for t in TOPICS {
         let topic = gossipsub::TopicScoreParams {
             topic_weight: 1.0,
             time_in_mesh_weight: 0.0,
@@ -187,7 +189,7 @@ pub(super) fn build_behaviour(cfg: &NetConfig, relay_client: relay::client::Beha
         .map_err(|e| setup(&e))?;
     let mut gossipsub =
         gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg).map_err(|e| setup(&e))?;
-    for t in [CAPS_TOPIC, LOAD_TOPIC] {
+    for t in TOPICS {
         gossipsub.subscribe(&gossipsub::IdentTopic::new(t)).map_err(|e| setup(&e))?;
     }
     gossipsub.with_peer_score(peer_score(), gossipsub::PeerScoreThresholds::default()).map_err(|e| setup(&e))?;
@@ -198,6 +200,7 @@ pub(super) fn build_behaviour(cfg: &NetConfig, relay_client: relay::client::Beha
     );
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
+        book: AddressBook::default(),
         identify,
         ping,
         mdns: Toggle::from(mdns),

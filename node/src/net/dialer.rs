@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
+use rand::seq::SliceRandom;
 
 /// Most discovered-but-unconnected peers remembered for redialing.
 pub const MAX_CANDIDATES: usize = 1024;
@@ -66,23 +67,32 @@ impl<P: Copy + Eq + Hash> Dialer<P> {
         c.addrs.clone()
     }
 
-    /// The peers due for a redial at `now` (not connected, backoff passed),
-    /// with their addresses; each one's backoff doubles (up to
-    /// [`MAX_REDIAL`]). Forgets peers that failed [`MAX_REDIALS`] times in a
-    /// row (rediscovery brings them back).
-    pub fn due(&mut self, now: Instant, connected: impl Fn(&P) -> bool) -> Vec<(P, Vec<Multiaddr>)> {
-        let due = self
-            .candidates
-            .iter_mut()
-            .filter(|(p, c)| c.next <= now && !connected(p))
-            .map(|(p, c)| {
+    /// Up to `limit` peers due for a dial at `now` (not connected, backoff
+    /// passed), picked at random, with their addresses; each one's backoff
+    /// doubles (up to [`MAX_REDIAL`]). Forgets peers that failed
+    /// [`MAX_REDIALS`] times in a row (rediscovery brings them back).
+    pub fn due(&mut self, now: Instant, connected: impl Fn(&P) -> bool, limit: usize) -> Vec<(P, Vec<Multiaddr>)> {
+        self.candidates.retain(|_, c| c.failures < MAX_REDIALS);
+        let mut due: Vec<&P> = self.candidates.iter().filter(|(p, c)| c.next <= now && !connected(p)).map(|(p, _)| p).collect();
+        due.shuffle(&mut rand::rng());
+        due.truncate(limit);
+        let due: Vec<P> = due.into_iter().copied().collect();
+        due.into_iter()
+            .filter_map(|p| {
+                let c = self.candidates.get_mut(&p)?;
                 c.next = now + c.backoff;
                 c.backoff = (c.backoff * 2).min(MAX_REDIAL);
-                (*p, c.addrs.clone())
+                Some((p, c.addrs.clone()))
             })
-            .collect();
-        self.candidates.retain(|_, c| c.failures < MAX_REDIALS);
-        due
+            .collect()
+    }
+
+    /// `peer` shed its connection to this node (or this node shed it): not
+    /// dialed again for [`MAX_REDIAL`].
+    pub fn shed(&mut self, peer: &P, now: Instant) {
+        if let Some(c) = self.candidates.get_mut(peer) {
+            c.next = now + MAX_REDIAL;
+        }
     }
 
     /// A connection to `peer` came up at `now`: its backoff starts over.
@@ -180,7 +190,7 @@ mod tests {
         let mut gaps = Vec::new();
         let mut last = t0;
         for _ in 0..400 {
-            if !d.due(t, |_| false).is_empty() {
+            if !d.due(t, |_| false, usize::MAX).is_empty() {
                 gaps.push((t - last).as_secs());
                 last = t;
             }
@@ -189,9 +199,11 @@ mod tests {
         assert_eq!(&gaps[..7], &[0, 1, 2, 4, 8, 16, 30]);
         assert!(gaps[7..].iter().all(|&g| g == 30));
         // Connected peers are never due; a connection resets the backoff.
-        assert!(d.due(t + MAX_REDIAL, |_| true).is_empty());
+        assert!(d.due(t + MAX_REDIAL, |_| true, usize::MAX).is_empty());
         d.connected(&1, t);
-        assert!(d.due(t + MIN_REDIAL, |_| false).len() == 1);
+        assert!(d.due(t + MIN_REDIAL, |_| false, usize::MAX).len() == 1);
+        d.shed(&1, t);
+        assert!(d.due(t + MIN_REDIAL, |_| false, usize::MAX).is_empty(), "a shed peer waits");
     }
 
     #[test]
@@ -203,7 +215,7 @@ mod tests {
         for _ in 0..MAX_REDIALS {
             d.failed(&7);
         }
-        let _ = d.due(t, |_| false);
+        let _ = d.due(t, |_| false, usize::MAX);
         assert!(d.is_empty(), "forgotten after {MAX_REDIALS} failures");
         d.discovered(8, vec![addr(4)], t);
         d.expired(&8, &addr(4));
@@ -212,5 +224,8 @@ mod tests {
             d.discovered(100 + p, vec![addr(9)], t);
         }
         assert_eq!(d.len(), MAX_CANDIDATES);
+        // At most `limit` at a time, the rest stay due.
+        assert_eq!(d.due(t, |_| false, 3).len(), 3);
+        assert_eq!(d.due(t, |_| false, usize::MAX).len(), MAX_CANDIDATES - 3);
     }
 }

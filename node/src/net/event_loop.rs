@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::runtime::error_frame;
-use fogmesh_protocols::{Capabilities, ErrorCode, KAD_PROTOCOL, LoadReport, Message, NodeId, ShardLoad, encode_message};
+use fogmesh_protocols::{Departure, ErrorCode, KAD_PROTOCOL, Message, NodeId, ShardLoad};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -17,9 +17,11 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, mdns, ping, request_response};
 use tokio::sync::{mpsc, oneshot};
 
+use super::announce::{Cadence, NEWCOMER_JITTER};
 use super::behaviour::{Behaviour, BehaviourEvent};
+use super::connections::{Keeper, StreamUse};
 use super::dialer::{Dialer, dialable};
-use super::gossip::{self, CAPS_TOPIC, Gossip, LOAD_TOPIC};
+use super::gossip::{self, CAPS_TOPIC, DEPARTURE_TOPIC, Gossip};
 use super::handle::{Command, InboundRequest, NetConfig, NetError, NodeStatus};
 use super::membership::{self, Membership, Source};
 use super::reach::Reach;
@@ -40,7 +42,11 @@ pub(super) struct Runner {
     pub(super) listen_addrs: Vec<Multiaddr>,
     pub(super) connections: u32,
     pub(super) kad_bootstrapped: Option<Instant>,
-    pub(super) caps_due: bool,
+    pub(super) cadence: Cadence,
+    pub(super) keeper: Keeper,
+    pub(super) stream_use: StreamUse,
+    /// Bytes of gossip messages received (each message once).
+    pub(super) gossip_rx_bytes: u64,
     pub(super) candidates: Dialer<PeerId>,
     pub(super) lost: tokio::sync::broadcast::Sender<PeerId>,
     pub(super) reach: Reach,
@@ -52,8 +58,6 @@ impl Runner {
     pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut announce = tokio::time::interval(self.cfg.announce_interval);
-        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut redial = tokio::time::interval(Duration::from_secs(5));
         redial.tick().await;
         loop {
@@ -70,19 +74,19 @@ impl Runner {
                     }
                 }
                 _ = tick.tick() => {
-                    self.redial_candidates(Instant::now());
-                    self.reserve_due(Instant::now());
-                    if std::mem::take(&mut self.caps_due) {
-                        self.announce_caps();
-                    }
-                    for p in self.membership.expire(Instant::now()) {
+                    let now = Instant::now();
+                    self.keep_connections(now);
+                    self.reserve_due(now);
+                    self.announce_due(now);
+                    for p in self.membership.expire(now) {
                         tracing::info!(peer = %p, "peer left the view");
+                        self.swarm.behaviour_mut().book.set(p, Vec::new());
                     }
                 }
-                _ = announce.tick() => self.announce(),
                 _ = redial.tick() => self.redial_bootstrap(),
             }
         }
+        self.farewell().await;
         tracing::info!("network task stopping");
         for (_, (peer, reply)) in self.pending.drain() {
             let _ = reply.send(Err(NetError::Request { peer, reason: "node shutting down".into() }));
@@ -100,6 +104,8 @@ impl Runner {
             mdns: self.cfg.mdns,
             secret: self.cfg.secret.is_some(),
             connections: self.connections,
+            connected_peers: self.swarm.connected_peers().count() as u32,
+            gossip_rx_bytes: self.gossip_rx_bytes,
             measurement: self.cfg.measurement.clone(),
             peers: self.membership.snapshot(Instant::now()),
             weights: None,
@@ -119,7 +125,12 @@ impl Runner {
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, message);
                 self.pending.insert(id, (peer, reply));
             }
-            Command::SetLoad(shards) => self.load = shards,
+            Command::SetLoad(shards) => {
+                if shards != self.load {
+                    self.load = shards;
+                    self.cadence.load_changed();
+                }
+            }
             Command::FindHolders(model) => {
                 self.swarm.behaviour_mut().kad.get_providers(libp2p::kad::RecordKey::new(&model));
             }
@@ -133,7 +144,7 @@ impl Runner {
                     }
                     self.cfg.models = models;
                     self.cfg.partial = partial;
-                    self.caps_due = true;
+                    self.cadence.at_once(Instant::now());
                 }
             }
             Command::Invite(reply) => {
@@ -143,42 +154,18 @@ impl Runner {
         }
     }
 
-    fn publish(&mut self, topic: &str, msg: &Message) {
-        let mut buf = Vec::new();
-        if let Err(e) = encode_message(msg, &self.cfg.limits, &mut buf) {
-            tracing::warn!(error = %e, "cannot encode gossip");
-            return;
-        }
-        match self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), buf) {
-            Ok(_) => {}
-            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
-            Err(e) => tracing::debug!(topic, error = %e, "gossip not published"),
-        }
-    }
-
-    fn announce_caps(&mut self) {
-        let m = &self.cfg.measurement;
-        let caps = Message::Capabilities(Capabilities {
-            peer: NodeId::from(self.swarm.local_peer_id().to_string()),
-            cores: m.cores,
-            memory_bytes: m.memory_bytes,
-            gflops: m.gflops,
-            version: m.version.clone(),
-            models: self.cfg.models.clone(),
-            partial: self.cfg.partial.clone(),
-        });
-        self.publish(CAPS_TOPIC, &caps);
-    }
-
-    fn announce(&mut self) {
-        self.caps_due = false;
-        self.announce_caps();
+    /// Tells the mesh this member leaves (a departure notice naming
+    /// itself), and gives the swarm a moment to send it.
+    async fn farewell(&mut self) {
         let me = NodeId::from(self.swarm.local_peer_id().to_string());
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let load = Message::LoadReport(LoadReport { peer: me, timestamp_ms: now_ms, shards: self.load.clone() });
-        self.publish(LOAD_TOPIC, &load);
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.publish(DEPARTURE_TOPIC, &Message::Departure(Departure { peer: me.clone(), gone: me, last_heard_ms: now_ms }));
+        let until = tokio::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(ev) = tokio::time::timeout_at(until, self.swarm.select_next_some()).await {
+            if let SwarmEvent::ConnectionClosed { .. } = ev {
+                continue;
+            }
+        }
     }
 
     fn redial_bootstrap(&mut self) {
@@ -201,8 +188,9 @@ impl Runner {
         self.swarm.dial(DialOpts::unknown_peer_id().address(addr).allocate_new_port().build())
     }
 
-    /// Remembers `addrs` of a discovered peer and dials it now unless
-    /// connected; `tick` retries unconnected candidates with backoff.
+    /// Remembers `addrs` of a discovered peer, and dials it now when this
+    /// node holds fewer connections than its target (else
+    /// [`Runner::keep_connections`] may pick it later).
     fn discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, source: Source) {
         if peer == *self.swarm.local_peer_id() || addrs.is_empty() {
             return;
@@ -211,19 +199,14 @@ impl Runner {
             self.membership.discovered(peer, a.clone(), source);
         }
         let addrs = self.candidates.discovered(peer, addrs, Instant::now());
-        self.dial_peer(peer, addrs);
-    }
-
-    /// Redials unconnected candidates whose backoff has passed.
-    fn redial_candidates(&mut self, now: Instant) {
-        let swarm = &self.swarm;
-        let due = self.candidates.due(now, |p| swarm.is_connected(p));
-        for (peer, addrs) in due {
+        let held = self.swarm.connected_peers().count()
+            + self.swarm.network_info().connection_counters().num_pending_outgoing() as usize;
+        if held < self.cfg.target_peers {
             self.dial_peer(peer, addrs);
         }
     }
 
-    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+    pub(super) fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) || addrs.is_empty() {
             return;
         }
@@ -247,8 +230,11 @@ impl Runner {
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, num_established, .. } => {
                 self.connections += 1;
+                if num_established.get() == 1 {
+                    self.connection_up(peer_id, now);
+                }
                 self.remotes.insert(peer_id, endpoint.get_remote_address().clone());
                 let addr = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => Some(address.clone()),
@@ -264,17 +250,17 @@ impl Runner {
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, num_established, connection_id, .. } => {
                 self.connections = self.connections.saturating_sub(1);
+                self.membership.disconnected(peer_id);
                 if num_established == 0 {
                     self.remotes.remove(&peer_id);
-                    let _ = self.lost.send(peer_id);
+                    self.connection_down(peer_id, now);
                 }
-                self.membership.disconnected(peer_id);
                 self.reach_closed(connection_id, peer_id);
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(p) = peer_id {
-                    self.candidates.failed(&p);
+                    self.dial_failed(p, now);
                 }
                 tracing::debug!(peer = ?peer_id, %error, "outgoing connection failed");
             }
@@ -308,6 +294,8 @@ impl Runner {
                 let addrs: Vec<Multiaddr> =
                     info.listen_addrs.iter().filter(|a| dialable(a, remote)).take(16).cloned().collect();
                 self.membership.identified(peer_id, &addrs, &info.agent_version, now);
+                let known = self.membership.addrs(&peer_id).to_vec();
+                self.swarm.behaviour_mut().book.set(peer_id, known);
                 let kad_name = StreamProtocol::new(KAD_PROTOCOL);
                 if info.protocols.contains(&kad_name) {
                     for a in &addrs {
@@ -391,13 +379,13 @@ impl Runner {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
                 if topic == gossipsub::IdentTopic::new(CAPS_TOPIC).hash() =>
             {
-                // A new subscriber learns our capabilities now, not at the
-                // next announcement (rate-limited: see `tick`).
-                self.caps_due = true;
+                // A new subscriber learns our capabilities soon, not at the
+                // next refresh (coalesced: see `announce`).
+                self.cadence.newcomer(now, jitter());
             }
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
-            BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Limits(never) | BehaviourEvent::Book(never) => match never {},
             BehaviourEvent::Streams(()) => {}
             BehaviourEvent::Relay(ev) => self.on_relay_server(ev),
             BehaviourEvent::RelayClient(ev) => self.on_relay_client(ev),
@@ -410,9 +398,33 @@ impl Runner {
     /// the membership view.
     fn on_gossip(&mut self, message: &gossipsub::Message, now: Instant) -> Result<(), &'static str> {
         let source = message.source.ok_or("unsigned")?;
+        self.gossip_rx_bytes += message.data.len() as u64;
         match gossip::validate(&message.data, message.topic.as_str(), &source, &self.cfg.limits)? {
-            Gossip::Capabilities(c) => self.membership.capabilities(source, c, now),
+            Gossip::Capabilities(c) => {
+                let addrs: Vec<Multiaddr> =
+                    c.addrs.iter().filter_map(|a| a.parse().ok()).filter(|a| dialable(a, None)).collect();
+                if self.membership.capabilities(source, c, addrs.clone(), now) {
+                    tracing::info!(peer = %source, "peer joined the view (by gossip)");
+                    self.cadence.newcomer(now, jitter());
+                }
+                if !addrs.is_empty() {
+                    self.candidates.discovered(source, addrs, now);
+                    let known = self.membership.addrs(&source).to_vec();
+                    self.swarm.behaviour_mut().book.set(source, known);
+                }
+            }
             Gossip::Load(r) => self.membership.load(source, r, now),
+            Gossip::Departure(d) => {
+                let gone: PeerId = d.gone.as_str().parse().map_err(|_| "the departed member is not a peer id")?;
+                if gone == *self.swarm.local_peer_id() {
+                    tracing::info!(reporter = %source, "a departure notice names this node; refuting it");
+                    self.cadence.at_once(now);
+                } else if self.membership.departed(gone, d.last_heard_ms, now) {
+                    tracing::info!(peer = %gone, reporter = %source, "peer left the view (departure notice)");
+                    self.swarm.behaviour_mut().book.set(gone, Vec::new());
+                    let _ = self.lost.send(gone);
+                }
+            }
         }
         Ok(())
     }
@@ -459,3 +471,7 @@ impl Runner {
     }
 }
 
+/// A random delay up to [`NEWCOMER_JITTER`].
+fn jitter() -> Duration {
+    NEWCOMER_JITTER.mul_f64(rand::random::<f64>())
+}

@@ -1,13 +1,21 @@
 //! Validation of gossip messages: one function every received message goes
 //! through before the membership view sees it.
 
-use fogmesh_protocols::{Capabilities, Limits, LoadReport, Message, ShardLoad, read_message};
-use libp2p::PeerId;
+use fogmesh_protocols::{Capabilities, Departure, Limits, LoadReport, Message, ShardLoad, read_message};
+use libp2p::{Multiaddr, PeerId};
 
 /// The gossipsub topic of capability announcements.
 pub const CAPS_TOPIC: &str = "fogmesh/capabilities/1";
 /// The gossipsub topic of load reports.
 pub const LOAD_TOPIC: &str = "fogmesh/load/1";
+/// The gossipsub topic of departure notices.
+pub const DEPARTURE_TOPIC: &str = "fogmesh/departures/1";
+/// Every topic a member subscribes to.
+pub const TOPICS: [&str; 3] = [CAPS_TOPIC, LOAD_TOPIC, DEPARTURE_TOPIC];
+/// Most addresses one peer may announce.
+pub const MAX_ANNOUNCED_ADDRS: usize = 16;
+/// Longest address a peer may announce (bytes of its text form).
+pub const MAX_ADDR_BYTES: usize = 256;
 /// Longest version string a peer may announce.
 pub const MAX_VERSION_BYTES: usize = 64;
 /// Most shards one load report may list.
@@ -37,6 +45,8 @@ pub enum Gossip {
     Capabilities(Capabilities),
     /// A peer's load.
     Load(LoadReport),
+    /// A member's notice that another left (or that it leaves itself).
+    Departure(Departure),
 }
 
 /// Checks one gossip message signed by `source` on `topic`: it must decode
@@ -56,6 +66,7 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
     let (named, g) = match msg {
         Message::Capabilities(c) if topic == CAPS_TOPIC => (c.peer.clone(), Gossip::Capabilities(c)),
         Message::LoadReport(r) if topic == LOAD_TOPIC => (r.peer.clone(), Gossip::Load(r)),
+        Message::Departure(d) if topic == DEPARTURE_TOPIC => (d.peer.clone(), Gossip::Departure(d)),
         _ => return Err("message kind does not belong on this topic"),
     };
     if named.as_str() != source.to_string() {
@@ -81,6 +92,12 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
             if !(c.gflops.is_finite() && c.gflops > 0.0 && c.gflops <= MAX_GFLOPS) {
                 return Err("implausible speed");
             }
+            if c.addrs.len() > MAX_ANNOUNCED_ADDRS {
+                return Err("too many addresses");
+            }
+            if c.addrs.iter().any(|a| a.len() > MAX_ADDR_BYTES || a.parse::<Multiaddr>().is_err()) {
+                return Err("malformed address");
+            }
         }
         Gossip::Load(r) => {
             if r.shards.len() > MAX_REPORTED_SHARDS {
@@ -94,6 +111,11 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
             };
             if r.shards.iter().any(bad) {
                 return Err("implausible shard load");
+            }
+        }
+        Gossip::Departure(d) => {
+            if d.gone.as_str().parse::<PeerId>().is_err() {
+                return Err("the departed member is not a peer id");
             }
         }
     }
@@ -125,6 +147,7 @@ mod tests {
                 version: version.into(),
                 models: vec![],
                 partial: vec![],
+                addrs: vec!["/ip4/10.0.0.1/tcp/4001".into()],
             })
         };
         let load = |peer: &PeerId, n: usize| {
@@ -157,6 +180,19 @@ mod tests {
             r.shards[1].queue_depth = u32::MAX;
         }
         assert_eq!(validate(&frame(&q), LOAD_TOPIC, &me, &l), Err("implausible shard load"));
+        let mut bad_addr = caps(&me, "0.1");
+        if let Message::Capabilities(c) = &mut bad_addr {
+            c.addrs.push("not an address".into());
+        }
+        assert_eq!(validate(&frame(&bad_addr), CAPS_TOPIC, &me, &l), Err("malformed address"));
+        // Departures: signed by their reporter, naming a peer id.
+        let gone = |by: &PeerId, who: &str| {
+            Message::Departure(Departure { peer: by.to_string().into(), gone: who.to_string().into(), last_heard_ms: 5 })
+        };
+        assert!(matches!(validate(&frame(&gone(&me, &other.to_string())), DEPARTURE_TOPIC, &me, &l), Ok(Gossip::Departure(_))));
+        assert!(validate(&frame(&gone(&other, &me.to_string())), DEPARTURE_TOPIC, &me, &l).is_err());
+        assert!(validate(&frame(&gone(&me, "nobody")), DEPARTURE_TOPIC, &me, &l).is_err());
+        assert!(validate(&frame(&gone(&me, &other.to_string())), CAPS_TOPIC, &me, &l).is_err());
         // Framing.
         let mut f = frame(&caps(&me, "0.1"));
         f.push(0);

@@ -17,6 +17,7 @@ use super::reach::Nat;
 use futures::StreamExt;
 
 use super::codec;
+use super::connections::{InUse, StreamUse};
 use super::membership::{self, PeerInfo};
 use crate::measure::SelfMeasurement;
 
@@ -81,8 +82,14 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
     /// How long a request-response call may take.
     pub request_timeout: Duration,
-    /// Most established connections.
+    /// Most established connections (a bootstrap peer's room for
+    /// newcomers; beyond `max_peers` they are trimmed after a while).
     pub max_connections: u32,
+    /// Peers this node dials on its own (for gossip and the DHT) while it
+    /// holds fewer connected peers.
+    pub target_peers: usize,
+    /// Connected peers above which idle connections close.
+    pub max_peers: usize,
     /// Frame limits for everything peers send us.
     pub limits: Limits,
     /// Capacity of the inbound request channel.
@@ -97,7 +104,8 @@ pub struct NetConfig {
 
 impl NetConfig {
     /// Defaults: mDNS on, 10 s peer TTL, 2 s announcements, 2 s pings with a
-    /// 5 s timeout, 60 s idle timeout, 30 s calls, 128 connections.
+    /// 5 s timeout, 60 s idle timeout, 30 s calls, 128 connections, 8
+    /// peers dialed, idle ones trimmed above 16.
     pub fn new(keypair: Keypair, measurement: SelfMeasurement) -> Self {
         NetConfig {
             keypair,
@@ -112,6 +120,8 @@ impl NetConfig {
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             max_connections: 128,
+            target_peers: super::connections::DEFAULT_TARGET_PEERS,
+            max_peers: super::connections::DEFAULT_MAX_PEERS,
             limits: Limits::default(),
             inbound_capacity: 64,
             measurement,
@@ -161,6 +171,14 @@ pub struct NodeStatus {
     pub secret: bool,
     /// Open connections.
     pub connections: u32,
+    /// Peers with at least one open connection.
+    #[serde(default)]
+    pub connected_peers: u32,
+    /// Bytes of gossip received since the node started (each message
+    /// once, as delivered; gossipsub's own control traffic and duplicates
+    /// not counted).
+    #[serde(default)]
+    pub gossip_rx_bytes: u64,
     /// This host's self-measurement.
     pub measurement: SelfMeasurement,
     /// The membership view.
@@ -200,6 +218,7 @@ pub struct NetHandle {
     pub(super) local: PeerId,
     pub(super) streams: libp2p_stream::Control,
     pub(super) limits: Limits,
+    pub(super) stream_use: StreamUse,
 }
 
 /// A stage-traffic stream: framed [`Message`]s both ways, every frame checked
@@ -208,6 +227,8 @@ pub struct StageStream {
     peer: PeerId,
     io: libp2p::Stream,
     limits: Limits,
+    /// Keeps the connection it runs on from being trimmed.
+    _use: InUse,
 }
 
 impl std::fmt::Debug for StageStream {
@@ -217,8 +238,8 @@ impl std::fmt::Debug for StageStream {
 }
 
 impl StageStream {
-    fn new(peer: PeerId, io: libp2p::Stream, limits: Limits) -> Self {
-        StageStream { peer, io, limits }
+    fn new(peer: PeerId, io: libp2p::Stream, limits: Limits, book: &StreamUse) -> Self {
+        StageStream { peer, io, limits, _use: InUse::new(peer, book) }
     }
 
     /// The peer at the other end.
@@ -241,7 +262,8 @@ impl StageStream {
         futures::AsyncWriteExt::close(&mut self.io).await
     }
 
-    /// The underlying stream, to read and write bytes unframed.
+    /// The underlying stream, to read and write bytes unframed (no longer
+    /// counted as keeping its connection in use).
     pub fn into_inner(self) -> libp2p::Stream {
         self.io
     }
@@ -251,13 +273,14 @@ impl StageStream {
 pub struct IncomingStageStreams {
     inner: libp2p_stream::IncomingStreams,
     limits: Limits,
+    stream_use: StreamUse,
 }
 
 impl IncomingStageStreams {
     /// The next stream a peer opened; `None` once the node has stopped.
     pub async fn next(&mut self) -> Option<StageStream> {
         let (peer, io) = self.inner.next().await?;
-        Some(StageStream::new(peer, io, self.limits))
+        Some(StageStream::new(peer, io, self.limits, &self.stream_use))
     }
 }
 
@@ -329,7 +352,7 @@ impl NetHandle {
             .open_stream(peer, StreamProtocol::new(STAGE_PROTOCOL))
             .await
             .map_err(|e| NetError::Request { peer, reason: format!("cannot open a stage stream: {e}") })?;
-        Ok(StageStream::new(peer, stream, self.limits))
+        Ok(StageStream::new(peer, stream, self.limits, &self.stream_use))
     }
 
     /// Peers as their last connection closes (a lagging receiver misses
@@ -343,7 +366,7 @@ impl NetHandle {
     pub fn accept_stage_streams(&self) -> Option<IncomingStageStreams> {
         let mut control = self.streams.clone();
         let inner = control.accept(StreamProtocol::new(STAGE_PROTOCOL)).ok()?;
-        Some(IncomingStageStreams { inner, limits: self.limits })
+        Some(IncomingStageStreams { inner, limits: self.limits, stream_use: self.stream_use.clone() })
     }
 
     /// Asks the swarm task to stop (closing every connection).

@@ -121,18 +121,27 @@ pub struct Membership {
     local: PeerId,
     ttl: Duration,
     peers: BTreeMap<PeerId, Entry>,
+    /// Members removed by a departure notice: the newest report of theirs
+    /// the notice had seen (their own clock), and when it came. Gossip from
+    /// them no newer than that is an echo, and does not bring them back.
+    departed: BTreeMap<PeerId, (u64, Instant)>,
 }
 
 impl Membership {
     /// An empty view for the node `local`, forgetting silent, unconnected peers
     /// after `ttl`.
     pub fn new(local: PeerId, ttl: Duration) -> Self {
-        Membership { local, ttl, peers: BTreeMap::new() }
+        Membership { local, ttl, peers: BTreeMap::new(), departed: BTreeMap::new() }
     }
 
     /// How long an unconnected peer is kept after it was last heard from.
     pub fn ttl(&self) -> Duration {
         self.ttl
+    }
+
+    /// Changes the TTL (it grows with the gossip cadence as the mesh does).
+    pub fn set_ttl(&mut self, ttl: Duration) {
+        self.ttl = ttl;
     }
 
     fn entry(&mut self, peer: PeerId, now: Instant) -> Option<&mut Entry> {
@@ -161,6 +170,7 @@ impl Membership {
 
     /// A connection to `peer` opened (through `addr`).
     pub fn connected(&mut self, peer: PeerId, addr: Option<Multiaddr>, now: Instant) {
+        self.departed.remove(&peer);
         if let Some(e) = self.entry(peer, now) {
             e.connections += 1;
             e.last_seen = now;
@@ -220,17 +230,37 @@ impl Membership {
         }
     }
 
-    /// A gossiped capabilities message whose signature says it came from `peer`.
-    pub fn capabilities(&mut self, peer: PeerId, caps: Capabilities, now: Instant) {
+    /// A gossiped capabilities message whose signature says it came from
+    /// `peer`, with the addresses it announced that are worth dialing.
+    /// Returns whether `peer` is new to the view. A member a departure
+    /// notice removed comes back only by a newer load report or a
+    /// connection (capabilities carry no time, so an old copy could be an
+    /// echo).
+    pub fn capabilities(&mut self, peer: PeerId, caps: Capabilities, addrs: Vec<Multiaddr>, now: Instant) -> bool {
+        if self.departed.contains_key(&peer) {
+            return false;
+        }
+        let new = !self.peers.contains_key(&peer);
         if let Some(e) = self.entry(peer, now) {
             e.caps = Some(caps);
             e.last_seen = now;
             e.sources.insert(Source::Gossip);
+            for a in addrs {
+                push_addr(&mut e.addrs, a);
+            }
+            return new;
         }
+        false
     }
 
     /// A gossiped load report whose signature says it came from `peer`.
     pub fn load(&mut self, peer: PeerId, report: LoadReport, now: Instant) {
+        if let Some(&(seen, _)) = self.departed.get(&peer) {
+            if report.timestamp_ms <= seen {
+                return;
+            }
+            self.departed.remove(&peer);
+        }
         if let Some(e) = self.entry(peer, now) {
             if e.load_ms.is_some_and(|last| report.timestamp_ms <= last) {
                 return;
@@ -242,10 +272,43 @@ impl Membership {
         }
     }
 
+    /// The timestamp (its own clock) of the newest load report `peer` sent
+    /// that reached this node.
+    pub fn newest_report_ms(&self, peer: &PeerId) -> Option<u64> {
+        self.peers.get(peer)?.load_ms
+    }
+
+    /// A departure notice: `gone` left, as far as a member that had heard
+    /// its reports up to `seen_ms` (its clock) can tell. Removes it, unless
+    /// this node holds a connection to it or has heard a newer report from
+    /// it (the notice is stale, or false); returns whether it was removed.
+    /// Until [`Membership::expire`] forgets the notice (after three TTLs),
+    /// older reports of `gone` are ignored.
+    pub fn departed(&mut self, gone: PeerId, seen_ms: u64, now: Instant) -> bool {
+        if gone == self.local {
+            return false;
+        }
+        if let Some(e) = self.peers.get(&gone) {
+            if e.connections > 0 || e.load_ms.is_some_and(|ms| ms > seen_ms) {
+                return false;
+            }
+        }
+        if self.departed.len() >= MAX_MEMBERS && !self.departed.contains_key(&gone) {
+            // Full: the oldest notice makes room.
+            if let Some(old) = self.departed.iter().min_by_key(|(_, (_, at))| *at).map(|(p, _)| *p) {
+                self.departed.remove(&old);
+            }
+        }
+        let held = self.departed.entry(gone).or_insert((seen_ms, now));
+        *held = (held.0.max(seen_ms), now);
+        self.peers.remove(&gone).is_some()
+    }
+
     /// Drops peers that are unconnected and silent for longer than the TTL;
     /// returns the ones dropped.
     pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
         let ttl = self.ttl;
+        self.departed.retain(|_, (_, at)| now.saturating_duration_since(*at) <= ttl * 3);
         let gone: Vec<PeerId> = self
             .peers
             .iter()
@@ -337,7 +400,16 @@ mod tests {
     use super::*;
 
     fn caps(cores: u32) -> Capabilities {
-        Capabilities { peer: Default::default(), cores, memory_bytes: 1 << 30, gflops: 10.0, version: "t".into(), models: vec![], partial: vec![] }
+        Capabilities {
+            peer: Default::default(),
+            cores,
+            memory_bytes: 1 << 30,
+            gflops: 10.0,
+            version: "t".into(),
+            models: vec![],
+            partial: vec![],
+            addrs: vec![],
+        }
     }
 
     #[test]
@@ -383,9 +455,9 @@ mod tests {
         let connected = PeerId::random();
         m.connected(connected, None, t0);
         let first = PeerId::random();
-        m.capabilities(first, caps(1), t0);
+        m.capabilities(first, caps(1), vec![], t0);
         for i in 0..MAX_MEMBERS + 100 {
-            m.capabilities(PeerId::random(), caps(1), t0 + Duration::from_millis(1 + i as u64));
+            m.capabilities(PeerId::random(), caps(1), vec![], t0 + Duration::from_millis(1 + i as u64));
         }
         let s = m.snapshot(t0);
         assert_eq!(s.len(), MAX_MEMBERS);
@@ -399,7 +471,7 @@ mod tests {
         let mut m = Membership::new(me, Duration::from_secs(5));
         let t = Instant::now();
         m.connected(me, None, t);
-        m.capabilities(me, caps(4), t);
+        m.capabilities(me, caps(4), vec![], t);
         assert!(m.is_empty());
     }
 
@@ -411,7 +483,7 @@ mod tests {
         let mut m = Membership::new(me, ttl);
         let t0 = Instant::now();
         m.connected(p, None, t0);
-        m.capabilities(p, caps(8), t0);
+        m.capabilities(p, caps(8), vec![], t0);
         m.ping(p, Duration::from_millis(2), t0);
         // Connected peers stay however long they are silent.
         assert!(m.expire(t0 + Duration::from_secs(60)).is_empty());
@@ -430,7 +502,7 @@ mod tests {
         let ttl = Duration::from_secs(3);
         let mut m = Membership::new(me, ttl);
         let t0 = Instant::now();
-        m.capabilities(p, caps(2), t0);
+        m.capabilities(p, caps(2), vec![], t0);
         let report = LoadReport { peer: Default::default(), timestamp_ms: 0, shards: vec![] };
         m.load(p, report.clone(), t0 + Duration::from_secs(2));
         assert!(m.expire(t0 + Duration::from_secs(4)).is_empty());
@@ -446,7 +518,7 @@ mod tests {
         let mut m = Membership::new(me, Duration::from_secs(3));
         let t0 = Instant::now();
         m.connected(p, Some("/ip4/127.0.0.1/tcp/4001".parse().unwrap()), t0);
-        m.capabilities(p, caps(6), t0);
+        m.capabilities(p, caps(6), vec![], t0);
         m.ping(p, Duration::from_micros(1500), t0);
         let s = &m.snapshot(t0 + Duration::from_millis(250))[0];
         assert_eq!(s.cores, 6);
@@ -474,5 +546,38 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), MAX_ADDRS_PER_PEER);
+    }
+
+    #[test]
+    fn a_departure_notice_removes_a_member_until_it_speaks_again() {
+        let me = PeerId::random();
+        let (p, linked) = (PeerId::random(), PeerId::random());
+        let mut m = Membership::new(me, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let report = |ms: u64| LoadReport { peer: Default::default(), timestamp_ms: ms, shards: vec![] };
+        m.capabilities(p, caps(2), vec!["/ip4/10.0.0.9/tcp/1".parse().unwrap()], t0);
+        m.load(p, report(100), t0);
+        assert_eq!(m.addrs(&p).len(), 1, "announced addresses are kept for dials");
+        // A notice that had seen less than this node has is stale.
+        assert!(!m.departed(p, 99, t0));
+        assert!(m.contains(&p));
+        assert!(m.departed(p, 100, t0));
+        assert!(!m.contains(&p));
+        // Echoes of what it said before do not bring it back.
+        m.capabilities(p, caps(2), vec![], t0);
+        m.load(p, report(100), t0);
+        assert!(!m.contains(&p));
+        // Something newer from it refutes the notice.
+        m.load(p, report(101), t0);
+        assert!(m.contains(&p));
+        // A member this node holds a connection to stays whatever others say.
+        m.connected(linked, None, t0);
+        assert!(!m.departed(linked, u64::MAX, t0));
+        assert!(m.contains(&linked));
+        // The notice itself is forgotten after three TTLs.
+        assert!(m.departed(p, 200, t0));
+        m.expire(t0 + Duration::from_secs(31));
+        m.capabilities(p, caps(2), vec![], t0 + Duration::from_secs(31));
+        assert!(m.contains(&p));
     }
 }
