@@ -260,6 +260,13 @@ fn a_lying_holder_is_banned_and_a_fetch_resumes_across_hosts() {
     assert_eq!(w["banned"], serde_json::json!([lab.peer_id(&h[1])]), "{w}");
     assert!(w["fetch"]["rejected"].as_u64() >= Some(1), "{w}");
     assert_eq!(w["fetched_bytes"], w["fetch"]["bytes_held"], "nothing damaged kept");
+    // The fetched node takes part in placement once it has adopted the
+    // model: wait for a route there (it flaked in CI when asked at once).
+    let t = Instant::now();
+    while !api(&h[2], "/plan")["route"].as_array().is_some_and(|r| !r.is_empty()) {
+        assert!(t.elapsed() < Duration::from_secs(60), "no route at the fetcher\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let v = run_at(&lab, &h[2], PROMPT, 8);
     assert_eq!(tokens(&v), single(&model, 8));
     drop(lab);

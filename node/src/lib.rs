@@ -35,7 +35,11 @@
 //!   validation), `handle.rs` (public types and the handle), `reach.rs`
 //!   (AutoNAT verdict, relay reservations, link kinds; sans-I/O),
 //!   `relaying.rs` (the swarm task's side of relays, hole punches and
-//!   invites), `invite.rs` (invite tokens).
+//!   invites), `invite.rs` (invite tokens), `connections.rs` (which
+//!   connections a member keeps; probes and departure notices),
+//!   `announce.rs` (when a member gossips about itself: a cadence that
+//!   slows with the mesh), `address_book.rs` (addresses for dials to
+//!   members known only by gossip).
 //! - `config.rs`: `FOGMESH_*` variables and the TOML config file, both
 //!   mirroring the flags.
 //! - `fetch.rs`: obtaining the catalogue's models through pip, verified by

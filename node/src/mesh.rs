@@ -87,6 +87,7 @@ pub struct MeshBuilder {
     mdns: bool,
     keypair: Option<Keypair>,
     peer_ttl: Option<Duration>,
+    peer_bounds: Option<(usize, usize)>,
     runtime: RuntimeConfig,
     measurement: Option<SelfMeasurement>,
     max_memory: Option<u64>,
@@ -168,6 +169,13 @@ impl MeshBuilder {
     /// How long an unconnected peer stays in the view.
     pub fn peer_ttl(mut self, ttl: Duration) -> Self {
         self.peer_ttl = Some(ttl);
+        self
+    }
+
+    /// Peers this node dials on its own, and connected peers above which
+    /// it closes idle connections (defaults 6 and 16).
+    pub fn peer_bounds(mut self, target: usize, max: usize) -> Self {
+        self.peer_bounds = Some((target, max.max(target)));
         self
     }
 
@@ -315,6 +323,9 @@ impl MeshBuilder {
         if let Some(t) = self.peer_ttl {
             cfg.peer_ttl = t;
         }
+        if let Some((target, max)) = self.peer_bounds {
+            (cfg.target_peers, cfg.max_peers) = (target, max);
+        }
         cfg.models = model.iter().map(|m| m.hash).collect();
         let net = net::start(cfg).await?;
         let handle = net.handle.clone();
@@ -448,6 +459,7 @@ impl Mesh {
             mdns: true,
             keypair: None,
             peer_ttl: None,
+            peer_bounds: None,
             runtime: RuntimeConfig::default(),
             measurement: None,
             max_memory: None,

@@ -11,6 +11,7 @@ use libp2p::Multiaddr;
 use super::{NodeModel, data_dir, resolve_node_model};
 use crate::client::{DEFAULT_HTTP, HTTP_ADDR_FILE};
 use crate::mesh::{Invite, Mesh, is_loopback, keys};
+use crate::net::connections::{DEFAULT_MAX_PEERS, DEFAULT_TARGET_PEERS};
 
 /// Options of `fogmesh node`.
 #[derive(Debug, Args)]
@@ -50,6 +51,16 @@ pub struct NodeArgs {
     /// Seconds an unconnected, silent peer stays in the view.
     #[arg(long, default_value_t = 10.0, hide = true)]
     pub peer_ttl: f64,
+    /// Peers this node keeps connections to on its own (for gossip and the
+    /// DHT); it connects to others only to exchange work with them.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TARGET_PEERS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub target_peers: u16,
+    /// Connected peers above which idle connections close (a bootstrap
+    /// peer takes every newcomer at first, then sheds them).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PEERS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub max_peers: u16,
     /// Serve this model: a GGUF file, a catalogue name (`fogmesh fetch
     /// --list`), or `sha256:HEX[@DIGEST]`, a model the mesh holds (the
     /// file's SHA-256, and its manifest's digest as the holder's log prints
@@ -195,7 +206,11 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
             format!("cannot serve HTTP on {} (in use? pass --http 127.0.0.1:0 for a free port)", args.http)
         })?;
         let http_addr = http.local_addr()?;
-        let mut b = Mesh::builder().keypair(keypair).mdns(!args.no_mdns).peer_ttl(Duration::from_secs_f64(args.peer_ttl));
+        let mut b = Mesh::builder()
+            .keypair(keypair)
+            .mdns(!args.no_mdns)
+            .peer_ttl(Duration::from_secs_f64(args.peer_ttl))
+            .peer_bounds(usize::from(args.target_peers), usize::from(args.max_peers));
         for a in &args.listen {
             b = b.listen(a.clone());
         }

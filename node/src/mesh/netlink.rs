@@ -125,7 +125,10 @@ impl MeshLink for NetLink {
         let Ok(peers) = self.handle.peers().await else { return Vec::new() };
         peers
             .into_iter()
-            .filter(|p| p.connections > 0 && p.gflops > 0.0)
+            // Every member whose capabilities arrived, connected or not:
+            // calls and stage streams dial on demand (the address book), so
+            // that every peer plans over the same members.
+            .filter(|p| p.gflops > 0.0)
             .map(|p| PeerView {
                 peer: p.peer_id,
                 gflops: p.gflops,

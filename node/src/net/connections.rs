@@ -28,12 +28,12 @@ use super::event_loop::Runner;
 use super::gossip::DEPARTURE_TOPIC;
 
 /// Peers a member dials on its own, by default.
-pub const DEFAULT_TARGET_PEERS: usize = 8;
+pub const DEFAULT_TARGET_PEERS: usize = 6;
 /// Connected peers above which idle connections close, by default.
 pub const DEFAULT_MAX_PEERS: usize = 16;
 /// How long a connection is up before it may be trimmed, or its loss
 /// probed.
-pub const GRACE: Duration = Duration::from_secs(20);
+pub const GRACE: Duration = Duration::from_secs(15);
 /// How long a probe may take to connect.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -134,15 +134,19 @@ impl Keeper {
         late
     }
 
-    /// Of `connected`, the connections to close so that at most `max`
-    /// remain: picked at random among those up for [`GRACE`] that are not
-    /// `busy` and not closing already.
-    pub fn victims(&self, connected: &[PeerId], max: usize, now: Instant, busy: impl Fn(&PeerId) -> bool) -> Vec<PeerId> {
-        let open = connected.iter().filter(|p| !self.closing.contains(p)).count();
-        let over = open.saturating_sub(max);
-        if over == 0 {
-            return Vec::new();
-        }
+    /// Of `connected`, the connections to close: of those up for [`GRACE`]
+    /// and not `busy` (nor closing already), at random, the ones not `kept`
+    /// while more than `target` remain, then kept ones while more than
+    /// `max` remain.
+    pub fn victims(
+        &self,
+        connected: &[PeerId],
+        (target, max): (usize, usize),
+        now: Instant,
+        busy: impl Fn(&PeerId) -> bool,
+        kept: impl Fn(&PeerId) -> bool,
+    ) -> Vec<PeerId> {
+        let mut open = connected.iter().filter(|p| !self.closing.contains(p)).count();
         let mut idle: Vec<PeerId> = connected
             .iter()
             .filter(|p| !self.closing.contains(p) && !busy(p))
@@ -151,8 +155,18 @@ impl Keeper {
             .collect();
         idle.sort();
         idle.shuffle(&mut rand::rng());
-        idle.truncate(over);
-        idle
+        // Not kept first.
+        idle.sort_by_key(|p| kept(p));
+        let mut out = Vec::new();
+        for p in idle {
+            let bound = if kept(&p) { max } else { target };
+            if open <= bound {
+                continue;
+            }
+            open -= 1;
+            out.push(p);
+        }
+        out
     }
 }
 
@@ -171,10 +185,15 @@ impl Runner {
             }
         }
         let streams = self.stream_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let calling: HashSet<PeerId> = self.pending.values().map(|(p, _)| *p).collect();
+        self.recent_calls.retain(|_, t| now.saturating_duration_since(*t) < GRACE);
+        let calling: HashSet<PeerId> = self.pending.values().map(|(p, _)| *p).chain(self.recent_calls.keys().copied()).collect();
         let busy = |p: &PeerId| streams.contains_key(p) || calling.contains(p);
-        for p in self.keeper.victims(&connected, self.cfg.max_peers, now, busy) {
-            tracing::debug!(peer = %p, "closing an idle connection: above the peer maximum");
+        // The gossip mesh's links are the ones kept: gossipsub grafts them
+        // on both ends, so neither end trims what the other relies on.
+        let mesh: HashSet<PeerId> = self.swarm.behaviour().gossipsub.all_mesh_peers().copied().collect();
+        let bounds = (self.cfg.target_peers, self.cfg.max_peers);
+        for p in self.keeper.victims(&connected, bounds, now, busy, |p| mesh.contains(p)) {
+            tracing::debug!(peer = %p, "closing an idle connection");
             self.keeper.close(p);
             self.candidates.shed(&p, now);
             let _ = self.swarm.disconnect_peer_id(p);
@@ -248,18 +267,29 @@ mod tests {
         }
         let late = t0 + GRACE;
         k.up(peers[5], late);
-        assert!(k.victims(&peers, 6, late, |_| false).is_empty(), "within the maximum");
-        // Two over: the young one and the busy one are spared.
+        let all = |_: &PeerId| true;
+        assert!(k.victims(&peers, (2, 6), late, |_| false, all).is_empty(), "kept, within the maximum");
+        // Two over the maximum: the young one and the busy one are spared.
         let busy = peers[0];
-        let v = k.victims(&peers, 4, late, |p| *p == busy);
+        let v = k.victims(&peers, (2, 4), late, |p| *p == busy, all);
         assert_eq!(v.len(), 2);
         assert!(!v.contains(&busy) && !v.contains(&peers[5]));
         // Closing ones count as gone already.
         for p in &v {
             k.close(*p);
         }
-        assert!(k.victims(&peers, 4, late, |_| false).is_empty());
+        assert!(k.victims(&peers, (2, 4), late, |_| false, all).is_empty());
         assert_eq!(k.down(v[0], late), Down::ByUs);
+        // Links not kept go down to the target; kept ones stay up to the
+        // maximum.
+        let mut k = Keeper::default();
+        for p in &peers {
+            k.up(*p, t0);
+        }
+        let kept = |p: &PeerId| *p == peers[1] || *p == peers[2];
+        let v = k.victims(&peers, (3, 16), late, |_| false, kept);
+        assert_eq!(v.len(), 3);
+        assert!(!v.contains(&peers[1]) && !v.contains(&peers[2]));
     }
 
     #[test]

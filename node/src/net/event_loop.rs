@@ -41,12 +41,13 @@ pub(super) struct Runner {
     pub(super) load: Vec<ShardLoad>,
     pub(super) listen_addrs: Vec<Multiaddr>,
     pub(super) connections: u32,
-    pub(super) kad_bootstrapped: Option<Instant>,
     pub(super) cadence: Cadence,
     pub(super) keeper: Keeper,
     pub(super) stream_use: StreamUse,
     /// Bytes of gossip messages received (each message once).
     pub(super) gossip_rx_bytes: u64,
+    /// Peers called, or calling, lately (their connections are in use).
+    pub(super) recent_calls: HashMap<PeerId, Instant>,
     pub(super) candidates: Dialer<PeerId>,
     pub(super) lost: tokio::sync::broadcast::Sender<PeerId>,
     pub(super) reach: Reach,
@@ -60,6 +61,7 @@ impl Runner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut redial = tokio::time::interval(Duration::from_secs(5));
         redial.tick().await;
+        let mut refill = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
@@ -84,6 +86,7 @@ impl Runner {
                     }
                 }
                 _ = redial.tick() => self.redial_bootstrap(),
+                _ = refill.tick() => self.refill_kad(),
             }
         }
         self.farewell().await;
@@ -122,6 +125,9 @@ impl Runner {
                 let _ = reply.send(r);
             }
             Command::Request { peer, message, reply } => {
+                if self.recent_calls.len() < membership::MAX_MEMBERS {
+                    self.recent_calls.insert(peer, Instant::now());
+                }
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, message);
                 self.pending.insert(id, (peer, reply));
             }
@@ -165,6 +171,24 @@ impl Runner {
             if let SwarmEvent::ConnectionClosed { .. } = ev {
                 continue;
             }
+        }
+    }
+
+    /// Puts every member the view knows an address of into the DHT's
+    /// table (kad drops entries whose dials fail): kad looks the mesh up
+    /// again each time a peer joins a table of fewer than 20 (see
+    /// `on_gossip`).
+    fn refill_kad(&mut self) {
+        let in_table: std::collections::HashSet<PeerId> =
+            self.swarm.behaviour_mut().kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>()).collect();
+        let missing: Vec<(PeerId, Multiaddr)> = self
+            .membership
+            .members()
+            .filter(|p| !in_table.contains(p))
+            .filter_map(|p| Some((*p, self.membership.addrs(p).first()?.clone())))
+            .collect();
+        for (p, a) in missing {
+            self.swarm.behaviour_mut().kad.add_address(&p, a);
         }
     }
 
@@ -301,13 +325,9 @@ impl Runner {
                     for a in &addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
                     }
-                    let due = self.kad_bootstrapped.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10));
-                    if due && !self.cfg.bootstrap.is_empty() {
-                        self.kad_bootstrapped = Some(now);
-                        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
-                            tracing::debug!(error = ?e, "kad bootstrap not started");
-                        }
-                    }
+                    // No lookup from here: kad looks the mesh up by itself
+                    // while its table holds fewer than 20 peers, and the
+                    // gossiped members fill it.
                 }
             }
             BehaviourEvent::Identify(_) => {}
@@ -406,6 +426,12 @@ impl Runner {
                 if self.membership.capabilities(source, c, addrs.clone(), now) {
                     tracing::info!(peer = %source, "peer joined the view (by gossip)");
                     self.cadence.newcomer(now, jitter());
+                    // Into the DHT's table too: kad looks the mesh up again
+                    // each time a peer joins a table of fewer than 20, and
+                    // each lookup connects to many members.
+                    for a in &addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&source, a.clone());
+                    }
                 }
                 if !addrs.is_empty() {
                     self.candidates.discovered(source, addrs, now);
@@ -433,6 +459,9 @@ impl Runner {
         use request_response::{Event, Message as RrMessage};
         match ev {
             Event::Message { peer, message: RrMessage::Request { request, channel, .. }, .. } => {
+                if self.recent_calls.len() < membership::MAX_MEMBERS {
+                    self.recent_calls.insert(peer, Instant::now());
+                }
                 let (tx, rx) = oneshot::channel();
                 let inbound = InboundRequest { peer, message: request, reply: tx };
                 match self.inbound_tx.try_send(inbound) {

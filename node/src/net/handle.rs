@@ -104,7 +104,7 @@ pub struct NetConfig {
 
 impl NetConfig {
     /// Defaults: mDNS on, 10 s peer TTL, 2 s announcements, 2 s pings with a
-    /// 5 s timeout, 60 s idle timeout, 30 s calls, 128 connections, 8
+    /// 5 s timeout, 10 min idle timeout (the peer bounds trim first), 30 s calls, 128 connections, 6
     /// peers dialed, idle ones trimmed above 16.
     pub fn new(keypair: Keypair, measurement: SelfMeasurement) -> Self {
         NetConfig {
@@ -117,7 +117,7 @@ impl NetConfig {
             announce_interval: Duration::from_secs(2),
             ping_interval: Duration::from_secs(2),
             ping_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
             max_connections: 128,
             target_peers: super::connections::DEFAULT_TARGET_PEERS,
@@ -395,6 +395,12 @@ impl NetTask {
     /// Waits for the swarm task to end (after [`NetHandle::shutdown`]).
     pub async fn join(self) {
         let _ = self.0.await;
+    }
+
+    /// Stops the swarm task at once, without a farewell: its connections
+    /// just close, as if the process had been killed (for tests).
+    pub fn abort(&self) {
+        self.0.abort();
     }
 }
 

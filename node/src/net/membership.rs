@@ -321,6 +321,11 @@ impl Membership {
         gone
     }
 
+    /// The members in the view.
+    pub fn members(&self) -> impl Iterator<Item = &PeerId> {
+        self.peers.keys()
+    }
+
     /// Whether `peer` is in the view.
     pub fn contains(&self, peer: &PeerId) -> bool {
         self.peers.contains_key(peer)

@@ -1,0 +1,186 @@
+//! Many members in one process, over loopback TCP (mDNS off), joined
+//! through two bootstrap peers: every member's view holds every other
+//! (connected or not), no member keeps more than its maximum of connected
+//! peers, every member computes the same plan from its view, and a member
+//! killed without a word leaves every view within the departure bound.
+//!
+//! `FOGMESH_SCALE_PEERS` sets the size (default 40, a few seconds of
+//! setup); the 200-member run is `cargo test --release --test mesh_scale --
+//! --ignored --nocapture`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use fogmesh::actors::placement::{ModelCosts, PlacementPeer};
+use fogmesh::actors::policy;
+use fogmesh::node::measure::SelfMeasurement;
+use fogmesh::node::net::connections::{DEFAULT_MAX_PEERS, GRACE, PROBE_TIMEOUT};
+use fogmesh::node::net::{self, Net, NetConfig, PeerInfo};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+
+/// Memory and speed of member `i` (varied, so that the plan is a real
+/// choice: pipelines of several members, replicas where one fits).
+fn measurement(i: usize) -> SelfMeasurement {
+    SelfMeasurement { cores: 2, memory_bytes: ((40 + (i * 37) % 200) as u64) << 20, gflops: 5.0 + (i * 13 % 17) as f32, version: "test".into() }
+}
+
+fn config(i: usize, bootstrap: Vec<Multiaddr>) -> NetConfig {
+    let mut c = NetConfig::new(Keypair::generate_ed25519(), measurement(i));
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    c.bootstrap = bootstrap;
+    c.mdns = false;
+    c.models = vec![[7; 32]];
+    c
+}
+
+/// Starts `n` members, the first two the bootstrap peers of the rest.
+async fn start(n: usize) -> Vec<Net> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        let boot: Vec<Multiaddr> = nodes.iter().take(2).map(|m: &Net| m.listen_addrs[0].clone()).collect();
+        nodes.push(net::start(config(i, boot)).await.expect("member starts"));
+    }
+    nodes
+}
+
+/// The members of `n`'s view that sent their capabilities.
+async fn members(n: &Net) -> Vec<PeerInfo> {
+    n.handle.peers().await.unwrap().into_iter().filter(|p| p.gflops > 0.0).collect()
+}
+
+/// Waits until the sampled members each list all `want` others; returns
+/// the time it took.
+async fn wait_views(nodes: &[Net], sample: &[usize], want: &BTreeSet<PeerId>, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let mut missing = 0;
+        for &i in sample {
+            let me = nodes[i].handle.local_peer_id();
+            let got: BTreeSet<PeerId> = members(&nodes[i]).await.iter().map(|p| p.peer_id.parse().unwrap()).collect();
+            missing += want.iter().filter(|p| **p != me && !got.contains(p)).count();
+            assert!(got.iter().all(|p| want.contains(p)), "member {i} lists a stranger");
+        }
+        if missing == 0 {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < limit, "{missing} members still missing from the sampled views after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The plan member `i` computes from its view of a 30-layer model of 450 MB.
+async fn plan(nodes: &[Net], i: usize) -> Vec<Vec<policy::Hop>> {
+    let costs = ModelCosts {
+        layer_cost: vec![1e9; 30],
+        layer_bytes: vec![15 << 20; 30],
+        first_cost: 0.0,
+        first_bytes: 0,
+        last_cost: 2e9,
+        last_bytes: 0,
+        shared_bytes: 0,
+    };
+    let me = measurement(i);
+    let mut peers = vec![PlacementPeer {
+        id: nodes[i].handle.local_peer_id().to_string(),
+        speed: f64::from(me.gflops) * 1e9,
+        memory_bytes: me.memory_bytes,
+        missing: None,
+    }];
+    for p in members(&nodes[i]).await {
+        peers.push(PlacementPeer { id: p.peer_id, speed: f64::from(p.gflops) * 1e9, memory_bytes: p.memory_bytes, missing: None });
+    }
+    policy::routes(&costs, &peers).expect("a plan")
+}
+
+async fn scale(n: usize) {
+    let t0 = Instant::now();
+    let mut nodes = start(n).await;
+    let started = Instant::now();
+    eprintln!("{n} members started in {:?}", t0.elapsed());
+    let all: BTreeSet<PeerId> = nodes.iter().map(|m| m.handle.local_peer_id()).collect();
+    let sample = [0, n / 2, n - 1];
+    let took = wait_views(&nodes, &sample, &all, Duration::from_secs(120)).await;
+    eprintln!("{n} members: sampled views full {took:?} after the last start");
+    // Every member's view, not only the sample's.
+    let every: Vec<usize> = (0..n).collect();
+    wait_views(&nodes, &every, &all, Duration::from_secs(60)).await;
+
+    // Connections settle within the maximum once trims may run.
+    let until = Instant::now() + GRACE + Duration::from_secs(40);
+    loop {
+        let mut counts = Vec::with_capacity(n);
+        for m in &nodes {
+            counts.push(m.handle.status().await.unwrap().connected_peers as usize);
+        }
+        let worst = counts.iter().copied().max().unwrap_or(0);
+        eprintln!("counts {counts:?}");
+        if worst <= DEFAULT_MAX_PEERS {
+            counts.sort();
+            eprintln!("connected peers per member: min {} median {} max {worst}", counts[0], counts[n / 2]);
+            break;
+        }
+        assert!(Instant::now() < until, "a member holds {worst} connected peers (most {DEFAULT_MAX_PEERS})");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The same plan everywhere.
+    let first = plan(&nodes, 0).await;
+    assert!(first.len() > 1, "a plan over several routes: {first:?}");
+    for &i in &sample[1..] {
+        assert_eq!(plan(&nodes, i).await, first, "member {i} plans otherwise");
+    }
+
+    // Kill one member (its task aborted: no farewell, its sockets just
+    // close): it leaves every view within the departure bound.
+    // Its links must be older than the grace for their loss to be probed.
+    tokio::time::sleep_until((started + GRACE + Duration::from_secs(1)).into()).await;
+    let victim = nodes.remove(n / 3);
+    let gone = victim.handle.local_peer_id();
+    victim.task.abort();
+    let bound = PROBE_TIMEOUT + Duration::from_secs(5);
+    let t1 = Instant::now();
+    loop {
+        let mut still = 0;
+        for m in &nodes {
+            still += m.handle.peers().await.unwrap().iter().any(|p| p.peer_id == gone.to_string()) as usize;
+        }
+        if still == 0 {
+            break;
+        }
+        assert!(t1.elapsed() < bound, "the killed member is still in {still} views after {:?}", t1.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("the killed member left every view after {:?}", t1.elapsed());
+    for m in &nodes {
+        m.handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_of_dozens_in_one_process() {
+    let n = std::env::var("FOGMESH_SCALE_PEERS").ok().and_then(|v| v.parse().ok()).unwrap_or(40usize);
+    scale(n.max(6)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "200 members: about two minutes; run with --release"]
+async fn a_mesh_of_two_hundred_in_one_process() {
+    scale(200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn debug_causes() {
+    let a = net::start(config(0, vec![])).await.unwrap();
+    let b = net::start(config(1, vec![a.listen_addrs[0].clone()])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("--- graceful shutdown of a");
+    a.handle.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = net::start(config(2, vec![b.listen_addrs[0].clone()])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("--- abort of c");
+    c.task.abort();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
