@@ -95,6 +95,19 @@ def run(binary, n, base_port):
                 raise RuntimeError("no full view in 600 s")
             time.sleep(0.2)
         view_s = time.time() - t_last
+        for _ in range(int(os.environ.get("WATCH", "0"))):
+            c = [(status(h) or {}).get("connected_peers", -1) for _, h in procs]
+            top = max(range(2, n), key=lambda i: c[i])
+            port = 20000 + 300 * 0 + 2 * top if False else None
+            print(f"  +{time.time() - t_last:.0f} s: connected max {max(c[2:])} mean {statistics.mean(c):.1f} top {sorted(c)[-4:]} (node {top}, pid {procs[top][0].pid})", flush=True)
+            if os.environ.get("SS"):
+                pid = procs[top][0].pid
+                out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True).stdout
+                mine = [l for l in out.splitlines() if f"pid={pid}," in l]
+                lport = procs[top][1] - 1
+                inbound = sum(1 for l in mine if l.split()[2].endswith(f":{lport}"))
+                print(f"    sockets {len(mine)} inbound {inbound} outbound {len(mine) - inbound}", flush=True)
+            time.sleep(5)
         time.sleep(15)
         c0 = [cpu_s(p.pid) for p, _ in procs]
         g0 = [(status(h) or {}).get("gossip_rx_bytes") for _, h in procs]

@@ -176,6 +176,9 @@ pub(super) fn build_behaviour(cfg: &NetConfig, relay_client: relay::client::Beha
     let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kad_cfg.set_query_timeout(Duration::from_secs(10));
     kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(300)));
+    // A lookup seeks the 8 closest peers, not 20: each peer it asks is a
+    // connection, and members learn each other by gossip anyway.
+    kad_cfg.set_replication_factor(std::num::NonZeroUsize::new(8).expect("nonzero"));
     let mut kad = kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_cfg);
     // A LAN has no confirmed external address, so kad would stay a client
     // and answer nobody's queries; every fogmesh peer serves the DHT.

@@ -176,8 +176,8 @@ impl Runner {
 
     /// Puts every member the view knows an address of into the DHT's
     /// table (kad drops entries whose dials fail): kad looks the mesh up
-    /// again each time a peer joins a table of fewer than 20 (see
-    /// `on_gossip`).
+    /// again each time a peer joins a table of fewer than 20, and each
+    /// lookup connects to many members.
     fn refill_kad(&mut self) {
         let in_table: std::collections::HashSet<PeerId> =
             self.swarm.behaviour_mut().kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>()).collect();
@@ -188,7 +188,17 @@ impl Runner {
             .filter_map(|p| Some((*p, self.membership.addrs(p).first()?.clone())))
             .collect();
         for (p, a) in missing {
-            self.swarm.behaviour_mut().kad.add_address(&p, a);
+            self.kad_learn(p, a);
+        }
+    }
+
+    /// Adds `peer` at `addr` to the DHT's table where its bucket has room:
+    /// into a full bucket kad would dial the bucket's stalest entry to see
+    /// whether it may be replaced, one connection per member added.
+    fn kad_learn(&mut self, peer: PeerId, addr: Multiaddr) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if kad.kbucket(peer).is_some_and(|b| b.num_entries() < libp2p::kad::K_VALUE.get()) {
+            kad.add_address(&peer, addr);
         }
     }
 
@@ -426,11 +436,9 @@ impl Runner {
                 if self.membership.capabilities(source, c, addrs.clone(), now) {
                     tracing::info!(peer = %source, "peer joined the view (by gossip)");
                     self.cadence.newcomer(now, jitter());
-                    // Into the DHT's table too: kad looks the mesh up again
-                    // each time a peer joins a table of fewer than 20, and
-                    // each lookup connects to many members.
-                    for a in &addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&source, a.clone());
+                    // Into the DHT's table too (see `refill_kad`).
+                    if let Some(a) = addrs.first() {
+                        self.kad_learn(source, a.clone());
                     }
                 }
                 if !addrs.is_empty() {
