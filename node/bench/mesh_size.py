@@ -5,7 +5,8 @@ loopback, mDNS off, joined through the first two as bootstrap peers.
 For each N: the time to a full view (the first, a middle and the last node
 started each list every other in /status), then, 15 s later, over 10 s:
 CPU per node (mean over all nodes of /proc utime+stime), RSS per node,
-connected peers per node (max over the non-bootstrap nodes, and mean) and
+open connections per node (max over the non-bootstrap nodes, and mean),
+distinct connected peers (when the binary reports them) and
 gossip bytes received per node per second (from /status, when the binary
 reports it).
 
@@ -117,7 +118,8 @@ def run(binary, n, base_port):
         g1 = [(status(h) or {}).get("gossip_rx_bytes") for _, h in procs]
         dt = time.time() - t0
         st = [status(h) or {} for _, h in procs]
-        conns = [s.get("connected_peers", s.get("connections", 0)) for s in st]
+        conns = [s.get("connections", 0) for s in st]
+        peers_ = [s["connected_peers"] for s in st if "connected_peers" in s]
         gossip = [(b - a) / dt for a, b in zip(g0, g1) if a is not None and b is not None]
         return {
             "peers": n,
@@ -128,6 +130,7 @@ def run(binary, n, base_port):
             "connected_max_nonbootstrap": max(conns[2:]) if n > 2 else max(conns),
             "connected_mean": round(statistics.mean(conns), 1),
             "connected_bootstrap": conns[:2],
+            "connected_peers_max_nonbootstrap": max(peers_[2:]) if len(peers_) > 2 else None,
             "gossip_rx_bytes_per_s_mean": round(statistics.mean(gossip)) if gossip else None,
         }
     finally:
@@ -157,14 +160,15 @@ def main():
         del args[i:i + 2]
     binary, sizes = args[0], [int(a) for a in args[1:]] or [12, 24, 48, 64]
     rows = []
-    print("| binary | peers | full view (s) | connected peers, max non-bootstrap (mean; bootstraps) | idle CPU per node | RSS per node | gossip bytes/s per node |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| binary | peers | full view (s) | connections, max non-bootstrap (mean; bootstraps) | distinct peers, max non-bootstrap | idle CPU per node | RSS per node | gossip bytes/s per node |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for i, n in enumerate(sizes):
         r = run(binary, n, 20000 + 300 * i)
         r["binary"] = label or binary
         rows.append(r)
         g = r["gossip_rx_bytes_per_s_mean"]
-        print(f"| {r['binary']} | {n} | {r['full_view_s']} | {r['connected_max_nonbootstrap']} ({r['connected_mean']}; {r['connected_bootstrap']}) "
+        d = r["connected_peers_max_nonbootstrap"]
+        print(f"| {r['binary']} | {n} | {r['full_view_s']} | {r['connected_max_nonbootstrap']} ({r['connected_mean']}; {r['connected_bootstrap']}) | {d if d is not None else 'n/a'} "
               f"| {r['cpu_pct_mean']} % | {r['rss_mib_mean']} MiB | {g if g is not None else 'n/a'} |", flush=True)
     if out:
         with open(out, "w") as f:

@@ -225,9 +225,14 @@ impl Runner {
         if how == Down::Probe && self.membership.contains(&peer) {
             self.keeper.probe(peer, now);
             let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).allocate_new_port().build();
-            if let Err(e) = self.swarm.dial(opts) {
-                self.keeper.dial_failed(&peer);
-                self.depart(peer, &format!("cannot dial it: {e}"), now);
+            match self.swarm.dial(opts) {
+                // A dial to it is under way already: its outcome answers
+                // the probe.
+                Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+                Err(e) => {
+                    self.keeper.dial_failed(&peer);
+                    self.depart(peer, &format!("cannot dial it: {e}"), now);
+                }
             }
         }
     }
