@@ -121,11 +121,13 @@ impl Runner {
         let ttl = self.cadence.ttl(self.cfg.peer_ttl, members);
         self.membership.set_ttl(ttl);
         let due = self.cadence.due(now, members);
-        if due.caps {
-            self.announce_caps();
-        }
+        // The load first: after a departure notice, a newer report is what
+        // lets this member back into the views its capabilities reach.
         if due.load {
             self.announce_load();
+        }
+        if due.caps {
+            self.announce_caps();
         }
     }
 

@@ -125,9 +125,7 @@ impl Runner {
                 let _ = reply.send(r);
             }
             Command::Request { peer, message, reply } => {
-                if self.recent_calls.len() < membership::MAX_MEMBERS {
-                    self.recent_calls.insert(peer, Instant::now());
-                }
+                self.note_call(peer);
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, message);
                 self.pending.insert(id, (peer, reply));
             }
@@ -160,6 +158,13 @@ impl Runner {
         }
     }
 
+    /// A call to or from `peer` keeps its connection in use for a while.
+    fn note_call(&mut self, peer: PeerId) {
+        if self.recent_calls.len() < membership::MAX_MEMBERS || self.recent_calls.contains_key(&peer) {
+            self.recent_calls.insert(peer, Instant::now());
+        }
+    }
+
     /// Tells the mesh this member leaves (a departure notice naming
     /// itself), and gives the swarm a moment to send it.
     async fn farewell(&mut self) {
@@ -167,11 +172,7 @@ impl Runner {
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         self.publish(DEPARTURE_TOPIC, &Message::Departure(Departure { peer: me.clone(), gone: me, last_heard_ms: now_ms }));
         let until = tokio::time::Instant::now() + Duration::from_millis(200);
-        while let Ok(ev) = tokio::time::timeout_at(until, self.swarm.select_next_some()).await {
-            if let SwarmEvent::ConnectionClosed { .. } = ev {
-                continue;
-            }
-        }
+        while tokio::time::timeout_at(until, self.swarm.select_next_some()).await.is_ok() {}
     }
 
     /// Puts every member the view knows an address of into the DHT's
@@ -467,9 +468,7 @@ impl Runner {
         use request_response::{Event, Message as RrMessage};
         match ev {
             Event::Message { peer, message: RrMessage::Request { request, channel, .. }, .. } => {
-                if self.recent_calls.len() < membership::MAX_MEMBERS {
-                    self.recent_calls.insert(peer, Instant::now());
-                }
+                self.note_call(peer);
                 let (tx, rx) = oneshot::channel();
                 let inbound = InboundRequest { peer, message: request, reply: tx };
                 match self.inbound_tx.try_send(inbound) {
