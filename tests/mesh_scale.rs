@@ -1,7 +1,7 @@
 //! Many members in one process, over loopback TCP (mDNS off), joined
 //! through two bootstrap peers: every member's view holds every other
-//! (connected or not), nine members in ten keep at most the maximum of
-//! connected peers, every member computes the same plan from its view, and a member
+//! (connected or not), every member but the bootstrap peers settles within
+//! the maximum of connected peers, every member computes the same plan from its view, and a member
 //! killed without a word leaves every view within the departure bound.
 //!
 //! `FOGMESH_SCALE_PEERS` sets the size (default 40, a few seconds of
@@ -102,7 +102,6 @@ async fn scale(n: usize) {
     let _one = ONE_AT_A_TIME.lock().await;
     let t0 = Instant::now();
     let mut nodes = start(n).await;
-    let started = Instant::now();
     eprintln!("{n} members started in {:?}", t0.elapsed());
     let all: BTreeSet<PeerId> = nodes.iter().map(|m| m.handle.local_peer_id()).collect();
     let sample = [0, n / 2, n - 1];
@@ -112,10 +111,9 @@ async fn scale(n: usize) {
     let every: Vec<usize> = (0..n).collect();
     wait_views(&nodes, &every, &all, Duration::from_secs(60)).await;
 
-    // Connections settle: nine members in ten within the maximum once
-    // trims may run (the joins' lookups connect most members to each other
-    // for a while). Every member within it is the target, not met
-    // yet: in CI one member stayed connected to all 39 others for 165 s.
+    // Connections settle: every member but the two bootstrap peers within
+    // the maximum, once trims may run (each joiner's DHT bootstrap lookups
+    // connect it to most of the mesh for a while).
     let until = Instant::now() + GRACE + Duration::from_secs(150);
     let settling = Instant::now();
     loop {
@@ -123,19 +121,20 @@ async fn scale(n: usize) {
         for m in &nodes {
             counts.push(m.handle.status().await.unwrap().connected_peers as usize);
         }
-        counts.sort();
-        let ninth = counts[n * 9 / 10 - 1];
-        if ninth <= DEFAULT_MAX_PEERS {
+        let over: Vec<(usize, usize)> = counts.iter().copied().enumerate().skip(2).filter(|(_, c)| *c > DEFAULT_MAX_PEERS).collect();
+        if over.is_empty() {
+            counts.sort();
             eprintln!(
-                "connected peers per member after {:?}: min {} median {} 90th {ninth} max {}",
+                "connected peers per member after {:?}: min {} median {} 90th {} max {}",
                 settling.elapsed(),
                 counts[0],
                 counts[n / 2],
+                counts[n * 9 / 10 - 1],
                 counts[n - 1]
             );
             break;
         }
-        assert!(Instant::now() < until, "a tenth of the members hold more than {DEFAULT_MAX_PEERS} connected peers: {counts:?}");
+        assert!(Instant::now() < until, "members (index, connected peers) above {DEFAULT_MAX_PEERS}: {over:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
@@ -148,8 +147,7 @@ async fn scale(n: usize) {
 
     // Kill one member (its task aborted: no farewell, its sockets just
     // close): it leaves every view within the departure bound.
-    // Its links must be older than the grace for their loss to be probed.
-    tokio::time::sleep_until((started + GRACE + Duration::from_secs(1)).into()).await;
+    // (A loss is probed once a link has lived PROBE_AFTER; long past here.)
     let victim = nodes.remove(n / 3);
     let gone = victim.handle.local_peer_id();
     victim.task.abort();

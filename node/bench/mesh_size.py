@@ -11,7 +11,10 @@ gossip bytes received per node per second (from /status, when the binary
 reports it).
 
 Usage: node/bench/mesh_size.py BINARY [N ...] [--label NAME] [--json FILE]
-(default N: 12 24 48 64). Prints one table row per N.
+(default N: 12 24 48 64). Prints one table row per N. Environment: WATCH=K
+prints connections K times, 5 s apart, after the full view (SS=1 adds the
+busiest node's sockets); NODE_LOG sets the nodes' RUST_LOG (default warn);
+KEEP=1 keeps their logs.
 """
 import json
 import os
@@ -62,7 +65,7 @@ def run(binary, n, base_port):
             for b in boot:
                 args += ["--bootstrap", b]
             log = open(os.path.join(work, f"{i}.log"), "w")
-            env = dict(os.environ, RUST_LOG="warn")
+            env = dict(os.environ, RUST_LOG=os.environ.get("NODE_LOG", "warn"))
             procs.append((subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), http))
             if i < 2:
                 # Its identity, for the others' bootstrap address.
@@ -141,7 +144,10 @@ def run(binary, n, base_port):
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("KEEP"):
+            print(f"  logs kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main():

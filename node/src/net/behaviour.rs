@@ -82,6 +82,8 @@ pub(super) fn build_transport(
 
 /// Circuits this peer relays at once, in all and per peer.
 pub(super) const MAX_CIRCUITS: usize = 32;
+/// Reservations this node holds for peers behind NAT, at most.
+pub(super) const MAX_RESERVATIONS: usize = 128;
 /// Bytes one relayed circuit may carry (both ways) before the relay closes
 /// it; the two ends then reconnect (or have moved to a direct connection).
 pub(super) const MAX_CIRCUIT_BYTES: u64 = 4 << 30;
@@ -97,7 +99,7 @@ pub(super) const MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(60 * 60);
 fn relay_config() -> relay::Config {
     let n = |x: u32| std::num::NonZeroU32::new(x).expect("nonzero");
     relay::Config {
-        max_reservations: 128,
+        max_reservations: MAX_RESERVATIONS,
         max_reservations_per_peer: 4,
         reservation_duration: Duration::from_secs(60 * 60),
         reservation_rate_limiters: Vec::new(),

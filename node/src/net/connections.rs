@@ -1,12 +1,12 @@
 //! Which connections a member keeps. A bounded set: enough for gossip and
 //! the DHT (dialed among the members it knows, at random, while it holds
 //! fewer than `target_peers`), plus those its calls and stage streams open
-//! on demand; above `max_peers`, connections that carry no stage stream or
+//! on demand and those to the relays it holds a reservation on; above `max_peers`, connections that carry no stage stream or
 //! call and have been up for [`GRACE`] close, picked at random.
 //!
 //! Departures (SWIM's suspicion and confirmation in one step, a dial
 //! standing in for its indirect pings): when a connection that had been up
-//! for [`GRACE`] is lost without this node closing it, the member is probed
+//! for [`PROBE_AFTER`] is lost without this node closing it, the member is probed
 //! with a dial. A probe that fails, or brings no connection within
 //! [`PROBE_TIMEOUT`], sends a signed departure notice that removes the
 //! member from every view; one that succeeds is closed at once (the member
@@ -34,6 +34,11 @@ pub const DEFAULT_MAX_PEERS: usize = 16;
 /// How long a connection is up before it may be trimmed, or its loss
 /// probed.
 pub const GRACE: Duration = Duration::from_secs(15);
+/// How long a connection is up before its loss is probed: longer than a
+/// probe's own connection lives (the prober closes it as soon as it is up),
+/// shorter than a churned connection (a member whose links were all
+/// recent still gets probed when it vanishes).
+pub const PROBE_AFTER: Duration = Duration::from_secs(3);
 /// How long a probe may take to connect.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -82,10 +87,10 @@ pub struct Keeper {
 pub enum Down {
     /// This node closed it (a trim or a finished probe): nothing.
     ByUs,
-    /// Lost, after a short life (a probe, a brief call): tell the node,
-    /// probe nothing.
+    /// Lost within [`PROBE_AFTER`] (a probe's own connection): tell the
+    /// node, probe nothing.
     Brief,
-    /// Lost after [`GRACE`]: tell the node, and probe the peer.
+    /// Lost after [`PROBE_AFTER`]: tell the node, and probe the peer.
     Probe,
 }
 
@@ -102,7 +107,7 @@ impl Keeper {
         let since = self.since.remove(&peer);
         if self.closing.remove(&peer) {
             Down::ByUs
-        } else if since.is_some_and(|t| now.saturating_duration_since(t) >= GRACE) {
+        } else if since.is_some_and(|t| now.saturating_duration_since(t) >= PROBE_AFTER) {
             Down::Probe
         } else {
             Down::Brief
@@ -187,7 +192,8 @@ impl Runner {
         let streams = self.stream_use.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.recent_calls.retain(|_, t| now.saturating_duration_since(*t) < GRACE);
         let calling: HashSet<PeerId> = self.pending.values().map(|(p, _)| *p).chain(self.recent_calls.keys().copied()).collect();
-        let busy = |p: &PeerId| streams.contains_key(p) || calling.contains(p);
+        let reach = &self.reach;
+        let busy = |p: &PeerId| streams.contains_key(p) || calling.contains(p) || reach.relay_in_use(p);
         // The gossip mesh's links are the ones kept: gossipsub grafts them
         // on both ends, so neither end trims what the other relies on.
         let mesh: HashSet<PeerId> = self.swarm.behaviour().gossipsub.all_mesh_peers().copied().collect();
@@ -306,6 +312,9 @@ mod tests {
         k.up(young, t0 + GRACE);
         assert_eq!(k.down(old, t0 + GRACE), Down::Probe);
         assert_eq!(k.down(young, t0 + GRACE + Duration::from_secs(1)), Down::Brief);
+        let recent = PeerId::random();
+        k.up(recent, t0);
+        assert_eq!(k.down(recent, t0 + PROBE_AFTER), Down::Probe, "shorter than the grace, longer than a probe");
         // A probe answered, one failed, one overdue.
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         for p in [a, b, c] {

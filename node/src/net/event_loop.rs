@@ -262,6 +262,9 @@ impl Runner {
                 tracing::info!(%address, "listening");
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address);
+                    // The mesh hears of a new address (a relayed one among
+                    // them) with the next announcement, now.
+                    self.cadence.at_once(now);
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),

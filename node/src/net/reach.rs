@@ -96,7 +96,8 @@ pub struct Reach {
     /// Peers whose direct connection came from a hole punch.
     punched: HashSet<PeerId>,
     /// A peer saw us at an address that is none of ours: a NAT rewrote it.
-    translated: bool,
+    translated: bool,    /// Peers holding a reservation on this node (it relays for them).
+    hosted: HashSet<PeerId>,
 }
 
 impl Default for Reach {
@@ -108,7 +109,7 @@ impl Default for Reach {
 impl Reach {
     /// Nothing known yet.
     pub fn new() -> Self {
-        Reach { nat: Nat::Unknown, relays: BTreeMap::new(), conns: HashMap::new(), dialed: HashSet::new(), punched: HashSet::new(), translated: false }
+        Reach { nat: Nat::Unknown, relays: BTreeMap::new(), conns: HashMap::new(), dialed: HashSet::new(), punched: HashSet::new(), translated: false, hosted: HashSet::new() }
     }
 
     /// AutoNAT's latest verdict.
@@ -195,6 +196,26 @@ impl Reach {
             return None;
         }
         to_peer.into_iter().filter(|id| self.dialed.contains(id)).max()
+    }
+
+    /// Whether a reservation links us to `peer`: one we asked for or hold
+    /// on it, or one it holds on us (the connection carries a relayed
+    /// address: never trimmed).
+    pub fn relay_in_use(&self, peer: &PeerId) -> bool {
+        self.relays.get(peer).is_some_and(|r| r.listening) || self.hosted.contains(peer)
+    }
+
+    /// `peer` holds a reservation on this node (at most `limit` counted:
+    /// the relay server's own bound).
+    pub fn hosting(&mut self, peer: PeerId, limit: usize) {
+        if self.hosted.len() < limit {
+            self.hosted.insert(peer);
+        }
+    }
+
+    /// `peer`'s reservation on this node ended.
+    pub fn hosting_ended(&mut self, peer: &PeerId) {
+        self.hosted.remove(peer);
     }
 
     /// How this peer reaches `peer` now (None without a connection).
@@ -291,8 +312,16 @@ mod tests {
         assert_eq!(r.due(t + MIN_RETRY, |_| true).len(), 1);
         r.reserved(relay);
         assert_eq!(r.reservations(), vec![relay]);
+        assert!(r.relay_in_use(&relay) && !r.relay_in_use(&other), "the relay's connection is not trimmed");
         // Not while disconnected from it.
         r.reservation_lost(relay);
+        assert!(!r.relay_in_use(&relay));
+        // The other way: a peer holding a reservation on us.
+        r.hosting(other, 1);
+        r.hosting(PeerId::random(), 1);
+        assert!(r.relay_in_use(&other));
+        r.hosting_ended(&other);
+        assert!(!r.relay_in_use(&other));
         assert!(r.due(t + MAX_RETRY * 4, |_| false).is_empty());
     }
 

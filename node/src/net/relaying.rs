@@ -10,6 +10,7 @@ use libp2p::core::transport::ListenerId;
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId, autonat, dcutr, relay};
 
+use super::behaviour::MAX_RESERVATIONS;
 use super::dialer::is_loopback;
 use super::event_loop::Runner;
 use super::invite::{Invite, MAX_ADDRS};
@@ -74,6 +75,14 @@ impl Runner {
             }
             return;
         }
+        if let autonat::Event::OutboundProbe(autonat::OutboundProbeEvent::Error { peer, error, .. }) = &ev {
+            tracing::debug!(?peer, ?error, "AutoNAT probe failed");
+            return;
+        }
+        if let autonat::Event::InboundProbe(autonat::InboundProbeEvent::Error { peer, error, .. }) = &ev {
+            tracing::debug!(%peer, ?error, "AutoNAT dial-back for a peer failed");
+            return;
+        }
         let autonat::Event::StatusChanged { new, .. } = ev else { return };
         let nat = match &new {
             autonat::NatStatus::Public(addr) => {
@@ -100,11 +109,11 @@ impl Runner {
                 self.reach.reserved(relay_peer_id);
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "reachable through a relay");
-                    // Peers that looked us up before now learn the relayed
-                    // address; we learn theirs.
-                    if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
-                        tracing::debug!(error = ?e, "kad bootstrap not started");
-                    }
+                    // The mesh learns the relayed address from our next
+                    // announcement, sent now (a DHT bootstrap here would
+                    // connect to most of the mesh each time a reservation
+                    // is renewed from scratch).
+                    self.cadence.at_once(std::time::Instant::now());
                 }
             }
             relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
@@ -118,8 +127,15 @@ impl Runner {
 
     pub(super) fn on_relay_server(&mut self, ev: relay::Event) {
         match ev {
-            relay::Event::ReservationReqAccepted { src_peer_id, renewed: false } => {
-                tracing::info!(peer = %src_peer_id, "relaying for a peer behind NAT");
+            relay::Event::ReservationReqAccepted { src_peer_id, renewed } => {
+                if !renewed {
+                    tracing::info!(peer = %src_peer_id, "relaying for a peer behind NAT");
+                }
+                self.reach.hosting(src_peer_id, MAX_RESERVATIONS);
+            }
+            relay::Event::ReservationClosed { src_peer_id } | relay::Event::ReservationTimedOut { src_peer_id } => {
+                tracing::debug!(peer = %src_peer_id, "a reservation on this node ended");
+                self.reach.hosting_ended(&src_peer_id);
             }
             relay::Event::CircuitReqAccepted { src_peer_id, dst_peer_id } => {
                 metrics::counter!(crate::metrics::RELAY_CIRCUITS).increment(1);
