@@ -1,13 +1,14 @@
 //! Which connections a member keeps. A bounded set: enough for gossip and
 //! the DHT (dialed among the members it knows, at random, while it holds
 //! fewer than `target_peers`), plus those its calls and stage streams open
-//! on demand and those to the relays it holds a reservation on; above `max_peers`, connections that carry no stage stream or
-//! call and have been up for [`GRACE`] close, picked at random.
+//! on demand, and those a relay reservation links it to (either way);
+//! above `max_peers`, connections that carry no stage stream, call or
+//! reservation and have been up for [`GRACE`] close, picked at random.
 //!
 //! Departures (SWIM's suspicion and confirmation in one step, a dial
 //! standing in for its indirect pings): when a connection that had been up
-//! for [`PROBE_AFTER`] is lost without this node closing it, the member is probed
-//! with a dial. A probe that fails, or brings no connection within
+//! for [`PROBE_AFTER`] is lost without this node closing it, the member is
+//! probed with a dial. A probe that fails, or brings no connection within
 //! [`PROBE_TIMEOUT`], sends a signed departure notice that removes the
 //! member from every view; one that succeeds is closed at once (the member
 //! lives, and shed the connection) and the member is not dialed again for

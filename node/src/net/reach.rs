@@ -96,7 +96,8 @@ pub struct Reach {
     /// Peers whose direct connection came from a hole punch.
     punched: HashSet<PeerId>,
     /// A peer saw us at an address that is none of ours: a NAT rewrote it.
-    translated: bool,    /// Peers holding a reservation on this node (it relays for them).
+    translated: bool,
+    /// Peers holding a reservation on this node (it relays for them).
     hosted: HashSet<PeerId>,
 }
 
