@@ -39,7 +39,8 @@
 //!   connections a member keeps; probes and departure notices),
 //!   `announce.rs` (when a member gossips about itself: a cadence that
 //!   slows with the mesh), `address_book.rs` (addresses for dials to
-//!   members known only by gossip).
+//!   members known only by gossip), `sighting.rs` (identify, with the
+//!   addresses peers saw us at made dialable).
 //! - `config.rs`: `FOGMESH_*` variables and the TOML config file, both
 //!   mirroring the flags.
 //! - `fetch.rs`: obtaining the catalogue's models through pip, verified by

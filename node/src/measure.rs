@@ -24,12 +24,28 @@ impl SelfMeasurement {
     /// Measures this host; the matmul probe runs for about `probe` (≥ one
     /// multiply).
     pub fn measure(probe: Duration) -> Self {
+        Self::with_speed(matmul_gflops(probe))
+    }
+
+    /// Measures this host's cores and memory, and takes its speed as
+    /// `gflops` (known beforehand: no probe).
+    pub fn with_speed(gflops: f32) -> Self {
         SelfMeasurement {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             memory_bytes: available_memory().unwrap_or(0),
-            gflops: matmul_gflops(probe),
+            gflops,
             version: VERSION.to_string(),
         }
+    }
+}
+
+/// A compute speed in GFLOP/s: a finite number above 0, at most a million.
+pub fn parse_gflops(s: &str) -> Result<f32, String> {
+    let g: f32 = s.trim().parse().map_err(|_| format!("not a number of GFLOP/s: {s:?}"))?;
+    if g.is_finite() && g > 0.0 && g <= 1e6 {
+        Ok(g)
+    } else {
+        Err(format!("a speed must be above 0 and at most 1000000 GFLOP/s, not {s}"))
     }
 }
 
@@ -115,6 +131,16 @@ mod tests {
         for bad in ["", "lots", "-1MiB", "12 parsecs", "0", "1e30"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn speeds_are_positive_finite_numbers() {
+        assert_eq!(parse_gflops("50"), Ok(50.0));
+        assert_eq!(parse_gflops(" 2.5 "), Ok(2.5));
+        for bad in ["", "fast", "0", "-3", "NaN", "inf", "1e7"] {
+            assert!(parse_gflops(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(SelfMeasurement::with_speed(7.0).gflops, 7.0);
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub struct MeshBuilder {
     peer_bounds: Option<(usize, usize)>,
     runtime: RuntimeConfig,
     measurement: Option<SelfMeasurement>,
+    gflops: Option<f32>,
     max_memory: Option<u64>,
     from_mesh: Option<MeshModel>,
 }
@@ -270,11 +271,20 @@ impl MeshBuilder {
         self
     }
 
+    /// Announce this compute speed (GFLOP/s) instead of measuring it at
+    /// start: for hosts whose speed is known, so that a restart under load
+    /// (which a probe would read as a slow host) does not move the plan.
+    pub fn gflops(mut self, gflops: f32) -> Self {
+        self.gflops = Some(gflops);
+        self
+    }
+
     /// Starts the peer: network, actors, and the loops feeding them.
     pub async fn start(self) -> Result<Mesh> {
-        let measurement = match self.measurement {
-            Some(m) => m,
-            None => tokio::task::spawn_blocking(|| SelfMeasurement::measure(Duration::from_millis(200)))
+        let measurement = match (self.measurement, self.gflops) {
+            (Some(m), _) => m,
+            (None, Some(g)) => SelfMeasurement::with_speed(g),
+            (None, None) => tokio::task::spawn_blocking(|| SelfMeasurement::measure(Duration::from_millis(200)))
                 .await
                 .map_err(|e| MeshError::Task(e.to_string()))?,
         };
@@ -462,6 +472,7 @@ impl Mesh {
             peer_bounds: None,
             runtime: RuntimeConfig::default(),
             measurement: None,
+            gflops: None,
             max_memory: None,
             from_mesh: None,
         }

@@ -34,6 +34,7 @@ mod event_loop;
 pub mod gossip;
 mod handle;
 mod relaying;
+mod sighting;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

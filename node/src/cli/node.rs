@@ -113,6 +113,12 @@ pub struct NodeArgs {
     /// memory available when it starts.
     #[arg(long, value_name = "SIZE", value_parser = crate::measure::parse_size)]
     pub max_memory: Option<u64>,
+    /// This host's compute speed in GFLOP/s, announced instead of measured
+    /// at start (placement sizes stages by it). For hosts whose speed is
+    /// known: a probe run while the host is busy reads it as slow, and each
+    /// restart would then move the plan.
+    #[arg(long, value_name = "GFLOPS", value_parser = crate::measure::parse_gflops)]
+    pub gflops: Option<f32>,
     /// Tokens one forward pass of a shard carries at most, over all the
     /// sessions batched into it (decode steps first, then prompt chunks).
     #[arg(long, value_name = "N", default_value_t = 256,
@@ -237,6 +243,9 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
         }
         if let Some(m) = args.max_memory {
             b = b.max_memory(m);
+        }
+        if let Some(g) = args.gflops {
+            b = b.gflops(g);
         }
         match &model {
             Some(NodeModel::File(m)) => b = b.model(m.clone()),

@@ -21,13 +21,14 @@ use super::address_book::AddressBook;
 use super::codec::StageCodec;
 use super::gossip::TOPICS;
 use super::handle::{NetConfig, NetError};
+use super::sighting::Identify;
 use super::{IDENTIFY_PROTOCOL, MAX_GOSSIP_BYTES};
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
     pub(super) limits: connection_limits::Behaviour,
     pub(super) book: AddressBook,
-    pub(super) identify: identify::Behaviour,
+    pub(super) identify: Identify,
     pub(super) ping: ping::Behaviour,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -163,11 +164,11 @@ pub(super) fn build_behaviour(cfg: &NetConfig, relay_client: relay::client::Beha
         .with_max_established_per_peer(Some(4))
         .with_max_pending_incoming(Some(32))
         .with_max_pending_outgoing(Some(32));
-    let identify = identify::Behaviour::new(
+    let identify = Identify::new(identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
             .with_agent_version(format!("fogmesh/{}", crate::measure::VERSION))
             .with_push_listen_addr_updates(true),
-    );
+    ));
     let ping = ping::Behaviour::new(ping::Config::new().with_interval(cfg.ping_interval).with_timeout(cfg.ping_timeout));
     let mdns = if cfg.mdns {
         let mc = mdns::Config { query_interval: Duration::from_secs(5), ..Default::default() };
