@@ -45,6 +45,7 @@
 //!   mirroring the flags.
 //! - `fetch.rs`: obtaining the catalogue's models through pip, verified by
 //!   SHA-256.
+//! - `heap.rs`: handing freed heap pages back to the system.
 //! - `measure.rs`: what a host measures about itself at start.
 //! - `metrics.rs`: the Prometheus recorder and the node's metric names.
 
@@ -54,6 +55,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod fetch;
+pub mod heap;
 pub mod measure;
 pub mod metrics;
 pub mod mesh;

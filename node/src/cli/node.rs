@@ -316,8 +316,10 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
                 }
             })
         };
+        let trims = tokio::spawn(crate::heap::trim_every(crate::heap::TRIM_EVERY));
         wait_for_signal().await;
         lonely.abort();
+        trims.abort();
         tracing::info!("shutting down");
         let _ = stop_tx.send(());
         if tokio::time::timeout(Duration::from_secs(5), mesh.shutdown()).await.is_err() {

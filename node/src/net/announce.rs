@@ -1,8 +1,12 @@
-//! When a member gossips about itself. Its capabilities and load go out
-//! at a refresh cadence that slows as the mesh grows (one base interval
-//! per [`MEMBERS_PER_INTERVAL`] members: the mesh as a whole sends about
-//! the same number of reports per second at any size, so the gossip a
-//! member receives grows far slower than the mesh); its load also at once
+//! When a member gossips about itself. Its load report (small: it says
+//! the member lives, and what it is busy with) goes out at a refresh
+//! cadence that slows as the mesh grows (one base interval per
+//! [`MEMBERS_PER_INTERVAL`] members: the mesh as a whole sends about the
+//! same number of reports per second at any size, so the gossip a member
+//! receives grows far slower than the mesh); its capabilities (larger, and
+//! unchanged for hours) with every [`CAPS_EVERY`]th refresh, and whenever
+//! they change. Every report is verified on each copy a member receives,
+//! which made the idle mesh's refresh its largest CPU cost; its load also at once
 //! when it changes (at most once per base interval); and both again soon
 //! after a member new to it appears or subscribes (so that a newcomer
 //! hears of everyone within about a second; one announcement per base
@@ -21,7 +25,9 @@ use super::event_loop::Runner;
 use super::gossip::{CAPS_TOPIC, LOAD_TOPIC};
 
 /// Members per base interval of the refresh cadence.
-pub const MEMBERS_PER_INTERVAL: usize = 16;
+pub const MEMBERS_PER_INTERVAL: usize = 8;
+/// Refreshes per refresh that carries the capabilities too.
+pub const CAPS_EVERY: u32 = 4;
 /// Longest random delay of an announcement for a newcomer (spreads the
 /// answers of a mesh that all heard of it at once).
 pub const NEWCOMER_JITTER: Duration = Duration::from_millis(500);
@@ -40,6 +46,8 @@ pub struct Due {
 pub struct Cadence {
     base: Duration,
     next_full: Instant,
+    /// Refreshes since the capabilities last went out.
+    since_caps: u32,
     last_full: Option<Instant>,
     last_load: Option<Instant>,
     load_changed: bool,
@@ -50,7 +58,7 @@ impl Cadence {
     /// A schedule with base interval `base`, its first announcement due at
     /// `now`.
     pub fn new(base: Duration, now: Instant) -> Self {
-        Cadence { base, next_full: now, last_full: None, last_load: None, load_changed: false, soon: None }
+        Cadence { base, next_full: now, since_caps: 0, last_full: None, last_load: None, load_changed: false, soon: None }
     }
 
     /// The refresh interval in a mesh of `members` (this one included).
@@ -84,13 +92,18 @@ impl Cadence {
 
     /// What goes out at `now` in a mesh of `members`.
     pub fn due(&mut self, now: Instant, members: usize) -> Due {
-        if now >= self.next_full || self.soon.is_some_and(|t| now >= t) {
+        let soon = self.soon.is_some_and(|t| now >= t);
+        if now >= self.next_full || soon {
+            // The first announcement, one asked for, or every CAPS_EVERYth
+            // refresh carries the capabilities.
+            let caps = soon || self.last_full.is_none() || self.since_caps + 1 >= CAPS_EVERY;
+            self.since_caps = if caps { 0 } else { self.since_caps + 1 };
             self.next_full = now + self.refresh(members);
             self.last_full = Some(now);
             self.last_load = Some(now);
             self.soon = None;
             self.load_changed = false;
-            return Due { caps: true, load: true };
+            return Due { caps, load: true };
         }
         if self.load_changed && self.last_load.is_none_or(|t| now.saturating_duration_since(t) >= self.base) {
             self.load_changed = false;
@@ -179,10 +192,10 @@ mod tests {
         let t0 = Instant::now();
         let c = Cadence::new(Duration::from_secs(2), t0);
         assert_eq!(c.refresh(5), Duration::from_secs(2));
-        assert_eq!(c.refresh(64), Duration::from_secs(8));
-        assert_eq!(c.refresh(200), Duration::from_secs(25));
+        assert_eq!(c.refresh(64), Duration::from_secs(16));
+        assert_eq!(c.refresh(200), Duration::from_secs(50));
         assert_eq!(c.ttl(Duration::from_secs(10), 5), Duration::from_secs(10));
-        assert_eq!(c.ttl(Duration::from_secs(10), 200), Duration::from_secs(75));
+        assert_eq!(c.ttl(Duration::from_secs(10), 200), Duration::from_secs(150));
     }
 
     #[test]
@@ -207,11 +220,21 @@ mod tests {
         c.newcomer(t0 + 4 * s, Duration::ZERO);
         assert_eq!(c.due(t0 + 5 * s, 64), Due::default());
         assert_eq!(c.due(t0 + 5 * s + Duration::from_millis(300), 64), Due { caps: true, load: true });
-        // The refresh: 8 s at 64 members.
-        assert_eq!(c.due(t0 + 13 * s, 64), Due::default());
-        assert_eq!(c.due(t0 + 13 * s + Duration::from_millis(300), 64), Due { caps: true, load: true });
-        // A refutation goes out at once.
-        c.at_once(t0 + 14 * s);
-        assert_eq!(c.due(t0 + 14 * s, 64), Due { caps: true, load: true });
+        // The refresh: 16 s at 64 members, the load alone.
+        let last = t0 + 5 * s + Duration::from_millis(300);
+        assert_eq!(c.due(last + 15 * s, 64), Due::default());
+        assert_eq!(c.due(last + 16 * s, 64), Due { caps: false, load: true });
+        // A refutation goes out at once, with the capabilities.
+        c.at_once(last + 17 * s);
+        assert_eq!(c.due(last + 17 * s, 64), Due { caps: true, load: true });
+    }
+
+    #[test]
+    fn the_capabilities_ride_every_fourth_refresh() {
+        let t0 = Instant::now();
+        let r = Duration::from_secs(2);
+        let mut c = Cadence::new(r, t0);
+        let caps: Vec<bool> = (0..9u32).map(|i| c.due(t0 + r * i, 4)).inspect(|d| assert!(d.load)).map(|d| d.caps).collect();
+        assert_eq!(caps, [true, false, false, false, true, false, false, false, true]);
     }
 }

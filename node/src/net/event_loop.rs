@@ -410,12 +410,17 @@ impl Runner {
                     acceptance,
                 );
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
                 if topic == gossipsub::IdentTopic::new(CAPS_TOPIC).hash() =>
             {
                 // A new subscriber learns our capabilities soon, not at the
-                // next refresh (coalesced: see `announce`).
-                self.cadence.newcomer(now, jitter());
+                // next refresh (coalesced: see `announce`). A member whose
+                // capabilities we hold has been in the mesh a while: a new
+                // connection to it (the trims and dials of a large mesh
+                // make many) is no reason to tell the whole mesh again.
+                if !self.membership.has_capabilities(&peer_id) {
+                    self.cadence.newcomer(now, jitter());
+                }
             }
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Rpc(ev) => self.on_rpc_event(ev),
@@ -438,7 +443,7 @@ impl Runner {
                 let addrs: Vec<Multiaddr> =
                     c.addrs.iter().filter_map(|a| a.parse().ok()).filter(|a| dialable(a, None)).collect();
                 if self.membership.capabilities(source, c, addrs.clone(), now) {
-                    tracing::info!(peer = %source, "peer joined the view (by gossip)");
+                    tracing::info!(peer = %source, "peer's capabilities heard for the first time");
                     self.cadence.newcomer(now, jitter());
                     // Into the DHT's table too (see `refill_kad`).
                     if let Some(a) = addrs.first() {

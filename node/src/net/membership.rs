@@ -232,7 +232,9 @@ impl Membership {
 
     /// A gossiped capabilities message whose signature says it came from
     /// `peer`, with the addresses it announced that are worth dialing.
-    /// Returns whether `peer` is new to the view. A member a departure
+    /// Returns whether they are the first of `peer`'s capabilities this
+    /// view holds (new to it, or known only by a connection or a load
+    /// report so far). A member a departure
     /// notice removed comes back only by a newer load report or a
     /// connection (capabilities carry no time, so an old copy could be an
     /// echo).
@@ -240,7 +242,7 @@ impl Membership {
         if self.departed.contains_key(&peer) {
             return false;
         }
-        let new = !self.peers.contains_key(&peer);
+        let new = self.peers.get(&peer).is_none_or(|e| e.caps.is_none());
         if let Some(e) = self.entry(peer, now) {
             e.caps = Some(caps);
             e.last_seen = now;
@@ -344,6 +346,11 @@ impl Membership {
     /// Known addresses of `peer`.
     pub fn addrs(&self, peer: &PeerId) -> &[Multiaddr] {
         self.peers.get(peer).map(|e| e.addrs.as_slice()).unwrap_or(&[])
+    }
+
+    /// Whether `peer`'s capabilities have reached this node.
+    pub fn has_capabilities(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|e| e.caps.is_some())
     }
 
     /// Whether we hold a connection to `peer`.
