@@ -98,6 +98,15 @@ async fn plan(nodes: &[Net], i: usize) -> Vec<Vec<policy::Hop>> {
 /// One mesh at a time: they measure time and connections.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Gossip payload bytes received so far, summed over `nodes`.
+async fn gossip_rx(nodes: &[Net]) -> u64 {
+    let mut sum = 0;
+    for m in nodes {
+        sum += m.handle.status().await.unwrap().gossip_rx_bytes;
+    }
+    sum
+}
+
 async fn scale(n: usize) {
     let _one = ONE_AT_A_TIME.lock().await;
     let t0 = Instant::now();
@@ -137,6 +146,14 @@ async fn scale(n: usize) {
         assert!(Instant::now() < until, "members (index, connected peers) above {DEFAULT_MAX_PEERS}: {over:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // The gossip a member receives once settled (payload, each message
+    // once), for BENCHMARKS.md: a figure, not a target of this test.
+    let window = Duration::from_secs(10);
+    let before = gossip_rx(&nodes).await;
+    tokio::time::sleep(window).await;
+    let received = gossip_rx(&nodes).await.saturating_sub(before);
+    eprintln!("gossip received per member: {:.0} B/s", received as f64 / n as f64 / window.as_secs_f64());
 
     // The same plan everywhere.
     let first = plan(&nodes, 0).await;
