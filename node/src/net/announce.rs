@@ -4,15 +4,16 @@
 //! [`MEMBERS_PER_INTERVAL`] members: the mesh as a whole sends about the
 //! same number of reports per second at any size, so the gossip a member
 //! receives grows far slower than the mesh); its capabilities (larger, and
-//! unchanged for hours) with every [`CAPS_EVERY`]th refresh, and whenever
-//! they change. Every report is verified on each copy a member receives,
-//! which made the idle mesh's refresh its largest CPU cost; its load also at once
-//! when it changes (at most once per base interval); and both again soon
-//! after a member new to it appears or subscribes (so that a newcomer
-//! hears of everyone within about a second; one announcement per base
-//! interval however many arrive) or a departure notice names it (its
-//! refutation). An unconnected member is kept for three refresh intervals
-//! without news (or the configured TTL, if longer).
+//! unchanged for hours) with every [`CAPS_EVERY`]th refresh (at least
+//! every [`CAPS_MAX_GAP`]) and whenever they change. Each copy of a report
+//! a member receives has its signature checked, which made the refresh the
+//! idle mesh's largest CPU cost. The load also goes out at once when it
+//! changes (at most once per base interval); both again soon after a
+//! member new to it appears (so that a newcomer hears of everyone within
+//! about a second; one announcement per base interval however many
+//! arrive) or a departure notice names it (its refutation). An unconnected
+//! member is kept for three refresh intervals without news (or the
+//! configured TTL, if longer).
 //!
 //! [`Cadence`] decides; the swarm task's glue follows.
 
@@ -28,6 +29,10 @@ use super::gossip::{CAPS_TOPIC, LOAD_TOPIC};
 pub const MEMBERS_PER_INTERVAL: usize = 8;
 /// Refreshes per refresh that carries the capabilities too.
 pub const CAPS_EVERY: u32 = 4;
+/// A refresh this long after the last capabilities carries them whatever
+/// [`CAPS_EVERY`] says (a member that missed them, in a large mesh, hears
+/// them again within about this).
+pub const CAPS_MAX_GAP: Duration = Duration::from_secs(60);
 /// Longest random delay of an announcement for a newcomer (spreads the
 /// answers of a mesh that all heard of it at once).
 pub const NEWCOMER_JITTER: Duration = Duration::from_millis(500);
@@ -46,8 +51,9 @@ pub struct Due {
 pub struct Cadence {
     base: Duration,
     next_full: Instant,
-    /// Refreshes since the capabilities last went out.
+    /// Refreshes since the capabilities last went out, and when they did.
     since_caps: u32,
+    last_caps: Option<Instant>,
     last_full: Option<Instant>,
     last_load: Option<Instant>,
     load_changed: bool,
@@ -58,7 +64,7 @@ impl Cadence {
     /// A schedule with base interval `base`, its first announcement due at
     /// `now`.
     pub fn new(base: Duration, now: Instant) -> Self {
-        Cadence { base, next_full: now, since_caps: 0, last_full: None, last_load: None, load_changed: false, soon: None }
+        Cadence { base, next_full: now, since_caps: 0, last_caps: None, last_full: None, last_load: None, load_changed: false, soon: None }
     }
 
     /// The refresh interval in a mesh of `members` (this one included).
@@ -96,8 +102,13 @@ impl Cadence {
         if now >= self.next_full || soon {
             // The first announcement, one asked for, or every CAPS_EVERYth
             // refresh carries the capabilities.
-            let caps = soon || self.last_full.is_none() || self.since_caps + 1 >= CAPS_EVERY;
+            let caps = soon
+                || self.since_caps + 1 >= CAPS_EVERY
+                || self.last_caps.is_none_or(|t| now.saturating_duration_since(t) >= CAPS_MAX_GAP);
             self.since_caps = if caps { 0 } else { self.since_caps + 1 };
+            if caps {
+                self.last_caps = Some(now);
+            }
             self.next_full = now + self.refresh(members);
             self.last_full = Some(now);
             self.last_load = Some(now);
@@ -236,5 +247,11 @@ mod tests {
         let mut c = Cadence::new(r, t0);
         let caps: Vec<bool> = (0..9u32).map(|i| c.due(t0 + r * i, 4)).inspect(|d| assert!(d.load)).map(|d| d.caps).collect();
         assert_eq!(caps, [true, false, false, false, true, false, false, false, true]);
+        // In a large mesh (a 50 s refresh at 200 members) the gap decides:
+        // every second refresh.
+        let mut c = Cadence::new(r, t0);
+        let r200 = c.refresh(200);
+        let caps: Vec<bool> = (0..5u32).map(|i| c.due(t0 + r200 * i, 200).caps).collect();
+        assert_eq!(caps, [true, false, true, false, true]);
     }
 }
