@@ -194,7 +194,7 @@ async fn a_mesh_of_dozens_in_one_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "200 members: about two minutes; run with --release"]
+#[ignore = "200 members, about two minutes, run with --release; does not pass yet: 6 to 16 members missing from the sampled views after 120 s (BENCHMARKS.md)"]
 async fn a_mesh_of_two_hundred_in_one_process() {
     scale(200).await;
 }
