@@ -100,8 +100,9 @@ impl Cadence {
     pub fn due(&mut self, now: Instant, members: usize) -> Due {
         let soon = self.soon.is_some_and(|t| now >= t);
         if now >= self.next_full || soon {
-            // The first announcement, one asked for, or every CAPS_EVERYth
-            // refresh carries the capabilities.
+            // The capabilities ride an announcement asked for, and every
+            // CAPS_EVERYth refresh or the first past CAPS_MAX_GAP (the very
+            // first one included).
             let caps = soon
                 || self.since_caps + 1 >= CAPS_EVERY
                 || self.last_caps.is_none_or(|t| now.saturating_duration_since(t) >= CAPS_MAX_GAP);
