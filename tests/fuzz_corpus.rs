@@ -62,7 +62,7 @@ fn sample_messages() -> Vec<Message> {
     let peer = NodeId::from("12D3KooWexamplepeer");
     let model = [7u8; 32];
     vec![
-        Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into(), models: vec![model], partial: vec![fogmesh::protocols::HeldChunks { model, bitmap: vec![0b1011, 0xff] }], addrs: vec!["/ip4/10.0.0.2/tcp/4001".into()] }),
+        Message::Capabilities(Capabilities { peer: peer.clone(), cores: 4, memory_bytes: 8 << 30, gflops: 50.5, version: "0.1.0".into(), models: vec![model], partial: vec![fogmesh::protocols::HeldChunks { model, bitmap: vec![0b1011, 0xff] }], addrs: vec!["/ip4/10.0.0.2/tcp/4001".into()], joining: true }),
         Message::LoadReport(LoadReport {
             peer: peer.clone(),
             timestamp_ms: 1_700_000_000_000,
@@ -97,6 +97,7 @@ fn sample_messages() -> Vec<Message> {
         Message::WeightChunkReply(WeightChunkReply { model, chunk: 3, data: vec![9; 64] }),
         Message::Error(ErrorFrame { request: 9, code: ErrorCode::Malformed, message: "malformed".into() }),
         Message::Departure(fogmesh::protocols::Departure { peer: peer.clone(), gone: peer.clone(), last_heard_ms: 1_700_000_000_000 }),
+        Message::CapsWanted(fogmesh::protocols::CapsWanted { peer: peer.clone(), wanted: vec![peer.clone()] }),
     ]
 }
 

@@ -56,17 +56,23 @@ async fn members(n: &Net) -> Vec<PeerInfo> {
 async fn wait_views(nodes: &[Net], sample: &[usize], want: &BTreeSet<PeerId>, limit: Duration) -> Duration {
     let t0 = Instant::now();
     loop {
-        let mut missing = 0;
+        let (mut missing, mut without_caps) = (0, 0);
         for &i in sample {
             let me = nodes[i].handle.local_peer_id();
+            let view = nodes[i].handle.peers().await.unwrap();
             let got: BTreeSet<PeerId> = members(&nodes[i]).await.iter().map(|p| p.peer_id.parse().unwrap()).collect();
-            missing += want.iter().filter(|p| **p != me && !got.contains(p)).count();
+            let lacking: Vec<&PeerId> = want.iter().filter(|p| **p != me && !got.contains(p)).collect();
+            missing += lacking.len();
+            without_caps += lacking.iter().filter(|p| view.iter().any(|v| v.peer_id == p.to_string())).count();
             assert!(got.iter().all(|p| want.contains(p)), "member {i} lists a stranger");
         }
         if missing == 0 {
             return t0.elapsed();
         }
-        assert!(t0.elapsed() < limit, "{missing} members still missing from the sampled views after {limit:?}");
+        assert!(
+            t0.elapsed() < limit,
+            "{missing} members still missing from the sampled views after {limit:?} ({without_caps} of them in the view without their capabilities)"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -194,7 +200,7 @@ async fn a_mesh_of_dozens_in_one_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "200 members, about two minutes, run with --release; does not pass yet: 6 to 16 members missing from the sampled views after 120 s (BENCHMARKS.md)"]
+#[ignore = "200 members, about two minutes, run with --release; does not pass yet: 2 to 16 members' capabilities missing from the sampled views after 120 s, the process's 2 cores saturated (BENCHMARKS.md)"]
 async fn a_mesh_of_two_hundred_in_one_process() {
     scale(200).await;
 }

@@ -53,8 +53,10 @@ mod tests {
         // 200 000 small blocks (~54 MiB), then one more kept alive above
         // them: freeing the blocks leaves a hole glibc does not return by
         // itself (only the heap's top is returned on free).
-        let burst: Vec<Box<[u8; 256]>> = (0..200_000).map(|i| Box::new([i as u8; 256])).collect();
-        let kept = Box::new([7u8; 256]);
+        // (black_box: an optimized build would not allocate what nothing
+        // reads.)
+        let burst: Vec<Box<[u8; 256]>> = std::hint::black_box((0..200_000).map(|i| Box::new([i as u8; 256])).collect());
+        let kept = std::hint::black_box(Box::new([7u8; 256]));
         drop(burst);
         let before = rss_bytes();
         assert!(trim(), "something to return");

@@ -37,11 +37,12 @@ pub enum MessageKind {
     WeightChunkReply = 14,
     Error = 15,
     Departure = 16,
+    CapsWanted = 17,
 }
 
 impl MessageKind {
     /// Every kind, in number order.
-    pub const ALL: [MessageKind; 16] = [
+    pub const ALL: [MessageKind; 17] = [
         MessageKind::Capabilities,
         MessageKind::LoadReport,
         MessageKind::ShardAdvert,
@@ -58,6 +59,7 @@ impl MessageKind {
         MessageKind::WeightChunkReply,
         MessageKind::Error,
         MessageKind::Departure,
+        MessageKind::CapsWanted,
     ];
 
     /// The kind numbered `v`, if any.
@@ -69,7 +71,7 @@ impl MessageKind {
 /// First bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FGMS";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 16;
 

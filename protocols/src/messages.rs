@@ -67,6 +67,11 @@ pub struct Capabilities {
     /// Addresses it listens on (multiaddrs), so that members it holds no
     /// connection to can reach it when they need to.
     pub addrs: Vec<String>,
+    /// It joined lately: each member hearing of it for the first time
+    /// announces itself soon, so that its view fills within seconds (a
+    /// member heard of late, its first announcement lost, does not set
+    /// off a mesh-wide round of announcements).
+    pub joining: bool,
 }
 
 /// A member's notice that another one has left the mesh: it held a
@@ -82,6 +87,17 @@ pub struct Departure {
     pub gone: NodeId,
     /// The reporter's clock (Unix ms) when it last heard from `gone`.
     pub last_heard_ms: u64,
+}
+
+/// A member's request for the capabilities of members it hears from (their
+/// load reports) but whose capabilities never reached it: each member named
+/// announces its capabilities again. Signed (by gossip) by its sender.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CapsWanted {
+    /// The sender.
+    pub peer: NodeId,
+    /// The members whose capabilities it lacks.
+    pub wanted: Vec<NodeId>,
 }
 
 /// Load of one served shard.
@@ -400,6 +416,7 @@ pub enum Message {
     WeightChunkReply(WeightChunkReply),
     Error(ErrorFrame),
     Departure(Departure),
+    CapsWanted(CapsWanted),
 }
 
 impl Message {
@@ -422,6 +439,7 @@ impl Message {
             Message::WeightChunkReply(_) => MessageKind::WeightChunkReply,
             Message::Error(_) => MessageKind::Error,
             Message::Departure(_) => MessageKind::Departure,
+            Message::CapsWanted(_) => MessageKind::CapsWanted,
         }
     }
 }

@@ -37,13 +37,14 @@ fn token_result() -> impl Strategy<Value = TokenResult> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (node(), any::<u32>(), any::<u64>(), any::<f32>(), text(), proptest::collection::vec(hash(), 0..3), proptest::collection::vec((hash(), bytes(16)), 0..2), proptest::collection::vec(text(), 0..3)).prop_map(
-            |(peer, cores, memory_bytes, gflops, version, models, held, addrs)| {
+        (node(), any::<u32>(), any::<u64>(), any::<f32>(), text(), proptest::collection::vec(hash(), 0..3), proptest::collection::vec((hash(), bytes(16)), 0..2), proptest::collection::vec(text(), 0..3), any::<bool>()).prop_map(
+            |(peer, cores, memory_bytes, gflops, version, models, held, addrs, joining)| {
                 let partial = held.into_iter().map(|(model, bitmap)| HeldChunks { model, bitmap }).collect();
-                Message::Capabilities(Capabilities { peer, cores, memory_bytes, gflops, version, models, partial, addrs })
+                Message::Capabilities(Capabilities { peer, cores, memory_bytes, gflops, version, models, partial, addrs, joining })
             }
         ),
         (node(), node(), any::<u64>()).prop_map(|(peer, gone, last_heard_ms)| Message::Departure(Departure { peer, gone, last_heard_ms })),
+        (node(), proptest::collection::vec(node(), 0..4)).prop_map(|(peer, wanted)| Message::CapsWanted(CapsWanted { peer, wanted })),
         (node(), any::<u64>(), proptest::collection::vec((hash(), any::<u32>(), any::<u32>(), any::<u32>(), any::<f32>()), 0..5))
             .prop_map(|(peer, timestamp_ms, s)| Message::LoadReport(LoadReport {
                 peer,
@@ -187,11 +188,11 @@ fn oversized_messages_are_refused_both_ways() {
 }
 
 #[test]
-fn message_kinds_are_numbered_one_to_sixteen() {
+fn message_kinds_are_numbered_one_to_seventeen() {
     for (i, k) in MessageKind::ALL.iter().enumerate() {
         assert_eq!(*k as u16, i as u16 + 1);
         assert_eq!(MessageKind::from_u16(i as u16 + 1), Some(*k));
     }
     assert_eq!(MessageKind::from_u16(0), None);
-    assert_eq!(MessageKind::from_u16(17), None);
+    assert_eq!(MessageKind::from_u16(18), None);
 }

@@ -413,13 +413,14 @@ impl Runner {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
                 if topic == gossipsub::IdentTopic::new(CAPS_TOPIC).hash() =>
             {
-                // A new subscriber learns our capabilities soon, not at the
-                // next refresh (coalesced: see `announce`). A member whose
-                // capabilities we hold has been in the mesh a while: a new
-                // connection to it (the trims and dials of a large mesh
-                // make many) is no reason to tell the whole mesh again.
-                if !self.membership.has_capabilities(&peer_id) {
-                    self.cadence.newcomer(now, jitter());
+                // While this member joins, its first connections' members
+                // hear its capabilities soon (its first announcement, made
+                // before any connection, reached no one), and answer them.
+                // Later, a new connection is no reason to tell the whole
+                // mesh again (the trims and dials of a large mesh make
+                // many): a joining newcomer says so, and gets its answer.
+                if self.cadence.joining(now) && !self.membership.has_capabilities(&peer_id) {
+                    self.cadence.newcomer(now, jitter(), self.membership.len() + 1);
                 }
             }
             BehaviourEvent::Gossipsub(_) => {}
@@ -442,9 +443,12 @@ impl Runner {
             Gossip::Capabilities(c) => {
                 let addrs: Vec<Multiaddr> =
                     c.addrs.iter().filter_map(|a| a.parse().ok()).filter(|a| dialable(a, None)).collect();
+                let joining = c.joining;
                 if self.membership.capabilities(source, c, addrs.clone(), now) {
-                    tracing::info!(peer = %source, "peer's capabilities heard for the first time");
-                    self.cadence.newcomer(now, jitter());
+                    tracing::info!(peer = %source, joining, "peer's capabilities heard for the first time");
+                    if joining {
+                        self.cadence.newcomer(now, jitter(), self.membership.len() + 1);
+                    }
                     // Into the DHT's table too (see `refill_kad`).
                     if let Some(a) = addrs.first() {
                         self.kad_learn(source, a.clone());
@@ -466,6 +470,12 @@ impl Runner {
                     tracing::info!(peer = %gone, reporter = %source, "peer left the view (departure notice)");
                     self.swarm.behaviour_mut().book.set(gone, Vec::new());
                     let _ = self.lost.send(gone);
+                }
+            }
+            Gossip::Wanted(wanted) => {
+                if wanted.contains(self.swarm.local_peer_id()) {
+                    tracing::debug!(by = %source, "capabilities asked for");
+                    self.cadence.newcomer(now, jitter(), self.membership.len() + 1);
                 }
             }
         }

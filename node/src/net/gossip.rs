@@ -12,6 +12,8 @@ pub const LOAD_TOPIC: &str = "fogmesh/load/1";
 pub const DEPARTURE_TOPIC: &str = "fogmesh/departures/1";
 /// Every topic a member subscribes to.
 pub const TOPICS: [&str; 3] = [CAPS_TOPIC, LOAD_TOPIC, DEPARTURE_TOPIC];
+/// Most members one request for capabilities may name.
+pub const MAX_WANTED: usize = 64;
 /// Most addresses one peer may announce.
 pub const MAX_ANNOUNCED_ADDRS: usize = 16;
 /// Longest address a peer may announce (bytes of its text form).
@@ -47,6 +49,8 @@ pub enum Gossip {
     Load(LoadReport),
     /// A member's notice that another left (or that it leaves itself).
     Departure(Departure),
+    /// A member's request for the capabilities of these members.
+    Wanted(Vec<PeerId>),
 }
 
 /// Checks one gossip message signed by `source` on `topic`: it must decode
@@ -67,6 +71,13 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
         Message::Capabilities(c) if topic == CAPS_TOPIC => (c.peer.clone(), Gossip::Capabilities(c)),
         Message::LoadReport(r) if topic == LOAD_TOPIC => (r.peer.clone(), Gossip::Load(r)),
         Message::Departure(d) if topic == DEPARTURE_TOPIC => (d.peer.clone(), Gossip::Departure(d)),
+        Message::CapsWanted(w) if topic == CAPS_TOPIC => {
+            if w.wanted.len() > MAX_WANTED {
+                return Err("too many members wanted");
+            }
+            let wanted: Result<Vec<PeerId>, _> = w.wanted.iter().map(|p| p.as_str().parse::<PeerId>()).collect();
+            (w.peer.clone(), Gossip::Wanted(wanted.map_err(|_| "a wanted member is not a peer id")?))
+        }
         _ => return Err("message kind does not belong on this topic"),
     };
     if named.as_str() != source.to_string() {
@@ -118,6 +129,7 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
                 return Err("the departed member is not a peer id");
             }
         }
+        Gossip::Wanted(_) => {}
     }
     Ok(g)
 }
@@ -125,7 +137,7 @@ pub fn validate(data: &[u8], topic: &str, source: &PeerId, limits: &Limits) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fogmesh_protocols::{ShardLoad, encode_message};
+    use fogmesh_protocols::{CapsWanted, ShardLoad, encode_message};
 
     fn frame(m: &Message) -> Vec<u8> {
         let mut out = Vec::new();
@@ -148,6 +160,7 @@ mod tests {
                 models: vec![],
                 partial: vec![],
                 addrs: vec!["/ip4/10.0.0.1/tcp/4001".into()],
+                joining: false,
             })
         };
         let load = |peer: &PeerId, n: usize| {
@@ -193,6 +206,17 @@ mod tests {
         assert!(validate(&frame(&gone(&other, &me.to_string())), DEPARTURE_TOPIC, &me, &l).is_err());
         assert!(validate(&frame(&gone(&me, "nobody")), DEPARTURE_TOPIC, &me, &l).is_err());
         assert!(validate(&frame(&gone(&me, &other.to_string())), CAPS_TOPIC, &me, &l).is_err());
+        // Requests for capabilities: on the capabilities' topic, naming
+        // peer ids, a bounded number of them.
+        let wanted = |by: &PeerId, who: Vec<String>| {
+            Message::CapsWanted(CapsWanted { peer: by.to_string().into(), wanted: who.into_iter().map(Into::into).collect() })
+        };
+        assert_eq!(validate(&frame(&wanted(&me, vec![other.to_string()])), CAPS_TOPIC, &me, &l), Ok(Gossip::Wanted(vec![other])));
+        assert!(validate(&frame(&wanted(&me, vec![other.to_string()])), LOAD_TOPIC, &me, &l).is_err());
+        assert!(validate(&frame(&wanted(&other, vec![])), CAPS_TOPIC, &me, &l).is_err());
+        assert_eq!(validate(&frame(&wanted(&me, vec!["x".into()])), CAPS_TOPIC, &me, &l), Err("a wanted member is not a peer id"));
+        let many = vec![other.to_string(); MAX_WANTED + 1];
+        assert_eq!(validate(&frame(&wanted(&me, many)), CAPS_TOPIC, &me, &l), Err("too many members wanted"));
         // Framing.
         let mut f = frame(&caps(&me, "0.1"));
         f.push(0);

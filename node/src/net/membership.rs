@@ -55,6 +55,8 @@ struct Entry {
     load_ms: Option<u64>,
     rtt: Option<Duration>,
     last_seen: Instant,
+    /// When it entered the view.
+    since: Instant,
     connections: u32,
     sources: BTreeSet<Source>,
     agent: Option<String>,
@@ -121,10 +123,30 @@ pub struct Membership {
     local: PeerId,
     ttl: Duration,
     peers: BTreeMap<PeerId, Entry>,
-    /// Members removed by a departure notice: the newest report of theirs
-    /// the notice had seen (their own clock), and when it came. Gossip from
-    /// them no newer than that is an echo, and does not bring them back.
-    departed: BTreeMap<PeerId, (u64, Instant)>,
+    /// Members removed by a departure notice or by the TTL, for three
+    /// TTLs. A load report from them no newer than the last one seen is an
+    /// echo, and does not bring them back.
+    departed: BTreeMap<PeerId, Departed>,
+}
+
+/// What the view keeps of a member it removed.
+#[derive(Debug, Clone)]
+struct Departed {
+    /// The newest report of theirs seen (their own clock): by the notice's
+    /// reporter, or by this node when the TTL removed them.
+    seen_ms: u64,
+    /// When they were removed.
+    at: Instant,
+    /// Whether a departure notice removed them (then their capabilities
+    /// alone, which carry no time and could be an echo, do not bring them
+    /// back).
+    notice: bool,
+    /// Their capabilities, kept for their return: a newer load report
+    /// brings the member back with them (a refutation's capabilities and
+    /// load travel on two topics, and may arrive in either order; a member
+    /// whose refresh is slower than this node's TTL comes back by its next
+    /// report, not after its capabilities' next round).
+    caps: Option<Capabilities>,
 }
 
 impl Membership {
@@ -161,6 +183,7 @@ impl Membership {
             load_ms: None,
             rtt: None,
             last_seen: now,
+            since: now,
             connections: 0,
             sources: BTreeSet::new(),
             agent: None,
@@ -170,8 +193,11 @@ impl Membership {
 
     /// A connection to `peer` opened (through `addr`).
     pub fn connected(&mut self, peer: PeerId, addr: Option<Multiaddr>, now: Instant) {
-        self.departed.remove(&peer);
+        let held = self.departed.remove(&peer).and_then(|d| d.caps);
         if let Some(e) = self.entry(peer, now) {
+            if e.caps.is_none() {
+                e.caps = held;
+            }
             e.connections += 1;
             e.last_seen = now;
             e.sources.insert(Source::Direct);
@@ -237,12 +263,19 @@ impl Membership {
     /// report so far). A member a departure
     /// notice removed comes back only by a newer load report or a
     /// connection (capabilities carry no time, so an old copy could be an
-    /// echo).
+    /// echo); until then they are held for it.
     pub fn capabilities(&mut self, peer: PeerId, caps: Capabilities, addrs: Vec<Multiaddr>, now: Instant) -> bool {
-        if self.departed.contains_key(&peer) {
-            return false;
+        let mut known = false;
+        if let Some(d) = self.departed.get_mut(&peer) {
+            if d.notice {
+                // Held for the newer load report that may follow.
+                d.caps = Some(caps);
+                return false;
+            }
+            known = d.caps.is_some();
+            self.departed.remove(&peer);
         }
-        let new = self.peers.get(&peer).is_none_or(|e| e.caps.is_none());
+        let new = !known && self.peers.get(&peer).is_none_or(|e| e.caps.is_none());
         if let Some(e) = self.entry(peer, now) {
             e.caps = Some(caps);
             e.last_seen = now;
@@ -257,13 +290,17 @@ impl Membership {
 
     /// A gossiped load report whose signature says it came from `peer`.
     pub fn load(&mut self, peer: PeerId, report: LoadReport, now: Instant) {
-        if let Some(&(seen, _)) = self.departed.get(&peer) {
-            if report.timestamp_ms <= seen {
+        let mut held = None;
+        if let Some(d) = self.departed.get(&peer) {
+            if report.timestamp_ms <= d.seen_ms {
                 return;
             }
-            self.departed.remove(&peer);
+            held = self.departed.remove(&peer).and_then(|d| d.caps);
         }
         if let Some(e) = self.entry(peer, now) {
+            if e.caps.is_none() {
+                e.caps = held;
+            }
             if e.load_ms.is_some_and(|last| report.timestamp_ms <= last) {
                 return;
             }
@@ -295,32 +332,44 @@ impl Membership {
                 return false;
             }
         }
+        let removed = self.peers.contains_key(&gone);
+        self.remove(gone, seen_ms, true, now);
+        removed
+    }
+
+    /// Takes `gone` out of the view, holding what `departed` keeps.
+    fn remove(&mut self, gone: PeerId, seen_ms: u64, notice: bool, now: Instant) {
         if self.departed.len() >= MAX_MEMBERS && !self.departed.contains_key(&gone) {
-            // Full: the oldest notice makes room.
-            if let Some(old) = self.departed.iter().min_by_key(|(_, (_, at))| *at).map(|(p, _)| *p) {
+            // Full: the oldest removal makes room.
+            if let Some(old) = self.departed.iter().min_by_key(|(_, d)| d.at).map(|(p, _)| *p) {
                 self.departed.remove(&old);
             }
         }
-        let held = self.departed.entry(gone).or_insert((seen_ms, now));
-        *held = (held.0.max(seen_ms), now);
-        self.peers.remove(&gone).is_some()
+        let entry = self.peers.remove(&gone);
+        let held = self.departed.entry(gone).or_insert(Departed { seen_ms, at: now, notice, caps: None });
+        held.seen_ms = held.seen_ms.max(seen_ms);
+        held.at = now;
+        held.notice |= notice;
+        if let Some(caps) = entry.and_then(|e| e.caps) {
+            held.caps = Some(caps);
+        }
     }
 
     /// Drops peers that are unconnected and silent for longer than the TTL;
     /// returns the ones dropped.
     pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
         let ttl = self.ttl;
-        self.departed.retain(|_, (_, at)| now.saturating_duration_since(*at) <= ttl * 3);
-        let gone: Vec<PeerId> = self
+        self.departed.retain(|_, d| now.saturating_duration_since(d.at) <= ttl * 3);
+        let gone: Vec<(PeerId, u64)> = self
             .peers
             .iter()
             .filter(|(_, e)| e.connections == 0 && now.saturating_duration_since(e.last_seen) > ttl)
-            .map(|(p, _)| *p)
+            .map(|(p, e)| (*p, e.load_ms.unwrap_or(0)))
             .collect();
-        for p in &gone {
-            self.peers.remove(p);
+        for &(p, seen_ms) in &gone {
+            self.remove(p, seen_ms, false, now);
         }
-        gone
+        gone.into_iter().map(|(p, _)| p).collect()
     }
 
     /// The members in the view.
@@ -351,6 +400,12 @@ impl Membership {
     /// Whether `peer`'s capabilities have reached this node.
     pub fn has_capabilities(&self, peer: &PeerId) -> bool {
         self.peers.get(peer).is_some_and(|e| e.caps.is_some())
+    }
+
+    /// Members in the view for longer than `after` whose capabilities have
+    /// not reached this node (known by a connection or a load report only).
+    pub fn lacking_capabilities(&self, now: Instant, after: Duration) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.iter().filter(move |(_, e)| e.caps.is_none() && now.saturating_duration_since(e.since) >= after).map(|(p, _)| *p)
     }
 
     /// Whether we hold a connection to `peer`.
@@ -421,6 +476,7 @@ mod tests {
             models: vec![],
             partial: vec![],
             addrs: vec![],
+            joining: false,
         }
     }
 
@@ -524,6 +580,37 @@ mod tests {
     }
 
     #[test]
+    fn a_member_the_ttl_removed_comes_back_by_its_next_report_with_its_capabilities() {
+        let me = PeerId::random();
+        let p = PeerId::random();
+        let ttl = Duration::from_secs(3);
+        let mut m = Membership::new(me, ttl);
+        let t0 = Instant::now();
+        let report = |ms: u64| LoadReport { peer: Default::default(), timestamp_ms: ms, shards: vec![] };
+        m.capabilities(p, caps(5), vec![], t0);
+        m.load(p, report(10), t0);
+        assert_eq!(m.expire(t0 + 2 * ttl), vec![p]);
+        // An echo of the last report does not bring it back; a newer one
+        // does, with the capabilities it had.
+        m.load(p, report(10), t0 + 2 * ttl);
+        assert!(!m.contains(&p));
+        m.load(p, report(11), t0 + 2 * ttl);
+        assert_eq!(m.snapshot(t0)[0].cores, 5);
+
+        // Capabilities heard again after a removal by the TTL bring it back
+        // too, and are not news.
+        assert_eq!(m.expire(t0 + 4 * ttl), vec![p]);
+        assert!(!m.capabilities(p, caps(5), vec![], t0 + 4 * ttl));
+        assert!(m.contains(&p));
+        assert_eq!(m.lacking_capabilities(t0 + 6 * ttl, ttl).count(), 0);
+        // One known by its load report alone lacks them, once past the wait.
+        let q = PeerId::random();
+        m.load(q, report(1), t0 + 4 * ttl);
+        assert_eq!(m.lacking_capabilities(t0 + 4 * ttl, ttl).count(), 0);
+        assert_eq!(m.lacking_capabilities(t0 + 5 * ttl, ttl).collect::<Vec<_>>(), vec![q]);
+    }
+
+    #[test]
     fn snapshot_reports_capabilities_and_rtt() {
         let me = PeerId::random();
         let p = PeerId::random();
@@ -579,9 +666,18 @@ mod tests {
         m.capabilities(p, caps(2), vec![], t0);
         m.load(p, report(100), t0);
         assert!(!m.contains(&p));
-        // Something newer from it refutes the notice.
+        // Something newer from it refutes the notice, and it comes back
+        // with the capabilities it had.
         m.load(p, report(101), t0);
         assert!(m.contains(&p));
+        assert_eq!(m.snapshot(t0)[0].cores, 2);
+        // A refutation whose capabilities arrive before its load report
+        // (two topics, either order): held until the report readmits it.
+        assert!(m.departed(p, 101, t0));
+        assert!(!m.capabilities(p, caps(3), vec![], t0));
+        assert!(!m.contains(&p));
+        m.load(p, report(102), t0);
+        assert_eq!(m.snapshot(t0)[0].cores, 3);
         // A member this node holds a connection to stays whatever others say.
         m.connected(linked, None, t0);
         assert!(!m.departed(linked, u64::MAX, t0));
