@@ -12,10 +12,11 @@
 //! member new to it appears that says it is joining (so that a newcomer
 //! hears of everyone within about a second; one announcement per base
 //! interval however many arrive; in a mesh past 32 members, one per
-//! quarter refresh), a new connection's member whose capabilities it
-//! lacks subscribes, or a departure notice names it (its refutation). An unconnected member is
-//! kept for three refresh intervals of the largest mesh seen lately
-//! without news (or the configured TTL, if longer).
+//! quarter refresh), while it joins itself when a new connection's member
+//! whose capabilities it lacks subscribes, or when a departure notice
+//! names it (its refutation). An unconnected member is kept for three
+//! refresh intervals of the largest mesh seen lately without news (or the
+//! configured TTL, if longer).
 //!
 //! Gossip can lose a message (a forward queued too long on an overloaded
 //! host is dropped): a member heard of by its load report or a connection
@@ -212,26 +213,33 @@ impl Runner {
             self.announce_load();
         }
         if due.caps {
-            self.announce_caps();
+            self.announce_caps(now);
         }
         self.want_lacking(now, members);
+    }
+
+    /// Announces soon (after a random delay), coalesced with this member's
+    /// other answers: to a joining newcomer, or to a request naming it.
+    pub(super) fn answer_soon(&mut self, now: Instant) {
+        let jitter = NEWCOMER_JITTER.mul_f64(rand::random::<f64>());
+        self.cadence.newcomer(now, jitter, self.membership.len() + 1);
     }
 
     /// Asks for the capabilities of members heard of without them, if any
     /// and if due: each member named announces them again (its answer
     /// coalesced with its answers to newcomers).
     fn want_lacking(&mut self, now: Instant, members: usize) {
-        if !self.membership.lacking_capabilities(now, WANT_AFTER).any(|_| true) || !self.cadence.want_due(now, members) {
-            return;
-        }
         let wanted: Vec<NodeId> =
             self.membership.lacking_capabilities(now, WANT_AFTER).take(super::gossip::MAX_WANTED).map(|p| NodeId::from(p.to_string())).collect();
+        if wanted.is_empty() || !self.cadence.want_due(now, members) {
+            return;
+        }
         tracing::debug!(members = wanted.len(), "asking for capabilities not heard");
         let me = NodeId::from(self.swarm.local_peer_id().to_string());
         self.publish(CAPS_TOPIC, &Message::CapsWanted(CapsWanted { peer: me, wanted }));
     }
 
-    fn announce_caps(&mut self) {
+    fn announce_caps(&mut self, now: Instant) {
         let m = &self.cfg.measurement;
         let caps = Message::Capabilities(Capabilities {
             peer: NodeId::from(self.swarm.local_peer_id().to_string()),
@@ -242,7 +250,7 @@ impl Runner {
             models: self.cfg.models.clone(),
             partial: self.cfg.partial.clone(),
             addrs: self.announced_addrs(),
-            joining: self.cadence.joining(Instant::now()),
+            joining: self.cadence.joining(now),
         });
         self.publish(CAPS_TOPIC, &caps);
     }

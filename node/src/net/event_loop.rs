@@ -17,7 +17,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, mdns, ping, request_response};
 use tokio::sync::{mpsc, oneshot};
 
-use super::announce::{Cadence, NEWCOMER_JITTER};
+use super::announce::Cadence;
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::connections::{Keeper, StreamUse};
 use super::dialer::{Dialer, dialable};
@@ -420,7 +420,7 @@ impl Runner {
                 // mesh again (the trims and dials of a large mesh make
                 // many): a joining newcomer says so, and gets its answer.
                 if self.cadence.joining(now) && !self.membership.has_capabilities(&peer_id) {
-                    self.cadence.newcomer(now, jitter(), self.membership.len() + 1);
+                    self.answer_soon(now);
                 }
             }
             BehaviourEvent::Gossipsub(_) => {}
@@ -447,7 +447,7 @@ impl Runner {
                 if self.membership.capabilities(source, c, addrs.clone(), now) {
                     tracing::info!(peer = %source, joining, "peer's capabilities heard for the first time");
                     if joining {
-                        self.cadence.newcomer(now, jitter(), self.membership.len() + 1);
+                        self.answer_soon(now);
                     }
                     // Into the DHT's table too (see `refill_kad`).
                     if let Some(a) = addrs.first() {
@@ -475,7 +475,7 @@ impl Runner {
             Gossip::Wanted(wanted) => {
                 if wanted.contains(self.swarm.local_peer_id()) {
                     tracing::debug!(by = %source, "capabilities asked for");
-                    self.cadence.newcomer(now, jitter(), self.membership.len() + 1);
+                    self.answer_soon(now);
                 }
             }
         }
@@ -523,9 +523,4 @@ impl Runner {
             Event::ResponseSent { .. } => {}
         }
     }
-}
-
-/// A random delay up to [`NEWCOMER_JITTER`].
-fn jitter() -> Duration {
-    NEWCOMER_JITTER.mul_f64(rand::random::<f64>())
 }
