@@ -18,8 +18,11 @@
 //! - `gguf.rs`: bounded GGUF reader (metadata, tensor directory, tensor bytes).
 //! - `config.rs`: [`LlamaConfig`] from metadata.
 //! - `quant.rs` (+ `quant/`): the weight layout, activation quantization and the
-//!   matrix kernels (`repack.rs` GGUF blocks → affine layout, `x86.rs` AVX-512
-//!   VNNI / AVX2 kernels, `generic.rs` candle `vec_dot` for other types).
+//!   matrix kernels (`repack.rs` GGUF blocks → affine layout, `scales.rs` their
+//!   scales in the file's width, `portable.rs` the portable kernel, `x86.rs`
+//!   AVX-512 VNNI / AVX2 kernels with `x86/float.rs` for float weights,
+//!   `float.rs` F32/F16/BF16 matrices, `generic.rs` candle `vec_dot` for other
+//!   types).
 //! - `pool.rs`: the fork-join [`ThreadPool`].
 //! - `ops.rs`: RMSNorm, RoPE, SiLU, attention.
 //! - `shard.rs`: [`Shard`] (a loaded layer range: range loading, embedding,

@@ -2,31 +2,40 @@
 //!
 //! Most GGUF quantizations store, per block of 32 weights, small integers `q`
 //! and an affine map `w = scale * q + min` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the
-//! 32-weight sub-blocks of Q4_K and Q5_K). At load, such a tensor is repacked
-//! losslessly into [`AffineMatrix`]: per row, the integers of each pair of blocks
-//! laid out for 512-bit integer dot products, and the scales and minimums as
-//! `f16` arrays where that is exact (Q4_0, Q4_1, Q5_x and Q8_0 store f16
-//! scales), `f32` otherwise (K-quant sub-block scales are products). Activations are quantized per block of 32 to `i8` in the same
-//! layout ([`QActs`], as llama.cpp does with Q8_0/Q8_1), so a row times an
-//! activation is one integer dot product per block plus one `f32` dot product of
-//! the minimums with the activation block sums. Kernels are chosen at run time
-//! (AVX-512 VNNI, AVX2, portable), so one binary is fast on every x86-64 host.
+//! 32-weight sub-blocks of Q4_K and Q5_K); Q6_K stores 6-bit integers with a
+//! scale per 16 weights. At load, such a tensor is repacked losslessly into
+//! [`AffineMatrix`]: per row, the integers of each pair of blocks laid out for
+//! 512-bit integer dot products, and the scales in the file's own form
+//! ([`Scales`]: f16 per block, derived minimums, K-quant super-blocks), so a
+//! matrix takes no more bytes than in the file. Activations are quantized per
+//! block of 32 to `i8` in the same layout ([`QActs`], as llama.cpp does with
+//! Q8_0/Q8_1), so a row times an activation is one integer dot product per
+//! block plus one `f32` dot product of the minimums with the activation block
+//! sums (Q6_K subtracts its offset inside the integer product instead).
+//! Kernels are chosen at run time (AVX-512 VNNI, AVX2, portable), so one
+//! binary is fast on every x86-64 host.
 //!
-//! Any other type (F32, F16, BF16, Q6_K, Q2_K, Q3_K, Q8_K) keeps its GGUF bytes
-//! and uses candle's `GgmlType::vec_dot` ([`GenericMatrix`]).
+//! F32, F16 and BF16 weights are held as in the file and multiplied with
+//! unrounded `f32` activations ([`float`]). Any other type (Q2_K, Q3_K, Q8_K)
+//! keeps its GGUF bytes and uses candle's `GgmlType::vec_dot` ([`GenericMatrix`]).
 //!
 //! Every row is reduced by one thread in a fixed order, so results do not depend
 //! on how many threads run or how rows are split between them.
 
+mod float;
 mod generic;
+mod portable;
 mod repack;
+mod scales;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+use float::FloatMatrix;
 pub(crate) use generic::GenericMatrix;
+pub(crate) use scales::{RowScales, Scales};
 
 use crate::error::{ModelError, Result};
 use crate::pool::ThreadPool;
@@ -36,22 +45,31 @@ pub(crate) const BLOCK: usize = 32;
 /// Bytes of activation integers per pair of blocks.
 const PAIR: usize = 2 * BLOCK;
 
-/// How the integers of an [`AffineMatrix`] are stored.
+/// How the integers of an [`AffineMatrix`] are stored, per pair of blocks
+/// (64 integers at the positions [`pair_pos`] gives).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IntKind {
-    /// Unsigned 4-bit values, two per byte (32 bytes per pair of blocks).
+    /// Unsigned 4-bit values: position `p < 32` in the low nibble of byte `p`,
+    /// `p >= 32` in the high nibble of byte `p - 32` (32 bytes).
     U4,
-    /// Unsigned values below 32, one per byte (64 bytes per pair of blocks).
+    /// Unsigned 5-bit values: the low four bits as [`IntKind::U4`], then a
+    /// 64-bit word whose bit `p` is bit 4 of position `p` (40 bytes).
     U5,
-    /// Signed 8-bit values, no minimum (64 bytes per pair of blocks).
+    /// Unsigned 6-bit values (Q6_K, `q - 32` the weight's integer): the low
+    /// four bits as [`IntKind::U4`], then 16 bytes whose byte `p % 16` holds
+    /// bits 4-5 of position `p` at bits `2 * (p / 16)` (48 bytes).
+    U6,
+    /// Signed 8-bit values, no minimum (64 bytes).
     I8,
 }
 
 impl IntKind {
-    fn pair_bytes(self) -> usize {
+    pub(crate) fn pair_bytes(self) -> usize {
         match self {
             IntKind::U4 => 32,
-            IntKind::U5 | IntKind::I8 => 64,
+            IntKind::U5 => 40,
+            IntKind::U6 => 48,
+            IntKind::I8 => 64,
         }
     }
 }
@@ -66,78 +84,10 @@ pub(crate) struct AffineMatrix {
     pub(crate) kind: IntKind,
     /// Integers, `rows * nb/2 * kind.pair_bytes()` bytes, see [`pair_pos`].
     pub(crate) q: Vec<u8>,
-    /// Per block scale and minimum (`w = scale*q + min`), `rows * nb` each; for
+    /// Per block scale and minimum (`w = scale*q + min`); for
     /// [`IntKind::I8`] the minimum is `-128 * scale`, the correction for
-    /// kernels that offset `q` by 128.
+    /// kernels that offset `q` by 128; [`IntKind::U6`] has per-16 scales.
     pub(crate) scales: Scales,
-}
-
-/// Per-block scales and minimums, as narrow as they can be stored exactly:
-/// decode streams every weight byte once per token, so bytes are time.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Scales {
-    F16 { scale: Vec<f16>, min: Vec<f16> },
-    F32 { scale: Vec<f32>, min: Vec<f32> },
-}
-
-impl Scales {
-    /// Picks f16 storage when every value survives the round trip.
-    pub(crate) fn new(scale: Vec<f32>, min: Vec<f32>) -> Self {
-        let exact = |v: &[f32]| v.iter().all(|&x| f16::from_f32(x).to_f32() == x);
-        if exact(&scale) && exact(&min) {
-            let h = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect();
-            Scales::F16 { scale: h(scale), min: h(min) }
-        } else {
-            Scales::F32 { scale, min }
-        }
-    }
-
-    #[inline]
-    pub(crate) fn scale(&self, i: usize) -> f32 {
-        match self {
-            Scales::F16 { scale, .. } => scale[i].to_f32(),
-            Scales::F32 { scale, .. } => scale[i],
-        }
-    }
-
-    #[inline]
-    pub(crate) fn min(&self, i: usize) -> f32 {
-        match self {
-            Scales::F16 { min, .. } => min[i].to_f32(),
-            Scales::F32 { min, .. } => min[i],
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Scales::F16 { scale, min } => 2 * (scale.len() + min.len()),
-            Scales::F32 { scale, min } => 4 * (scale.len() + min.len()),
-        }
-    }
-
-    /// Appends `other`; `false` when the storage types differ.
-    fn extend(&mut self, other: &Scales) -> bool {
-        match (self, other) {
-            (Scales::F16 { scale, min }, Scales::F16 { scale: s, min: m }) => {
-                scale.extend_from_slice(s);
-                min.extend_from_slice(m);
-                true
-            }
-            (Scales::F32 { scale, min }, Scales::F32 { scale: s, min: m }) => {
-                scale.extend_from_slice(s);
-                min.extend_from_slice(m);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn empty_like(&self) -> Scales {
-        match self {
-            Scales::F16 { .. } => Scales::F16 { scale: vec![], min: vec![] },
-            Scales::F32 { .. } => Scales::F32 { scale: vec![], min: vec![] },
-        }
-    }
 }
 
 /// Position, inside a pair of blocks, of element `e` of block `b` (0 or 1).
@@ -154,6 +104,7 @@ pub(crate) const fn pair_pos(b: usize, e: usize) -> usize {
 #[derive(Debug, Clone)]
 pub(crate) enum Weights {
     Affine(AffineMatrix),
+    Float(FloatMatrix),
     Generic(GenericMatrix),
 }
 
@@ -171,15 +122,19 @@ impl Weights {
                 ),
             });
         }
-        match repack::affine(dtype, rows, cols, data) {
-            Some(m) => Ok(Weights::Affine(m)),
-            None => Ok(Weights::Generic(GenericMatrix::new(name, dtype, rows, cols, data)?)),
+        if let Some(m) = repack::affine(dtype, rows, cols, data) {
+            return Ok(Weights::Affine(m));
         }
+        if let Some(m) = FloatMatrix::new(dtype, rows, cols, data) {
+            return Ok(Weights::Float(m));
+        }
+        Ok(Weights::Generic(GenericMatrix::new(name, dtype, rows, cols, data)?))
     }
 
     pub(crate) fn rows(&self) -> usize {
         match self {
             Weights::Affine(m) => m.rows,
+            Weights::Float(m) => m.rows,
             Weights::Generic(m) => m.rows,
         }
     }
@@ -187,6 +142,7 @@ impl Weights {
     pub(crate) fn cols(&self) -> usize {
         match self {
             Weights::Affine(m) => m.cols,
+            Weights::Float(m) => m.cols,
             Weights::Generic(m) => m.cols,
         }
     }
@@ -195,6 +151,7 @@ impl Weights {
     pub(crate) fn memory_bytes(&self) -> usize {
         match self {
             Weights::Affine(m) => m.q.len() + m.scales.bytes(),
+            Weights::Float(m) => m.memory_bytes(),
             Weights::Generic(m) => m.memory_bytes(),
         }
     }
@@ -206,6 +163,10 @@ impl Weights {
                 m.row_f32(r, out);
                 Ok(())
             }
+            Weights::Float(m) => {
+                m.row_f32(r, out);
+                Ok(())
+            }
             Weights::Generic(m) => m.row_f32(r, out),
         }
     }
@@ -213,24 +174,35 @@ impl Weights {
     /// Stacks matrices with the same columns and layout into one (e.g. Q, K and
     /// V), so one parallel product serves them all. `None` when they differ.
     pub(crate) fn concat(parts: &[Weights]) -> Option<Weights> {
-        let first = match parts.first()? {
-            Weights::Affine(m) => m,
-            Weights::Generic(_) => return None,
-        };
-        let mut out = AffineMatrix { rows: 0, q: vec![], scales: first.scales.empty_like(), ..first.clone() };
-        for p in parts {
-            match p {
-                Weights::Affine(m) if m.cols == first.cols && m.kind == first.kind => {
-                    if !out.scales.extend(&m.scales) {
-                        return None;
+        match parts.first()? {
+            Weights::Affine(first) => {
+                let mut out = AffineMatrix { rows: 0, q: vec![], scales: first.scales.empty_like(), ..first.clone() };
+                for p in parts {
+                    match p {
+                        Weights::Affine(m) if m.cols == first.cols && m.kind == first.kind => {
+                            if !out.scales.extend(&m.scales) {
+                                return None;
+                            }
+                            out.rows += m.rows;
+                            out.q.extend_from_slice(&m.q);
+                        }
+                        _ => return None,
                     }
-                    out.rows += m.rows;
-                    out.q.extend_from_slice(&m.q);
                 }
-                _ => return None,
+                Some(Weights::Affine(out))
             }
+            Weights::Float(first) => {
+                let mut out = first.clone();
+                for p in &parts[1..] {
+                    match p {
+                        Weights::Float(m) if out.extend(m) => {}
+                        _ => return None,
+                    }
+                }
+                Some(Weights::Float(out))
+            }
+            Weights::Generic(_) => None,
         }
-        Some(Weights::Affine(out))
     }
 
     /// `out[t * rows + r] = row r · x[t]` for every token `t` of `x`, the rows split
@@ -256,6 +228,14 @@ impl Weights {
                     // every token, and `out` outlives `run_split`.
                     let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
                     m.dot_rows(r0, r1, q, out);
+                });
+            }
+            Weights::Float(m) => {
+                let out_ptr = SendPtr(out.as_mut_ptr());
+                pool.run_split(rows, 4, &|r0, r1| {
+                    // SAFETY: as above, disjoint rows per thread.
+                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
+                    m.dot_rows(r0, r1, x, out);
                 });
             }
             Weights::Generic(m) => {
@@ -353,36 +333,6 @@ impl QActs {
 }
 
 impl AffineMatrix {
-    fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let pb = self.kind.pair_bytes();
-        let qrow = &self.q[r * self.nb / 2 * pb..(r + 1) * self.nb / 2 * pb];
-        for j in 0..self.cols / BLOCK {
-            let s = self.scales.scale(r * self.nb + j);
-            let m = if self.kind == IntKind::I8 { 0.0 } else { self.scales.min(r * self.nb + j) };
-            for e in 0..BLOCK {
-                out[j * BLOCK + e] = s * self.int_at(qrow, j, e) as f32 + m;
-            }
-        }
-    }
-
-    /// The integer of element `e` of block `j` in a row's bytes.
-    #[inline]
-    fn int_at(&self, qrow: &[u8], j: usize, e: usize) -> i32 {
-        let p = pair_pos(j & 1, e);
-        let pair = &qrow[(j / 2) * self.kind.pair_bytes()..];
-        match self.kind {
-            IntKind::U4 => {
-                if p < 32 {
-                    (pair[p] & 0x0f) as i32
-                } else {
-                    (pair[p - 32] >> 4) as i32
-                }
-            }
-            IntKind::U5 => pair[p] as i32,
-            IntKind::I8 => pair[p] as i8 as i32,
-        }
-    }
-
     /// Rows `[r0, r1)` times every token of `a`, into `out[t * rows + r]`.
     pub(crate) fn dot_rows(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -393,57 +343,7 @@ impl AffineMatrix {
         }
         self.dot_rows_portable(r0, r1, a, out);
     }
-
-    /// The portable kernel, and the reference the SIMD kernels are tested against.
-    pub(crate) fn dot_rows_portable(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
-        let nb = self.nb;
-        let pb = self.kind.pair_bytes();
-        let mut w = [0i16; PAIR];
-        for r in r0..r1 {
-            let qrow = &self.q[r * nb / 2 * pb..(r + 1) * nb / 2 * pb];
-            for t in 0..a.tokens {
-                let aq = &a.q[t * nb * BLOCK..(t + 1) * nb * BLOCK];
-                let mut acc = 0f32;
-                for p in 0..nb / 2 {
-                    let bytes = &qrow[p * pb..(p + 1) * pb];
-                    match self.kind {
-                        IntKind::U4 => {
-                            for k in 0..32 {
-                                w[k] = (bytes[k] & 0x0f) as i16;
-                                w[k + 32] = (bytes[k] >> 4) as i16;
-                            }
-                        }
-                        IntKind::U5 => w.iter_mut().zip(bytes).for_each(|(w, &b)| *w = b as i16),
-                        IntKind::I8 => w.iter_mut().zip(bytes).for_each(|(w, &b)| *w = b as i8 as i16),
-                    }
-                    // Eight lanes: within every 8 positions the first four
-                    // belong to the pair's first block, the last four to its
-                    // second (see `pair_pos`). Written so compilers vectorize it
-                    // for any target (SSE2, NEON).
-                    let ap = &aq[p * PAIR..(p + 1) * PAIR];
-                    let mut lanes = [0i32; 8];
-                    for (wc, ac) in w.chunks_exact(8).zip(ap.chunks_exact(8)) {
-                        for e in 0..8 {
-                            lanes[e] += wc[e] as i32 * ac[e] as i32;
-                        }
-                    }
-                    let isum = [lanes[..4].iter().sum::<i32>(), lanes[4..].iter().sum::<i32>()];
-                    for (b, &is) in isum.iter().enumerate() {
-                        let j = 2 * p + b;
-                        acc += is as f32 * (self.scales.scale(r * nb + j) * a.d[t * nb + j]);
-                    }
-                }
-                if self.kind != IntKind::I8 {
-                    for j in 0..nb {
-                        acc += self.scales.min(r * nb + j) * a.s[t * nb + j];
-                    }
-                }
-                out[t * self.rows + r] = acc;
-            }
-        }
-    }
 }
-
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Level as KernelLevel, level as x86_level};

@@ -14,6 +14,52 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
     random(n, seed, 2.0)
 }
 
+/// Every type with a repacked layout (the encodable ones but floats).
+fn quantized() -> impl Iterator<Item = GgmlDType> {
+    ALL.into_iter().filter(|d| !matches!(d, GgmlDType::F32 | GgmlDType::F16))
+}
+
+/// Decode streams every weight byte per token: no repacked type may hold
+/// more bytes than the file does (odd block counts pad one block per row).
+#[test]
+fn repacked_matrices_take_no_more_bytes_than_the_file() {
+    for dtype in quantized() {
+        let (rows, cols) = (6, 1024);
+        let (bytes, _) = encode(dtype, &pseudo_random(rows * cols, 21));
+        let m = Weights::from_gguf("t", dtype, rows, cols, &bytes).unwrap();
+        assert!(matches!(m, Weights::Affine(_)), "{dtype:?} not repacked");
+        assert_eq!(m.memory_bytes(), bytes.len(), "{dtype:?}: {} bytes held for {} in the file", m.memory_bytes(), bytes.len());
+    }
+}
+
+/// Q6_K's scales are per 16 weights and signed: a matrix whose groups have
+/// very different (and negative) scales still multiplies exactly like its
+/// dequantized weights on every kernel.
+#[test]
+fn q6k_groups_keep_their_own_scales() {
+    let (rows, cols, tokens) = (5, 512, 2);
+    // Amplitude changing every 16 weights, sign every 48.
+    let w: Vec<f32> = pseudo_random(rows * cols, 3)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1 + (i / 16) % 7) as f32 * if (i / 48) % 2 == 0 { 1.0 } else { -0.25 })
+        .collect();
+    let (bytes, deq) = encode(GgmlDType::Q6K, &w);
+    let m = Weights::from_gguf("t", GgmlDType::Q6K, rows, cols, &bytes).unwrap();
+    let x = pseudo_random(tokens * cols, 4);
+    let mut out = vec![0f32; tokens * rows];
+    m.matmul(&ThreadPool::new(2), &x, &mut ActBuf::default(), &mut out).unwrap();
+    for t in 0..tokens {
+        for r in 0..rows {
+            let terms = (0..cols).map(|c| deq[r * cols + c] as f64 * x[t * cols + c] as f64);
+            let exact: f64 = terms.clone().sum();
+            let norm: f64 = terms.map(f64::abs).sum();
+            let got = out[t * rows + r] as f64;
+            assert!((got - exact).abs() <= 0.02 * norm + 1e-3, "t{t} r{r}: {got} vs {exact}");
+        }
+    }
+}
+
 #[test]
 fn repacked_rows_equal_candle_dequantization() {
     let (rows, cols) = (5, 512);
@@ -29,7 +75,8 @@ fn repacked_rows_equal_candle_dequantization() {
             }
         }
         let affine = matches!(w, Weights::Affine(_));
-        let expect_affine = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::Q6K);
+        let expect_affine = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16);
+        assert_eq!(matches!(w, Weights::Float(_)), !expect_affine, "{dtype:?} layout");
         assert_eq!(affine, expect_affine, "{dtype:?} layout");
     }
 }
@@ -67,7 +114,7 @@ fn matmul_matches_dequantized_reference_for_every_type() {
 fn simd_kernels_agree_with_portable_kernel() {
     use super::x86::{Level, best_level, dot_rows_at};
     let (rows, tokens) = (13, 4);
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K] {
+    for dtype in quantized() {
         let cols = if dtype.block_size() == 256 { 768 } else { 576 };
         let x = pseudo_random(tokens * cols, 5);
         let (bytes, _) = encode(dtype, &pseudo_random(rows * cols, 11));
@@ -99,7 +146,7 @@ fn simd_kernels_agree_with_portable_kernel() {
 fn each_token_gets_the_same_bits_alone_or_in_a_batch() {
     use super::x86::{Level, best_level, dot_rows_at};
     let (rows, tokens) = (13, 9);
-    for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K] {
+    for dtype in quantized() {
         let cols = if dtype.block_size() == 256 { 768 } else { 576 };
         let x = pseudo_random(tokens * cols, 7);
         let (bytes, _) = encode(dtype, &pseudo_random(rows * cols, 13));
@@ -124,6 +171,54 @@ fn each_token_gets_the_same_bits_alone_or_in_a_batch() {
                 let one = run(&x[t * cols..(t + 1) * cols], 1);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&one), bits(&all[t * rows..(t + 1) * rows]), "{dtype:?} {lvl:?} token {t}");
+            }
+        }
+    }
+}
+
+/// Float weights (F32, F16, BF16): held in the file's bytes, every kernel
+/// level within rounding of an f64 product, each token's bits the same
+/// alone or in a batch, on any tail of columns.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn float_kernels_are_exact_and_tile_independent() {
+    use super::float::FloatMatrix;
+    use super::x86::{Level, best_level, float_rows_at};
+    use candle_core::quantized::GgmlDType::{BF16, F16, F32};
+    for (dtype, cols) in [(F32, 100), (F16, 517), (BF16, 64), (F16, 40)] {
+        let (rows, tokens) = (9, 6);
+        let w = pseudo_random(rows * cols, 31);
+        let bytes: Vec<u8> = match dtype {
+            F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            F16 => w.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            _ => w.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        };
+        let m = FloatMatrix::new(dtype, rows, cols, &bytes).unwrap();
+        assert_eq!(m.memory_bytes(), bytes.len());
+        let x = pseudo_random(tokens * cols, 32);
+        let mut deq = vec![0f32; cols];
+        for lvl in [Level::Portable, Level::Avx2, Level::Vnni] {
+            if lvl > best_level() {
+                continue;
+            }
+            let run = |x: &[f32]| {
+                let mut out = vec![0f32; x.len() / cols * rows];
+                if !float_rows_at(lvl, &m, 0, rows, x, &mut out) {
+                    m.dot_rows_portable(0, rows, x, &mut out);
+                }
+                out
+            };
+            let all = run(&x);
+            for t in 0..tokens {
+                let one = run(&x[t * cols..(t + 1) * cols]);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&one), bits(&all[t * rows..(t + 1) * rows]), "{dtype:?} {lvl:?} token {t}");
+                for r in 0..rows {
+                    m.row_f32(r, &mut deq);
+                    let exact: f64 = (0..cols).map(|c| deq[c] as f64 * x[t * cols + c] as f64).sum();
+                    let got = all[t * rows + r] as f64;
+                    assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * cols as f64, "{dtype:?} {lvl:?} {got} vs {exact}");
+                }
             }
         }
     }
