@@ -205,14 +205,22 @@ pub(crate) fn add(x: &mut [f32], y: &[f32]) {
 
 /// A gated feed-forward's middle: from rows `[gate | up]` of `2 * ffn`,
 /// `act(gate) * up` into `h`.
-pub(crate) fn gated(gu: &[f32], ffn: usize, act: fn(f32) -> f32, h: &mut Vec<f32>) {
+/// The rows are split over the pool's threads (each row alone: the same bits).
+pub(crate) fn gated(pool: &ThreadPool, gu: &[f32], ffn: usize, act: fn(f32) -> f32, h: &mut Vec<f32>) {
     h.resize(gu.len() / 2, 0.0);
-    for (row, out) in gu.chunks_exact(2 * ffn).zip(h.chunks_exact_mut(ffn)) {
-        let (g, u) = row.split_at(ffn);
-        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-            *o = act(g) * u;
+    let rows = h.len() / ffn;
+    let out = crate::quant::SendPtr(h.as_mut_ptr());
+    pool.run_split(rows, 1, &|r0, r1| {
+        // SAFETY: rows [r0, r1) of `h` belong to this thread alone; `h`
+        // outlives `run_split`.
+        let h = unsafe { std::slice::from_raw_parts_mut(out.get().add(r0 * ffn), (r1 - r0) * ffn) };
+        for (row, out) in gu[r0 * 2 * ffn..r1 * 2 * ffn].chunks_exact(2 * ffn).zip(h.chunks_exact_mut(ffn)) {
+            let (g, u) = row.split_at(ffn);
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = act(g) * u;
+            }
         }
-    }
+    });
 }
 
 /// Bytes held by a block's norm vectors and matrices.
@@ -226,24 +234,10 @@ pub(crate) fn matmul_stacked(
     parts: &[Weights],
     x: &[f32],
     acts: &mut ActBuf,
-    tmp: &mut Vec<f32>,
     out: &mut Vec<f32>,
     width: usize,
 ) -> Result<()> {
     let tokens = x.len() / parts[0].cols();
     out.resize(tokens * width, 0.0);
-    if let [one] = parts {
-        return one.matmul(pool, x, acts, out);
-    }
-    let mut col = 0;
-    for p in parts {
-        let rows = p.rows();
-        tmp.resize(tokens * rows, 0.0);
-        p.matmul(pool, x, acts, tmp)?;
-        for t in 0..tokens {
-            out[t * width + col..t * width + col + rows].copy_from_slice(&tmp[t * rows..(t + 1) * rows]);
-        }
-        col += rows;
-    }
-    Ok(())
+    Weights::matmul_parts(parts, pool, x, acts, out)
 }

@@ -73,15 +73,16 @@ pub(crate) fn gelu(x: f32) -> f32 {
                 let x = half::f16::from_bits(bits).to_f32();
                 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
                 let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh());
-                half::f16::from_f32(y).to_bits()
+                half::f16::from_f32(y).to_f32()
             })
             .collect()
     });
-    half::f16::from_bits(table[usize::from(half::f16::from_f32(x).to_bits())]).to_f32()
+    table[usize::from(half::f16::from_f32(x).to_bits())]
 }
 
-/// GELU of every f16 value (128 KiB, made on first use).
-static GELU_F16: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+/// GELU of every f16 value, rounded to f16 and kept as f32 (256 KiB, made
+/// on first use).
+static GELU_F16: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -136,17 +137,20 @@ pub(crate) fn attention(
     let job = Job { cfg, qkv, qkv_w, segs, owner: &owner, window, longest };
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    pool.run_split(tokens * heads, 1, &|a, b| {
+    // Causal rows grow in cost with their position: thread i takes every
+    // n-th (row, head) pair, so each gets its share of early and late rows.
+    let n = pool.threads();
+    pool.run(&|i| {
         // SAFETY: each task writes the disjoint head slices of its own (t, h)
-        // pairs, and `out` outlives `run_split`.
+        // pairs, and `out` outlives `run`.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
-            unsafe { job.run_avx2(a, b, out) };
+            unsafe { job.run_avx2(i, tokens * heads, n, out) };
             return;
         }
-        job.run(a, b, out);
+        job.run(i, tokens * heads, n, out);
     });
 }
 
@@ -166,19 +170,19 @@ impl Job<'_> {
     /// order (no fused multiply-adds), wider registers, the same bits.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, a: usize, b: usize, out: &mut [f32]) {
-        self.run(a, b, out);
+    unsafe fn run_avx2(&self, a: usize, b: usize, step: usize, out: &mut [f32]) {
+        self.run(a, b, step, out);
     }
 
-    /// The `(row, head)` pairs `a..b`.
+    /// Every `step`-th `(row, head)` pair of `a..b`.
     #[inline(always)]
-    fn run(&self, a: usize, b: usize, out: &mut [f32]) {
+    fn run(&self, a: usize, b: usize, step: usize, out: &mut [f32]) {
         let cfg = self.cfg;
         let (hd, heads, kvd, qd) = (cfg.head_dim, cfg.heads, cfg.kv_dim(), cfg.q_dim);
         let group = heads / cfg.kv_heads;
         let scale = cfg.attn_scale;
         let mut scores = Vec::with_capacity(self.longest);
-        for i in a..b {
+        for i in (a..b).step_by(step) {
             let (row, h) = (i / heads, i % heads);
             let (si, t) = self.owner[row];
             let AttnSeg { k, v, pos0, .. } = self.segs[si];

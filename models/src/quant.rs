@@ -176,7 +176,9 @@ impl Weights {
     pub(crate) fn concat(parts: &[Weights]) -> Option<Weights> {
         match parts.first()? {
             Weights::Affine(first) => {
-                let mut out = AffineMatrix { rows: 0, q: vec![], scales: first.scales.empty_like(), ..first.clone() };
+                let bytes = parts.iter().map(|p| if let Weights::Affine(m) = p { m.q.len() } else { 0 }).sum();
+                let (cols, nb, kind) = (first.cols, first.nb, first.kind);
+                let mut out = AffineMatrix { rows: 0, cols, nb, kind, q: weight_vec(bytes), scales: first.scales.empty_like() };
                 for p in parts {
                     match p {
                         Weights::Affine(m) if m.cols == first.cols && m.kind == first.kind => {
@@ -191,15 +193,10 @@ impl Weights {
                 }
                 Some(Weights::Affine(out))
             }
-            Weights::Float(first) => {
-                let mut out = first.clone();
-                for p in &parts[1..] {
-                    match p {
-                        Weights::Float(m) if out.extend(m) => {}
-                        _ => return None,
-                    }
-                }
-                Some(Weights::Float(out))
+            Weights::Float(_) => {
+                let floats: Option<Vec<&FloatMatrix>> =
+                    parts.iter().map(|p| if let Weights::Float(m) = p { Some(m) } else { None }).collect();
+                FloatMatrix::concat(&floats?).map(Weights::Float)
             }
             Weights::Generic(_) => None,
         }
@@ -208,55 +205,113 @@ impl Weights {
     /// `out[t * rows + r] = row r · x[t]` for every token `t` of `x`, the rows split
     /// over the pool's threads. `x` holds `tokens * cols` values.
     pub(crate) fn matmul(&self, pool: &ThreadPool, x: &[f32], acts: &mut ActBuf, out: &mut [f32]) -> Result<()> {
-        let cols = self.cols();
+        Weights::matmul_parts(std::slice::from_ref(self), pool, x, acts, out)
+    }
+
+    /// `x` times the matrices `parts` stacked by rows (all of the same
+    /// columns): `out[t * width + r]`, `width` their rows together. The
+    /// activations are quantized once for every repacked part, and one
+    /// fork-join runs all the rows.
+    pub(crate) fn matmul_parts(parts: &[Weights], pool: &ThreadPool, x: &[f32], acts: &mut ActBuf, out: &mut [f32]) -> Result<()> {
+        let Some(first) = parts.first() else { return Ok(()) };
+        let cols = first.cols();
         let tokens = x.len() / cols;
-        let rows = self.rows();
-        if x.len() != tokens * cols || out.len() != tokens * rows {
+        let width: usize = parts.iter().map(Weights::rows).sum();
+        if x.len() != tokens * cols || out.len() != tokens * width || parts.iter().any(|p| p.cols() != cols) {
             return Err(ModelError::Input(format!(
-                "matmul shape mismatch: {} inputs for {cols} columns, {} outputs for {rows} rows",
+                "matmul shape mismatch: {} inputs for {cols} columns, {} outputs for {width} rows",
                 x.len(),
                 out.len()
             )));
         }
-        match self {
-            Weights::Affine(m) => {
-                acts.q.quantize(x, cols, m.nb);
-                let q = &acts.q;
-                let out_ptr = SendPtr(out.as_mut_ptr());
-                pool.run_split(rows, 4, &|r0, r1| {
-                    // SAFETY: each thread writes the disjoint rows [r0, r1) of
-                    // every token, and `out` outlives `run_split`.
-                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
-                    m.dot_rows(r0, r1, q, out);
-                });
-            }
-            Weights::Float(m) => {
-                let out_ptr = SendPtr(out.as_mut_ptr());
-                pool.run_split(rows, 4, &|r0, r1| {
-                    // SAFETY: as above, disjoint rows per thread.
-                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
-                    m.dot_rows(r0, r1, x, out);
-                });
-            }
-            Weights::Generic(m) => {
-                m.quantize_acts(x, &mut acts.generic)?;
-                let out_ptr = SendPtr(out.as_mut_ptr());
-                let failed = std::sync::atomic::AtomicBool::new(false);
-                let g = &acts.generic;
-                pool.run_split(rows, 1, &|r0, r1| {
-                    // SAFETY: as above, disjoint rows per thread.
-                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
-                    if m.dot_rows(r0, r1, g, tokens, out).is_err() {
-                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                });
-                if failed.into_inner() {
-                    return Err(ModelError::Input("candle vec_dot failed".into()));
-                }
-            }
+        if parts.iter().any(|p| matches!(p, Weights::Generic(_))) {
+            return Weights::matmul_generic(parts, pool, x, acts, out, width);
         }
+        if let Some(nb) = parts.iter().find_map(|p| if let Weights::Affine(m) = p { Some(m.nb) } else { None }) {
+            acts.q.quantize_on(pool, x, cols, nb);
+        }
+        let q = &acts.q;
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let len = out.len();
+        pool.run_split(width, 4, &|r0, r1| {
+            let mut base = 0;
+            for p in parts {
+                let rows = p.rows();
+                let (a, b) = (r0.max(base), r1.min(base + rows));
+                if a < b {
+                    // SAFETY: each thread writes rows [r0, r1) of the stack
+                    // for every token (disjoint between threads), inside
+                    // `out`, which outlives `run_split`.
+                    let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(base), len - base) };
+                    match p {
+                        Weights::Affine(m) => m.dot_rows(a - base, b - base, q, out, width),
+                        Weights::Float(m) => m.dot_rows(a - base, b - base, x, out, width),
+                        Weights::Generic(_) => unreachable!("generic parts take matmul_generic"),
+                    }
+                }
+                base += rows;
+            }
+        });
         Ok(())
     }
+
+    /// [`Weights::matmul_parts`] with some part of a type only candle
+    /// multiplies: one part at a time.
+    fn matmul_generic(parts: &[Weights], pool: &ThreadPool, x: &[f32], acts: &mut ActBuf, out: &mut [f32], width: usize) -> Result<()> {
+        let tokens = out.len() / width;
+        let mut tmp = std::mem::take(&mut acts.tmp);
+        let mut col = 0;
+        for p in parts {
+            let rows = p.rows();
+            tmp.resize(tokens * rows, 0.0);
+            match p {
+                Weights::Generic(m) => {
+                    m.quantize_acts(x, &mut acts.generic)?;
+                    let out_ptr = SendPtr(tmp.as_mut_ptr());
+                    let failed = std::sync::atomic::AtomicBool::new(false);
+                    let g = &acts.generic;
+                    pool.run_split(rows, 1, &|r0, r1| {
+                        // SAFETY: disjoint rows per thread, inside `tmp`.
+                        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), tokens * rows) };
+                        if m.dot_rows(r0, r1, g, tokens, out).is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                    if failed.into_inner() {
+                        return Err(ModelError::Input("candle vec_dot failed".into()));
+                    }
+                }
+                other => Weights::matmul_parts(std::slice::from_ref(other), pool, x, acts, &mut tmp)?,
+            }
+            for t in 0..tokens {
+                out[t * width + col..t * width + col + rows].copy_from_slice(&tmp[t * rows..(t + 1) * rows]);
+            }
+            col += rows;
+        }
+        acts.tmp = tmp;
+        Ok(())
+    }
+}
+
+/// An empty vector with room for `n` values whose pages the kernel is asked
+/// to back with huge pages where it can (Linux `MADV_HUGEPAGE`): decode
+/// streams every weight once per token, and 4 KiB pages would cost a TLB
+/// miss every 4 KiB of it. Elsewhere, or when refused, an ordinary vector.
+pub(crate) fn weight_vec<T: Copy>(n: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(n);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let end = start + n * std::mem::size_of::<T>();
+        let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if b > a {
+            // SAFETY: [a, b) lies inside the vector's own allocation, which
+            // nothing has touched yet; the advice changes no contents.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v
 }
 
 /// A raw pointer that may cross to pool threads; users guarantee disjoint writes.
@@ -279,6 +334,8 @@ impl<T> SendPtr<T> {
 pub(crate) struct ActBuf {
     q: QActs,
     generic: generic::GenericActs,
+    /// One part's products when parts are multiplied one at a time.
+    tmp: Vec<f32>,
 }
 
 /// Activations of several tokens quantized per block of 32 to `i8`.
@@ -299,6 +356,12 @@ impl QActs {
     /// Quantizes `x` (`tokens * cols` values) into `nb` blocks per token; blocks
     /// past `cols` are zero.
     pub(crate) fn quantize(&mut self, x: &[f32], cols: usize, nb: usize) {
+        self.quantize_on(&ThreadPool::new(1), x, cols, nb);
+    }
+
+    /// [`QActs::quantize`], the tokens split over the pool's threads (each
+    /// token is quantized alone, so the split changes nothing).
+    pub(crate) fn quantize_on(&mut self, pool: &ThreadPool, x: &[f32], cols: usize, nb: usize) {
         let tokens = x.len() / cols;
         self.nb = nb;
         self.tokens = tokens;
@@ -308,40 +371,58 @@ impl QActs {
         self.d.resize(tokens * nb, 0.0);
         self.s.clear();
         self.s.resize(tokens * nb, 0.0);
-        for t in 0..tokens {
-            let row = &x[t * cols..(t + 1) * cols];
-            for j in 0..cols / BLOCK {
-                let xb = &row[j * BLOCK..(j + 1) * BLOCK];
-                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let base = (t * nb + (j & !1)) * BLOCK;
-                let mut sum = 0i32;
-                for (e, &v) in xb.iter().enumerate() {
-                    // Half away from zero, like `round`, but vectorizable on SSE2.
-                    let qv = (v * id + 0.5f32.copysign(v)) as i32;
-                    sum += qv;
-                    self.q[base + pair_pos(j & 1, e)] = qv as i8;
-                }
-                // As in ggml: the scale is kept as f16.
-                let d = f16::from_f32(d).to_f32();
-                self.d[t * nb + j] = d;
-                self.s[t * nb + j] = d * sum as f32;
+        let (q, d, s) = (SendPtr(self.q.as_mut_ptr()), SendPtr(self.d.as_mut_ptr()), SendPtr(self.s.as_mut_ptr()));
+        pool.run_split(tokens, 1, &|t0, t1| {
+            // SAFETY: tokens [t0, t1) own disjoint ranges of the three
+            // buffers (sized above), which outlive `run_split`.
+            let (q, d, s) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(q.get().add(t0 * nb * BLOCK), (t1 - t0) * nb * BLOCK),
+                    std::slice::from_raw_parts_mut(d.get().add(t0 * nb), (t1 - t0) * nb),
+                    std::slice::from_raw_parts_mut(s.get().add(t0 * nb), (t1 - t0) * nb),
+                )
+            };
+            for t in t0..t1 {
+                let i = t - t0;
+                quantize_token(&x[t * cols..(t + 1) * cols], &mut q[i * nb * BLOCK..(i + 1) * nb * BLOCK], &mut d[i * nb..(i + 1) * nb], &mut s[i * nb..(i + 1) * nb]);
             }
+        });
+    }
+}
+
+/// One token's activations `row` into its integers `q`, scales `d` and
+/// scaled sums `s` (blocks past the row stay zero).
+fn quantize_token(row: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for j in 0..row.len() / BLOCK {
+        let xb = &row[j * BLOCK..(j + 1) * BLOCK];
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let dj = amax / 127.0;
+        let id = if dj != 0.0 { 1.0 / dj } else { 0.0 };
+        let base = (j & !1) * BLOCK;
+        let mut sum = 0i32;
+        for (e, &v) in xb.iter().enumerate() {
+            // Half away from zero, like `round`, but vectorizable on SSE2.
+            let qv = (v * id + 0.5f32.copysign(v)) as i32;
+            sum += qv;
+            q[base + pair_pos(j & 1, e)] = qv as i8;
         }
+        // As in ggml: the scale is kept as f16.
+        let dj = f16::from_f32(dj).to_f32();
+        d[j] = dj;
+        s[j] = dj * sum as f32;
     }
 }
 
 impl AffineMatrix {
-    /// Rows `[r0, r1)` times every token of `a`, into `out[t * rows + r]`.
-    pub(crate) fn dot_rows(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+    /// Rows `[r0, r1)` times every token of `a`, into `out[t * ld + r]`.
+    pub(crate) fn dot_rows(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32], ld: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            if x86::dot_rows(self, r0, r1, a, out) {
+            if x86::dot_rows(self, r0, r1, a, out, ld) {
                 return;
             }
         }
-        self.dot_rows_portable(r0, r1, a, out);
+        self.dot_rows_portable(r0, r1, a, out, ld);
     }
 }
 

@@ -72,7 +72,7 @@ impl Layer {
         // Attention.
         norm_rows(x, &l.attn_norm, eps, d, &mut s.xn);
         let qkv_w = qd + 2 * kvd;
-        matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.tmp, &mut s.qkv, qkv_w)?;
+        matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.qkv, qkv_w)?;
         s.tmp.resize(hd, 0.0);
         let tmp = &mut s.tmp;
         rotate_and_store(segs, &mut s.qkv, qkv_w, qd, kvd, hd / 2, |row, rt| {
@@ -93,8 +93,8 @@ impl Layer {
 
         // Feed-forward.
         norm_rows(x, &l.ffn_norm, eps, d, &mut s.xn);
-        matmul_stacked(pool, &l.gate_up, &s.xn, &mut s.acts, &mut s.tmp, &mut s.gu, 2 * ffn)?;
-        gated(&s.gu, ffn, ops::gelu, &mut s.h);
+        matmul_stacked(pool, &l.gate_up, &s.xn, &mut s.acts, &mut s.gu, 2 * ffn)?;
+        gated(pool, &s.gu, ffn, ops::gelu, &mut s.h);
         l.down.matmul(pool, &s.h, &mut s.acts, &mut s.out)?;
         norm_rows(&s.out, &l.post_ffn_norm, eps, d, &mut s.xn);
         add(x, &s.xn);

@@ -89,7 +89,7 @@ impl Layer {
         // Attention.
         norm_rows(x, &l.attn_norm, cfg.eps, d, &mut s.xn);
         let qkv_w = qd + 2 * kvd;
-        matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.tmp, &mut s.qkv, qkv_w)?;
+        matmul_stacked(pool, &l.qkv, &s.xn, &mut s.acts, &mut s.qkv, qkv_w)?;
         if let Some(b) = &l.qkv_bias {
             for row in s.qkv.chunks_exact_mut(qkv_w) {
                 add(row, b);
@@ -121,8 +121,8 @@ impl Layer {
 
         // Feed-forward.
         norm_rows(x, &l.ffn_norm, cfg.eps, d, &mut s.xn);
-        matmul_stacked(pool, &l.gate_up, &s.xn, &mut s.acts, &mut s.tmp, &mut s.gu, 2 * ffn)?;
-        gated(&s.gu, ffn, ops::silu, &mut s.h);
+        matmul_stacked(pool, &l.gate_up, &s.xn, &mut s.acts, &mut s.gu, 2 * ffn)?;
+        gated(pool, &s.gu, ffn, ops::silu, &mut s.h);
         l.down.matmul(pool, &s.h, &mut s.acts, &mut s.out)?;
         add(x, &s.out);
         Ok(())

@@ -6,6 +6,17 @@
 use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
 
+use super::weight_vec;
+
+/// The `n` values of `parts` one after another, `None` if `pick` refuses one.
+fn stack<T: Copy>(parts: &[&FloatMatrix], n: usize, pick: impl Fn(&FloatData) -> Option<&Vec<T>>) -> Option<Vec<T>> {
+    let mut out = weight_vec(n);
+    for p in parts {
+        out.extend_from_slice(pick(&p.data)?);
+    }
+    Some(out)
+}
+
 /// The weights of a [`FloatMatrix`], row after row.
 #[derive(Debug, Clone)]
 pub(crate) enum FloatData {
@@ -26,12 +37,23 @@ impl FloatMatrix {
     /// The matrix of `dtype`'s little-endian bytes, `None` for other types.
     pub(crate) fn new(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
         let words = || bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let n = rows * cols;
         let data = match dtype {
             GgmlDType::F32 => {
-                FloatData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+                let mut v = weight_vec(n);
+                v.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                FloatData::F32(v)
             }
-            GgmlDType::F16 => FloatData::F16(words().map(f16::from_bits).collect()),
-            GgmlDType::BF16 => FloatData::BF16(words().map(bf16::from_bits).collect()),
+            GgmlDType::F16 => {
+                let mut v = weight_vec(n);
+                v.extend(words().map(f16::from_bits));
+                FloatData::F16(v)
+            }
+            GgmlDType::BF16 => {
+                let mut v = weight_vec(n);
+                v.extend(words().map(bf16::from_bits));
+                FloatData::BF16(v)
+            }
             _ => return None,
         };
         Some(FloatMatrix { rows, cols, data })
@@ -61,35 +83,35 @@ impl FloatMatrix {
         }
     }
 
-    /// Appends `other`'s rows; `false` when the types or widths differ.
-    pub(crate) fn extend(&mut self, other: &FloatMatrix) -> bool {
-        if other.cols != self.cols {
-            return false;
-        }
-        match (&mut self.data, &other.data) {
-            (FloatData::F32(a), FloatData::F32(b)) => a.extend_from_slice(b),
-            (FloatData::F16(a), FloatData::F16(b)) => a.extend_from_slice(b),
-            (FloatData::BF16(a), FloatData::BF16(b)) => a.extend_from_slice(b),
-            _ => return false,
-        }
-        self.rows += other.rows;
-        true
+    /// The rows of all `parts` stacked; `None` when their types or widths differ.
+    pub(crate) fn concat(parts: &[&FloatMatrix]) -> Option<FloatMatrix> {
+        let first = parts.first()?;
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let n = rows * first.cols;
+        let data = match &first.data {
+            FloatData::F32(_) => FloatData::F32(stack(parts, n, |d| if let FloatData::F32(v) = d { Some(v) } else { None })?),
+            FloatData::F16(_) => FloatData::F16(stack(parts, n, |d| if let FloatData::F16(v) = d { Some(v) } else { None })?),
+            FloatData::BF16(_) => {
+                FloatData::BF16(stack(parts, n, |d| if let FloatData::BF16(v) = d { Some(v) } else { None })?)
+            }
+        };
+        parts.iter().all(|p| p.cols == first.cols).then_some(FloatMatrix { rows, cols: first.cols, data })
     }
 
     /// Rows `[r0, r1)` times every token of `x` (`tokens * cols`), into
-    /// `out[t * rows + r]`.
-    pub(crate) fn dot_rows(&self, r0: usize, r1: usize, x: &[f32], out: &mut [f32]) {
+    /// `out[t * ld + r]`.
+    pub(crate) fn dot_rows(&self, r0: usize, r1: usize, x: &[f32], out: &mut [f32], ld: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            if super::x86::float_rows(self, r0, r1, x, out) {
+            if super::x86::float_rows(self, r0, r1, x, out, ld) {
                 return;
             }
         }
-        self.dot_rows_portable(r0, r1, x, out);
+        self.dot_rows_portable(r0, r1, x, out, ld);
     }
 
     /// The portable kernel: eight lanes, then the lanes in order.
-    pub(crate) fn dot_rows_portable(&self, r0: usize, r1: usize, x: &[f32], out: &mut [f32]) {
+    pub(crate) fn dot_rows_portable(&self, r0: usize, r1: usize, x: &[f32], out: &mut [f32], ld: usize) {
         let cols = self.cols;
         let tokens = x.len() / cols;
         for r in r0..r1 {
@@ -106,7 +128,7 @@ impl FloatMatrix {
                 for c in full..cols {
                     s += self.at(r * cols + c) * xt[c];
                 }
-                out[t * self.rows + r] = s;
+                out[t * ld + r] = s;
             }
         }
     }

@@ -67,7 +67,7 @@ impl AffineMatrix {
     }
 
     /// The portable kernel, and the reference the SIMD kernels are tested against.
-    pub(crate) fn dot_rows_portable(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+    pub(crate) fn dot_rows_portable(&self, r0: usize, r1: usize, a: &QActs, out: &mut [f32], ld: usize) {
         let nb = self.nb;
         let pb = self.kind.pair_bytes();
         let q6 = self.kind == IntKind::U6;
@@ -121,7 +121,7 @@ impl AffineMatrix {
                         acc += rs.min[j] * a.s[t * nb + j];
                     }
                 }
-                out[t * self.rows + r] = acc;
+                out[t * ld + r] = acc;
             }
         }
     }

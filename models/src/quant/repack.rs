@@ -150,7 +150,8 @@ pub(super) fn affine(dtype: GgmlDType, rows: usize, cols: usize, data: &[u8]) ->
     let nb_real = cols / BLOCK;
     let nb = nb_real.next_multiple_of(2);
     let pb = kind.pair_bytes();
-    let mut q = vec![0u8; rows * nb / 2 * pb];
+    let mut q = super::weight_vec(rows * nb / 2 * pb);
+    q.resize(rows * nb / 2 * pb, 0u8);
     let mut scale = vec![0f32; rows * nb];
     let mut min = vec![0f32; rows * nb];
     let (mut kd, mut kdmin, mut kpacked, mut q6sc) = (vec![], vec![], vec![], vec![]);

@@ -30,14 +30,29 @@ pub(crate) enum Scales {
 /// Bytes of packed 6-bit scales and minimums per K-quant super-block.
 pub(crate) const K_PACKED: usize = 12;
 
-/// The 6-bit scale and minimum of block `j` of a Q4_K/Q5_K super-block.
-#[inline]
+/// The 6-bit scale and minimum of block `j` of a Q4_K/Q5_K super-block,
+/// as ggml reads them (the test of [`k_scales_mins`]).
+#[cfg(test)]
 pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
         ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
     }
+}
+
+/// All eight 6-bit scales and minimums of a Q4_K/Q5_K super-block (as
+/// [`scale_min_k4`] gives them one by one), with a few word operations.
+#[inline]
+pub(crate) fn k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (w0, w1, w2) = (w(0), w(4), w(8));
+    let lo6 = 0x3f3f_3f3f;
+    let (nib, top2) = (0x0f0f_0f0f, 0x0303_0303);
+    let sc_hi = (w2 & nib) | (((w0 >> 6) & top2) << 4);
+    let m_hi = ((w2 >> 4) & nib) | (((w1 >> 6) & top2) << 4);
+    let join = |lo: u32, hi: u32| ((lo as u64) | ((hi as u64) << 32)).to_le_bytes();
+    (join(w0 & lo6, sc_hi), join(w1 & lo6, m_hi))
 }
 
 impl Scales {
@@ -76,12 +91,19 @@ impl Scales {
                 }
             }
             Scales::K { d, dmin, packed } => {
-                for i in 0..n {
+                // Whole super-blocks at a time where the range allows.
+                let mut i = 0;
+                while i < n {
                     let j = j0 + i;
-                    let (sb, k) = (j / 8, j % 8);
-                    let (sc, m) = scale_min_k4(k, &packed[sb * K_PACKED..(sb + 1) * K_PACKED]);
-                    scale[i] = d[sb].to_f32() * sc as f32;
-                    min[i] = -(dmin[sb].to_f32() * m as f32);
+                    let sb = j / 8;
+                    let (sc, m) = k_scales_mins(&packed[sb * K_PACKED..(sb + 1) * K_PACKED]);
+                    let (dd, dm) = (d[sb].to_f32(), dmin[sb].to_f32());
+                    let (k0, k1) = (j % 8, (8 - j % 8).min(n - i));
+                    for k in 0..k1 {
+                        scale[i + k] = dd * sc[k0 + k] as f32;
+                        min[i + k] = -(dm * m[k0 + k] as f32);
+                    }
+                    i += k1;
                 }
             }
             Scales::Q6 { .. } => unreachable!("Q6_K scales are per 16 weights"),

@@ -19,6 +19,20 @@ fn quantized() -> impl Iterator<Item = GgmlDType> {
     ALL.into_iter().filter(|d| !matches!(d, GgmlDType::F32 | GgmlDType::F16))
 }
 
+#[test]
+fn k_quant_scales_unpack_as_one_by_one() {
+    let mut s = [0u8; 12];
+    for seed in 0..200u64 {
+        for (i, b) in s.iter_mut().enumerate() {
+            *b = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(i as u32 * 5) >> 13) as u8;
+        }
+        let (sc, m) = scales::k_scales_mins(&s);
+        for j in 0..8 {
+            assert_eq!((sc[j], m[j]), scales::scale_min_k4(j, &s), "seed {seed} block {j}");
+        }
+    }
+}
+
 /// Decode streams every weight byte per token: no repacked type may hold
 /// more bytes than the file does (odd block counts pad one block per row).
 #[test]
@@ -124,14 +138,14 @@ fn simd_kernels_agree_with_portable_kernel() {
         let mut a = QActs::default();
         a.quantize(&x, cols, m.nb);
         let mut want = vec![0f32; tokens * rows];
-        m.dot_rows_portable(0, rows, &a, &mut want);
+        m.dot_rows_portable(0, rows, &a, &mut want, rows);
         for lvl in [Level::Avx2, Level::Vnni] {
             if lvl > best_level() {
                 eprintln!("skipping {lvl:?}: not supported by this CPU");
                 continue;
             }
             let mut got = vec![0f32; tokens * rows];
-            assert!(dot_rows_at(lvl, &m, 0, rows, &a, &mut got));
+            assert!(dot_rows_at(lvl, &m, 0, rows, &a, &mut got, rows));
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{dtype:?} {lvl:?}: {g} vs {w}");
             }
@@ -161,8 +175,8 @@ fn each_token_gets_the_same_bits_alone_or_in_a_batch() {
                 let mut a = QActs::default();
                 a.quantize(x, cols, m.nb);
                 let mut out = vec![0f32; n * rows];
-                if !dot_rows_at(lvl, &m, 0, rows, &a, &mut out) {
-                    m.dot_rows_portable(0, rows, &a, &mut out);
+                if !dot_rows_at(lvl, &m, 0, rows, &a, &mut out, rows) {
+                    m.dot_rows_portable(0, rows, &a, &mut out, rows);
                 }
                 out
             };
@@ -203,8 +217,8 @@ fn float_kernels_are_exact_and_tile_independent() {
             }
             let run = |x: &[f32]| {
                 let mut out = vec![0f32; x.len() / cols * rows];
-                if !float_rows_at(lvl, &m, 0, rows, x, &mut out) {
-                    m.dot_rows_portable(0, rows, x, &mut out);
+                if !float_rows_at(lvl, &m, 0, rows, x, &mut out, rows) {
+                    m.dot_rows_portable(0, rows, x, &mut out, rows);
                 }
                 out
             };
@@ -264,6 +278,35 @@ proptest! {
                 prop_assert!((q as f32 * d - x[j * 32 + e]).abs() <= 0.5 * d + 127.0 * d / 2048.0 + 1e-6);
             }
             prop_assert!((a.s[j] - d * sum as f32).abs() <= 1e-3 * (1.0 + a.s[j].abs()));
+        }
+    }
+}
+
+/// Kernel speed per type (a measurement, not a check): `cargo test --release
+/// -p fogmesh-models --lib kernel_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: prints GMAC/s per type"]
+fn kernel_speed_per_type() {
+    let (rows, cols) = (2048, 1024);
+    let pool = ThreadPool::new(1);
+    for tokens in [1, 128] {
+        for dtype in quantized().chain([GgmlDType::F16, GgmlDType::F32]) {
+            let (bytes, _) = encode(dtype, &pseudo_random(rows * cols, 5));
+            let m = Weights::from_gguf("t", dtype, rows, cols, &bytes).unwrap();
+            let x = pseudo_random(tokens * cols, 6);
+            let mut out = vec![0f32; tokens * rows];
+            let mut acts = ActBuf::default();
+            let reps = if tokens == 1 { 200 } else { 4 };
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t0 = std::time::Instant::now();
+                for _ in 0..reps {
+                    m.matmul(&pool, &x, &mut acts, &mut out).unwrap();
+                }
+                best = best.min(t0.elapsed().as_secs_f64() / reps as f64);
+            }
+            let macs = (rows * cols * tokens) as f64;
+            eprintln!("{tokens:>3} tokens {dtype:?}: {:.1} GMAC/s, {:.2} GB/s of weights", macs / best / 1e9, m.memory_bytes() as f64 / best / 1e9);
         }
     }
 }

@@ -13,6 +13,7 @@ use half::f16;
 pub(super) use float::float_rows;
 #[cfg(test)]
 pub(super) use float::float_rows_at;
+use super::scales::{K_PACKED, k_scales_mins};
 use super::{AffineMatrix, IntKind, QActs, RowScales, Scales};
 
 /// Instruction-set level of the kernels in use.
@@ -67,8 +68,8 @@ const K_I8: u8 = 2;
 const K_U6: u8 = 3;
 
 /// Runs the best available kernel; `false` when only the portable one applies.
-pub(super) fn dot_rows(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) -> bool {
-    dot_rows_at(level(), m, r0, r1, a, out)
+pub(super) fn dot_rows(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32], ld: usize) -> bool {
+    dot_rows_at(level(), m, r0, r1, a, out, ld)
 }
 
 /// Instantiates `$f::<kind, f16 scales>` for the matrix's layout.
@@ -90,19 +91,31 @@ macro_rules! by_layout {
 }
 
 /// Runs the kernel of `lvl`, which must not exceed [`detect`]'s best level.
-pub(super) fn dot_rows_at(lvl: Level, m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) -> bool {
-    assert!(a.nb == m.nb && out.len() >= a.tokens * m.rows && r1 <= m.rows && a.q.len() >= a.tokens * a.nb * 32);
+pub(super) fn dot_rows_at(lvl: Level, m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32], ld: usize) -> bool {
+    assert!(a.nb == m.nb && r1 <= m.rows && a.q.len() >= a.tokens * a.nb * 32);
+    assert!(ld >= m.rows && (a.tokens == 0 || out.len() >= (a.tokens - 1) * ld + m.rows));
     assert!(lvl <= best_level(), "kernel level {lvl:?} is not supported by this CPU");
     assert_eq!(m.kind == IntKind::U6, matches!(m.scales, Scales::Q6 { .. }), "Q6_K integers go with Q6_K scales");
     match lvl {
         // SAFETY: the CPU supports the features (asserted above); the slices
         // hold every row, token and output the kernel touches (asserted above).
-        Level::Vnni => unsafe { by_layout!(vnni_rows, m, r0, r1, a, out) },
+        Level::Vnni => unsafe { by_layout!(vnni_rows, m, r0, r1, a, out, ld) },
         // SAFETY: as above.
-        Level::Avx2 => unsafe { by_layout!(avx2_rows, m, r0, r1, a, out) },
+        Level::Avx2 => unsafe { by_layout!(avx2_rows, m, r0, r1, a, out, ld) },
         Level::Portable => return false,
     }
     true
+}
+
+/// [`IntKind::pair_bytes`] of the kernel's kind, as a constant.
+#[inline(always)]
+const fn pair_bytes<const K: u8>() -> usize {
+    match K {
+        K_U4 => 32,
+        K_U5 => 40,
+        K_U6 => 48,
+        _ => 64,
+    }
 }
 
 /// Where a tile reads its rows' scales and minimums: element
@@ -124,12 +137,38 @@ impl ScaleView {
             Scales::F16 { scale, min } => v(scale.as_ptr().cast(), min.as_ptr().cast(), 1.0),
             Scales::F32 { scale, min } => v(scale.as_ptr().cast(), min.as_ptr().cast(), 1.0),
             Scales::Symmetric { scale, c } => v(scale.as_ptr().cast(), scale.as_ptr().cast(), *c),
-            Scales::K { .. } => {
-                scratch.fill(&m.scales, m.nb, r, n);
+            Scales::K { d, dmin, packed } => {
+                // SAFETY: only the AVX2 and VNNI kernels make views, on CPUs
+                // with AVX2 and F16C.
+                unsafe { fill_k(d, dmin, packed, m.nb, r, n, scratch) };
                 ScaleView { sp: scratch.scale.as_ptr().cast(), mp: scratch.min.as_ptr().cast(), mmul: 1.0, row0: r }
             }
             // Q6_K tiles read their scales themselves.
             Scales::Q6 { .. } => v(std::ptr::null(), std::ptr::null(), 1.0),
+        }
+    }
+}
+
+/// [`RowScales::fill`] for K-quant super-blocks, eight blocks at a time
+/// (the same products and negations, so the same bits).
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn fill_k(d: &[f16], dmin: &[f16], packed: &[u8], nb: usize, r: usize, n: usize, out: &mut RowScales) {
+    let blocks = n * nb;
+    out.scale.resize(blocks, 0.0);
+    out.min.resize(blocks, 0.0);
+    let sb0 = r * nb / 8;
+    let h = |v: f16| _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v.to_bits() as i32))));
+    let sign = _mm256_set1_ps(-0.0);
+    for i in 0..blocks / 8 {
+        let sb = sb0 + i;
+        let (sc, m) = k_scales_mins(&packed[sb * K_PACKED..(sb + 1) * K_PACKED]);
+        let ints = |b: [u8; 8]| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(b))));
+        let scale = _mm256_mul_ps(h(d[sb]), ints(sc));
+        let min = _mm256_xor_ps(_mm256_mul_ps(h(dmin[sb]), ints(m)), sign);
+        // SAFETY: blocks i*8..i*8+8 lie inside both vectors (resized above).
+        unsafe {
+            _mm256_storeu_ps(out.scale.as_mut_ptr().add(i * 8), scale);
+            _mm256_storeu_ps(out.min.as_mut_ptr().add(i * 8), min);
         }
     }
 }
@@ -143,7 +182,7 @@ fn q6_ptrs(m: &AffineMatrix) -> (*const u16, *const i8) {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")]
-unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32], ld: usize) {
     // Tiles of 4 rows by 4 tokens: each weight block is loaded and
     // unpacked once for four tokens. Every (row, token) still sums its
     // blocks in the same order, so the tiling never changes a result.
@@ -154,12 +193,12 @@ unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1:
         let mut t = 0;
         while t + 4 <= a.tokens {
             // SAFETY: rows r..r+4 exist, tokens t..t+4 exist.
-            unsafe { vnni_tile::<4, 4, K, H>(m, sv, r, t, a, out) };
+            unsafe { vnni_tile::<4, 4, K, H>(m, sv, r, t, a, out, ld) };
             t += 4;
         }
         while t < a.tokens {
             // SAFETY: rows r..r+4 exist, token t exists.
-            unsafe { vnni_tile::<4, 1, K, H>(m, sv, r, t, a, out) };
+            unsafe { vnni_tile::<4, 1, K, H>(m, sv, r, t, a, out, ld) };
             t += 1;
         }
         r += 4;
@@ -168,7 +207,7 @@ unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1:
         let sv = ScaleView::new(m, &mut scratch, r, 1);
         for t in 0..a.tokens {
             // SAFETY: as above.
-            unsafe { vnni_tile::<1, 1, K, H>(m, sv, r, t, a, out) };
+            unsafe { vnni_tile::<1, 1, K, H>(m, sv, r, t, a, out, ld) };
         }
         r += 1;
     }
@@ -235,10 +274,11 @@ unsafe fn vnni_tile<const R: usize, const T: usize, const K: u8, const H: bool>(
     t0: usize,
     a: &QActs,
     out: &mut [f32],
+    ld: usize,
 ) {
     let nb = m.nb;
     let np = nb / 2;
-    let pb = m.kind.pair_bytes();
+    let pb = pair_bytes::<K>();
     // SAFETY (whole body): every pointer below stays inside the row and token
     // slices, whose sizes follow from nb, rows and tokens.
     unsafe {
@@ -287,21 +327,21 @@ unsafe fn vnni_tile<const R: usize, const T: usize, const K: u8, const H: bool>(
                     macc = _mm512_fmadd_ps(mins, _mm512_maskz_loadu_ps(mask, asum.add(k)), macc);
                     k += 16;
                 }
-                *out.get_unchecked_mut(t * m.rows + row) = _mm512_reduce_add_ps(acc[j]) + _mm512_reduce_add_ps(macc);
+                *out.get_unchecked_mut(t * ld + row) = _mm512_reduce_add_ps(acc[j]) + _mm512_reduce_add_ps(macc);
             }
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32]) {
+unsafe fn avx2_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1: usize, a: &QActs, out: &mut [f32], ld: usize) {
     let mut scratch = RowScales::default();
     let mut r = r0;
     while r + 4 <= r1 {
         let sv = ScaleView::new(m, &mut scratch, r, 4);
         for t in 0..a.tokens {
             // SAFETY: rows r..r+4 exist, token t exists.
-            unsafe { avx2_tile::<4, K, H>(m, sv, r, t, a, out) };
+            unsafe { avx2_tile::<4, K, H>(m, sv, r, t, a, out, ld) };
         }
         r += 4;
     }
@@ -309,7 +349,7 @@ unsafe fn avx2_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1:
         let sv = ScaleView::new(m, &mut scratch, r, 1);
         for t in 0..a.tokens {
             // SAFETY: as above.
-            unsafe { avx2_tile::<1, K, H>(m, sv, r, t, a, out) };
+            unsafe { avx2_tile::<1, K, H>(m, sv, r, t, a, out, ld) };
         }
         r += 1;
     }
@@ -374,10 +414,11 @@ unsafe fn avx2_tile<const R: usize, const K: u8, const H: bool>(
     t: usize,
     a: &QActs,
     out: &mut [f32],
+    ld: usize,
 ) {
     let nb = m.nb;
     let np = nb / 2;
-    let pb = m.kind.pair_bytes();
+    let pb = pair_bytes::<K>();
     // SAFETY (whole body): pointers stay inside the row and token slices.
     unsafe {
         let aq = a.q.as_ptr().add(t * nb * 32);
@@ -449,7 +490,7 @@ unsafe fn avx2_tile<const R: usize, const K: u8, const H: bool>(
                     j += 1;
                 }
             }
-            *out.get_unchecked_mut(t * m.rows + row) = s;
+            *out.get_unchecked_mut(t * ld + row) = s;
         }
     }
 }

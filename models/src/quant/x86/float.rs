@@ -13,14 +13,23 @@ const E_BF16: u8 = 2;
 
 /// Floating-point rows on the best available kernel; `false` when only the
 /// portable one applies.
-pub(in crate::quant) fn float_rows(m: &FloatMatrix, r0: usize, r1: usize, x: &[f32], out: &mut [f32]) -> bool {
-    float_rows_at(level(), m, r0, r1, x, out)
+pub(in crate::quant) fn float_rows(m: &FloatMatrix, r0: usize, r1: usize, x: &[f32], out: &mut [f32], ld: usize) -> bool {
+    float_rows_at(level(), m, r0, r1, x, out, ld)
 }
 
 /// Floating-point rows on the kernel of `lvl`.
-pub(in crate::quant) fn float_rows_at(lvl: Level, m: &FloatMatrix, r0: usize, r1: usize, x: &[f32], out: &mut [f32]) -> bool {
+pub(in crate::quant) fn float_rows_at(
+    lvl: Level,
+    m: &FloatMatrix,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    out: &mut [f32],
+    ld: usize,
+) -> bool {
     let tokens = x.len() / m.cols;
-    assert!(x.len() == tokens * m.cols && out.len() >= tokens * m.rows && r1 <= m.rows);
+    assert!(x.len() == tokens * m.cols && r1 <= m.rows);
+    assert!(ld >= m.rows && (tokens == 0 || out.len() >= (tokens - 1) * ld + m.rows));
     assert!(m.memory_bytes() == m.rows * m.cols * if matches!(m.data, FloatData::F32(_)) { 4 } else { 2 });
     assert!(lvl <= best_level(), "kernel level {lvl:?} is not supported by this CPU");
     let (w, e) = match &m.data {
@@ -28,7 +37,7 @@ pub(in crate::quant) fn float_rows_at(lvl: Level, m: &FloatMatrix, r0: usize, r1
         FloatData::F16(v) => (v.as_ptr().cast::<u8>(), E_F16),
         FloatData::BF16(v) => (v.as_ptr().cast::<u8>(), E_BF16),
     };
-    let f = FloatArgs { w, rows: m.rows, cols: m.cols, x: x.as_ptr(), tokens };
+    let f = FloatArgs { w, ld, cols: m.cols, x: x.as_ptr(), tokens };
     // SAFETY: the CPU supports the features (asserted above); `w` holds
     // rows * cols weights, `x` tokens * cols values and `out` tokens * rows.
     unsafe {
@@ -49,7 +58,8 @@ pub(in crate::quant) fn float_rows_at(lvl: Level, m: &FloatMatrix, r0: usize, r1
 #[derive(Clone, Copy)]
 struct FloatArgs {
     w: *const u8,
-    rows: usize,
+    /// Output stride between tokens.
+    ld: usize,
     cols: usize,
     x: *const f32,
     tokens: usize,
@@ -125,7 +135,7 @@ unsafe fn float512_tile<const R: usize, const T: usize, const E: u8>(f: FloatArg
         }
         for (i, acc) in acc.iter().enumerate() {
             for (j, acc) in acc.iter().enumerate() {
-                *out.get_unchecked_mut((t0 + j) * f.rows + r + i) = _mm512_reduce_add_ps(*acc);
+                *out.get_unchecked_mut((t0 + j) * f.ld + r + i) = _mm512_reduce_add_ps(*acc);
             }
         }
     }
@@ -193,7 +203,7 @@ unsafe fn float256_tile<const R: usize, const E: u8>(f: FloatArgs, r: usize, t: 
             for c in full..f.cols {
                 s += float_at::<E>(f.w, (r + i) * f.cols + c) * *xt.add(c);
             }
-            *out.get_unchecked_mut(t * f.rows + r + i) = s;
+            *out.get_unchecked_mut(t * f.ld + r + i) = s;
         }
     }
 }
