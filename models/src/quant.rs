@@ -393,6 +393,17 @@ impl QActs {
 /// One token's activations `row` into its integers `q`, scales `d` and
 /// scaled sums `s` (blocks past the row stay zero).
 fn quantize_token(row: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::quantize_token(row, q, d, s) {
+            return;
+        }
+    }
+    quantize_token_portable(row, q, d, s);
+}
+
+/// [`quantize_token`] on any CPU, and the reference of the SIMD version.
+pub(crate) fn quantize_token_portable(row: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     for j in 0..row.len() / BLOCK {
         let xb = &row[j * BLOCK..(j + 1) * BLOCK];
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));

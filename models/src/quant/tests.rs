@@ -238,6 +238,30 @@ fn float_kernels_are_exact_and_tile_independent() {
     }
 }
 
+/// The SIMD activation quantizer gives the portable one's bits, zeros,
+/// ties and signs included.
+#[test]
+fn simd_quantization_equals_portable() {
+    let cols = 96;
+    let mut x = pseudo_random(cols, 8);
+    x[3] = 0.0;
+    x[4] = -0.0;
+    x[40..72].iter_mut().for_each(|v| *v = 0.0);
+    // Exact ties at half a step: amax 127 makes the step 1.
+    x[80] = 127.0;
+    x[81] = 2.5;
+    x[82] = -2.5;
+    let nb = 4;
+    let run = |f: fn(&[f32], &mut [i8], &mut [f32], &mut [f32])| {
+        let (mut q, mut d, mut s) = (vec![0i8; nb * 32], vec![0f32; nb], vec![0f32; nb]);
+        f(&x, &mut q, &mut d, &mut s);
+        (q, d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+    };
+    let want = run(super::quantize_token_portable);
+    let got = run(super::quantize_token);
+    assert_eq!(got, want);
+}
+
 #[test]
 fn odd_block_counts_are_padded() {
     // 96 columns = 3 blocks: the pair layout pads a fourth, zero block.

@@ -149,6 +149,59 @@ impl ScaleView {
     }
 }
 
+/// [`quantize_token`](super::quantize_token) with AVX-512 on CPUs of the
+/// VNNI level (the same operations per value, so the same bits); `false`
+/// where it does not apply.
+pub(super) fn quantize_token(row: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) -> bool {
+    if level() < Level::Vnni {
+        return false;
+    }
+    let nb = row.len() / 32;
+    assert!(d.len() >= nb && s.len() >= nb && q.len() >= nb.next_multiple_of(2) * 32);
+    // SAFETY: the CPU has AVX-512 (the level), the slices hold every block
+    // (asserted above).
+    unsafe { quantize_512(row, q, d, s) };
+    true
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,f16c")]
+unsafe fn quantize_512(row: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    let abs = _mm512_set1_epi32(0x7fff_ffff);
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let half = _mm512_set1_epi32(0.5f32.to_bits() as i32);
+    for j in 0..row.len() / 32 {
+        // SAFETY (block): the 32 values of block j, and its 32 integers at
+        // the pair positions of block j & 1 (checked by the caller).
+        unsafe {
+            let x0 = _mm512_loadu_si512(row.as_ptr().add(j * 32) as *const _);
+            let x1 = _mm512_loadu_si512(row.as_ptr().add(j * 32 + 16) as *const _);
+            let a = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(x0, abs)), _mm512_castsi512_ps(_mm512_and_si512(x1, abs)));
+            let amax = _mm512_reduce_max_ps(a);
+            let dj = amax / 127.0;
+            let id = _mm512_set1_ps(if dj != 0.0 { 1.0 / dj } else { 0.0 });
+            // v * id + copysign(0.5, v), truncated: half away from zero.
+            let round = |x: __m512i| {
+                let t = _mm512_mul_ps(_mm512_castsi512_ps(x), id);
+                let h = _mm512_castsi512_ps(_mm512_or_si512(half, _mm512_and_si512(x, sign)));
+                _mm512_cvttps_epi32(_mm512_add_ps(t, h))
+            };
+            let (q0, q1) = (round(x0), round(x1));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            let mut bytes = [0u32; 8];
+            _mm_storeu_si128(bytes.as_mut_ptr() as *mut _, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128(bytes.as_mut_ptr().add(4) as *mut _, _mm512_cvtepi32_epi8(q1));
+            // Group g of four values goes to word 2g + (j & 1) of the pair.
+            let words = q.as_mut_ptr().add((j & !1) * 32) as *mut u32;
+            for (g, &w) in bytes.iter().enumerate() {
+                words.add(2 * g + (j & 1)).write_unaligned(w);
+            }
+            let dj = f16::from_f32(dj).to_f32();
+            d[j] = dj;
+            s[j] = dj * sum as f32;
+        }
+    }
+}
+
 /// [`RowScales::fill`] for K-quant super-blocks, eight blocks at a time
 /// (the same products and negations, so the same bits).
 #[target_feature(enable = "avx2,f16c")]
