@@ -239,30 +239,83 @@ unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1:
     // Tiles of 4 rows by 4 tokens: each weight block is loaded and
     // unpacked once for four tokens. Every (row, token) still sums its
     // blocks in the same order, so the tiling never changes a result.
+    // With many tokens (prefill), a tile's packed rows are first unpacked
+    // to one byte per weight (the same integers) and read from there.
+    let np = m.nb / 2;
+    let expand = K != K_I8 && a.tokens >= EXPAND_TOKENS;
+    let mut bytes: Vec<u8> = if expand { vec![0; 4 * np * 64] } else { Vec::new() };
     let mut scratch = RowScales::default();
     let mut r = r0;
     while r + 4 <= r1 {
         let sv = ScaleView::new(m, &mut scratch, r, 4);
-        let mut t = 0;
-        while t + 4 <= a.tokens {
-            // SAFETY: rows r..r+4 exist, tokens t..t+4 exist.
-            unsafe { vnni_tile::<4, 4, K, H>(m, sv, r, t, a, out, ld) };
-            t += 4;
-        }
-        while t < a.tokens {
-            // SAFETY: rows r..r+4 exist, token t exists.
-            unsafe { vnni_tile::<4, 1, K, H>(m, sv, r, t, a, out, ld) };
-            t += 1;
+        if expand {
+            // SAFETY: rows r..r+4 exist; `bytes` holds 4 * np pairs.
+            unsafe { expand_rows::<K>(m, r, 4, &mut bytes) };
+            let w = Rows { q: bytes.as_ptr(), row0: r };
+            let mut t = 0;
+            while t + 4 <= a.tokens {
+                // SAFETY: rows r..r+4 (expanded) exist, tokens t..t+4 exist.
+                unsafe { vnni_tile::<4, 4, K, H, true>(m, w, sv, r, t, a, out, ld) };
+                t += 4;
+            }
+            while t < a.tokens {
+                // SAFETY: as above, token t exists.
+                unsafe { vnni_tile::<4, 1, K, H, true>(m, w, sv, r, t, a, out, ld) };
+                t += 1;
+            }
+        } else {
+            let w = Rows { q: m.q.as_ptr(), row0: 0 };
+            let mut t = 0;
+            while t + 4 <= a.tokens {
+                // SAFETY: rows r..r+4 exist, tokens t..t+4 exist.
+                unsafe { vnni_tile::<4, 4, K, H, false>(m, w, sv, r, t, a, out, ld) };
+                t += 4;
+            }
+            while t < a.tokens {
+                // SAFETY: rows r..r+4 exist, token t exists.
+                unsafe { vnni_tile::<4, 1, K, H, false>(m, w, sv, r, t, a, out, ld) };
+                t += 1;
+            }
         }
         r += 4;
     }
     while r < r1 {
         let sv = ScaleView::new(m, &mut scratch, r, 1);
+        let w = Rows { q: m.q.as_ptr(), row0: 0 };
         for t in 0..a.tokens {
             // SAFETY: as above.
-            unsafe { vnni_tile::<1, 1, K, H>(m, sv, r, t, a, out, ld) };
+            unsafe { vnni_tile::<1, 1, K, H, false>(m, w, sv, r, t, a, out, ld) };
         }
         r += 1;
+    }
+}
+
+/// Tokens from which [`vnni_rows`] unpacks a tile's rows once for all of them.
+const EXPAND_TOKENS: usize = 8;
+
+/// Where a tile reads its rows' integers: pair `p` of row `row` at
+/// `q + ((row - row0) * np + p) * pb`, `pb` the kind's pair bytes (64 for
+/// unpacked rows).
+#[derive(Clone, Copy)]
+struct Rows {
+    q: *const u8,
+    row0: usize,
+}
+
+/// Unpacks rows `[r, r + n)` of `m` to 64 bytes per pair (as [`pair_512`]
+/// gives them) into `out`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn expand_rows<const K: u8>(m: &AffineMatrix, r: usize, n: usize, out: &mut [u8]) {
+    let np = m.nb / 2;
+    let pb = pair_bytes::<K>();
+    assert!(out.len() >= n * np * 64 && (r + n) * np * pb <= m.q.len());
+    for i in 0..n * np {
+        // SAFETY: pair i of the rows lies inside `m.q`, its 64 bytes inside
+        // `out` (asserted above).
+        unsafe {
+            let v = pair_512::<K>(m.q.as_ptr().add((r * np + i) * pb));
+            _mm512_storeu_si512(out.as_mut_ptr().add(i * 64) as *mut _, v);
+        }
     }
 }
 
@@ -320,8 +373,9 @@ unsafe fn q6_scales_512(sc: *const i8, d: *const u16) -> __m512 {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")]
-unsafe fn vnni_tile<const R: usize, const T: usize, const K: u8, const H: bool>(
+unsafe fn vnni_tile<const R: usize, const T: usize, const K: u8, const H: bool, const X: bool>(
     m: &AffineMatrix,
+    w: Rows,
     sv: ScaleView,
     r: usize,
     t0: usize,
@@ -331,7 +385,7 @@ unsafe fn vnni_tile<const R: usize, const T: usize, const K: u8, const H: bool>(
 ) {
     let nb = m.nb;
     let np = nb / 2;
-    let pb = pair_bytes::<K>();
+    let pb = if X { 64 } else { pair_bytes::<K>() };
     // SAFETY (whole body): every pointer below stays inside the row and token
     // slices, whose sizes follow from nb, rows and tokens.
     unsafe {
@@ -354,7 +408,8 @@ unsafe fn vnni_tile<const R: usize, const T: usize, const K: u8, const H: bool>(
             }
             for (i, acc) in acc.iter_mut().enumerate() {
                 let row = r + i;
-                let wv = pair_512::<K>(m.q.as_ptr().add((row * np + p) * pb));
+                let qp = w.q.add(((row - w.row0) * np + p) * pb);
+                let wv = if X { _mm512_loadu_si512(qp as *const _) } else { pair_512::<K>(qp) };
                 let sw = if K == K_U6 {
                     q6_scales_512(q6s.add(row * nb * 2 + 4 * p), q6d.add(row * nb / 8 + p / 4))
                 } else {
