@@ -251,31 +251,11 @@ unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1:
         if expand {
             // SAFETY: rows r..r+4 exist; `bytes` holds 4 * np pairs.
             unsafe { expand_rows::<K>(m, r, 4, &mut bytes) };
-            let w = Rows { q: bytes.as_ptr(), row0: r };
-            let mut t = 0;
-            while t + 4 <= a.tokens {
-                // SAFETY: rows r..r+4 (expanded) exist, tokens t..t+4 exist.
-                unsafe { vnni_tile::<4, 4, K, H, true>(m, w, sv, r, t, a, out, ld) };
-                t += 4;
-            }
-            while t < a.tokens {
-                // SAFETY: as above, token t exists.
-                unsafe { vnni_tile::<4, 1, K, H, true>(m, w, sv, r, t, a, out, ld) };
-                t += 1;
-            }
+            // SAFETY: rows r..r+4, expanded, and every token exist.
+            unsafe { vnni_tokens::<K, H, true>(m, Rows { q: bytes.as_ptr(), row0: r }, sv, r, a, out, ld) };
         } else {
-            let w = Rows { q: m.q.as_ptr(), row0: 0 };
-            let mut t = 0;
-            while t + 4 <= a.tokens {
-                // SAFETY: rows r..r+4 exist, tokens t..t+4 exist.
-                unsafe { vnni_tile::<4, 4, K, H, false>(m, w, sv, r, t, a, out, ld) };
-                t += 4;
-            }
-            while t < a.tokens {
-                // SAFETY: rows r..r+4 exist, token t exists.
-                unsafe { vnni_tile::<4, 1, K, H, false>(m, w, sv, r, t, a, out, ld) };
-                t += 1;
-            }
+            // SAFETY: rows r..r+4 and every token exist.
+            unsafe { vnni_tokens::<K, H, false>(m, Rows { q: m.q.as_ptr(), row0: 0 }, sv, r, a, out, ld) };
         }
         r += 4;
     }
@@ -287,6 +267,31 @@ unsafe fn vnni_rows<const K: u8, const H: bool>(m: &AffineMatrix, r0: usize, r1:
             unsafe { vnni_tile::<1, 1, K, H, false>(m, w, sv, r, t, a, out, ld) };
         }
         r += 1;
+    }
+}
+
+/// Rows `r..r + 4` times every token, in tiles of 4 tokens then single ones.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn vnni_tokens<const K: u8, const H: bool, const X: bool>(
+    m: &AffineMatrix,
+    w: Rows,
+    sv: ScaleView,
+    r: usize,
+    a: &QActs,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let mut t = 0;
+    while t + 4 <= a.tokens {
+        // SAFETY: the caller guarantees the rows; tokens t..t+4 exist.
+        unsafe { vnni_tile::<4, 4, K, H, X>(m, w, sv, r, t, a, out, ld) };
+        t += 4;
+    }
+    while t < a.tokens {
+        // SAFETY: as above, token t exists.
+        unsafe { vnni_tile::<4, 1, K, H, X>(m, w, sv, r, t, a, out, ld) };
+        t += 1;
     }
 }
 
