@@ -53,7 +53,7 @@ impl AffineMatrix {
                     w[k + 32] = (bytes[k] >> 4) as i16;
                 }
                 if self.kind == IntKind::U5 {
-                    let bits = u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes"));
+                    let bits = bytes[32..40].iter().rev().fold(0u64, |w, &b| (w << 8) | b as u64);
                     for (p, w) in w.iter_mut().enumerate() {
                         *w |= (((bits >> p) & 1) as i16) << 4;
                     }
